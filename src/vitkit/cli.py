@@ -1,0 +1,62 @@
+"""The ``vitkit`` command line: it parses arguments and dispatches; the work lives in the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from vitkit.models.registry import get_model_entry, list_models
+
+    names = list_models(args.pattern)
+    if not names:
+        print(f"no model matches {args.pattern!r}", file=sys.stderr)
+        return 1
+    if args.build:
+        from vitkit.models.registry import create_model
+
+        print(f"{'model':34s} {'params':>13s} {'img':>5s} {'patch':>5s}  description")
+    for name in names:
+        entry = get_model_entry(name)
+        if args.build:
+            model = create_model(name)
+            params = sum(p.numel() for p in model.parameters())
+            cfg = entry.config
+            print(f"{name:34s} {params:13,d} {str(cfg.img_size):>5s} {getattr(cfg, 'patch_size', '-')!s:>5s}  "
+                  f"{entry.description}")
+        else:
+            print(f"{name:34s} {entry.description}")
+    return 0
+
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the registered models")
+    p.add_argument("pattern", nargs="?", default=None, help="shell wildcard, e.g. 'vit_base*'")
+    p.add_argument("--build", action="store_true", help="build each model and print its parameter count")
+    p.set_defaults(func=_cmd_models)
+
+
+_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitkit", description="Vision Transformers: build, convert, train, inspect.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in _PARSERS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+        print(f"vitkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Resampling learned position embeddings to a new patch grid (paper Sec. 3.2, "Fine-tuning and
+higher resolution"): the 1-D table is viewed as the 2-D grid it was trained on and interpolated.
+
+Which interpolation each public source uses when it resizes:
+- timm: bicubic with antialiasing (``F.interpolate(..., mode='bicubic', antialias=True)``);
+- Hugging Face ``ViTModel(interpolate_pos_encoding=True)``: bicubic, no antialiasing;
+- Google's vit_jax: ``scipy.ndimage.zoom(order=1)``, i.e. bilinear.
+vitkit defaults to bicubic (with antialiasing when shrinking) and offers bilinear.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def grid_of(num_patches: int) -> tuple[int, int]:
+    """The square grid a table of ``num_patches`` entries was trained on (the only guess possible)."""
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(f"cannot infer a square patch grid from {num_patches} position embeddings; "
+                         "pass old_grid explicitly")
+    return side, side
+
+
+def resample_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int], *, old_grid: tuple[int, int] | None = None,
+                       num_prefix_tokens: int = 1, mode: str = "bicubic", antialias: bool = True) -> Tensor:
+    """Resample a (1, prefix + H*W, D) position table to ``new_grid``, keeping prefix tokens apart.
+
+    The class token's entry is not part of the image grid, so it is carried over unchanged.
+    """
+    if mode not in ("bicubic", "bilinear"):
+        raise ValueError(f"mode must be 'bicubic' or 'bilinear', got {mode!r}")
+    prefix, grid_tokens = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    old_grid = old_grid or grid_of(grid_tokens.shape[1])
+    if old_grid[0] * old_grid[1] != grid_tokens.shape[1]:
+        raise ValueError(f"old_grid {old_grid} does not match {grid_tokens.shape[1]} position embeddings")
+    new_grid = (int(new_grid[0]), int(new_grid[1]))
+    if tuple(old_grid) == new_grid:
+        return pos_embed
+    dim = grid_tokens.shape[-1]
+    dtype = grid_tokens.dtype
+    grid = grid_tokens.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=new_grid, mode=mode, align_corners=False, antialias=antialias)
+    grid_tokens = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(dtype)
+    return torch.cat([prefix, grid_tokens], dim=1)
