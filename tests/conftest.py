@@ -1,0 +1,24 @@
+"""Shared test fixtures. Real data comes from ``$VITKIT_DATA`` or ``<repo>/../shared/data``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = Path(os.environ.get("VITKIT_DATA", REPO_ROOT.parent / "shared" / "data"))
+    if not (root / "cifar10").is_dir():
+        pytest.fail(f"test data not found at {root}: set VITKIT_DATA to the folder holding cifar10/, mnist/, ...")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
