@@ -98,6 +98,23 @@ def test_timm_parity(tmp_path, case):
         assert_parity(model(x), reference(x), f"timm {case} (exported back)")
 
 
+def test_timm_hub_directory(tmp_path):
+    """timm's Hub layout: config.json naming the architecture, weights in model.safetensors."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    reference = perturb(TimmViT(img_size=32, patch_size=16, embed_dim=192, depth=1, num_heads=3, num_classes=2))
+    (tmp_path / "hub").mkdir()
+    vitkit.convert.export.save_state_dict_file(reference.state_dict(), tmp_path / "hub" / "model.safetensors")
+    (tmp_path / "hub" / "config.json").write_text(json.dumps({
+        "architecture": "vit_tiny_patch16_224.augreg_in21k_ft_in1k", "num_classes": 2, "num_features": 192,
+        "pretrained_cfg": {"label_names": ["no", "yes"], "mean": [0.5] * 3, "std": [0.5] * 3}}))
+    model = vitkit.from_pretrained(tmp_path / "hub").eval()
+    assert model.config.class_names == ["no", "yes"] and model.config.extra["converted_from"] == "timm"
+    x = images(32)
+    with torch.no_grad():
+        assert_parity(model(x), reference(x), "timm Hub directory")
+
+
 def test_timm_resolution_change_matches_timm_resampling(tmp_path):
     """Loading at 64 px a checkpoint trained at 32 px: vitkit's 2-D resampling equals timm's own."""
     from timm.models.vision_transformer import VisionTransformer as TimmViT, checkpoint_filter_fn
@@ -131,14 +148,25 @@ def test_transformers_classifier_parity(tmp_path, case):
 
     cfg = HF_CASES[case]
     reference = perturb(ViTForImageClassification(HFConfig(**cfg)))
-    reference.save_pretrained(tmp_path / "hf")
+    sharded = cfg["hidden_size"] > 64
+    reference.save_pretrained(tmp_path / "hf", max_shard_size="200KB" if sharded else "5GB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file() == sharded
     model = vitkit.from_pretrained(tmp_path / "hf").eval()
     assert model.config.norm_eps == 1e-12  # Hugging Face's default, read from config.json
     if "id2label" in cfg:
         assert model.config.class_names == ["cat", "dog", "emu"]
     x = images(cfg["image_size"])
     with torch.no_grad():
-        assert_parity(model(x), reference(pixel_values=x).logits, f"transformers {case}")
+        expected = reference(pixel_values=x).logits
+        assert_parity(model(x), expected, f"transformers {case}")
+        if not sharded:  # the weights file alone takes its config.json from beside it
+            alone = vitkit.from_pretrained(tmp_path / "hf" / "model.safetensors").eval()
+            assert alone.config.class_names == ["cat", "dog", "emu"]
+            assert_parity(alone(x), expected, f"transformers {case} (weights file)")
+        # an in-memory transformers 5 state dict (q_proj/o_proj names), saved bare
+        torch.save(reference.state_dict(), tmp_path / "bare.pth")
+        bare = vitkit.from_pretrained(tmp_path / "bare.pth", num_heads=cfg["num_attention_heads"]).eval()
+        assert_parity(bare(x), expected, f"transformers {case} (bare 5.x state dict)")
 
 
 def test_transformers_vitmodel_pooler_is_the_representation_layer(tmp_path):

@@ -121,10 +121,13 @@ def _directory_format(data: dict[str, Any], config_path: Path) -> str:
 
 
 def _sibling_hints(path: Path, fmt: str) -> dict[str, Any]:
-    """A weights file inside a Hugging Face directory takes its metadata from the ``config.json`` beside it."""
+    """A weights file inside a Hugging Face directory takes its metadata from the ``config.json`` beside it;
+    a lone Hugging Face weights file is assumed to use transformers' defaults (LayerNorm eps 1e-12)."""
+    if fmt != "huggingface":
+        return {}
     config_path = path.parent / CONFIG_NAME
-    if fmt == "huggingface" and config_path.is_file():
+    if config_path.is_file():
         data = _read_json(config_path)
         if data.get("model_type") == "vit":
             return huggingface.hints_from_config(data, str(config_path))
-    return {}
+    return {"norm_eps": huggingface.DEFAULT_NORM_EPS}

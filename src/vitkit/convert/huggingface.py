@@ -49,6 +49,7 @@ V5_NAMES = KeyMap([  # transformers 5 module names -> the file names above
 _QKV = re.compile(r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)")
 _IGNORED = ("embeddings.mask_token",)  # masked-image-modelling input, unused for classification
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+DEFAULT_NORM_EPS = 1e-12  # transformers' ViTConfig.layer_norm_eps
 
 
 def matches(keys: set[str]) -> bool:
@@ -92,7 +93,7 @@ def from_vitkit(state_dict: dict[str, Tensor], config: ViTConfig) -> dict[str, T
                 out[f"{prefix}encoder.layer.{block}.attention.attention.{part}.{kind}"] = chunk.clone()
             continue
         theirs = KEYS.to_theirs(key)
-        out[theirs if theirs == "classifier" or theirs.startswith("classifier.") else prefix + theirs] = tensor
+        out[theirs if theirs.startswith("classifier.") else prefix + theirs] = tensor
     return out
 
 
@@ -119,7 +120,7 @@ def hints_from_config(data: dict[str, Any], source: str) -> dict[str, Any]:
     if act != "gelu":
         raise CheckpointError(f"{source}: hidden_act {act!r} differs from the exact (erf) GELU of vitkit's ViT")
     hints: dict[str, Any] = {"num_heads": data.get("num_attention_heads", 12),
-                             "norm_eps": data.get("layer_norm_eps", 1e-12),
+                             "norm_eps": data.get("layer_norm_eps", DEFAULT_NORM_EPS),
                              "qkv_bias": data.get("qkv_bias", True)}
     if "image_size" in data:
         size = data["image_size"]
@@ -131,7 +132,7 @@ def hints_from_config(data: dict[str, Any], source: str) -> dict[str, Any]:
     return hints
 
 
-def config_to_hf(config: ViTConfig) -> dict[str, Any]:
+def config_to_hf(config: ViTConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     check_exportable(config)
     num_labels = max(config.num_classes, 0)
     names = config.class_names or [f"LABEL_{i}" for i in range(num_labels)]
@@ -157,7 +158,7 @@ def config_to_hf(config: ViTConfig) -> dict[str, Any]:
         "pooler_act": "tanh",
         "id2label": {str(i): name for i, name in enumerate(names)},
         "label2id": {name: i for i, name in enumerate(names)},
-        "dtype": "float32",
+        "dtype": str(dtype).removeprefix("torch."),
     }
 
 
@@ -185,7 +186,7 @@ def write_directory(state_dict: dict[str, Tensor], config: ViTConfig, directory:
     """Write ``config.json`` + ``model.safetensors`` that ``ViTForImageClassification`` (or ``ViTModel``
     when there is no classifier) loads with ``from_pretrained``."""
     directory = Path(directory)
-    hf_config = config_to_hf(config)
+    hf_config = config_to_hf(config, state_dict["pos_embed"].dtype)
     tensors = from_vitkit(state_dict, config)
     save_state_dict(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     atomic_write_text(json.dumps(hf_config, indent=2) + "\n", directory / "config.json")

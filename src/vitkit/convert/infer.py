@@ -63,6 +63,12 @@ def infer_config(state_dict: dict[str, Tensor], *, source: str, **known: Any) ->
             raise CheckpointError(f"{source}: pos_embed {tuple(pos_embed.shape)} holds {num_patches} patch positions, "
                                   "not a square grid; pass img_size= as (height, width)")
         img_size = side * patch_size
+    else:
+        height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+        if (height // patch_size) * (width // patch_size) != num_patches:
+            raise CheckpointError(f"{source}: image size {img_size} with patch size {patch_size} needs "
+                                  f"{(height // patch_size) * (width // patch_size)} positions, but pos_embed "
+                                  f"{tuple(pos_embed.shape)} holds {num_patches}")
     head = state_dict.get("head.weight")
     pre_logits = state_dict.get("pre_logits.fc.weight")
     from_weights: dict[str, Any] = dict(

@@ -70,8 +70,6 @@ def _layout_of(arrays: dict[str, Tensor], source: str) -> Layout:
     for layout in (VIT_JAX, BIG_VISION):
         if any(k.startswith("Transformer/encoderblock") and f"/{layout.attn}/" in k for k in arrays):
             return layout
-    if any(k.startswith("Transformer/encoderblock") and "/MAPHead" in k for k in arrays) or "MAPHead_0/probe" in arrays:
-        raise CheckpointError(f"{source}: attention-pooling (MAP head) models are not supported")
     raise CheckpointError(f"{source}: no encoder blocks in a known layout (vit_jax or big_vision)")
 
 
@@ -139,6 +137,8 @@ def to_vitkit(arrays: dict[str, Tensor], source: str) -> tuple[dict[str, Tensor]
         _dense(r, "pre_logits", sd, "pre_logits.fc")
     if r.has("head/kernel"):
         _dense(r, "head", sd, "head")
+    if any(k.startswith("MAPHead") for k in r.arrays):
+        raise CheckpointError(f"{source}: attention-pooling (MAP head) models are not supported")
     if r.arrays:
         raise CheckpointError(f"{source}: arrays with no counterpart in vitkit's ViT ({layout.name} layout): "
                               f"{', '.join(sorted(r.arrays)[:10])}")
