@@ -164,7 +164,9 @@ def test_transformers_classifier_parity(tmp_path, case):
             assert alone.config.class_names == ["cat", "dog", "emu"]
             assert_parity(alone(x), expected, f"transformers {case} (weights file)")
         # an in-memory transformers 5 state dict (q_proj/o_proj names), saved bare
-        torch.save(reference.state_dict(), tmp_path / "bare.pth")
+        unused_pooler = {"vit.pooler.dense.weight": torch.randn(cfg["hidden_size"], cfg["hidden_size"]),
+                         "vit.pooler.dense.bias": torch.randn(cfg["hidden_size"])}  # ignored by transformers too
+        torch.save({**reference.state_dict(), **unused_pooler}, tmp_path / "bare.pth")
         bare = vitkit.from_pretrained(tmp_path / "bare.pth", num_heads=cfg["num_attention_heads"]).eval()
         assert_parity(bare(x), expected, f"transformers {case} (bare 5.x state dict)")
 
@@ -363,6 +365,8 @@ def test_round_trips_are_lossless(tmp_path, case):
     assert read_checkpoint(tmp_path / name).format == expected_format
     if fmt in ("hf", "vitkit"):
         assert back.config.class_names == model.config.class_names
+    if fmt == "vitkit":  # the weights file alone finds its config.json
+        assert read_checkpoint(tmp_path / name / "model.safetensors").config == model.config
 
 
 def test_exports_refuse_what_the_target_cannot_hold():
@@ -473,6 +477,7 @@ def test_cli_convert(tmp_path, capsys):
         assert_parity(model(x), reference(x), "CLI torchvision -> vitkit")
 
     assert cli_main(["convert", str(tmp_path / "vk"), str(tmp_path / "hf"), "--to", "hf", "--img-size", "48"]) == 0
+    assert "vk (vitkit) -> " in capsys.readouterr().out
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["image_size"] == 48
     assert vitkit.from_pretrained(tmp_path / "hf").pos_embed.shape == (1, 1 + 36, 64)
 

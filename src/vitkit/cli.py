@@ -39,13 +39,14 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from vitkit.convert import from_pretrained, save_as
+    from vitkit.convert import from_checkpoint, read_checkpoint, save_as
 
-    model = from_pretrained(args.src, format=args.source_format, img_size=args.img_size, num_heads=args.num_heads,
+    checkpoint = read_checkpoint(args.src, args.source_format)
+    model = from_checkpoint(checkpoint, img_size=args.img_size, num_heads=args.num_heads,
                             num_classes=args.num_classes, interpolation=args.interpolation)
     out = save_as(model, args.dst, args.to)
     cfg = model.config
-    print(f"{args.src} ({cfg.extra.get('converted_from', 'vitkit')}) -> {out} ({args.to}): ViT D={cfg.embed_dim} "
+    print(f"{args.src} ({checkpoint.format}) -> {out} ({args.to}): ViT D={cfg.embed_dim} "
           f"depth={cfg.depth} heads={cfg.num_heads} patch={cfg.patch_size} img={cfg.img_size} "
           f"classes={cfg.num_classes}")
     return 0

@@ -9,9 +9,9 @@ hyper-parameters back from the tensor shapes.
 from vitkit.convert.detect import FORMATS, Checkpoint, read_checkpoint
 from vitkit.convert.export import save_as, to_huggingface, to_npz, to_timm, to_torchvision
 from vitkit.convert.infer import STANDARD_NUM_HEADS, infer_config
-from vitkit.convert.pretrained import from_pretrained
+from vitkit.convert.pretrained import from_checkpoint, from_pretrained
 
 __all__ = [
-    "FORMATS", "STANDARD_NUM_HEADS", "Checkpoint", "from_pretrained", "infer_config", "read_checkpoint", "save_as",
+    "FORMATS", "STANDARD_NUM_HEADS", "Checkpoint", "from_checkpoint", "from_pretrained", "infer_config", "read_checkpoint", "save_as",
     "to_huggingface", "to_npz", "to_timm", "to_torchvision",
 ]

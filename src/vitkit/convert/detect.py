@@ -65,6 +65,8 @@ def read_checkpoint(source: str | Path, format: str | None = None) -> Checkpoint
         return _read_directory(path, wanted)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
+    if wanted is None and path.name == WEIGHTS_NAME and _is_vitkit_directory(path.parent):
+        return _read_directory(path.parent, "vitkit")  # the weights of a vitkit directory: use its config
     raw = load_state_dict(path)
     fmt = wanted or format_of_keys(set(raw), str(path))
     if fmt == "vitkit":
@@ -110,8 +112,17 @@ def _read_directory(directory: Path, wanted: str | None) -> Checkpoint:
     raise CheckpointError(f"{directory}: a {fmt} checkpoint is a single file; pass the file itself")
 
 
+def _is_vitkit_config(data: dict[str, Any]) -> bool:
+    return "vitkit_version" in data or "embed_dim" in data
+
+
+def _is_vitkit_directory(directory: Path) -> bool:
+    config_path = directory / CONFIG_NAME
+    return config_path.is_file() and _is_vitkit_config(_read_json(config_path))
+
+
 def _directory_format(data: dict[str, Any], config_path: Path) -> str:
-    if "vitkit_version" in data or "embed_dim" in data:
+    if _is_vitkit_config(data):
         return "vitkit"
     if "model_type" in data:
         return "huggingface"

@@ -60,10 +60,13 @@ def matches(keys: set[str]) -> bool:
 def to_vitkit(state_dict: dict[str, Tensor], source: str) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, Tensor]] = {}
+    # ViTForImageClassification classifies the class token directly; a pooler stored beside a classifier
+    # (some exports keep ViTModel's) is unused by transformers, so it must not become a representation layer.
+    has_classifier = any(k.startswith("classifier.") for k in state_dict)
     for key, tensor in state_dict.items():
         key = key.removeprefix("vit.")
         key = V5_NAMES.to_ours(key) or key
-        if key in _IGNORED:
+        if key in _IGNORED or (has_classifier and key.startswith("pooler.")):
             continue
         if match := _QKV.fullmatch(key):
             block, part, kind = match.groups()

@@ -35,9 +35,17 @@ def from_pretrained(source: str | Path, *, img_size: int | tuple[int, int] | Non
         interpolation: 'bicubic' (default) or 'bilinear' for resampling the position embeddings.
         overrides: other ViTConfig fields, e.g. ``drop_path_rate=0.1`` or ``global_pool='avg'``.
     """
+    return from_checkpoint(read_checkpoint(source, format), img_size=img_size, num_classes=num_classes,
+                           num_heads=num_heads, model=model, interpolation=interpolation, **overrides)
+
+
+def from_checkpoint(checkpoint: Checkpoint, *, img_size: int | tuple[int, int] | None = None,
+                    num_classes: int | None = None, num_heads: int | None = None,
+                    model: str | ViTConfig | None = None,
+                    interpolation: Literal["bicubic", "bilinear"] | None = None, **overrides: Any) -> nn.Module:
+    """:func:`from_pretrained` for a checkpoint already read with :func:`read_checkpoint`."""
     from vitkit.models.registry import build_model
 
-    checkpoint = read_checkpoint(source, format)
     config = _config_for(checkpoint, model, num_heads)
     if model is not None and num_classes is None:
         num_classes = _as_config(model).num_classes
