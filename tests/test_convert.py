@@ -131,6 +131,15 @@ def test_timm_resolution_change_matches_timm_resampling(tmp_path):
     with torch.no_grad():
         assert_parity(model(x), large(x), "timm 32->64 px resampled")
 
+    bilinear = vitkit.from_pretrained(path, img_size=64, num_heads=4, interpolation="bilinear")
+    assert bilinear.config.pos_embed_interpolation == "bilinear"
+    old = small.pos_embed.detach()
+    assert torch.equal(bilinear.pos_embed[:, :1], old[:, :1])  # the class token's entry is kept apart
+    grid = old[:, 1:].reshape(1, 4, 4, 64).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(8, 8), mode="bilinear", align_corners=False, antialias=True)
+    assert torch.allclose(bilinear.pos_embed[:, 1:], expected.permute(0, 2, 3, 1).reshape(1, 64, 64), atol=1e-6)
+    assert not torch.allclose(bilinear.pos_embed, model.pos_embed, atol=1e-4)  # bicubic differs
+
 
 # ---------------------------------------------------------------------------------- transformers
 HF_CASES = {
