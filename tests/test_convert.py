@@ -27,11 +27,6 @@ from vitkit.convert import read_checkpoint, save_as, to_huggingface, to_npz, to_
 TOL = 1e-5  # float32, max abs logit difference
 
 
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)
-
-
 def perturb(module: nn.Module, scale: float = 0.05) -> nn.Module:
     with torch.no_grad():
         for p in module.parameters():
