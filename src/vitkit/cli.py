@@ -38,7 +38,43 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_models)
 
 
-_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models]
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from vitkit.convert import from_checkpoint, read_checkpoint, save_as
+
+    checkpoint = read_checkpoint(args.src, args.source_format)
+    model = from_checkpoint(checkpoint, img_size=args.img_size, num_heads=args.num_heads,
+                            num_classes=args.num_classes, interpolation=args.interpolation)
+    out = save_as(model, args.dst, args.to)
+    cfg = model.config
+    print(f"{args.src} ({checkpoint.format}) -> {out} ({args.to}): ViT D={cfg.embed_dim} "
+          f"depth={cfg.depth} heads={cfg.num_heads} patch={cfg.patch_size} img={cfg.img_size} "
+          f"classes={cfg.num_classes}")
+    return 0
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    from vitkit.convert.detect import ALIASES, FORMATS
+
+    formats = sorted(set(FORMATS) | set(ALIASES))
+    p = sub.add_parser("convert", help="convert a checkpoint between vitkit, timm, Hugging Face, torchvision and npz",
+                       description="Read SRC (format detected: vitkit or Hugging Face directory, timm / torchvision "
+                                   "state dict, Google .npz) and write DST in the format --to names.")
+    p.add_argument("src", help="checkpoint file or directory to read")
+    p.add_argument("dst", help="directory (vitkit, hf) or file (timm/torchvision: .safetensors/.pth; npz: .npz)")
+    p.add_argument("--to", default="vitkit", choices=formats, metavar="FORMAT",
+                   help="output format: vitkit (default), timm, hf, torchvision, npz")
+    p.add_argument("--from", dest="source_format", default=None, choices=formats, metavar="FORMAT",
+                   help="input format, if detection should be skipped")
+    p.add_argument("--img-size", type=int, default=None, help="resample the position embeddings to this resolution")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads (needed for timm/torchvision files of non-standard width)")
+    p.add_argument("--num-classes", type=int, default=None, help="replace the head by a zero-initialised one")
+    p.add_argument("--interpolation", choices=("bicubic", "bilinear"), default=None,
+                   help="position-embedding resampling (default bicubic)")
+    p.set_defaults(func=_cmd_convert)
+
+
+_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models, _add_convert]
 
 
 def build_parser() -> argparse.ArgumentParser:

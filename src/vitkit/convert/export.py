@@ -1,0 +1,68 @@
+"""Write a vitkit model in another library's format. Every export is lossless: the tensors are the
+model's own, renamed, split or transposed, never recomputed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from vitkit.checkpoint import atomic_torch_save, save_state_dict
+from vitkit.convert import huggingface, jax, timm, torchvision
+from vitkit.convert.detect import normalise_format
+
+STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def _weights(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def to_timm(model: nn.Module) -> dict[str, Tensor]:
+    """A state dict that ``timm.create_model(<same config>).load_state_dict`` accepts."""
+    return timm.from_vitkit(_weights(model), model.config)
+
+
+def to_torchvision(model: nn.Module) -> dict[str, Tensor]:
+    """A state dict for ``torchvision.models.VisionTransformer`` (e.g. ``vit_b_16``)."""
+    return torchvision.from_vitkit(_weights(model), model.config)
+
+
+def to_huggingface(model: nn.Module, directory: str | Path) -> Path:
+    """A directory ``transformers.ViTForImageClassification.from_pretrained`` loads (``ViTModel`` if the model
+    has no classifier)."""
+    return huggingface.write_directory(_weights(model), model.config, directory)
+
+
+def to_npz(model: nn.Module, path: str | Path) -> Path:
+    """A ``.npz`` in Google's vit_jax layout."""
+    return jax.write_npz(jax.from_vitkit(_weights(model), model.config), path)
+
+
+def save_state_dict_file(state_dict: dict[str, Tensor], path: str | Path) -> Path:
+    """Write a state dict as safetensors or a (weights-only) torch pickle, chosen by the file suffix."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in STATE_DICT_SUFFIXES:
+        raise ValueError(f"{path}: choose a state-dict file suffix: {', '.join(STATE_DICT_SUFFIXES)}")
+    if suffix == ".safetensors":
+        save_state_dict(state_dict, path, metadata={"format": "pt"})
+    else:
+        atomic_torch_save({k: v.contiguous() for k, v in state_dict.items()}, path)
+    return path
+
+
+def save_as(model: nn.Module, destination: str | Path, format: str = "vitkit") -> Path:
+    """Save ``model`` as ``format``: a directory for vitkit and Hugging Face, a file for the others."""
+    fmt = normalise_format(format)
+    destination = Path(destination)
+    if fmt == "vitkit":
+        return model.save_pretrained(destination)
+    if fmt == "huggingface":
+        return to_huggingface(model, destination)
+    if fmt == "jax":
+        if destination.suffix.lower() != ".npz":
+            raise ValueError(f"{destination}: an npz export needs a .npz file name")
+        return to_npz(model, destination)
+    state_dict = to_timm(model) if fmt == "timm" else to_torchvision(model)
+    return save_state_dict_file(state_dict, destination)

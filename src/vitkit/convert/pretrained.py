@@ -1,0 +1,92 @@
+"""``from_pretrained``: one entry point for every checkpoint format vitkit reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+
+from vitkit.checkpoint import CheckpointError, load_weights
+from vitkit.config import ViTConfig
+from vitkit.convert.detect import Checkpoint, read_checkpoint
+from vitkit.convert.infer import infer_config
+
+# Fields the weights fix; a named model must agree with the checkpoint on them.
+_STRUCTURE = ("patch_size", "in_chans", "embed_dim", "depth", "mlp_dim", "qkv_bias", "class_token", "fc_norm")
+
+
+def from_pretrained(source: str | Path, *, img_size: int | tuple[int, int] | None = None,
+                    num_classes: int | None = None, num_heads: int | None = None,
+                    model: str | ViTConfig | None = None, format: str | None = None,
+                    interpolation: Literal["bicubic", "bilinear"] | None = None, **overrides: Any) -> nn.Module:
+    """Build a model from any supported checkpoint, detecting its format.
+
+    Args:
+        source: a vitkit or Hugging Face (or timm Hub) directory, a timm / torchvision / Hugging Face
+            state-dict file (.pth, .pt, .bin, .safetensors) or a Google .npz.
+        img_size: build for this resolution; position embeddings are resampled in 2-D.
+        num_classes: replace the classifier by a zero-initialised one of this size (dropping the
+            representation layer, as in the paper's fine-tuning) if it differs; 0 removes it.
+        num_heads: the head count, for files that do not state it (timm, torchvision) at a
+            non-standard width.
+        model: a registry name or ViTConfig to load into, instead of the config inferred from the file.
+        format: skip detection ('vitkit', 'timm', 'huggingface'/'hf', 'torchvision', 'jax'/'npz').
+        interpolation: 'bicubic' (default) or 'bilinear' for resampling the position embeddings.
+        overrides: other ViTConfig fields, e.g. ``drop_path_rate=0.1`` or ``global_pool='avg'``.
+    """
+    return from_checkpoint(read_checkpoint(source, format), img_size=img_size, num_classes=num_classes,
+                           num_heads=num_heads, model=model, interpolation=interpolation, **overrides)
+
+
+def from_checkpoint(checkpoint: Checkpoint, *, img_size: int | tuple[int, int] | None = None,
+                    num_classes: int | None = None, num_heads: int | None = None,
+                    model: str | ViTConfig | None = None,
+                    interpolation: Literal["bicubic", "bilinear"] | None = None, **overrides: Any) -> nn.Module:
+    """:func:`from_pretrained` for a checkpoint already read with :func:`read_checkpoint`."""
+    from vitkit.models.registry import build_model
+
+    config = _config_for(checkpoint, model, num_heads)
+    if model is not None and num_classes is None:
+        num_classes = _as_config(model).num_classes
+    if img_size is not None:
+        overrides["img_size"] = img_size
+    if interpolation is not None:
+        overrides["pos_embed_interpolation"] = interpolation
+    if overrides:
+        config = config.replace(**overrides)
+    net = build_model(config)
+    load_weights(net, checkpoint.state_dict, source=str(checkpoint.path))
+    if num_classes is not None and num_classes != config.num_classes:
+        net.reset_head(num_classes)
+    return net
+
+
+def _as_config(model: str | ViTConfig) -> ViTConfig:
+    if isinstance(model, ViTConfig):
+        return model
+    from vitkit.models.registry import get_model_config
+
+    return get_model_config(model)
+
+
+def _config_for(checkpoint: Checkpoint, model: str | ViTConfig | None, num_heads: int | None) -> ViTConfig:
+    source = str(checkpoint.path)
+    known = dict(checkpoint.hints)
+    if num_heads is not None:
+        known["num_heads"] = num_heads
+    if checkpoint.config is not None and model is None:
+        return checkpoint.config if num_heads is None else checkpoint.config.replace(num_heads=num_heads)
+    if model is None:
+        config = infer_config(checkpoint.state_dict, source=source, **known)
+        return config.replace(extra={**config.extra, "converted_from": checkpoint.format})
+    target = _as_config(model)
+    found = infer_config(checkpoint.state_dict, source=source, **{"num_heads": target.num_heads, **known})
+    misfits = [f"{f}: checkpoint {getattr(found, f)!r}, model {getattr(target, f)!r}"
+               for f in _STRUCTURE if getattr(found, f) != getattr(target, f)]
+    if misfits:
+        name = target.name or "the given config"
+        raise CheckpointError(f"{source} does not fit {name}: {'; '.join(misfits)}")
+    # The checkpoint's head is loaded first; from_pretrained then resizes it to the model's.
+    return target.replace(num_classes=found.num_classes, representation_size=found.representation_size,
+                          class_names=found.class_names, norm_eps=found.norm_eps)

@@ -1,0 +1,76 @@
+"""timm's ``VisionTransformer``: vitkit uses timm's key names, so conversion is a check, not a rename.
+
+timm features vitkit's ViT does not implement (register tokens, layer scale, ...) are refused by name
+instead of being silently dropped. timm removed the representation layer (``pre_logits.fc``) in
+0.6; older files that have one are read, but such a model cannot be exported to timm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from vitkit.checkpoint import CheckpointError
+from vitkit.config import ViTConfig
+
+FORMAT = "timm"
+
+UNSUPPORTED: dict[str, str] = {
+    ".reg_token": "register tokens",
+    ".dist_token": "a distillation token (DeiT)",
+    ".head_dist.": "a distillation head (DeiT)",
+    ".ls1.": "layer scale",
+    ".q_norm.": "QK normalisation",
+    ".attn.norm.": "a LayerNorm inside the attention (scale_attn_norm)",
+    ".mlp.norm.": "a LayerNorm inside the MLP (scale_mlp_norm)",
+    ".attn_pool.": "attention pooling (MAP head)",
+    ".norm_pre.": "a pre-encoder LayerNorm (CLIP style)",
+    ".patch_embed.backbone.": "a hybrid CNN stem",
+    ".patch_embed.norm.": "a normalised patch embedding",
+}
+
+
+def matches(keys: set[str]) -> bool:
+    return "patch_embed.proj.weight" in keys
+
+
+def check_supported(keys: set[str], source: str) -> None:
+    """Refuse, by name, checkpoints of timm variants that vitkit's ViT cannot reproduce."""
+    for key in sorted(keys):
+        for marker, feature in UNSUPPORTED.items():
+            if marker in f".{key}":
+                raise CheckpointError(f"{source}: key {key!r} belongs to {feature}, which vitkit's ViT does not "
+                                      "implement")
+
+
+def to_vitkit(state_dict: dict[str, Tensor], source: str) -> dict[str, Tensor]:
+    check_supported(set(state_dict), source)
+    return dict(state_dict)
+
+
+def from_vitkit(state_dict: dict[str, Tensor], config: ViTConfig) -> dict[str, Tensor]:
+    if config.stem is not None:
+        raise ValueError("timm export covers plain ViTs; this model has a convolutional stem")
+    if config.representation_size is not None:
+        raise ValueError("timm's VisionTransformer has no representation layer (pre_logits) since timm 0.6; "
+                         "export to 'hf', 'torchvision' or 'npz', or drop it with model.reset_head(num_classes)")
+    return dict(state_dict)
+
+
+def hints_from_hub_config(data: dict[str, Any]) -> dict[str, Any]:
+    """Fields a timm Hub ``config.json`` (``architecture``, ``num_classes``, ``pretrained_cfg``) states.
+
+    timm's architecture names are vitkit's registry names, so the registry supplies the head count.
+    """
+    from vitkit.models.registry import list_models, get_model_config
+
+    hints: dict[str, Any] = {}
+    arch = str(data.get("architecture", "")).split(".")[0]
+    if arch in list_models():
+        reference = get_model_config(arch)
+        hints["num_heads"] = reference.num_heads
+    labels = data.get("label_names") or data.get("pretrained_cfg", {}).get("label_names")
+    if labels and len(labels) == data.get("num_classes"):
+        hints["class_names"] = list(labels)
+    return hints
