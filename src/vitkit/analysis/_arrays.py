@@ -12,11 +12,11 @@ ArrayLike = Union[Tensor, np.ndarray]
 
 
 def as_tensor(array: ArrayLike, name: str) -> Tensor:
-    """A detached CPU float tensor (float64 stays float64), whatever array type the caller had."""
+    """A detached float tensor (float64 stays float64) on the array's own device, from torch or numpy."""
     if isinstance(array, np.ndarray):
         tensor = torch.from_numpy(np.ascontiguousarray(array))
     elif isinstance(array, Tensor):
-        tensor = array.detach().cpu()
+        tensor = array.detach()
     else:
         raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(array).__name__}")
     return tensor if tensor.dtype == torch.float64 else tensor.float()

@@ -37,7 +37,7 @@ def rollout_matrix(attentions: Sequence[ArrayLike], head_fusion: HeadFusion = "m
             fused = attn.amin(dim=1)
         else:
             raise ValueError(f"head_fusion must be 'mean', 'max' or 'min', got {head_fusion!r}")
-        fused = fused + torch.eye(fused.shape[-1], dtype=fused.dtype)
+        fused = fused + torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
         fused = fused / fused.sum(dim=-1, keepdim=True)
         if rollout is not None and rollout.shape != fused.shape:
             raise ValueError(f"attentions[{depth}]: shape {tuple(attn.shape)} does not match the earlier layers")
@@ -53,7 +53,7 @@ def attention_rollout(attentions: Sequence[ArrayLike], grid_size: tuple[int, int
     rollout = rollout_matrix(attentions, head_fusion)
     row = query_row(rollout, num_prefix_tokens)
     grid = check_grid(grid_size, row.shape[-1], "attentions")
-    return row.reshape(row.shape[0], *grid).numpy()
+    return row.reshape(row.shape[0], *grid).cpu().numpy()
 
 
 def class_attention(attention: ArrayLike, grid_size: tuple[int, int], num_prefix_tokens: int = 1) -> np.ndarray:
@@ -64,4 +64,4 @@ def class_attention(attention: ArrayLike, grid_size: tuple[int, int], num_prefix
         raise ValueError(f"attention: expected (B, heads, N, N), got shape {tuple(attn.shape)}")
     row = query_row(attn, num_prefix_tokens)
     grid = check_grid(grid_size, row.shape[-1], "attention")
-    return row.reshape(*row.shape[:2], *grid).numpy()
+    return row.reshape(*row.shape[:2], *grid).cpu().numpy()

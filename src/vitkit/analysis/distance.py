@@ -20,10 +20,12 @@ from torch import Tensor
 from vitkit.analysis._arrays import ArrayLike, as_tensor, check_grid
 
 
-def patch_distances(grid_size: tuple[int, int], patch_size: float = 1.0, dtype: torch.dtype = torch.float64) -> Tensor:
+def patch_distances(grid_size: tuple[int, int], patch_size: float = 1.0, dtype: torch.dtype = torch.float64,
+                    device: torch.device | str | None = None) -> Tensor:
     """(H*W, H*W) Euclidean distances between patch centres in pixels, patches in row-major order."""
     rows, cols = int(grid_size[0]), int(grid_size[1])
-    yy, xx = torch.meshgrid(torch.arange(rows, dtype=dtype), torch.arange(cols, dtype=dtype), indexing="ij")
+    yy, xx = torch.meshgrid(torch.arange(rows, dtype=dtype, device=device),
+                            torch.arange(cols, dtype=dtype, device=device), indexing="ij")
     centres = torch.stack([yy.flatten(), xx.flatten()], dim=1) * patch_size
     return torch.cdist(centres, centres)
 
@@ -48,6 +50,6 @@ def mean_attention_distance(attention: ArrayLike, grid_size: tuple[int, int], pa
     patch_attn = attn[..., num_prefix_tokens:, num_prefix_tokens:]
     grid = check_grid(grid_size, patch_attn.shape[-1], "attention")
     weights = patch_attn / patch_attn.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-    distances = patch_distances(grid, patch_size, dtype=weights.dtype)
+    distances = patch_distances(grid, patch_size, dtype=weights.dtype, device=weights.device)
     per_query = (weights * distances).sum(dim=-1)
-    return per_query.mean(dim=-1).numpy()
+    return per_query.mean(dim=-1).cpu().numpy()

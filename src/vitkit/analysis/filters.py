@@ -44,6 +44,6 @@ def patch_embedding_pca(weight: ArrayLike, num_components: int = 28) -> FilterPC
     peak = directions.abs().argmax(dim=1)
     signs = torch.sign(directions[torch.arange(k), peak])
     directions = directions * signs[:, None]
-    ratio = variance[:k] / total if total > 0 else torch.zeros(k, dtype=variance.dtype)
-    return FilterPCA(components=directions.reshape(k, *w.shape[1:]).float().numpy(),
-                     explained_variance_ratio=ratio.float().numpy())
+    ratio = variance[:k] / total if total > 0 else torch.zeros_like(variance[:k])
+    return FilterPCA(components=directions.reshape(k, *w.shape[1:]).float().cpu().numpy(),
+                     explained_variance_ratio=ratio.float().cpu().numpy())

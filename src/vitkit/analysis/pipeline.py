@@ -73,6 +73,8 @@ def analyze_model(model: nn.Module, images: Tensor, *, num_show: int = 8, batch_
     Mean attention distance uses all images; rollout and per-head maps are kept for the first
     ``num_show`` only.
     """
+    if not hasattr(model, "attention_maps"):
+        raise ValueError(f"{type(model).__name__} has no attention_maps(images): only Vision Transformers can be analysed")
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"images: expected a non-empty (B, C, H, W) batch, got shape {tuple(images.shape)}")
     model.eval()

@@ -28,7 +28,7 @@ def position_embedding_similarity(pos_embed: ArrayLike, grid_size: tuple[int, in
     grid = check_grid(grid_size, patches.shape[0], "pos_embed")
     unit = patches / patches.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     similarity = unit @ unit.T
-    return similarity.reshape(grid[0], grid[1], grid[0], grid[1]).numpy()
+    return similarity.reshape(grid[0], grid[1], grid[0], grid[1]).cpu().numpy()
 
 
 def similarity_by_distance(similarity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

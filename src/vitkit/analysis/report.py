@@ -37,8 +37,6 @@ def analyze(source: str, dataset: str, out_dir: str | Path, *, num_images: int =
             device: str = "cpu", seed: int = 0) -> Path:
     """Load ``source``, analyse it on ``num_images`` images of ``dataset`` and write the report to
     ``out_dir``. Returns the path of ``index.html``."""
-    import torch
-
     from vitkit.analysis.inputs import _load_source, describe_labels, input_normalisation, load_images, prepare_images
     from vitkit.analysis.pipeline import analyze_model
 
@@ -48,15 +46,14 @@ def analyze(source: str, dataset: str, out_dir: str | Path, *, num_images: int =
     sample = load_images(dataset, num_images, data_dir=data_dir, seed=seed, image_size=model.config.image_hw)
     inputs, display = prepare_images(sample.images, model)
     loaded = time.perf_counter() - start
-    with torch.inference_mode():
-        analysis = analyze_model(model, inputs, num_show=num_show, batch_size=batch_size)
+    analysis = analyze_model(model, inputs, num_show=num_show, batch_size=batch_size)
     analysis.seconds["load"] = loaded
     config = model.config
     mean, std = input_normalisation(config)
     shown = min(num_show, len(display))
     info = {
-        "source": source, "loaded": description, "model_name": config.name,
-        "config": {k: getattr(config, k) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads",
+        "source": source, "loaded": description, "model_name": getattr(config, "name", None),
+        "config": {k: getattr(config, k, None) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads",
                                                     "num_classes", "class_token", "global_pool")},
         "dataset": dataset, "data_source": sample.source, "image_indices": sample.indices.tolist(),
         "normalisation": {"mean": mean, "std": std}, "device": device,
@@ -75,98 +72,14 @@ def write_report(analysis: ModelAnalysis, out_dir: str | Path, *, display_images
     ``display_images`` are the uint8 (N, H, W, C) inputs at model resolution matching
     ``analysis.rollout``. Returns every path written, ``index.html`` last.
     """
-    from vitkit.analysis import plots
-    from vitkit.analysis.position import similarity_by_distance
-    from vitkit.checkpoint import atomic_write_text
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    info = dict(info or {})
     start = time.perf_counter()
-    written: list[Path] = []
-    sections: list[str] = []
-    image_size = int(display_images.shape[1])
-    depth, heads = analysis.mean_distance.shape
+    report = _Report(Path(out_dir))
+    info = dict(info or {})
+    _filters_section(report, analysis)
+    similarity_curve = _position_section(report, analysis)
+    _distance_section(report, analysis, image_size=int(display_images.shape[1]))
+    _attention_sections(report, analysis, display_images, titles, num_head_rows, image_indices)
 
-    def text(content: str, name: str) -> None:
-        atomic_write_text(content, out / name)
-        written.append(_readable(out / name))
-
-    def figure(fig, name: str) -> None:
-        written.append(_readable(plots.save_png(fig, out / name)))
-
-    if analysis.filters is not None:
-        pca = analysis.filters
-        figure(plots.plot_filters(pca), FILES["filters_png"])
-        text(_json({"explained_variance_ratio": pca.explained_variance_ratio,
-                    "components_shape": list(pca.components.shape), "components": pca.components}),
-             FILES["filters_json"])
-        share = 100 * float(pca.explained_variance_ratio.sum())
-        sections.append(_section(
-            "Patch-embedding filters", FILES["filters_png"], [FILES["filters_json"]],
-            "The patch embedding projects each flattened patch linearly; its rows are filters in pixel space. "
-            f"Shown are the top {len(pca.components)} principal components of these filters ({share:.0f}% of their "
-            "variance), each on its own colour scale, with its share of the variance. In the paper (Fig. 7, left) "
-            "they resemble plausible basis functions for the fine structure within each patch: smooth colour "
-            "blobs, then oriented edges and higher frequencies."))
-    else:
-        sections.append(_skipped("Patch-embedding filters", analysis.notes.get("filters", "skipped")))
-
-    distances, curve = None, None
-    if analysis.position_similarity is not None:
-        similarity = analysis.position_similarity
-        figure(plots.plot_position_similarity(similarity), FILES["position_png"])
-        text(_similarity_csv(similarity), FILES["position_csv"])
-        distances, curve = similarity_by_distance(similarity)
-        sections.append(_section(
-            "Position-embedding similarity", FILES["position_png"], [FILES["position_csv"]],
-            "Tile (r, c) shows the cosine similarity between the position embedding of the patch in row r, "
-            "column c and those of all patches. The paper (Fig. 7, centre) finds that the model learns the 2-D "
-            "image topology: closer patches have more similar embeddings, and patches in the same row or "
-            "column are similar. Mean similarity by distance (in patches): "
-            + ", ".join(f"{d}: {s:.2f}" for d, s in list(zip(distances, curve))[:6]) + "."))
-    else:
-        sections.append(_skipped("Position-embedding similarity", analysis.notes.get("position", "skipped")))
-
-    figure(plots.plot_attention_distance(analysis.mean_distance, analysis.uniform_distance, image_size),
-           FILES["distance_png"])
-    text(_distance_csv(analysis), FILES["distance_csv"])
-    sections.append(_section(
-        "Mean attention distance", FILES["distance_png"], [FILES["distance_csv"]],
-        f"Each dot is one head: the attention-weighted mean distance in pixels between a query patch and the "
-        f"patches it attends to, averaged over query patches and {analysis.num_images} images (the "
-        "transformer's analogue of a receptive-field size). The class token is left out on both sides: it is "
-        "not a query, and the attention paid to it is dropped and the rest renormalised. Dashed line: uniform "
-        f"attention over all patches ({analysis.uniform_distance:.1f} px). The paper (Fig. 7, right) finds some "
-        "heads attending globally already in the lowest layers, others locally, with the distance growing "
-        "with depth."))
-
-    shown = len(analysis.rollout)
-    figure(plots.plot_rollout(display_images[:shown], analysis.rollout, titles), FILES["rollout_png"])
-    rows = min(num_head_rows, shown)
-    figure(plots.plot_head_attention(display_images[:rows], analysis.last_layer_attention[:rows],
-                                     titles[:rows] if titles is not None else None, layer=depth),
-           FILES["heads_png"])
-    maps = [{"index": int(image_indices[i]) if image_indices is not None else i,
-             "label": titles[i] if titles is not None else None,
-             "rollout": analysis.rollout[i], "last_layer_heads": analysis.last_layer_attention[i]}
-            for i in range(shown)]
-    text(_json({"grid_size": list(analysis.grid_size), "num_prefix_tokens": analysis.num_prefix_tokens,
-                "images": maps}), FILES["maps_json"])
-    sections.append(_section(
-        "Attention rollout", FILES["rollout_png"], [FILES["maps_json"]],
-        "Attention rollout (Abnar &amp; Zuidema, 2020), the method behind the paper's Fig. 6: the attention of "
-        "each layer is averaged over heads, the identity is added for the residual connection, rows are "
-        "renormalised, and the matrices are multiplied through all layers; the class token's row, laid out on "
-        "the patch grid, shows which input regions reach the representation used for classification. Middle "
-        "row: the map over the input; bottom row: the input multiplied by the map, as in the paper. Each map "
-        "is scaled to its own maximum."))
-    sections.append(_section(
-        "Last-layer attention per head", FILES["heads_png"], [FILES["maps_json"]],
-        f"The raw attention of the class token in layer {depth}, one map per head, without rollout; each map "
-        "on its own scale. Heads often specialise: some follow the object, others the background."))
-
-    finished = dict(analysis.seconds, report=time.perf_counter() - start)
     layer_stats = [{"layer": layer + 1, "min_px": float(row.min()), "median_px": float(np.median(row)),
                     "max_px": float(row.max())} for layer, row in enumerate(analysis.mean_distance)]
     summary = {
@@ -175,17 +88,139 @@ def write_report(analysis: ModelAnalysis, out_dir: str | Path, *, display_images
         "patch_pixels": analysis.patch_pixels, "num_prefix_tokens": analysis.num_prefix_tokens,
         "uniform_attention_distance_px": analysis.uniform_distance,
         "mean_attention_distance_by_layer": layer_stats,
-        "position_similarity_by_distance": (
-            None if distances is None else [{"distance_patches": int(d), "mean_similarity": float(s)}
-                                            for d, s in zip(distances, curve)]),
+        "position_similarity_by_distance": similarity_curve,
         "filters_explained_variance_ratio": (
             None if analysis.filters is None else analysis.filters.explained_variance_ratio),
-        "notes": analysis.notes, "seconds": finished,
-        "files": [p.name for p in written] + [FILES["summary_json"], FILES["index"]],
+        "notes": analysis.notes, "seconds": dict(analysis.seconds, report=time.perf_counter() - start),
+        "files": [p.name for p in report.written] + [FILES["summary_json"], FILES["index"]],
     }
-    text(_json(summary), FILES["summary_json"])
-    text(_html(info, analysis, sections), FILES["index"])
-    return written
+    report.text(_json(summary), FILES["summary_json"])
+    report.text(_html(info, analysis, report.sections), FILES["index"])
+    return report.written
+
+
+class _Report:
+    """Collects the files written (made readable) and the HTML sections that present them."""
+
+    def __init__(self, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        self.written: list[Path] = []
+        self.sections: list[str] = []
+
+    def text(self, content: str, name: str) -> None:
+        from vitkit.checkpoint import atomic_write_text
+
+        atomic_write_text(content, self.out / name)
+        self.written.append(_readable(self.out / name))
+
+    def figure(self, figure, name: str) -> None:
+        from vitkit.analysis.plots import save_png
+
+        self.written.append(_readable(save_png(figure, self.out / name)))
+
+    def section(self, title: str, image: str, data: Sequence[str], explanation: str) -> None:
+        links = ", ".join(f'<a href="{html.escape(d)}">{html.escape(d)}</a>' for d in data)
+        self.sections.append(f'<section>\n<h2>{html.escape(title)}</h2>\n<p>{explanation}</p>\n'
+                             f'<img src="{html.escape(image)}" alt="{html.escape(title)}">\n'
+                             f'<p class="data">Numbers: {links}</p>\n</section>')
+
+    def skipped(self, title: str, note: str) -> None:
+        self.sections.append(f'<section>\n<h2>{html.escape(title)}</h2>\n'
+                             f'<p class="note">{html.escape(note)}</p>\n</section>')
+
+
+def _filters_section(report: _Report, analysis: ModelAnalysis) -> None:
+    from vitkit.analysis.plots import plot_filters
+
+    title = "Patch-embedding filters"
+    pca = analysis.filters
+    if pca is None:
+        report.skipped(title, analysis.notes.get("filters", "skipped"))
+        return
+    report.figure(plot_filters(pca), FILES["filters_png"])
+    report.text(_json({"explained_variance_ratio": pca.explained_variance_ratio,
+                       "components_shape": list(pca.components.shape), "components": pca.components}, indent=None),
+                FILES["filters_json"])
+    share = 100 * float(pca.explained_variance_ratio.sum())
+    report.section(
+        title, FILES["filters_png"], [FILES["filters_json"]],
+        "The patch embedding projects each flattened patch linearly; its rows are filters in pixel space. "
+        f"Shown are the top {len(pca.components)} principal components of these filters ({share:.0f}% of their "
+        "variance), each on its own colour scale, with its share of the variance. In the paper (Fig. 7, left) "
+        "they resemble plausible basis functions for the fine structure within each patch: smooth colour "
+        "blobs, then oriented edges and higher frequencies.")
+
+
+def _position_section(report: _Report, analysis: ModelAnalysis) -> Optional[list[dict[str, float]]]:
+    from vitkit.analysis.plots import plot_position_similarity
+    from vitkit.analysis.position import similarity_by_distance
+
+    title = "Position-embedding similarity"
+    similarity = analysis.position_similarity
+    if similarity is None:
+        report.skipped(title, analysis.notes.get("position", "skipped"))
+        return None
+    report.figure(plot_position_similarity(similarity), FILES["position_png"])
+    report.text(_similarity_csv(similarity), FILES["position_csv"])
+    distances, means = similarity_by_distance(similarity)
+    report.section(
+        title, FILES["position_png"], [FILES["position_csv"]],
+        "Tile (r, c) shows the cosine similarity between the position embedding of the patch in row r, "
+        "column c and those of all patches. The paper (Fig. 7, centre) finds that the model learns the 2-D "
+        "image topology: closer patches have more similar embeddings, and patches in the same row or "
+        "column are similar. Mean similarity by distance (in patches): "
+        + ", ".join(f"{d}: {s:.2f}" for d, s in list(zip(distances, means))[:6]) + ".")
+    return [{"distance_patches": int(d), "mean_similarity": float(s)} for d, s in zip(distances, means)]
+
+
+def _distance_section(report: _Report, analysis: ModelAnalysis, image_size: int) -> None:
+    from vitkit.analysis.plots import plot_attention_distance
+
+    report.figure(plot_attention_distance(analysis.mean_distance, analysis.uniform_distance, image_size),
+                  FILES["distance_png"])
+    report.text(_distance_csv(analysis), FILES["distance_csv"])
+    report.section(
+        "Mean attention distance", FILES["distance_png"], [FILES["distance_csv"]],
+        f"Each dot is one head: the attention-weighted mean distance in pixels between a query patch and the "
+        f"patches it attends to, averaged over query patches and {analysis.num_images} images (the "
+        "transformer's analogue of a receptive-field size). The class token is left out on both sides: it is "
+        "not a query, and the attention paid to it is dropped and the rest renormalised. Dashed line: uniform "
+        f"attention over all patches ({analysis.uniform_distance:.1f} px). The paper (Fig. 7, right) finds some "
+        "heads attending globally already in the lowest layers, others locally, with the distance growing "
+        "with depth.")
+
+
+def _attention_sections(report: _Report, analysis: ModelAnalysis, display_images: np.ndarray,
+                        titles: Optional[Sequence[str]], num_head_rows: int,
+                        image_indices: Optional[Sequence[int]]) -> None:
+    from vitkit.analysis.plots import plot_head_attention, plot_rollout
+
+    shown = len(analysis.rollout)
+    depth = analysis.mean_distance.shape[0]
+    rows = min(num_head_rows, shown)
+    report.figure(plot_rollout(display_images[:shown], analysis.rollout, titles), FILES["rollout_png"])
+    report.figure(plot_head_attention(display_images[:rows], analysis.last_layer_attention[:rows],
+                                      titles[:rows] if titles is not None else None, layer=depth),
+                  FILES["heads_png"])
+    maps = [{"index": int(image_indices[i]) if image_indices is not None else i,
+             "label": titles[i] if titles is not None else None,
+             "rollout": analysis.rollout[i], "last_layer_heads": analysis.last_layer_attention[i]}
+            for i in range(shown)]
+    report.text(_json({"grid_size": list(analysis.grid_size), "num_prefix_tokens": analysis.num_prefix_tokens,
+                       "images": maps}, indent=None), FILES["maps_json"])
+    report.section(
+        "Attention rollout", FILES["rollout_png"], [FILES["maps_json"]],
+        "Attention rollout (Abnar &amp; Zuidema, 2020), the method behind the paper's Fig. 6: the attention of "
+        "each layer is averaged over heads, the identity is added for the residual connection, rows are "
+        "renormalised, and the matrices are multiplied through all layers; the class token's row, laid out on "
+        "the patch grid, shows which input regions reach the representation used for classification. Middle "
+        "row: the map over the input; bottom row: the input multiplied by the map, as in the paper. Each map "
+        "is scaled to its own maximum.")
+    report.section(
+        "Last-layer attention per head", FILES["heads_png"], [FILES["maps_json"]],
+        f"The raw attention of the class token in layer {depth}, one map per head, without rollout; each map "
+        "on its own scale. Heads often specialise: some follow the object, others the background.")
 
 
 # ---------------------------------------------------------------------------------------- formats
@@ -197,7 +232,8 @@ def _readable(path: Path) -> Path:
     return path
 
 
-def _json(data: Any) -> str:
+def _json(data: Any, indent: Optional[int] = 1) -> str:
+    """JSON with numpy arrays as (rounded) lists; ``indent=None`` keeps large arrays compact."""
     def plain(value: Any) -> Any:
         if isinstance(value, np.ndarray):
             return np.round(value.astype(float), 6).tolist()
@@ -207,7 +243,7 @@ def _json(data: Any) -> str:
             return list(value)
         raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
-    return json.dumps(data, indent=1, default=plain) + "\n"
+    return json.dumps(data, indent=indent, default=plain) + "\n"
 
 
 def _similarity_csv(similarity: np.ndarray) -> str:
@@ -229,17 +265,6 @@ def _distance_csv(analysis: ModelAnalysis) -> str:
         for head, (m, s) in enumerate(zip(means, stds)):
             writer.writerow([layer + 1, head + 1, f"{m:.4f}", f"{s:.4f}"])
     return buffer.getvalue()
-
-
-def _section(title: str, image: str, data: Sequence[str], explanation: str) -> str:
-    links = ", ".join(f'<a href="{html.escape(d)}">{html.escape(d)}</a>' for d in data)
-    return (f'<section>\n<h2>{html.escape(title)}</h2>\n<p>{explanation}</p>\n'
-            f'<img src="{html.escape(image)}" alt="{html.escape(title)}">\n'
-            f'<p class="data">Numbers: {links}</p>\n</section>')
-
-
-def _skipped(title: str, note: str) -> str:
-    return f'<section>\n<h2>{html.escape(title)}</h2>\n<p class="note">{html.escape(note)}</p>\n</section>'
 
 
 def _html(info: dict[str, Any], analysis: ModelAnalysis, sections: Sequence[str]) -> str:
