@@ -123,7 +123,8 @@ def summarise(report_dir: Path) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=270.0, help="training time budget of the full-data model")
+    parser.add_argument("--seconds", type=float, default=270.0, help="training time budget per model")
+    parser.add_argument("--steps", type=int, default=None, help="steps per model (default: as many as fit --seconds)")
     parser.add_argument("--fraction", type=float, default=0.05, help="training-set fraction of the little-data model")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -141,31 +142,43 @@ def main() -> None:
     test_x, test_y = load_split(data_dir, "test")
     test_x, test_y = test_x[:args.eval_images], test_y[:args.eval_images]
 
-    # Calibrate: how many steps fit the budget on this (shared) machine.
-    probe_model, probe_steps, probe_seconds = train(train_x, train_y, 10**9, batch_size=args.batch_size, lr=args.lr,
-                                                    seed=0, seconds=10.0)
-    steps = max(50, int(probe_steps / probe_seconds * args.seconds))
-    print(f"calibration: {probe_steps / probe_seconds:.2f} steps/s -> {steps} steps per model", flush=True)
+    steps = args.steps
+    if steps is None:  # calibrate: how many steps fit the budget on this (shared) machine
+        _, probe_steps, probe_seconds = train(train_x, train_y, 10**9, batch_size=args.batch_size, lr=args.lr,
+                                              seed=0, seconds=10.0)
+        steps = max(50, int(probe_steps / probe_seconds * args.seconds))
+        print(f"calibration: {probe_steps / probe_seconds:.2f} steps/s -> {steps} steps per model", flush=True)
 
     subset = stratified_subset(train_y, args.fraction, seed=0)
+    plans = {"untrained": (None, 0), "full": (torch.arange(len(train_x)), 1),
+             f"subset{round(100 * args.fraction)}pct": (subset, 1)}
     runs = {}
-    torch.manual_seed(0)
-    runs["untrained"] = (build_model(CONFIG).eval(), 0, 0, 0.0)
-    print(f"training on all {len(train_x)} images", flush=True)
-    model, done, seconds = train(train_x, train_y, steps, batch_size=args.batch_size, lr=args.lr, seed=1)
-    runs["full"] = (model, len(train_x), done, seconds)
-    print(f"training on {len(subset)} images ({100 * args.fraction:g}%)", flush=True)
-    model, done, seconds = train(train_x[subset], train_y[subset], steps, batch_size=args.batch_size, lr=args.lr, seed=1)
-    runs[f"subset{round(100 * args.fraction)}pct"] = (model, len(subset), done, seconds)
+    for name, (index, seed) in plans.items():
+        directory = out / name / "model"
+        if (directory / "model.safetensors").is_file():  # finished earlier: resume with the next one
+            meta = json.loads((out / name / "train.json").read_text())
+            runs[name] = meta
+            print(f"{name}: already trained ({directory})", flush=True)
+            continue
+        if index is None:
+            torch.manual_seed(seed)
+            model, done, seconds = build_model(CONFIG).eval(), 0, 0.0
+        else:
+            print(f"{name}: training on {len(index)} images for {steps} steps", flush=True)
+            model, done, seconds = train(train_x[index], train_y[index], steps, batch_size=args.batch_size,
+                                         lr=args.lr, seed=seed)
+        model.save_pretrained(directory)
+        meta = {"train_images": 0 if index is None else len(index), "steps": done, "seconds": seconds,
+                "test_accuracy": accuracy(model, test_x, test_y)}
+        (out / name / "train.json").write_text(json.dumps(meta, indent=1) + "\n")
+        runs[name] = meta
 
     rows = []
-    for name, (model, train_images, done, seconds) in runs.items():
-        directory = out / name
-        model.save_pretrained(directory / "model")
-        acc = accuracy(model, test_x, test_y)
-        analyze(str(directory / "model"), "cifar10", directory / "report", num_images=args.images,
+    for name, meta in runs.items():
+        analyze(str(out / name / "model"), "cifar10", out / name / "report", num_images=args.images,
                 data_dir=data_dir)
-        rows.append((name, train_images, done, seconds, acc, summarise(directory / "report")))
+        rows.append((name, meta["train_images"], meta["steps"], meta["seconds"], meta["test_accuracy"],
+                     summarise(out / name / "report")))
 
     print("\nloaded shared CPU machine; model: ViT D64, depth 6, 8 heads, patch 4, 32px; distances in pixels "
           f"(uniform attention = {rows[0][5]['uniform']:.1f} px)")

@@ -118,7 +118,8 @@ def _show_image(ax, image: np.ndarray) -> None:
     ax.set_axis_off()
 
 
-def plot_rollout(images: np.ndarray, maps: np.ndarray, titles: Optional[Sequence[str]] = None) -> Figure:
+def plot_rollout(images: np.ndarray, maps: np.ndarray, titles: Optional[Sequence[str]] = None,
+                 title: str = "Attention rollout: what the class token attends to, through all layers") -> Figure:
     """For each image: the input, the rollout map as a heat overlay, and the input masked by the map
     (the paper's Fig. 6 style). Maps are scaled to [0, 1] per image."""
     count = len(images)
@@ -137,12 +138,12 @@ def plot_rollout(images: np.ndarray, maps: np.ndarray, titles: Optional[Sequence
     for row, label in enumerate(("input", "rollout", "input x rollout")):
         axes[row, 0].text(-0.08, 0.5, label, transform=axes[row, 0].transAxes, rotation=90, ha="right",
                           va="center", fontsize=8)
-    figure.suptitle("Attention rollout: what the class token attends to, through all layers", fontsize=10)
+    figure.suptitle(title, fontsize=10)
     return figure
 
 
 def plot_head_attention(images: np.ndarray, maps: np.ndarray, titles: Optional[Sequence[str]] = None,
-                        layer: Optional[int] = None) -> Figure:
+                        title: str = "Raw class-token attention of each head in the last layer") -> Figure:
     """Rows of images; per row the input then each head's raw class-token attention map (per-map scale)."""
     count, heads = maps.shape[:2]
     size = images.shape[1:3]
@@ -159,6 +160,5 @@ def plot_head_attention(images: np.ndarray, maps: np.ndarray, titles: Optional[S
             ax.imshow(scaled[h], cmap="jet", alpha=0.55, vmin=0, vmax=1)
             if i == 0:
                 ax.set_title(f"head {h + 1}", fontsize=7)
-    where = f"layer {layer}" if layer is not None else "the last layer"
-    figure.suptitle(f"Raw class-token attention of each head in {where}", fontsize=10)
+    figure.suptitle(title, fontsize=10)
     return figure

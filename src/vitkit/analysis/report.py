@@ -199,9 +199,16 @@ def _attention_sections(report: _Report, analysis: ModelAnalysis, display_images
     shown = len(analysis.rollout)
     depth = analysis.mean_distance.shape[0]
     rows = min(num_head_rows, shown)
-    report.figure(plot_rollout(display_images[:shown], analysis.rollout, titles), FILES["rollout_png"])
+    if analysis.num_prefix_tokens:
+        query, query_note = "class token", "the class token's row"
+    else:
+        query, query_note = "mean patch query", "the mean of the patch rows (the model has no class token)"
+    report.figure(plot_rollout(display_images[:shown], analysis.rollout, titles,
+                               title=f"Attention rollout: what the {query} attends to, through all layers"),
+                  FILES["rollout_png"])
     report.figure(plot_head_attention(display_images[:rows], analysis.last_layer_attention[:rows],
-                                      titles[:rows] if titles is not None else None, layer=depth),
+                                      titles[:rows] if titles is not None else None,
+                                      title=f"Raw attention of the {query}, each head of layer {depth}"),
                   FILES["heads_png"])
     maps = [{"index": int(image_indices[i]) if image_indices is not None else i,
              "label": titles[i] if titles is not None else None,
@@ -213,13 +220,13 @@ def _attention_sections(report: _Report, analysis: ModelAnalysis, display_images
         "Attention rollout", FILES["rollout_png"], [FILES["maps_json"]],
         "Attention rollout (Abnar &amp; Zuidema, 2020), the method behind the paper's Fig. 6: the attention of "
         "each layer is averaged over heads, the identity is added for the residual connection, rows are "
-        "renormalised, and the matrices are multiplied through all layers; the class token's row, laid out on "
-        "the patch grid, shows which input regions reach the representation used for classification. Middle "
+        "renormalised, and the matrices are multiplied through all layers; "
+        f"{query_note}, laid out on the patch grid, shows which input regions reach the representation used for classification. Middle "
         "row: the map over the input; bottom row: the input multiplied by the map, as in the paper. Each map "
         "is scaled to its own maximum.")
     report.section(
         "Last-layer attention per head", FILES["heads_png"], [FILES["maps_json"]],
-        f"The raw attention of the class token in layer {depth}, one map per head, without rollout; each map "
+        f"The raw attention of the {query} in layer {depth}, one map per head, without rollout; each map "
         "on its own scale. Heads often specialise: some follow the object, others the background.")
 
 
@@ -267,6 +274,13 @@ def _distance_csv(analysis: ModelAnalysis) -> str:
     return buffer.getvalue()
 
 
+def _format_normalisation(normalisation: Optional[dict[str, Sequence[float]]]) -> str:
+    if not normalisation:
+        return "unknown"
+    mean, std = (", ".join(f"{v:g}" for v in normalisation[k]) for k in ("mean", "std"))
+    return f"(x - [{mean}]) / [{std}] on [0, 1] pixels"
+
+
 def _html(info: dict[str, Any], analysis: ModelAnalysis, sections: Sequence[str]) -> str:
     config = info.get("config", {})
     facts = [("Model", info.get("loaded") or info.get("source") or "model"),
@@ -274,7 +288,7 @@ def _html(info: dict[str, Any], analysis: ModelAnalysis, sections: Sequence[str]
              ("Images", f"{analysis.num_images} from {info.get('dataset', '?')} ({info.get('data_source', '')})"),
              ("Patch grid", f"{analysis.grid_size[0]} x {analysis.grid_size[1]}, {analysis.patch_pixels:g} px apart, "
                             f"{analysis.num_prefix_tokens} prefix token(s)"),
-             ("Normalisation", str(info.get("normalisation", ""))),
+             ("Normalisation", _format_normalisation(info.get("normalisation"))),
              ("Time", ", ".join(f"{k} {v:.1f} s" for k, v in analysis.seconds.items()))]
     rows = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts)
     title = f"vitkit analysis: {info.get('model_name') or info.get('source') or 'model'}"
