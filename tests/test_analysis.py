@@ -296,6 +296,22 @@ def test_prepare_images_resizes_and_normalises():
     np.testing.assert_allclose(inputs[0, :, 0, 0], [-0.5, -1.0, -1.5])
 
 
+def test_load_images_from_class_folders_resizes_and_crops(tmp_path):
+    from PIL import Image
+
+    for cls, size, colour in (("cat", (40, 20), (255, 0, 0)), ("dog", (16, 16), (0, 0, 255))):
+        (tmp_path / "pets" / "val" / cls).mkdir(parents=True)
+        Image.new("RGB", size, colour).save(tmp_path / "pets" / "val" / cls / "a.png")
+    sample = load_images("pets", 5, data_dir=tmp_path, image_size=(8, 8))
+    assert sample.images.shape == (2, 8, 8, 3) and sample.class_names == ["cat", "dog"]
+    assert sample.labels.tolist() == [0, 1]
+    assert tuple(sample.images[0, 4, 4]) == (255, 0, 0) and tuple(sample.images[1, 4, 4]) == (0, 0, 255)
+
+
+def _cifar_classes() -> list[str]:
+    return json.loads((DATA_DIR / "cifar10" / "meta.json").read_text())["classes"]
+
+
 def _need_cifar() -> None:
     if not (DATA_DIR / "cifar10" / "test.npz").is_file():
         pytest.skip(f"CIFAR-10 not found under {DATA_DIR} (set VITKIT_DATA)")
@@ -327,13 +343,9 @@ def test_cli_analyze_on_real_cifar_images(tmp_path, capsys):
     assert summary["num_images"] == 12 and summary["data_source"].endswith("cifar10/test.npz")
     assert summary["normalisation"]["mean"] == [0.49, 0.48, 0.45]
     maps = json.loads((out / "attention_maps.json").read_text())
-    assert len(maps["images"]) == 4 and maps["images"][0]["label"] in summary_classes()
+    assert len(maps["images"]) == 4 and maps["images"][0]["label"] in _cifar_classes()
     rows = (out / "mean_attention_distance.csv").read_text().splitlines()
     assert rows[0].startswith("layer,head") and len(rows) == 1 + TINY.depth * TINY.num_heads
-
-
-def summary_classes() -> list[str]:
-    return json.loads((DATA_DIR / "cifar10" / "meta.json").read_text())["classes"]
 
 
 def test_cli_names_the_bad_input(tmp_path, capsys):
