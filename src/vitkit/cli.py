@@ -74,7 +74,35 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_convert)
 
 
-_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models, _add_convert]
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from vitkit.analysis.report import analyze
+
+    index = analyze(args.source, args.dataset, args.out, num_images=args.images, num_show=args.show,
+                    batch_size=args.batch_size, data_dir=args.data_dir, device=args.device, seed=args.seed)
+    print(f"report written: {index}")
+    return 0
+
+
+def _add_analyze(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="inspect what a model learned: filters, position embeddings, attention",
+                       description="Write the paper's Fig. 6/7 analyses of SOURCE as PNG figures, JSON/CSV numbers "
+                                   "and an index.html report to DIR.")
+    p.add_argument("source", metavar="SOURCE",
+                   help="a checkpoint (any format vitkit.from_pretrained reads), or a registry name (random weights)")
+    p.add_argument("--dataset", required=True, help="data set folder name under the data dir, e.g. cifar10")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder for the report")
+    p.add_argument("--images", type=int, default=128, metavar="N",
+                   help="images for the mean attention distance (default 128, as in the paper)")
+    p.add_argument("--show", type=int, default=8, metavar="N", help="images shown in the attention maps (default 8)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--data-dir", default=None, metavar="D",
+                   help="folder holding the data sets (default $VITKIT_DATA or ../shared/data)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the image sample (default 0)")
+    p.set_defaults(func=_cmd_analyze)
+
+
+_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models, _add_convert, _add_analyze]
 
 
 def build_parser() -> argparse.ArgumentParser:
