@@ -34,7 +34,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_positions, dim))
         self.pos_drop = nn.Dropout(config.drop_rate)
 
-        drop_path = torch.linspace(0, config.drop_path_rate, config.depth).tolist()  # grows with depth
+        drop_path = torch.linspace(0, config.drop_path_rate, config.depth, device="cpu").tolist()  # grows with depth
         self.blocks = nn.Sequential(*[
             Block(dim, config.num_heads, config.mlp_dim, qkv_bias=config.qkv_bias, drop=config.drop_rate,
                   attn_drop=config.attn_drop_rate, drop_path=drop_path[i], norm_eps=config.norm_eps)
