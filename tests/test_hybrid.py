@@ -344,3 +344,14 @@ def test_a_few_steps_on_real_cifar_images_reduce_the_loss(cifar_batch, name, ove
         optimizer.step()
     after = loss_now()
     assert after < 0.8 * before, f"{name}: loss {before:.3f} -> {after:.3f}"
+
+
+def test_hybrid_supports_the_vit_inspection_api():
+    model = vitkit.create_model("vit_hybrid_cifar_32", depth=2).eval()
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        maps = model.attention_maps(images)
+        feats = model.forward_intermediates(images, indices=1, output_fmt="NCHW", intermediates_only=True)
+    assert len(maps) == 2 and maps[0].shape == (1, 12, 65, 65)
+    torch.testing.assert_close(maps[0].sum(-1), torch.ones(1, 12, 65))
+    assert feats[0].shape == (1, 192, 8, 8)
