@@ -148,23 +148,21 @@ def _npz_leaf(module: str, leaf: str) -> str:
 # ------------------------------------------------------------------------------------- registry
 _PAPER = {"tiny": "Ti", "small": "S", "base": "B", "large": "L"}
 _HYBRIDS = [
-    # name, ViT size, ResNet stages, patch size on the feature map
-    ("vit_tiny_r_s16_p8", "tiny", [], 8),
-    ("vit_small_r26_s32", "small", [2, 2, 2, 2], 1),
-    ("vit_base_r26_s32", "base", [2, 2, 2, 2], 1),
-    ("vit_base_r50_s16", "base", [3, 4, 9], 1),
-    ("vit_large_r50_s32", "large", [3, 4, 6, 3], 1),
+    # name, ViT size, ResNet stages, patch size on the feature map, resolutions (timm's set)
+    ("vit_tiny_r_s16_p8", "tiny", [], 8, (224, 384)),
+    ("vit_small_r26_s32", "small", [2, 2, 2, 2], 1, (224, 384)),
+    ("vit_base_r26_s32", "base", [2, 2, 2, 2], 1, (224,)),
+    ("vit_base_r50_s16", "base", [3, 4, 9], 1, (224, 384)),
+    ("vit_large_r50_s32", "large", [3, 4, 6, 3], 1, (224, 384)),
 ]
-for _name, _size, _layers, _patch in _HYBRIDS:
-    for _res in (224, 384):
-        if _name == "vit_base_r26_s32" and _res == 384:
-            continue  # timm has no such model
-        _resnet = f"R{2 + 3 * sum(_layers)}" if _layers else "R-root"
-        _spec = BiTSpec(layers=_layers)
+for _name, _size, _layers, _patch, _resolutions in _HYBRIDS:
+    _resnet = f"R{2 + 3 * sum(_layers)}" if _layers else "R-root"
+    _stride = BiTSpec(layers=_layers).stride * _patch
+    for _res in _resolutions:
         register_model(
             f"{_name}_{_res}",
             ViTConfig(img_size=_res, patch_size=_patch, stem={"layers": _layers}, **SIZES[_size]),
-            description=f"{_resnet}+ViT-{_PAPER[_size]} hybrid, stride {_spec.stride * _patch}, {_res}px, 1000 classes",
+            description=f"{_resnet}+ViT-{_PAPER[_size]} hybrid, stride {_stride}, {_res}px, 1000 classes",
         )
 
 # The paper's ImageNet-21k pre-training layout of R50+ViT-B/16 (21,843 classes, representation layer).
