@@ -102,7 +102,48 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_analyze)
 
 
-_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models, _add_convert, _add_analyze]
+def _csv(kind: type) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        try:
+            return [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}s, got {text!r}")
+    return parse
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from vitkit.study import study
+
+    epochs = args.epochs or ([10] if args.kind == "data" else [1, 2, 4])
+    study(args.kind, models=args.models, dataset=args.dataset, fractions=args.fractions, epochs=epochs,
+          fraction=args.fraction, out_dir=args.out, workers=args.workers, config=args.config,
+          overrides=getattr(args, "overrides", []))
+    return 0
+
+
+def _add_study(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "study", help="accuracy vs. training-set size or compute for several models (ViT, hybrid, ResNet)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train every model on every cell of a grid with the same pipeline, evaluate on the full "
+                    "test set, and write results.csv and a plot. Finished cells are never run again.",
+        epilog="data: every run sees the same number of samples (epochs x 1/fraction).\n"
+               "Any training config key can follow, e.g. --batch_size 256 --lr 1e-3 (see vitkit train).")
+    p.add_argument("kind", choices=["data", "compute"])
+    p.add_argument("--models", type=_csv(str), required=True, metavar="M1,M2,...")
+    p.add_argument("--dataset", help="data set (default: the training config's)")
+    p.add_argument("--fractions", type=_csv(float), default=[0.05, 0.1, 0.25, 0.5, 1.0], metavar="F1,F2,...",
+                   help="data study: training-set fractions (stratified)")
+    p.add_argument("--epochs", type=_csv(int), default=None, metavar="E[,E2,...]",
+                   help="data: epochs of the full-data run (default 10); compute: epoch budgets (default 1,2,4)")
+    p.add_argument("--fraction", type=float, default=1.0, help="compute study: training-set fraction")
+    p.add_argument("--out", help="study directory (default: studies/<kind>-<dataset>)")
+    p.add_argument("--workers", type=int, default=1, help="cells trained at once, each in its own process")
+    p.add_argument("--config", metavar="YAML", help="base training config (file or bundled name)")
+    p.set_defaults(func=_cmd_study, accepts_overrides=True)
+
+
+_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models, _add_convert, _add_analyze, _add_study]
 
 
 def build_parser() -> argparse.ArgumentParser:

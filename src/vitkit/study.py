@@ -1,0 +1,330 @@
+"""Studies: the paper's data-regime and compute claims, measured on your data with one command.
+
+- ``data``: each model on stratified subsets of the training set (``fractions``), evaluated on the full
+  test set. Compute rule: **every run sees the same number of training samples** (epochs scaled by
+  1/fraction, rounded to whole epochs), so small subsets are repeated more often, not trained less.
+- ``compute``: each model for several epoch budgets on one subset; accuracy against training FLOPs.
+
+A study is a grid of cells (model x fraction x epochs); each cell is an ordinary ``vitkit train`` run
+in ``<out>/runs/<cell>`` with the same pipeline for every model (data, augmentation, optimiser,
+logging), so the comparison changes only the model. A finished cell leaves ``<out>/cells/<cell>.json``
+and is never run again; an interrupted cell resumes from its last checkpoint. ``results.csv`` and the
+plot are rewritten after every cell. Training FLOPs are counted with PyTorch's FLOP counter on one
+forward and backward pass, with attention computed by the explicit math kernel so that its matrix
+products are counted (the fused CPU kernel is invisible to the counter).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+from torch import nn
+
+from vitkit.checkpoint import atomic_write_text
+
+StudyKind = Literal["data", "compute"]
+RESULT_FIELDS = ["model", "family", "params", "fraction", "train_size", "epochs", "steps", "samples_seen",
+                 "flops_per_sample", "train_flops", "train_seconds", "test_acc", "test_loss", "run_dir"]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run of a study."""
+
+    model: str
+    fraction: float
+    epochs: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}-f{self.fraction:g}-e{self.epochs}"
+
+
+# ------------------------------------------------------------------------------------- planning
+def plan_data_study(models: Sequence[str], fractions: Sequence[float], epochs: int,
+                    steps_per_epoch: Callable[[float], int]) -> list[Cell]:
+    """Cells for the data study: ``epochs`` on the full set, the same number of samples on every subset
+    (``steps_per_epoch(fraction)`` gives the optimiser steps of one epoch on that subset)."""
+    _check_fractions(fractions)
+    budget = epochs * steps_per_epoch(1.0)
+    cells = []
+    for fraction in sorted(fractions):
+        scaled = max(1, round(budget / steps_per_epoch(fraction)))
+        cells += [Cell(m, fraction, scaled) for m in models]
+    return cells
+
+
+def plan_compute_study(models: Sequence[str], epochs: Sequence[int], fraction: float = 1.0) -> list[Cell]:
+    """Cells for the compute study: every model at every epoch budget."""
+    _check_fractions([fraction])
+    if not epochs or any(e < 1 for e in epochs):
+        raise ValueError(f"--epochs must be positive integers, got {list(epochs)}")
+    return [Cell(m, fraction, e) for e in sorted(epochs) for m in models]
+
+
+def _check_fractions(fractions: Sequence[float]) -> None:
+    if not fractions or any(not 0 < f <= 1 for f in fractions):
+        raise ValueError(f"fractions must be in (0, 1], got {list(fractions)}")
+
+
+# -------------------------------------------------------------------------------------- running
+def run_study(kind: StudyKind, cells: Sequence[Cell], base: Any, out_dir: str | Path, *,
+              workers: int = 1, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Run the cells that have no result yet (``workers`` at a time) and write ``results.csv`` and the
+    plot. ``base`` is the :class:`vitkit.train.TrainConfig` every cell starts from."""
+    out_dir = Path(out_dir)
+    (out_dir / "cells").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps({"kind": kind, "cells": [asdict(c) for c in cells], "base": base.to_dict()},
+                                 indent=2) + "\n", out_dir / "study.json")
+    todo = [c for c in cells if not _result_path(out_dir, c).is_file()]
+    log(f"study {kind}: {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run "
+        f"on {workers} process(es) -> {out_dir}")
+    base_dict = base.to_dict()
+    if workers <= 1:
+        for cell in todo:
+            _report(log, run_cell(cell, base_dict, out_dir))
+            write_outputs(kind, cells, out_dir)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        import multiprocessing
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            futures = [pool.submit(run_cell, cell, base_dict, out_dir) for cell in todo]
+            for future in as_completed(futures):
+                _report(log, future.result())
+                write_outputs(kind, cells, out_dir)
+    return write_outputs(kind, cells, out_dir)
+
+
+def _report(log: Callable[[str], None], row: dict[str, Any]) -> None:
+    log(f"  {row['model']:28s} fraction {row['fraction']:<5g} epochs {row['epochs']:<4d} "
+        f"test acc {100 * row['test_acc']:6.2f}%  {row['train_flops'] / 1e12:8.3f} TFLOPs  "
+        f"{row['train_seconds']:7.1f}s")
+
+
+def _result_path(out_dir: Path, cell: Cell) -> Path:
+    return out_dir / "cells" / f"{cell.key}.json"
+
+
+def cell_config(cell: Cell, base: dict[str, Any], out_dir: Path) -> Any:
+    """The training config of one cell: the base config with this model, subset and epoch budget,
+    evaluated once, at the end, on the full test set."""
+    from vitkit.train.config import TrainConfig, merge_configs
+
+    changes = {"model": {"name": cell.model}, "epochs": cell.epochs, "eval_every": cell.epochs,
+               "out_dir": str(out_dir / "runs"), "run_name": cell.key, "progress": "none",
+               "data": {"train_fraction": None if cell.fraction == 1.0 else cell.fraction,
+                        "samples_per_class": None}}
+    return TrainConfig.from_dict(merge_configs(base, changes), source=f"study cell {cell.key}")
+
+
+def run_cell(cell: Cell, base: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
+    """Train one cell (or finish it, if a previous attempt was interrupted) and record its result."""
+    from vitkit.train import resume, train
+    from vitkit.train.checkpoints import CHECKPOINT_DIR, LAST
+
+    out_dir = Path(out_dir)
+    cfg = cell_config(cell, base, out_dir)
+    run_dir = out_dir / "runs" / cell.key
+    if (run_dir / CHECKPOINT_DIR / LAST).is_file():
+        run_dir = resume(run_dir)
+    else:
+        if run_dir.exists():  # killed before its first checkpoint: nothing worth keeping
+            shutil.rmtree(run_dir)
+        run_dir = train(cfg)
+    row = _result_of(cell, cfg, run_dir, train_size=_train_size(cfg))
+    atomic_write_text(json.dumps(row, indent=2) + "\n", _result_path(out_dir, cell))
+    return row
+
+
+def _train_size(cfg: Any) -> int:
+    from vitkit.data import build_data
+
+    return build_data(cfg.data, device=torch.device("cpu"), seed=cfg.seed).train.num_samples
+
+
+def _result_of(cell: Cell, cfg: Any, run_dir: Path, train_size: int) -> dict[str, Any]:
+    import vitkit
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    final = [r for r in records if r["kind"] == "epoch" and "val_acc" in r][-1]
+    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    model = vitkit.load_model(run_dir / "model")
+    steps = int(state["global_step"])
+    samples = steps * cfg.data.batch_size * cfg.optim.accum_steps
+    per_sample = training_flops_per_sample(model)
+    config = model.config
+    return {
+        "model": cell.model, "family": model_family(config), "params": sum(p.numel() for p in model.parameters()),
+        "fraction": cell.fraction, "train_size": train_size, "epochs": cell.epochs,
+        "steps": steps, "samples_seen": samples, "flops_per_sample": per_sample,
+        "train_flops": per_sample * samples, "train_seconds": round(float(state["elapsed"]), 1),
+        "test_acc": float(final["val_acc"]), "test_loss": float(final["val_loss"]), "run_dir": str(run_dir),
+    }
+
+
+def model_family(config: Any) -> str:
+    """'resnet', 'hybrid' (a ViT with a CNN stem) or 'vit'."""
+    from vitkit.models.registry import architecture_of
+
+    arch = architecture_of(config)
+    if arch == "vit":
+        return "hybrid" if config.stem is not None else "vit"
+    return arch
+
+
+def training_flops_per_sample(model: nn.Module) -> float:
+    """FLOPs of one training step per image (forward + backward), attention included."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = model.config
+    h, w = config.image_hw
+    images = torch.randn(2, config.in_chans, h, w)
+    was_training = model.training
+    model.train()
+    try:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            model(images).float().logsumexp(dim=-1).sum().backward()
+    finally:
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 2
+
+
+# -------------------------------------------------------------------------------------- outputs
+def read_results(cells: Sequence[Cell], out_dir: Path) -> list[dict[str, Any]]:
+    rows = []
+    for cell in cells:
+        path = _result_path(out_dir, cell)
+        if path.is_file():
+            rows.append(json.loads(path.read_text()))
+    return rows
+
+
+def write_outputs(kind: StudyKind, cells: Sequence[Cell], out_dir: str | Path) -> list[dict[str, Any]]:
+    """``results.csv`` (one row per finished cell) and the study's plot, rewritten atomically."""
+    out_dir = Path(out_dir)
+    rows = read_results(cells, out_dir)
+    if not rows:
+        return rows
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=RESULT_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(buffer.getvalue(), out_dir / "results.csv")
+    plot_study(kind, rows, out_dir / f"accuracy_vs_{'data' if kind == 'data' else 'compute'}.png")
+    return rows
+
+
+_FAMILY_STYLE = {"vit": ("tab:blue", "o"), "hybrid": ("tab:green", "s"), "resnet": ("tab:red", "^")}
+
+
+def plot_study(kind: StudyKind, rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Test accuracy against training-set size (data study) or training FLOPs (compute study), one line
+    per model, coloured by family (ViT blue, hybrid green, ResNet red) as in the paper's Figures 3-5."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x_key = "train_size" if kind == "data" else "train_flops"
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    markers = ["o", "s", "^", "D", "v", "P", "X"]
+    families: dict[str, int] = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        points = sorted((r[x_key], 100 * r["test_acc"]) for r in rows if r["model"] == model)
+        family = next(r["family"] for r in rows if r["model"] == model)
+        color, _ = _FAMILY_STYLE.get(family, ("tab:gray", "o"))
+        marker = markers[families.get(family, 0) % len(markers)]
+        families[family] = families.get(family, 0) + 1
+        ax.plot(*zip(*points), marker=marker, color=color, label=f"{model} ({family})",
+                alpha=1.0 - 0.2 * (families[family] - 1))
+    ax.set_xscale("log")
+    ax.set_xlabel("training images" if kind == "data" else "training FLOPs (forward + backward)")
+    ax.set_ylabel("test accuracy (%)")
+    title = "Accuracy vs. training-set size (same samples seen per run)" if kind == "data" else \
+        "Accuracy vs. training compute"
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The results as a Markdown table."""
+    lines = ["| model | family | params | fraction | train images | epochs | test acc | train TFLOPs | time |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['family']} | {r['params'] / 1e6:.2f}M | {r['fraction']:g} | "
+                     f"{r['train_size']} | {r['epochs']} | {100 * r['test_acc']:.2f}% | "
+                     f"{r['train_flops'] / 1e12:.2f} | {r['train_seconds']:.0f}s |")
+    return "\n".join(lines)
+
+
+def data_steps_per_epoch(base: Any) -> Callable[[float], int]:
+    """``fraction -> optimiser steps per epoch`` for the base config's data set, read from the data
+    pipeline itself (so the samples-matched rule uses the real subset sizes)."""
+    from vitkit.data import build_data
+    from vitkit.train.config import TrainConfig, merge_configs
+
+    cache: dict[float, int] = {}
+
+    def steps(fraction: float) -> int:
+        if fraction not in cache:
+            cfg = TrainConfig.from_dict(merge_configs(base.to_dict(), {"data": {
+                "train_fraction": None if fraction == 1.0 else fraction, "samples_per_class": None}}))
+            data = build_data(cfg.data, device=torch.device("cpu"), seed=cfg.seed)
+            cache[fraction] = max(1, len(data.train) // cfg.optim.accum_steps)
+        return cache[fraction]
+
+    return steps
+
+
+
+def study(kind: StudyKind, *, models: Sequence[str], dataset: str | None = None, fractions: Sequence[float] = (),
+          epochs: Sequence[int] = (), fraction: float = 1.0, out_dir: str | Path | None = None, workers: int = 1,
+          config: str | Path | None = None, overrides: Sequence[str] = (),
+          log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Plan and run a study from a base training config (``config`` + ``--key value`` ``overrides``).
+
+    ``data``: ``epochs`` is one number, the epochs of a full-data run; ``compute``: a list of budgets.
+    """
+    from vitkit.models.registry import get_model_entry
+    from vitkit.train.config import load_config
+
+    if not models:
+        raise ValueError("--models: give at least one registered model name")
+    for name in models:
+        get_model_entry(name)  # unknown names fail now, not an hour into the study
+    base = load_config(config, [*overrides, *(["--data.dataset", dataset] if dataset else [])])
+    if kind == "data":
+        if len(epochs) != 1:
+            raise ValueError(f"--epochs: the data study takes one number (epochs on the full set), got {list(epochs)}")
+        cells = plan_data_study(models, fractions, epochs[0], data_steps_per_epoch(base))
+    elif kind == "compute":
+        cells = plan_compute_study(models, epochs, fraction)
+    else:
+        raise ValueError(f"study kind must be 'data' or 'compute', got {kind!r}")
+    out_dir = Path(out_dir or Path("studies") / f"{kind}-{base.data.dataset.rsplit('/', 1)[-1]}")
+    rows = run_study(kind, cells, base, out_dir, workers=workers, log=log)
+    log(format_table(rows))
+    log(f"results: {out_dir / 'results.csv'}")
+    return rows

@@ -1,0 +1,156 @@
+"""`vitkit study`: the samples-matched plan, FLOPs with attention, tiny real-data runs of both
+commands, and resumption (finished cells are skipped, an interrupted cell resumes)."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import vitkit
+from vitkit import cli
+from vitkit import study as study_mod
+from vitkit.config import ViTConfig
+from vitkit.models.registry import register_model
+from vitkit.models.resnet import ResNetConfig
+from vitkit.study import Cell, plan_compute_study, plan_data_study, training_flops_per_sample
+
+# Tiny members of the three families, so that a cell trains in about a second.
+register_model("study_tiny_vit", ViTConfig(img_size=32, patch_size=8, num_classes=10, embed_dim=32, depth=1,
+                                           num_heads=2, mlp_dim=64))
+register_model("study_tiny_hybrid", ViTConfig(img_size=32, patch_size=1, num_classes=10, embed_dim=32, depth=1,
+                                              num_heads=2, mlp_dim=64,
+                                              stem={"layers": [1], "widths": [128], "stem_width": 32,
+                                                    "stem_kernel": 3, "stem_stride": 4, "stem_pool": False}))
+register_model("study_tiny_resnet", ResNetConfig(img_size=32, num_classes=10, stem="cifar", stem_width=8,
+                                                 layers=[1, 1], widths=[8, 16]), architecture="resnet")
+MODELS = ["study_tiny_vit", "study_tiny_hybrid", "study_tiny_resnet"]
+
+
+def test_data_study_gives_every_fraction_the_same_number_of_samples():
+    steps = {1.0: 390, 0.5: 195, 0.1: 39, 0.05: 19}
+    cells = plan_data_study(["a", "b"], [1.0, 0.05, 0.5, 0.1], epochs=4, steps_per_epoch=steps.__getitem__)
+    assert [(c.fraction, c.epochs) for c in cells[::2]] == [(0.05, 82), (0.1, 40), (0.5, 8), (1.0, 4)]
+    for cell in cells:  # samples seen within one epoch of the full-data budget
+        assert abs(cell.epochs * steps[cell.fraction] - 4 * 390) <= steps[cell.fraction] / 2
+    assert [c.model for c in cells[:2]] == ["a", "b"]
+    with pytest.raises(ValueError, match="fractions"):
+        plan_data_study(["a"], [0.0, 1.0], epochs=1, steps_per_epoch=steps.__getitem__)
+    assert plan_compute_study(["a"], [4, 1]) == [Cell("a", 1.0, 1), Cell("a", 1.0, 4)]
+
+
+def test_training_flops_count_attention():
+    """The fused CPU attention kernel is invisible to PyTorch's FLOP counter; the study counts its two
+    matrix products (QK^T and AV: 4 N^2 D per layer forward, twice that backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = vitkit.create_model("study_tiny_vit")
+    counted = training_flops_per_sample(model)
+    with FlopCounterMode(display=False) as counter:  # default kernels: no attention
+        model(torch.randn(2, 3, 32, 32)).float().logsumexp(dim=-1).sum().backward()
+    tokens, dim, depth = 1 + 16, 32, 1
+    assert counted - counter.get_total_flops() / 2 == 3 * 4 * tokens ** 2 * dim * depth
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory, data_root) -> Path:
+    """Real CIFAR-10 images in the .npz layout, few enough for seconds-long runs (300 train, 100 test)."""
+    source = data_root / "cifar10"
+    root = tmp_path_factory.mktemp("data")
+    (root / "cifar10").mkdir()
+    with np.load(source / "test.npz", allow_pickle=False) as npz:
+        images, labels = npz["images"], npz["labels"]
+    np.savez(root / "cifar10" / "train.npz", images=images[:300], labels=labels[:300])
+    np.savez(root / "cifar10" / "test.npz", images=images[300:400], labels=labels[300:400])
+    shutil.copy(source / "meta.json", root / "cifar10" / "meta.json")
+    return root
+
+
+@pytest.fixture
+def base_config(tmp_path, tiny_cifar, monkeypatch) -> Path:
+    monkeypatch.setenv("VITKIT_DATA", str(tiny_cifar))
+    path = tmp_path / "base.yaml"
+    path.write_text("data: {dataset: cifar10, batch_size: 50, eval_batch_size: 100}\n"
+                    "optim: {warmup_epochs: 0}\nlog_every: 1\n")
+    return path
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_data_study_cli_writes_table_and_plot_and_skips_finished_cells(tmp_path, base_config, monkeypatch, capsys):
+    out = tmp_path / "study"
+    argv = ["study", "data", "--models", ",".join(MODELS), "--fractions", "0.5,1", "--epochs", "1",
+            "--out", str(out), "--config", str(base_config)]
+    assert cli.main(argv) == 0
+    rows = _rows(out / "results.csv")
+    assert len(rows) == 6 and (out / "accuracy_vs_data.png").stat().st_size > 10_000
+    by_cell = {(r["model"], float(r["fraction"])): r for r in rows}
+    assert {r["family"] for r in rows} == {"vit", "hybrid", "resnet"}
+    for model in MODELS:
+        half, full = by_cell[model, 0.5], by_cell[model, 1.0]
+        assert (int(half["train_size"]), int(full["train_size"])) == (150, 300)  # stratified subsets
+        assert (int(half["epochs"]), int(full["epochs"])) == (2, 1)
+        assert half["samples_seen"] == full["samples_seen"] == "300"  # the same number of samples
+        assert float(half["train_flops"]) == pytest.approx(float(full["train_flops"])) and float(full["train_flops"]) > 0
+        assert 0.0 <= float(full["test_acc"]) <= 1.0
+    # the study's test accuracy is the run's own final evaluation on the full (100-image) test set
+    first = rows[0]
+    report = vitkit.load_model(Path(first["run_dir"]) / "model").config.extra["training"]
+    assert report["best_val_acc"] >= float(first["test_acc"])
+
+    # run again: nothing is trained
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished cell was trained again")
+
+    monkeypatch.setattr("vitkit.train.train", no_training)
+    monkeypatch.setattr("vitkit.train.resume", no_training)
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    assert "6 already done, 0 to run" in capsys.readouterr().out
+    assert _rows(out / "results.csv") == rows
+
+
+def test_interrupted_cell_resumes_from_its_checkpoint(tmp_path, base_config, monkeypatch):
+    from vitkit.train.config import load_config
+
+    base = load_config(base_config)
+    cells = [Cell("study_tiny_vit", 1.0, 2)]
+    out = tmp_path / "study"
+    study_mod.run_study("compute", cells, base, out, log=lambda s: None)
+    first = _rows(out / "results.csv")[0]
+    # as if killed after the last checkpoint but before the result was written
+    (out / "cells" / f"{cells[0].key}.json").unlink()
+    calls = []
+    import vitkit.train as train_pkg
+
+    real_resume = train_pkg.resume
+    monkeypatch.setattr(train_pkg, "train", lambda cfg: calls.append("train"))
+    monkeypatch.setattr(train_pkg, "resume", lambda run, *a: calls.append("resume") or real_resume(run, *a))
+    study_mod.run_study("compute", cells, base, out, log=lambda s: None)
+    assert calls == ["resume"]
+    again = _rows(out / "results.csv")[0]
+    assert again["test_acc"] == first["test_acc"] and again["steps"] == first["steps"]
+
+
+def test_compute_study_cli_on_two_processes(tmp_path, base_config):
+    out = tmp_path / "study"
+    argv = ["study", "compute", "--models", "resnet20_cifar", "--epochs", "1,2", "--fraction", "0.5",
+            "--out", str(out), "--config", str(base_config), "--workers", "2"]
+    assert cli.main(argv) == 0
+    rows = _rows(out / "results.csv")
+    assert [int(r["epochs"]) for r in rows] == [1, 2]
+    assert float(rows[1]["train_flops"]) == pytest.approx(2 * float(rows[0]["train_flops"]))
+    assert (out / "accuracy_vs_compute.png").is_file()
+
+
+def test_study_rejects_unknown_models_before_training(tmp_path, base_config):
+    with pytest.raises(ValueError, match="unknown model 'resnet2_cifar'"):
+        study_mod.study("data", models=["resnet2_cifar"], fractions=[1.0], epochs=[1], out_dir=tmp_path,
+                        config=base_config)
