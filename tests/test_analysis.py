@@ -314,7 +314,7 @@ def _cifar_classes() -> list[str]:
 
 def _need_cifar() -> None:
     if not (DATA_DIR / "cifar10" / "test.npz").is_file():
-        pytest.skip(f"CIFAR-10 not found under {DATA_DIR} (set VITKIT_DATA)")
+        pytest.fail(f"CIFAR-10 not found under {DATA_DIR} (set VITKIT_DATA)")
 
 
 def test_load_images_draws_a_seeded_sample_of_cifar():

@@ -16,8 +16,8 @@ from vitkit.checkpoint import load_weights
 from vitkit.models.hybrid import hybrid_npz_to_state_dict, state_dict_to_hybrid_npz
 from vitkit.models.resnet import ResNet, ResNetConfig
 
-timm = pytest.importorskip("timm")
-torchvision = pytest.importorskip("torchvision")
+import timm  # noqa: E402
+import torchvision  # noqa: E402
 
 DATA = Path(os.environ.get("VITKIT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 TIMM_HYBRIDS = ["vit_tiny_r_s16_p8_224", "vit_tiny_r_s16_p8_384", "vit_small_r26_s32_224", "vit_small_r26_s32_384",
@@ -313,7 +313,7 @@ def test_resnet_stochastic_depth_only_in_training():
 def cifar_batch():
     path = DATA / "cifar10" / "test.npz"
     if not path.is_file():
-        pytest.skip(f"CIFAR-10 not found at {path} (set VITKIT_DATA)")
+        pytest.fail(f"CIFAR-10 not found at {path} (set VITKIT_DATA)")
     with np.load(path, allow_pickle=False) as npz:
         images, labels = npz["images"][:32], npz["labels"][:32]
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255

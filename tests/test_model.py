@@ -223,7 +223,7 @@ def test_list_models_and_registry_names():
     for expected in ("vit_base_patch16_224", "vit_base_patch32_384", "vit_large_patch16_224",
                      "vit_huge_patch14_224", "vit_tiny_patch16_384", "vit_small_patch32_224"):
         assert expected in names
-    assert vitkit.list_models("vit_large_*_384") == ["vit_large_patch16_384", "vit_large_patch32_384"]
+    assert vitkit.list_models("vit_large_patch*_384") == ["vit_large_patch16_384", "vit_large_patch32_384"]
     cfg = get_model_config("vit_large_patch16_384")
     assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_dim, cfg.img_size) == (1024, 24, 16, 4096, 384)
 
