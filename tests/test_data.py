@@ -1,0 +1,314 @@
+"""Input pipeline: real data sets, subsets, determinism and exact resume, sharding, mixing, folder trees."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vitkit.data import CorruptImageError, DataConfig, DatasetNotFoundError, build_data
+from vitkit.data.augment import BatchAugmenter
+from vitkit.data.folder import FolderImages, find_split_dir, list_classes, scan_split
+from vitkit.data.sampling import epoch_order, stratified_subset
+
+DATA = Path(os.environ.get("VITKIT_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+IMAGENETTE = DATA / "imagenette_subset"
+
+
+def meta(name: str) -> dict:
+    return json.loads((DATA / name / "meta.json").read_text())
+
+
+def cfg(dataset: str = "mnist", **kw) -> DataConfig:
+    return DataConfig(dataset=dataset, data_dir=str(DATA) if not dataset.startswith("folder:") else None, **kw)
+
+
+def train_batches(data, epoch: int, start: int = 0, stop: int | None = None) -> list:
+    out = []
+    for step, batch in enumerate(data.train.batches(epoch, start), start):
+        if stop is not None and step >= stop:
+            break
+        out.append(batch)
+    return out
+
+
+# ------------------------------------------------------------------------------ named sets
+@pytest.mark.parametrize("name,chans,size", [("cifar10", 3, 32), ("mnist", 1, 28), ("fashion_mnist", 1, 28)])
+def test_named_set_loads_with_its_shape_and_classes(name, chans, size):
+    data = build_data(cfg(name, batch_size=64, crop="none", hflip=False), device="cpu")
+    info = meta(name)
+    assert data.class_names == info["classes"] and data.num_classes == 10
+    assert (data.in_chans, data.img_size) == (chans, size)
+    assert data.train.num_samples == info["counts"]["train"]["total"]
+    assert data.val.num_samples == info["counts"]["test"]["total"]
+    assert len(data.train) == data.train.num_samples // 64
+    images, labels = next(iter(data.train.batches(0)))
+    assert images.shape == (64, chans, size, size) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64 and labels.shape == (64,)
+    # normalised with the data set's constants: roughly zero mean, unit std over a batch
+    assert abs(images.mean().item()) < 0.3 and 0.7 < images.std().item() < 1.3
+    val_images, val_labels = next(iter(data.val.batches()))
+    assert val_images.shape[1:] == (chans, size, size) and val_labels.dtype == torch.int64
+
+
+def test_img_size_resizes_in_memory_sets():
+    data = build_data(cfg("mnist", img_size=32, samples_per_class=10, batch_size=20), device="cpu")
+    assert next(iter(data.train.batches(0)))[0].shape == (20, 1, 32, 32)
+    assert next(iter(data.val.batches()))[0].shape[1:] == (1, 32, 32)
+
+
+def test_missing_set_error_names_where_it_looked_and_how_to_get_it(tmp_path, monkeypatch):
+    with pytest.raises(DatasetNotFoundError) as err:
+        build_data(DataConfig("cifar100", data_dir=str(tmp_path)), device="cpu")
+    message = str(err.value)
+    assert str(tmp_path / "cifar100" / "train.npz") in message and "vitkit data download cifar100" in message
+    monkeypatch.setenv("VITKIT_DATA", str(tmp_path / "env"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetNotFoundError) as err:
+        build_data(DataConfig("cifar100"), device="cpu")
+    message = str(err.value)
+    for place in (tmp_path / "env", tmp_path / "data", Path("~/.cache/vitkit/data").expanduser()):
+        assert str(place / "cifar100" / "train.npz") in message
+
+
+def test_unknown_set_and_bad_config_name_the_culprit():
+    with pytest.raises(ValueError, match="unknown data set 'imagenet21k'"):
+        build_data(DataConfig("imagenet21k"), device="cpu")
+    with pytest.raises(ValueError, match="crop="):
+        DataConfig(crop="center")
+    with pytest.raises(ValueError, match="unknown key"):
+        DataConfig.from_dict({"datset": "mnist"})
+
+
+def test_config_round_trips_plain_types():
+    config = DataConfig("cifar10", rrc_scale=(0.3, 1.0), mixup_alpha=0.8, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+    plain = config.to_dict()
+    assert json.loads(json.dumps(plain)) == plain
+    assert DataConfig.from_dict(plain) == config
+
+
+# ------------------------------------------------------------------------------ subsets
+def test_stratified_subset_counts_per_class():
+    labels = np.load(DATA / "mnist" / "train.npz")["labels"]
+    per_class = np.asarray(meta("mnist")["counts"]["train"]["per_class"])
+    keep = stratified_subset(labels, per_class=7, seed=0)
+    assert np.bincount(labels[keep], minlength=10).tolist() == [7] * 10
+    keep = stratified_subset(labels, fraction=0.01, seed=3)
+    assert np.bincount(labels[keep], minlength=10).tolist() == np.round(per_class * 0.01).astype(int).tolist()
+    # seeded: same seed same subset, another seed another; growing per_class nests the subsets
+    assert np.array_equal(stratified_subset(labels, per_class=5, seed=1), stratified_subset(labels, per_class=5, seed=1))
+    assert not np.array_equal(stratified_subset(labels, per_class=5, seed=1),
+                              stratified_subset(labels, per_class=5, seed=2))
+    assert set(stratified_subset(labels, per_class=5, seed=1)) <= set(stratified_subset(labels, per_class=9, seed=1))
+
+
+def test_subset_reaches_the_training_stream():
+    data = build_data(cfg("fashion_mnist", samples_per_class=12, batch_size=8), device="cpu")
+    assert data.train.num_samples == 120 and len(data.train) == 15
+    labels = torch.cat([y for _, y in data.train.batches(0)])
+    assert torch.bincount(labels, minlength=10).tolist() == [12] * 10
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        build_data(cfg("mnist", samples_per_class=1, batch_size=64), device="cpu")
+
+
+# ------------------------------------------------------------------------------ determinism and resume
+AUGMENTED = dict(samples_per_class=8, batch_size=8, crop="random_resized_crop", auto_augment="randaugment",
+                 random_erasing=0.5, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
+
+
+def assert_same_batches(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_same_seed_same_batches_other_epoch_other_order():
+    one = build_data(cfg("cifar10", **AUGMENTED), device="cpu", seed=5)
+    two = build_data(cfg("cifar10", **AUGMENTED), device="cpu", seed=5)
+    assert_same_batches(train_batches(one, 0, stop=3), train_batches(two, 0, stop=3))
+    assert not np.array_equal(one.train.indices(0, 0), one.train.indices(1, 0))
+    assert not np.array_equal(epoch_order(100, 5, 0), epoch_order(100, 6, 0))
+    other_seed = build_data(cfg("cifar10", **AUGMENTED), device="cpu", seed=6)
+    assert not torch.equal(train_batches(one, 0, stop=1)[0][0], train_batches(other_seed, 0, stop=1)[0][0])
+
+
+@pytest.mark.parametrize("augment", [{}, AUGMENTED | {"auto_augment": "trivialaugment"}])
+def test_resume_mid_epoch_sees_exactly_the_uninterrupted_batches(augment):
+    data = build_data(cfg("cifar10", **({"samples_per_class": 8, "batch_size": 8} | augment)), device="cpu", seed=1)
+    full = train_batches(data, 2)
+    assert len(full) == 10
+    assert_same_batches(train_batches(data, 2, start=7), full[7:])
+    # a fresh pipeline (a new process after a kill) too, without any saved RNG state
+    torch.manual_seed(1234)
+    np.random.seed(99)
+    again = build_data(cfg("cifar10", **({"samples_per_class": 8, "batch_size": 8} | augment)), device="cpu", seed=1)
+    assert_same_batches(train_batches(again, 2, start=4), full[4:])
+
+
+def test_two_ranks_cover_each_index_once_and_match_one_process_with_the_global_batch():
+    base = dict(samples_per_class=10, crop="random_crop", hflip=True, auto_augment="randaugment")
+    single = build_data(cfg("mnist", batch_size=10, **base), device="cpu", seed=3)
+    ranks = [build_data(cfg("mnist", batch_size=5, **base), device="cpu", seed=3, rank=r, world_size=2)
+             for r in range(2)]
+    assert len(ranks[0].train) == len(ranks[1].train) == len(single.train) == 10
+    seen = np.concatenate([r.train.indices(0, s) for s in range(10) for r in ranks])
+    assert sorted(seen.tolist()) == list(range(100))
+    # the augmented batch of rank r is rows [5r, 5r+5) of the single-process batch
+    for step, ((x, y), (x0, y0), (x1, y1)) in enumerate(zip(single.train.batches(0), *(r.train.batches(0) for r in ranks))):
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
+    # validation shards: disjoint, complete, nothing dropped
+    counts = [sum(len(y) for _, y in r.val.batches()) for r in ranks]
+    assert sum(counts) == 10000 and abs(counts[0] - counts[1]) <= 1
+    labels = torch.cat([y for r in ranks for _, y in r.val.batches()])
+    assert torch.equal(labels, torch.cat([y for _, y in single.val.batches()]))
+
+
+# ------------------------------------------------------------------------------ mixing and targets
+def constant_batch(n: int = 8, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    values = torch.arange(n, dtype=torch.uint8) * 30
+    return values.view(n, 1, 1, 1).expand(n, 1, size, size).contiguous(), torch.arange(n) % 4
+
+
+def augmenter(**kw) -> BatchAugmenter:
+    config = DataConfig(crop="none", hflip=False, **kw)
+    return BatchAugmenter(config, img_size=16, num_classes=4, mean=(0.0,), std=(1.0,), device=torch.device("cpu"),
+                          seed=0)
+
+
+def test_mixup_targets_sum_to_one_and_match_the_image_mixing():
+    x, labels = constant_batch()
+    aug = augmenter(mixup_alpha=0.4)
+    for step in range(5):
+        images, targets = aug.train(x, labels, epoch=0, step=step, rows=np.arange(8), global_size=8)
+        assert torch.allclose(targets.sum(1), torch.ones(8))
+        lam = targets[0, labels[0]].item()  # label 0 and its partner (label 3) differ
+        expected = lam * x.float() / 255 + (1 - lam) * x.flip(0).float() / 255
+        assert torch.allclose(images, expected, atol=1e-5)
+
+
+def test_cutmix_targets_match_the_pasted_area():
+    x, labels = constant_batch()
+    aug = augmenter(cutmix_alpha=1.0, label_smoothing=0.1)
+    for step in range(5):
+        images, targets = aug.train(x, labels, epoch=0, step=step, rows=np.arange(8), global_size=8)
+        assert torch.allclose(targets.sum(1), torch.ones(8))
+        own = x[0].float() / 255
+        kept = (images[0] == own).float().mean().item()  # share of pixels still from image 0
+        # label smoothing: weight on the own label = lam * (0.9 + 0.1/4) + (1 - lam) * 0.1/4
+        assert targets[0, labels[0]].item() == pytest.approx(kept * 0.9 + 0.025, abs=1e-6)
+
+
+def test_label_smoothing_alone_gives_soft_targets():
+    x, labels = constant_batch()
+    _, targets = augmenter(label_smoothing=0.2).train(x, labels, epoch=0, step=0, rows=np.arange(8), global_size=8)
+    assert targets.shape == (8, 4) and torch.allclose(targets.sum(1), torch.ones(8))
+    assert torch.allclose(targets.gather(1, labels[:, None]).squeeze(1), torch.full((8,), 0.85))
+    assert torch.allclose(targets.max(1).values, torch.full((8,), 0.85))
+
+
+def test_random_erasing_erases_some_images_and_keeps_others():
+    x = torch.full((64, 1, 16, 16), 200, dtype=torch.uint8)
+    images, _ = augmenter(random_erasing=0.5, erase_mode="const").train(
+        x, torch.zeros(64, dtype=torch.int64), epoch=0, step=0, rows=np.arange(64), global_size=64)
+    erased = (images == 0).flatten(1).float().mean(1)
+    assert 10 < int((erased > 0).sum()) < 54  # about half
+    assert erased.max() <= 1 / 3 + 0.05
+
+
+# ------------------------------------------------------------------------------ folder data sets
+def test_imagenette_folder_with_grayscale_files():
+    data = build_data(DataConfig(f"folder:{IMAGENETTE}", img_size=64, batch_size=50, num_workers=0),
+                      device="cpu")
+    wnids = sorted(p.name for p in (IMAGENETTE / "train").iterdir())
+    assert data.class_names == wnids and data.num_classes == 10 and data.in_chans == 3
+    assert (data.train.num_samples, data.val.num_samples) == (1000, 500)
+    images, labels = next(iter(data.train.batches(0)))
+    assert images.shape == (50, 3, 64, 64) and labels.dtype == torch.int64
+    # a grayscale JPEG comes out as RGB with three equal channels
+    split = scan_split(find_split_dir(IMAGENETTE, "train"), wnids)
+    gray = next(i for i, f in enumerate(split.files) if Image.open(f).mode == "L")
+    image, _, ok = FolderImages(split, 64, "resize_center")[gray]
+    assert ok and image.shape == (3, 64, 64) and torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
+    # resume works through the DataLoader workers too
+    full = train_batches(data, 1)
+    assert_same_batches(train_batches(data, 1, start=15), full[15:])
+
+
+def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def odd_tree(tmp_path: Path) -> Path:
+    """train/ with palette, RGBA, CMYK, grayscale and 16-bit images; val/ with plain ones."""
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    files = {
+        "train/cat/palette.png": png_bytes(rgb.convert("P", palette=Image.Palette.ADAPTIVE)),
+        "train/cat/rgba.png": png_bytes(rgb.convert("RGBA")),
+        "train/cat/cmyk.jpg": png_bytes(rgb.convert("CMYK"), "JPEG"),
+        "train/dog/gray.png": png_bytes(rgb.convert("L")),
+        "train/dog/deep.png": png_bytes(Image.fromarray(np.full((10, 10), 40000, dtype=np.uint16))),
+        "train/dog/plain.JPEG": png_bytes(rgb, "JPEG"),
+        "val/cat/a.png": png_bytes(rgb),
+        "val/dog/b.jpg": png_bytes(rgb, "JPEG"),
+    }
+    for name, blob in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(blob)
+    (tmp_path / "train" / "dog" / "notes.txt").write_text("not an image, ignored")
+    return tmp_path
+
+
+def test_folder_converts_every_mode_to_rgb(odd_tree):
+    data = build_data(DataConfig(f"folder:{odd_tree}", img_size=24, batch_size=6, num_workers=0, crop="none",
+                                 hflip=False), device="cpu")
+    assert data.class_names == ["cat", "dog"] and data.train.num_samples == 6
+    images, labels = next(iter(data.train.batches(0)))
+    assert images.shape == (6, 3, 24, 24)
+    split = scan_split(odd_tree / "train", ["cat", "dog"])
+    deep = FolderImages(split, 8, "resize_center")[[f.name for f in split.files].index("deep.png")][0]
+    assert deep.unique().tolist() == [round(40000 / 65535 * 255)]  # 16-bit scaled, not clipped
+
+
+def test_corrupt_file_is_named_or_skipped_and_counted(odd_tree):
+    garbage = odd_tree / "train" / "cat" / "garbage.png"
+    garbage.write_bytes(b"this is not a png")
+    truncated = odd_tree / "train" / "dog" / "truncated.jpg"
+    jpeg = (odd_tree / "train" / "dog" / "plain.JPEG").read_bytes()
+    truncated.write_bytes(jpeg[: len(jpeg) * 2 // 3])
+    with pytest.raises(CorruptImageError, match="garbage.png"):
+        build_data(DataConfig(f"folder:{odd_tree}", batch_size=2, num_workers=0), device="cpu")
+    garbage.unlink()
+    data = build_data(DataConfig(f"folder:{odd_tree}", img_size=16, batch_size=7, num_workers=0), device="cpu")
+    with pytest.raises(CorruptImageError, match="truncated.jpg"):
+        list(data.train.batches(0))  # the header is fine, the pixels are not: found when decoding
+
+    garbage.write_bytes(b"this is not a png")
+    data = build_data(DataConfig(f"folder:{odd_tree}", img_size=16, batch_size=7, num_workers=0, skip_corrupt=True),
+                      device="cpu")
+    assert data.scan_skipped == [str(garbage)]
+    batches = list(data.train.batches(0))
+    assert data.train.skipped == 1 and len(batches) == 1 and batches[0][0].shape[0] == 6
+
+
+def test_empty_class_folder_is_an_error(odd_tree):
+    (odd_tree / "train" / "bird").mkdir()
+    with pytest.raises(ValueError, match=r"train/bird: empty class folder"):
+        build_data(DataConfig(f"folder:{odd_tree}", num_workers=0), device="cpu")
+
+
+def test_folder_errors_name_the_path(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="no train/ directory"):
+        build_data(DataConfig(f"folder:{tmp_path}"), device="cpu")
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no val split"):
+        find_split_dir(tmp_path, "val")
+    assert list_classes(tmp_path / "train") == ["a"]
