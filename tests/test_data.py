@@ -312,3 +312,63 @@ def test_folder_errors_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="no val split"):
         find_split_dir(tmp_path, "val")
     assert list_classes(tmp_path / "train") == ["a"]
+
+
+# ------------------------------------------------------------------------------ download and info
+class FakeMNIST:
+    """Looks like torchvision.datasets.MNIST: tensor .data (N, 28, 28), tensor .targets, .classes."""
+
+    classes = [f"{d} - {w}" for d, w in enumerate("zero one two three four five six seven eight nine".split())]
+    calls: list = []
+
+    def __init__(self, root: str, train: bool = True, download: bool = False) -> None:
+        FakeMNIST.calls.append((root, train, download))
+        n = 30 if train else 20
+        gen = torch.Generator().manual_seed(int(train))
+        self.data = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=gen)
+        self.targets = torch.arange(n) % 10
+
+
+def test_download_converts_a_torchvision_dataset_into_the_layout(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    from vitkit.data.download import download
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST)
+    directory = download("mnist", tmp_path)
+    assert directory == tmp_path / "mnist" and not (directory / "raw").exists()
+    assert {(train, dl) for _, train, dl in FakeMNIST.calls} == {(True, True), (False, True)}
+    info = json.loads((directory / "meta.json").read_text())
+    assert info["classes"] == [str(d) for d in range(10)] and info["counts"]["train"]["per_class"] == [3] * 10
+    expected = FakeMNIST(str(tmp_path)).data
+    assert info["train_pixel_mean_0_1"][0] == pytest.approx(expected.float().mean().item() / 255, abs=1e-4)
+    data = build_data(DataConfig("mnist", data_dir=str(tmp_path), batch_size=10, crop="none", hflip=False),
+                      device="cpu")
+    assert (data.train.num_samples, data.val.num_samples, data.in_chans) == (30, 20, 1)
+    with np.load(directory / "train.npz") as npz:
+        assert npz["images"].shape == (30, 28, 28, 1) and np.array_equal(npz["images"][..., 0], expected.numpy())
+
+
+def test_conversion_rejects_a_dataset_of_the_wrong_shape():
+    from vitkit.data.download import convert_torchvision_dataset
+    from vitkit.data.sources import named_spec
+
+    class FakeCIFAR:
+        data = np.zeros((4, 28, 28, 3), dtype=np.uint8)  # not 32x32
+        targets = [0, 1, 2, 3]
+
+    with pytest.raises(ValueError, match=r"FakeCIFAR: images are uint8 \(4, 28, 28, 3\)"):
+        convert_torchvision_dataset(FakeCIFAR(), named_spec("cifar10"))
+    FakeCIFAR.data = np.zeros((4, 32, 32, 3), dtype=np.uint8)
+    images, labels = convert_torchvision_dataset(FakeCIFAR(), named_spec("cifar10"))
+    assert images.shape == (4, 32, 32, 3) and labels.dtype == np.int64
+
+
+def test_cli_data_info_prints_counts(capsys):
+    from vitkit.cli import main
+
+    assert main(["data", "info", "fashion_mnist", "--data-dir", str(DATA)]) == 0
+    out = capsys.readouterr().out
+    assert "28x28x1" in out and "train 60000" in out and "test 10000" in out and "Ankle boot" in out
+    assert main(["data", "info", "cifar100", "--data-dir", str(DATA)]) == 2
+    assert "vitkit data download cifar100" in capsys.readouterr().err

@@ -34,6 +34,8 @@ class DatasetSpec:
     std: tuple[float, ...]
     torchvision_class: str
     """Name of the torchvision.datasets class that downloads it."""
+    class_names: tuple[str, ...] | None = None
+    """Names to store when torchvision's differ from the layout's (MNIST: "0", not "0 - zero")."""
 
 
 NAMED_DATASETS: dict[str, DatasetSpec] = {
@@ -41,7 +43,7 @@ NAMED_DATASETS: dict[str, DatasetSpec] = {
     for spec in (
         DatasetSpec("cifar10", 10, 32, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "CIFAR10"),
         DatasetSpec("cifar100", 100, 32, 3, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "CIFAR100"),
-        DatasetSpec("mnist", 10, 28, 1, (0.1307,), (0.3081,), "MNIST"),
+        DatasetSpec("mnist", 10, 28, 1, (0.1307,), (0.3081,), "MNIST", tuple(str(d) for d in range(10))),
         DatasetSpec("fashion_mnist", 10, 28, 1, (0.2860,), (0.3530,), "FashionMNIST"),
     )
 }
