@@ -372,3 +372,51 @@ def test_cli_data_info_prints_counts(capsys):
     assert "28x28x1" in out and "train 60000" in out and "test 10000" in out and "Ankle boot" in out
     assert main(["data", "info", "cifar100", "--data-dir", str(DATA)]) == 2
     assert "vitkit data download cifar100" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ auto-augmentation
+def test_vectorised_autoaugment_ops_match_torchvision():
+    """Each op, applied with a per-image magnitude, equals torchvision.transforms.v2.functional up to rounding."""
+    import torchvision.transforms.v2.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    from vitkit.data.autoaugment import _apply
+
+    with np.load(DATA / "cifar10" / "test.npz") as npz:
+        x = torch.from_numpy(npz["images"][:12]).permute(0, 3, 1, 2).contiguous()
+    nearest = dict(interpolation=InterpolationMode.NEAREST)
+    cases = [
+        ("brightness", 0.6, lambda t: TF.adjust_brightness(t, 1.6)), ("color", -0.8, lambda t: TF.adjust_saturation(t, 0.2)),
+        ("contrast", 0.7, lambda t: TF.adjust_contrast(t, 1.7)), ("sharpness", 0.9, lambda t: TF.adjust_sharpness(t, 1.9)),
+        ("posterize", 3, lambda t: TF.posterize(t, 3)), ("solarize", 100, lambda t: TF.solarize(t, 100)),
+        ("autocontrast", 0, TF.autocontrast), ("equalize", 0, TF.equalize),
+    ]
+    for op, m, reference in cases:
+        ours = _apply(op, x.float(), torch.full((12,), float(m)), None, torch.zeros(1, 3, 1, 1))
+        diff = (ours - reference(x).float()).abs()
+        assert diff.max() <= 2 and diff.mean() < 0.6, op
+    geometric = [(0, 0.3, dict(angle=0.0, translate=[0, 0], shear=[16.699244, 0.0])),
+                 (2, 5.0, dict(angle=0.0, translate=[5, 0], shear=[0.0, 0.0])),
+                 (4, -30.0, dict(angle=30.0, translate=[0, 0], shear=[0.0, 0.0]))]  # TF's angle is clockwise
+    fill = torch.tensor([100.0, 120.0, 140.0]).view(1, 3, 1, 1)
+    for op, m, kw in geometric:
+        ours = _apply("geometric", x.float(), torch.full((12,), m), torch.full((12,), op), fill)
+        reference = TF.affine(x, scale=1.0, fill=[100.0, 120.0, 140.0], **nearest, **kw)
+        assert torch.equal(ours, reference.float()), op
+
+
+def test_autoaugment_changes_images_deterministically():
+    from vitkit.data.autoaugment import AutoAugmenter
+    from vitkit.data.sampling import rng
+
+    with np.load(DATA / "cifar10" / "test.npz") as npz:
+        x = torch.from_numpy(npz["images"][:64]).permute(0, 3, 1, 2).contiguous()
+    for policy in ("randaugment", "trivialaugment"):
+        aug = AutoAugmenter(policy, (32, 32), num_ops=2, magnitude=9)
+        choices = aug.draw(rng(7), 64)
+        out = aug.apply(x, choices)
+        assert out.dtype == torch.uint8 and out.shape == x.shape
+        assert torch.equal(out, aug.apply(x, choices))
+        changed = (out != x).flatten(1).any(1)
+        identity = torch.from_numpy((choices[:, :, 0] == 0).all(0))  # every layer picked the identity
+        assert not changed[identity].any() and changed.float().mean() > 0.75
