@@ -101,14 +101,19 @@ def sample_mix(gen: np.random.Generator, cfg: DataConfig, height: int, width: in
 
 
 # ------------------------------------------------------------------------------ batched ops
-def pad_crop(x: Tensor, offsets: Tensor, padding: int) -> Tensor:
-    """Zero-pad by ``padding`` and take the (H, W) window at per-image ``offsets`` (B, 2) = (dy, dx)."""
+def pad_crop(x: Tensor, offsets: Tensor, padding: int, flip: Tensor | None = None) -> Tensor:
+    """Zero-pad by ``padding``, take the (H, W) window at per-image ``offsets`` (B, 2) = (dy, dx), and
+    mirror the images where ``flip`` (B,) is True: one gather for all three (much faster than indexing)."""
     b, c, h, w = x.shape
-    padded = F.pad(x, (padding, padding, padding, padding))
+    padded = F.pad(x, (padding, padding, padding, padding)) if padding else x
+    padded_w = w + 2 * padding
     rows = offsets[:, 0, None] + torch.arange(h, device=x.device)  # (B, H)
-    cols = offsets[:, 1, None] + torch.arange(w, device=x.device)  # (B, W)
-    batch = torch.arange(b, device=x.device)[:, None, None]
-    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # (B, H, W, C) -> NCHW
+    steps = torch.arange(w, device=x.device)
+    if flip is not None:
+        steps = torch.where(flip[:, None], w - 1 - steps, steps)  # (B, W)
+    cols = offsets[:, 1, None] + steps
+    flat = (rows[:, :, None] * padded_w + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    return padded.flatten(2).gather(2, flat).view(b, c, h, w)
 
 
 def crop_resize(x: Tensor, boxes: Tensor, size: int) -> Tensor:
@@ -212,12 +217,13 @@ class BatchAugmenter:
             x = crop_resize(x, torch.from_numpy(boxes).to(self.device)[rows_t], self.img_size)
         else:
             x = resize(x, self.img_size)
-            if cfg.crop == "random_crop" and cfg.crop_padding > 0:
-                offsets = gen.integers(0, 2 * cfg.crop_padding + 1, size=(global_size, 2))
-                x = pad_crop(x, torch.from_numpy(offsets).to(self.device)[rows_t], cfg.crop_padding)
-        if cfg.hflip:
-            flip = torch.from_numpy(gen.random(global_size) < 0.5).to(self.device)[rows_t]
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        offsets = gen.integers(0, 2 * cfg.crop_padding + 1, size=(global_size, 2))
+        flips = gen.random(global_size) < 0.5
+        pad = cfg.crop_padding if cfg.crop == "random_crop" else 0
+        if pad or cfg.hflip:
+            offsets = torch.from_numpy(offsets if pad else np.zeros_like(offsets)).to(self.device)[rows_t]
+            flip = torch.from_numpy(flips).to(self.device)[rows_t] if cfg.hflip else None
+            x = pad_crop(x, offsets, pad, flip)
         if self.auto is not None:
             x = self.auto.apply(x.contiguous(), self.auto.draw(gen, global_size)[:, rows])
 
