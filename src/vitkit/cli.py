@@ -70,7 +70,92 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         parser.set_defaults(func=_cmd_data)
 
 
-_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models, _add_data]
+def _cmd_train(args: argparse.Namespace) -> int:
+    from vitkit.train import TrainingDiverged, TrainingInterrupted, load_config, resume, train
+
+    try:
+        if args.resume:
+            if args.config:
+                raise ValueError("--resume continues a run with its own config; give overrides, not --config")
+            resume(args.resume, args.overrides)
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(cfg.to_yaml(), end="")
+            return 0
+        train(cfg)
+    except TrainingInterrupted as e:
+        print(f"vitkit train: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except TrainingDiverged as e:
+        print(f"vitkit train: error: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a model (default: a small ViT on CIFAR-10)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a model from a YAML config, with any config key overridden on the command line.",
+        epilog="overrides: --KEY VALUE or --SECTION.KEY VALUE for any config key, e.g.\n"
+               "  --epochs 50 --optim.lr 1e-3 --data.batch_size 256 --model.drop_path_rate 0.1\n"
+               "data and optim keys also work without their section (--dataset mnist --lr 3e-3),\n"
+               "--model NAME picks the model. See all keys and defaults with --print-config.\n"
+               "distributed: torchrun --nproc-per-node N -m vitkit train ...")
+    p.add_argument("--config", metavar="YAML", help="a config file, or a bundled config name (e.g. mnist_vit)")
+    p.add_argument("--resume", metavar="RUN", help="continue a run directory (or checkpoint file) exactly")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=_cmd_train, accepts_overrides=True)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from vitkit.evaluate import evaluate_trained
+
+    report = evaluate_trained(args.source, dataset=args.dataset, data_dir=args.data_dir,
+                              batch_size=args.batch_size, device=args.device, precision=args.precision,
+                              out_dir=args.out)
+    print(report.format())
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="top-1/top-5, per-class accuracy and a confusion matrix of a trained model")
+    p.add_argument("source", metavar="RUN_OR_CHECKPOINT",
+                   help="a run directory, a training checkpoint (.pt) or a vitkit model directory")
+    p.add_argument("--dataset", help="data set to evaluate on (default: the one the model was trained on): "
+                                     "a named set or folder:PATH")
+    p.add_argument("--data-dir", help="where named data sets live (default: VITKIT_DATA, ../shared/data, ...)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--out", metavar="DIR", help="where to write eval.json and confusion.png "
+                                                "(default: RUN/eval-DATASET, or ./eval-DATASET)")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from vitkit.predict import format_predictions, predict_files
+
+    results = predict_files(args.checkpoint, args.images, top_k=args.top_k, device=args.device)
+    print(format_predictions(results, as_json=args.json))
+    return 0
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="top-k labels with probabilities for image files")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a vitkit model directory, a run directory or a training checkpoint (.pt)")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_predict)
+
+
+_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_models, _add_data, _add_train, _add_eval, _add_predict,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
