@@ -108,8 +108,11 @@ def main() -> None:
     parser.add_argument("--model-steps", type=int, default=5)
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 224], help="folder path image sizes")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (folder path)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
     model = time_model(args.model, args.batch_size, device, args.model_steps, args.repeats)

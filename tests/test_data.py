@@ -420,3 +420,15 @@ def test_autoaugment_changes_images_deterministically():
         changed = (out != x).flatten(1).any(1)
         identity = torch.from_numpy((choices[:, :, 0] == 0).all(0))  # every layer picked the identity
         assert not changed[identity].any() and changed.float().mean() > 0.75
+
+
+def test_load_eval_image_matches_the_validation_stream(odd_tree):
+    from vitkit.data import load_eval_image
+
+    data = build_data(DataConfig(f"folder:{odd_tree}", img_size=16, batch_size=2, num_workers=0), device="cpu")
+    images, _ = next(iter(data.val.batches()))
+    single = load_eval_image(odd_tree / "val" / "cat" / "a.png", img_size=16, mean=data.mean, std=data.std,
+                             crop_pct=0.875)
+    assert torch.allclose(single, images[0], atol=1e-5)
+    gray = load_eval_image(odd_tree / "train" / "cat" / "palette.png", img_size=12, mean=(0.5,), std=(0.5,))
+    assert gray.shape == (1, 12, 12) and -1.0 <= gray.min() and gray.max() <= 1.0

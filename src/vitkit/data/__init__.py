@@ -6,9 +6,9 @@
 """
 
 from vitkit.data.config import DataConfig
-from vitkit.data.folder import CorruptImageError
+from vitkit.data.folder import CorruptImageError, load_eval_image
 from vitkit.data.pipeline import Data, build_data
 from vitkit.data.sources import NAMED_DATASETS, DatasetNotFoundError, data_roots, locate_named
 
 __all__ = ["CorruptImageError", "Data", "DataConfig", "DatasetNotFoundError", "NAMED_DATASETS", "build_data",
-           "data_roots", "locate_named"]
+           "data_roots", "load_eval_image", "locate_named"]

@@ -8,8 +8,10 @@ DataLoader's worker processes. The random crop of an image is seeded by ``(seed,
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -106,20 +108,48 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+@contextmanager
+def decoding(path: Path) -> Iterator[None]:
+    """Turn any decoder failure inside the block into a :class:`CorruptImageError` naming ``path``."""
+    try:
+        yield
+    except _DECODE_ERRORS as e:
+        raise CorruptImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
 def load_rgb(path: Path, draft_size: tuple[int, int] | None = None) -> Image.Image:
     """Decode ``path`` to an RGB image, optionally at a reduced JPEG scale no smaller than ``draft_size``."""
-    try:
-        with Image.open(path) as img:
-            if draft_size is not None and img.format == "JPEG":
-                img.draft("RGB", draft_size)
-            img.load()
-            return to_rgb(img)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise CorruptImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+    with decoding(path), Image.open(path) as img:
+        if draft_size is not None and img.format == "JPEG":
+            img.draft("RGB", draft_size)
+        img.load()
+        return to_rgb(img)
 
 
 def _to_tensor(img: Image.Image) -> Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def resize_center_crop(img: Image.Image, size: int, crop_pct: float = 1.0) -> Image.Image:
+    """Resize the shorter side to ``size / crop_pct`` and take the central ``size`` x ``size`` square."""
+    scale = (size / crop_pct) / min(img.width, img.height)
+    crop = size / scale
+    left, top = (img.width - crop) / 2, (img.height - crop) / 2
+    return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + crop, top + crop))
+
+
+def load_eval_image(path: str | Path, *, img_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                    crop_pct: float = 1.0) -> Tensor:
+    """One image file as the model sees it at evaluation: float (C, H, W), normalised, ``len(mean)``
+    channels (1 = grayscale, 3 = RGB). For ``vitkit predict`` and notebooks."""
+    img = resize_center_crop(load_rgb(Path(path)), img_size, crop_pct)
+    if len(mean) == 1:
+        img = img.convert("L")
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).view(img_size, img_size, -1).permute(2, 0, 1)
+    return (x / 255.0 - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
 
 
 class FolderImages(Dataset):
@@ -152,27 +182,23 @@ class FolderImages(Dataset):
 
     def _crop(self, path: Path, epoch: int, position: int) -> Image.Image:
         size = self.size
-        with Image.open(path) as probe:  # header only: the box decides how far JPEG decoding may shrink
-            width, height = probe.size
-        if self.mode == "random_resized_crop":
-            top, left, h, w = sample_boxes(rng(SAMPLE, self.seed, epoch, position), 1, height, width,
-                                           self.scale, self.ratio)[0]
-            shrink = min(w / size, h / size)
-        else:
-            short = size / self.crop_pct
-            shrink = min(width, height) / short
-        draft = (int(width / max(shrink, 1.0)) + 1, int(height / max(shrink, 1.0)) + 1) if shrink >= 2 else None
-        img = load_rgb(path, draft)
-        sx, sy = img.width / width, img.height / height  # JPEG draft decoding may have reduced the scale
-        if self.mode == "random_resized_crop":
-            box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-            return img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
-        short_side = size / self.crop_pct
-        scale = short_side / min(img.width, img.height)
-        crop_w, crop_h = size / scale, size / scale
-        left_f, top_f = (img.width - crop_w) / 2, (img.height - crop_h) / 2
-        return img.resize((size, size), Image.Resampling.BILINEAR,
-                          box=(left_f, top_f, left_f + crop_w, top_f + crop_h))
+        with decoding(path), Image.open(path) as img:
+            width, height = img.size  # from the header: the box decides how far JPEG decoding may shrink
+            if self.mode == "random_resized_crop":
+                top, left, h, w = sample_boxes(rng(SAMPLE, self.seed, epoch, position), 1, height, width,
+                                               self.scale, self.ratio)[0]
+                shrink = min(w, h) / size
+            else:
+                shrink = min(width, height) * self.crop_pct / size
+            if shrink >= 2 and img.format == "JPEG":
+                img.draft("RGB", (int(width / shrink) + 1, int(height / shrink) + 1))
+            img.load()
+            img = to_rgb(img)
+        if self.mode != "random_resized_crop":
+            return resize_center_crop(img, size, self.crop_pct)
+        sx, sy = img.width / width, img.height / height  # draft decoding may have reduced the scale
+        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+        return img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
 
 
 def collate(batch: list[tuple[Tensor, int, bool]]) -> tuple[Tensor, Tensor, Tensor]:
