@@ -19,7 +19,7 @@ from torch import Tensor
 
 from vitkit.data.autoaugment import AutoAugmenter
 from vitkit.data.config import DataConfig
-from vitkit.data.sampling import AUGMENT, rng, seed_int
+from vitkit.data.sampling import AUGMENT, rng, seed_int, to_device
 
 
 # ------------------------------------------------------------------------------ parameter draws
@@ -209,20 +209,19 @@ class BatchAugmenter:
         cfg = self.cfg
         gen = rng(AUGMENT, self.seed, epoch, step)
         native_h, native_w = x.shape[-2:]
-        rows_t = torch.from_numpy(rows).to(self.device)
 
         # geometry: crop (+ resize) and flip, in uint8
         if self.crop_on_device and cfg.crop == "random_resized_crop":
             boxes = sample_boxes(gen, global_size, native_h, native_w, cfg.rrc_scale, cfg.rrc_ratio)
-            x = crop_resize(x, torch.from_numpy(boxes).to(self.device)[rows_t], self.img_size)
+            x = crop_resize(x, to_device(boxes[rows], self.device), self.img_size)
         else:
             x = resize(x, self.img_size)
         offsets = gen.integers(0, 2 * cfg.crop_padding + 1, size=(global_size, 2))
         flips = gen.random(global_size) < 0.5
         pad = cfg.crop_padding if cfg.crop == "random_crop" else 0
         if pad or cfg.hflip:
-            offsets = torch.from_numpy(offsets if pad else np.zeros_like(offsets)).to(self.device)[rows_t]
-            flip = torch.from_numpy(flips).to(self.device)[rows_t] if cfg.hflip else None
+            offsets = to_device(offsets[rows] if pad else np.zeros((len(rows), 2), np.int64), self.device)
+            flip = to_device(flips[rows], self.device) if cfg.hflip else None
             x = pad_crop(x, offsets, pad, flip)
         if self.auto is not None:
             x = self.auto.apply(x.contiguous(), self.auto.draw(gen, global_size)[:, rows])
@@ -235,7 +234,7 @@ class BatchAugmenter:
             if cfg.erase_mode == "pixel":
                 noise = torch.Generator(device=self.device)
                 noise.manual_seed(seed_int(AUGMENT, self.seed, epoch, step, rank))
-            x = erase(x, torch.from_numpy(boxes[rows]).to(self.device), noise)
+            x = erase(x, to_device(boxes[rows], self.device), noise)
 
         # targets and mixing
         if not cfg.soft_targets:

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 
+from vitkit.data.sampling import to_device
+
 NUM_BINS = 31
 OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color",
        "contrast", "sharpness", "posterize", "solarize", "autocontrast", "equalize")
@@ -163,7 +165,7 @@ class AutoAugmenter:
         if x.dtype != torch.uint8:
             raise TypeError(f"auto-augmentation expects uint8 images, got {x.dtype}")
         out = x.to(torch.float32)
-        fill = torch.tensor(self.fill, device=x.device).view(1, -1, 1, 1)[:, : x.shape[1]]
+        fill = to_device(np.array(self.fill[: x.shape[1]]), x.device, torch.float32).view(1, -1, 1, 1)
         for layer in choices:
             ops, bins, negate = layer[:, 0], layer[:, 1], layer[:, 2]
             m = self.table[ops, bins] * np.where(negate, -1.0, 1.0)
@@ -173,8 +175,8 @@ class AutoAugmenter:
                 if name == "identity":
                     continue
                 rows_np = np.flatnonzero(groups == group)
-                rows = torch.from_numpy(rows_np).to(x.device)
-                geometric = torch.from_numpy(ops[rows_np] - self.geometric_ops[0]).to(x.device)
-                magnitude = torch.from_numpy(m[rows_np]).to(device=x.device, dtype=torch.float32)
+                rows = to_device(rows_np, x.device)
+                geometric = to_device(ops[rows_np] - self.geometric_ops[0], x.device)
+                magnitude = to_device(m[rows_np], x.device, torch.float32)
                 out[rows] = _apply(name, out[rows], magnitude, geometric, fill)
         return out.to(torch.uint8)

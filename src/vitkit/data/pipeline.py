@@ -23,7 +23,8 @@ from vitkit.data import sources
 from vitkit.data.augment import BatchAugmenter
 from vitkit.data.config import DataConfig
 from vitkit.data.folder import FolderImages, FolderSplit, collate, find_split_dir, list_classes, scan_split
-from vitkit.data.sampling import batch_positions, epoch_order, eval_shard, steps_per_epoch, stratified_subset
+from vitkit.data.sampling import (batch_positions, epoch_order, eval_shard, steps_per_epoch, stratified_subset,
+                                  to_device)
 
 Batch = tuple[Tensor, Tensor]
 
@@ -56,7 +57,7 @@ class TensorTrainStream:
         rows = np.arange(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         for step in range(start_step, len(self)):
             positions = batch_positions(step, self.batch_size, self.rank, self.world_size)
-            index = torch.from_numpy(order[positions]).to(self.images.device)
+            index = to_device(order[positions], self.images.device)
             yield self.augmenter.train(self.images[index], self.labels[index], epoch=epoch, step=step, rows=rows,
                                        global_size=global_size, rank=self.rank)
 
@@ -79,7 +80,7 @@ class TensorValStream:
 
     def batches(self) -> Iterator[Batch]:
         for start in range(0, len(self.shard), self.batch_size):
-            index = torch.from_numpy(self.shard[start:start + self.batch_size]).to(self.images.device)
+            index = to_device(self.shard[start:start + self.batch_size], self.images.device)
             yield self.augmenter.eval(self.images[index]), self.labels[index]
 
     __iter__ = batches
@@ -223,7 +224,10 @@ def _build_named(cfg: DataConfig, device: torch.device, seed: int, rank: int, wo
     directory = sources.locate_named(cfg.dataset, cfg.data_dir)
     train_x, train_y = sources.load_npz_split(directory, "train")
     val_x, val_y = sources.load_npz_split(directory, "test")
-    num_classes = max(spec.num_classes, int(train_y.max()) + 1)
+    num_classes = spec.num_classes
+    for split, labels in (("train", train_y), ("test", val_y)):
+        if len(labels) and not 0 <= labels.min() <= labels.max() < num_classes:
+            raise ValueError(f"{directory / (split + '.npz')}: labels outside [0, {num_classes}) for {cfg.dataset}")
     keep = _subset(train_y, cfg)
     if keep is not None:
         train_x, train_y = train_x[keep], train_y[keep]

@@ -8,6 +8,7 @@ RNG. Nothing needs to be saved to resume: batch ``k`` of epoch ``e`` is recomput
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 # Stream tags keep the generators of different purposes independent even for equal tuples.
 ORDER, SUBSET, AUGMENT, SAMPLE = 0, 1, 2, 3
@@ -67,3 +68,9 @@ def stratified_subset(labels: np.ndarray, *, fraction: float | None = None, per_
         n = min(per_class, len(members)) if per_class is not None else max(1, round(fraction * len(members)))
         keep.append(members[rng(SUBSET, seed, int(c)).permutation(len(members))[:n]])
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+
+
+def to_device(array: np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host array (indices, augmentation parameters) on ``device``, without waiting for the
+    device work already queued (a blocking copy would stall the pipeline behind the training step)."""
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype, non_blocking=True)
