@@ -21,7 +21,7 @@ from vitkit.checkpoint import CheckpointError
 from vitkit.data import build_data
 from vitkit.evaluate import evaluate
 from vitkit.train.checkpoints import CheckpointWriter, capture_rng, load_checkpoint, resolve_checkpoint, restore_rng
-from vitkit.train.config import TrainConfig, _merge, parse_overrides
+from vitkit.train.config import TrainConfig, expand_shortcuts, merge_configs, parse_overrides
 from vitkit.train.distributed import (World, all_reduce_sum, any_process, broadcast_object, gather_objects,
                                       init_world, shutdown)
 from vitkit.train.ema import ModelEMA
@@ -53,7 +53,8 @@ def resume(run_or_checkpoint: str | Path, overrides: Sequence[str] = ()) -> Path
     optimizer, schedule, EMA, RNG states and data order as if it had never stopped."""
     path = resolve_checkpoint(run_or_checkpoint)
     state = load_checkpoint(path)
-    cfg = TrainConfig.from_dict(_merge(state["config"], parse_overrides(overrides)), source=f"{path} (its config)")
+    changes = expand_shortcuts(parse_overrides(overrides))
+    cfg = TrainConfig.from_dict(merge_configs(state["config"], changes), source=f"{path} (its config)")
     return _run(cfg, run_dir=path.parent.parent, state=state)
 
 
