@@ -396,7 +396,9 @@ def test_vectorised_autoaugment_ops_match_torchvision():
         diff = (ours - reference(x).float()).abs()
         assert diff.max() <= 2 and diff.mean() < 0.6, op
     geometric = [(0, 0.3, dict(angle=0.0, translate=[0, 0], shear=[16.699244, 0.0])),
+                 (1, -0.3, dict(angle=0.0, translate=[0, 0], shear=[0.0, -16.699244])),
                  (2, 5.0, dict(angle=0.0, translate=[5, 0], shear=[0.0, 0.0])),
+                 (3, -7.0, dict(angle=0.0, translate=[0, -7], shear=[0.0, 0.0])),
                  (4, -30.0, dict(angle=30.0, translate=[0, 0], shear=[0.0, 0.0]))]  # TF's angle is clockwise
     fill = torch.tensor([100.0, 120.0, 140.0]).view(1, 3, 1, 1)
     for op, m, kw in geometric:

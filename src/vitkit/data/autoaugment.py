@@ -57,21 +57,19 @@ def _affine(x: Tensor, op: Tensor, m: Tensor, fill: Tensor) -> Tensor:
     ``op`` holds indices into :data:`GEOMETRIC`, ``m`` the per-image magnitude (shear factor, pixels,
     degrees). One ``grid_sample`` call serves the whole group.
     """
-    b, _, h, w = x.shape
-    theta = torch.zeros(b, 2, 3, device=x.device)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    _, _, h, w = x.shape
     rad = torch.deg2rad(m)
     cos, sin = torch.cos(rad), torch.sin(rad)
-    is_shear_x, is_shear_y = op == 0, op == 1
-    theta[:, 0, 1] = torch.where(is_shear_x, m * h / w, 0.0)  # normalised coordinates, any aspect
-    theta[:, 1, 0] = torch.where(is_shear_y, m * w / h, 0.0)
-    theta[:, 0, 2] = torch.where(op == 2, -2.0 * m / w, 0.0)
-    theta[:, 1, 2] = torch.where(op == 3, -2.0 * m / h, 0.0)
-    rotate = op == 4
-    theta[rotate, 0, 0] = cos[rotate]
-    theta[rotate, 0, 1] = -sin[rotate] * h / w
-    theta[rotate, 1, 0] = sin[rotate] * w / h
-    theta[rotate, 1, 1] = cos[rotate]
+    rotate, zero, one = op == 4, torch.zeros_like(m), torch.ones_like(m)
+    # output -> input map in normalised coordinates (aspect-corrected), built without host syncs
+    theta = torch.stack([
+        torch.where(rotate, cos, one),
+        torch.where(rotate, -sin * h / w, torch.where(op == 0, m * h / w, zero)),
+        torch.where(op == 2, -2.0 * m / w, zero),
+        torch.where(rotate, sin * w / h, torch.where(op == 1, m * w / h, zero)),
+        torch.where(rotate, cos, one),
+        torch.where(op == 3, -2.0 * m / h, zero),
+    ], dim=1).view(-1, 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     # sample x - fill with zero padding, so that outside the image the result is exactly ``fill``
     return F.grid_sample(x - fill, grid, mode="nearest", padding_mode="zeros", align_corners=False) + fill
