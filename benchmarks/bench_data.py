@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 import vitkit
-from vitkit.data import DataConfig, build_data
+from vitkit.data import DataConfig
+from vitkit.data.throughput import pipeline_throughput
 
 DATA = Path(os.environ.get("VITKIT_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
@@ -39,36 +40,6 @@ MEMORY_CASES = {
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def time_memory(config: DataConfig, device: torch.device, steps: int, repeats: int) -> list[float]:
-    """images/s of ``steps`` batches, ``repeats`` times, after one warm-up batch."""
-    data = build_data(config, device=device, seed=0)
-    rates = []
-    for r in range(repeats):
-        batches = data.train.batches(epoch=r)
-        next(batches)
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            next(batches)
-        sync(device)
-        rates.append(steps * config.batch_size / (time.perf_counter() - start))
-    return rates
-
-
-def time_folder(config: DataConfig, device: torch.device, repeats: int) -> list[float]:
-    """images/s of whole epochs, worker start-up included (what a training epoch pays)."""
-    data = build_data(config, device=device, seed=0)
-    rates = []
-    for epoch in range(repeats + 1):
-        sync(device)
-        start = time.perf_counter()
-        count = sum(len(images) for images, _ in data.train.batches(epoch))
-        sync(device)
-        if epoch:  # the first epoch warms the page cache
-            rates.append(count / (time.perf_counter() - start))
-    return rates
 
 
 def time_model(name: str, batch_size: int, device: torch.device, steps: int, repeats: int) -> list[float]:
@@ -120,11 +91,12 @@ def main() -> None:
     rows = [(f"model {args.model} train step", model)]
     for label, overrides in MEMORY_CASES.items():
         config = DataConfig("cifar10", data_dir=str(DATA), batch_size=args.batch_size, **overrides)
-        rows.append((label, time_memory(config, device, args.steps, args.repeats)))
+        rows.append((label, pipeline_throughput(config, device, steps=args.steps, repeats=args.repeats)))
     for size in args.sizes:
         config = DataConfig(f"folder:{DATA / 'imagenette_subset'}", img_size=size, batch_size=min(args.batch_size, 100),
                             crop="random_resized_crop", num_workers=args.workers)
-        rows.append((f"imagenette folder {size}px rrc+flip, {args.workers} workers", time_folder(config, device, args.repeats)))
+        rows.append((f"imagenette folder {size}px rrc+flip, {args.workers} workers",
+                     pipeline_throughput(config, device, repeats=args.repeats)))
 
     machine = f"{platform.node()} {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
                                                f" ({os.cpu_count()} cpus, torch threads {torch.get_num_threads()})")

@@ -434,3 +434,10 @@ def test_load_eval_image_matches_the_validation_stream(odd_tree):
     assert torch.allclose(single, images[0], atol=1e-5)
     gray = load_eval_image(odd_tree / "train" / "cat" / "palette.png", img_size=12, mean=(0.5,), std=(0.5,))
     assert gray.shape == (1, 12, 12) and -1.0 <= gray.min() and gray.max() <= 1.0
+
+
+def test_pipeline_throughput_reports_one_rate_per_repeat():
+    from vitkit.data.throughput import pipeline_throughput
+
+    rates = pipeline_throughput(cfg("mnist", samples_per_class=20, batch_size=16), steps=3, repeats=2)
+    assert len(rates) == 2 and all(r > 0 for r in rates)
