@@ -7,6 +7,7 @@ Subprocess runs get ``OMP_NUM_THREADS=1``: tiny models gain nothing from threads
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -303,3 +304,37 @@ def test_ddp_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp
     single_epoch = [r for r in read_metrics(tmp_path / "single") if r["kind"] == "epoch"][-1]
     assert ddp_epoch["val_acc"] == pytest.approx(single_epoch["val_acc"], abs=2e-4)  # over the whole test set
     assert len(list((tmp_path / "ddp" / "tensorboard").iterdir())) == 1  # only rank 0 writes
+
+
+# ---------------------------------------------------------------------- folder data, bf16, predict
+def test_folder_dataset_run_in_bf16_and_predict_prepares_images_like_evaluation(tmp_path: Path):
+    """A class-folder data set (real JPEGs, some grayscale) trains under bf16 autocast with gradient
+    accumulation; `predict` on a validation JPEG gives the probabilities the evaluation pipeline gives."""
+    from vitkit.data import DataConfig, build_data
+    from vitkit.predict import predict_files
+
+    root = DATA / "imagenette_subset"
+    # 112 px: large enough that the pipeline decodes JPEGs at full scale (below 2x shrink, no draft mode),
+    # as load_eval_image does, so both must give the same pixels.
+    cfg = load_config(None, [*TINY_MODEL, "--model.in_chans", "3", "--model.patch_size", "16",
+                             "--dataset", f"folder:{root}", "--data.img_size", "112", "--samples_per_class", "4",
+                             "--batch_size", "10", "--accum_steps", "2", "--data.num_workers", "0",
+                             "--precision", "bf16", "--epochs", "1", "--progress", "none", "--log_every", "1",
+                             "--out_dir", str(tmp_path), "--run_name", "folder"])
+    run = train(cfg)
+    assert [r["step"] for r in _train_lines(run)] == [1, 2]  # 40 images / (10 per batch x 2 accumulated)
+    assert all(math.isfinite(r["loss"]) for r in _train_lines(run))
+
+    model = vitkit.load_model(run / "model").eval()
+    assert model.config.class_names == sorted(p.name for p in (root / "train").iterdir())
+    data = build_data(DataConfig(dataset=f"folder:{root}", img_size=112, batch_size=10, eval_batch_size=3,
+                                 num_workers=0), device="cpu")
+    images, labels = next(iter(data.val.batches()))
+    files = [str(p) for p in data.val.dataset.split.files[:3]]
+    with torch.no_grad():
+        expected = model(images).softmax(-1)
+    results = predict_files(run / "model", files, top_k=10)
+    for result, probs in zip(results, expected):
+        by_label = dict(zip(result.labels, result.probabilities))
+        got = torch.tensor([by_label[name] for name in model.config.class_names])
+        torch.testing.assert_close(got, probs, atol=1e-5, rtol=0)

@@ -2,7 +2,8 @@
 
 Images are prepared as the model's evaluation images were (its ``config.extra['preprocess']``, written by
 ``vitkit train``): converted to RGB or grayscale, the shorter side resized to ``img_size / crop_pct``,
-center-cropped, scaled to [0, 1] and normalised with the training mean and std.
+center-cropped, scaled to [0, 1] and normalised with the training mean and std. Models without that
+record get ImageNet's normalisation and a 0.875 center crop.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from vitkit.data.sources import IMAGENET_MEAN, IMAGENET_STD
+
+DEFAULT_CROP_PCT = 0.875
+"""For models that do not record their preprocessing (e.g. converted ones): the usual ImageNet crop."""
 
 
 @dataclass
@@ -27,28 +30,21 @@ class Prediction:
 
 
 def preprocess(path: str | Path, config) -> Tensor:
-    """One image file -> a normalised (C, H, W) float tensor the model accepts."""
-    from PIL import Image, UnidentifiedImageError
-    from torchvision.transforms.v2 import functional as TF
+    """One image file -> the normalised (C, H, W) tensor the model saw at evaluation (the data module's
+    evaluation transform, with the training run's size, crop and normalisation)."""
+    from vitkit.data import load_eval_image
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such image file")
     info = config.extra.get("preprocess", {})
     height, width = config.image_hw
-    try:
-        with Image.open(path) as image:
-            image = image.convert("L" if config.in_chans == 1 else "RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such image file") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path}: cannot read the image ({e})") from e
-    x = TF.pil_to_tensor(image)
-    crop_pct = float(info.get("crop_pct", 1.0))
-    x = TF.resize(x, [round(min(height, width) / crop_pct)], interpolation=TF.InterpolationMode.BICUBIC,
-                  antialias=True)
-    x = TF.center_crop(x, [height, width])
-    x = x.float() / 255.0
-    mean = info.get("mean") or (IMAGENET_MEAN if config.in_chans == 3 else (0.5,))
-    std = info.get("std") or (IMAGENET_STD if config.in_chans == 3 else (0.5,))
-    return TF.normalize(x, list(mean), list(std))
+    if height != width:
+        raise ValueError(f"vitkit predict needs a square model input, this model takes {height}x{width}")
+    rgb = config.in_chans == 3
+    mean = info.get("mean") or (IMAGENET_MEAN if rgb else (0.5,))
+    std = info.get("std") or (IMAGENET_STD if rgb else (0.5,))
+    return load_eval_image(path, img_size=height, mean=tuple(mean), std=tuple(std),
+                           crop_pct=float(info.get("crop_pct", DEFAULT_CROP_PCT)))
 
 
 @torch.no_grad()
