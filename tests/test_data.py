@@ -441,3 +441,43 @@ def test_pipeline_throughput_reports_one_rate_per_repeat():
 
     rates = pipeline_throughput(cfg("mnist", samples_per_class=20, batch_size=16), steps=3, repeats=2)
     assert len(rates) == 2 and all(r > 0 for r in rates)
+
+
+# ------------------------------------------------------------------------------ geometry with known answers
+def test_crop_flip_and_crop_resize_known_answers():
+    from vitkit.data.augment import crop_resize, pad_crop
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.int64).remainder(251).to(torch.uint8).view(2, 3, 8, 8)
+    centre = torch.tensor([[2, 2], [2, 2]])
+    assert torch.equal(pad_crop(x, centre, 2), x)  # the centred window is the image
+    flipped = pad_crop(x, centre, 2, torch.tensor([True, False]))
+    assert torch.equal(flipped[0], x[0].flip(-1)) and torch.equal(flipped[1], x[1])
+    shifted = pad_crop(x, torch.tensor([[0, 4], [4, 0]]), 2)  # 2 px down-right / up-left, zero fill
+    assert torch.equal(shifted[0, :, 2:, :6], x[0, :, :6, 2:]) and shifted[0, :, :2].eq(0).all()
+    assert torch.equal(shifted[1, :, :6, 2:], x[1, :, 2:, :6]) and shifted[1, :, :, :2].eq(0).all()
+    whole = torch.tensor([[0, 0, 8, 8], [0, 0, 8, 8]])
+    assert torch.equal(crop_resize(x, whole, 8), x)  # the full box at the same size is the identity
+    quarter = crop_resize(x, torch.tensor([[4, 4, 4, 4], [0, 0, 4, 4]]), 4)
+    assert torch.equal(quarter[0], x[0, :, 4:, 4:]) and torch.equal(quarter[1], x[1, :, :4, :4])
+
+
+def test_folder_random_resized_crop_box_survives_reduced_jpeg_decoding(tmp_path):
+    from vitkit.data.augment import sample_boxes
+    from vitkit.data.sampling import SAMPLE, rng
+
+    gen = np.random.default_rng(0)
+    pixels = np.zeros((512, 512, 3), dtype=np.uint8)
+    pixels[:, 256:] = 255
+    pixels[::64] = gen.integers(0, 255, (8, 512, 3))  # some texture so that a shifted box would show
+    path = tmp_path / "train" / "a" / "half.jpg"
+    path.parent.mkdir(parents=True)
+    Image.fromarray(pixels).save(path, quality=95)
+    split = scan_split(tmp_path / "train", ["a"])
+    for scale in ((1.0, 1.0), (0.2, 0.3)):
+        ds = FolderImages(split, 32, "random_resized_crop", seed=4, scale=scale)
+        ours = ds[(0, 2, 7)][0].float()
+        top, left, h, w = sample_boxes(rng(SAMPLE, 4, 2, 7), 1, 512, 512, scale, (3 / 4, 4 / 3))[0]
+        full = Image.open(path).convert("RGB").resize((32, 32), Image.Resampling.BILINEAR,
+                                                      box=(left, top, left + w, top + h))
+        reference = torch.from_numpy(np.asarray(full, dtype=np.float32).copy()).permute(2, 0, 1)
+        assert (ours - reference).abs().mean() < 6  # same box; only the decoding scale differs
