@@ -10,7 +10,7 @@ included), the time the target was first reached, and a pass/fail line. Before i
 training step is timed against timm's VisionTransformer of identical shape (the reference) as a
 throughput ratio. Run from the repository root::
 
-    PYTHONPATH=src python benchmarks/train_recipes.py mnist [--out-dir runs/bench] [-- --key value ...]
+    PYTHONPATH=src python benchmarks/train_recipes.py mnist [--out-dir runs/bench] [--key value ...]
     PYTHONPATH=src python benchmarks/train_recipes.py cifar10 --device cuda   # on a GPU: also time to 94%
 """
 
@@ -128,9 +128,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-reference", action="store_true", help="skip the timm throughput comparison")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="after --: config overrides for vitkit train")
-    args = parser.parse_args()
-    extra = [a for a in args.overrides if a != "--"]
+    args, extra = parser.parse_known_args()  # the rest: config overrides for vitkit train
+    extra = [a for a in extra if a != "--"]
 
     sys.path.insert(0, str(ROOT / "src"))
     from vitkit.train import load_config

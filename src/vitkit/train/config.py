@@ -25,7 +25,7 @@ Progress = Literal["auto", "bar", "plain", "none"]
 
 # The defaults are configs/cifar10_vit.yaml, the README's main job (a test keeps the two equal).
 _DEFAULT_MODEL = {"name": "vit_cifar_patch4_32", "embed_dim": 128, "depth": 6, "num_heads": 4, "mlp_dim": 256,
-                  "drop_path_rate": 0.05}
+                  "drop_path_rate": 0.05, "head_init": "zeros"}
 _DEFAULT_DATA = {"dataset": "cifar10", "batch_size": 128, "crop": "random_crop", "crop_padding": 4, "hflip": True,
                  "label_smoothing": 0.1}
 
@@ -75,7 +75,7 @@ class TrainConfig:
     replaces the whole section; other ``model.*`` keys are added to it."""
     data: DataConfig = field(default_factory=lambda: DataConfig(**_DEFAULT_DATA))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(warmup_epochs=2.0))
-    epochs: int = 20
+    epochs: int = 18
     ema_decay: Optional[float] = None
     """Keep an exponential moving average of the weights (e.g. 0.9998); it is evaluated and exported."""
     precision: Precision = "fp32"

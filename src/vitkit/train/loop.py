@@ -157,7 +157,7 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         model.train()
         progress.start_epoch(epoch, cfg.epochs, steps_per_epoch, batch // accum)
         lr = optimizer.param_groups[0]["lr"]
-        epoch_start, window_start = time.perf_counter(), time.perf_counter()
+        epoch_start, epoch_cpu, window_start = time.perf_counter(), time.process_time(), time.perf_counter()
         window = torch.zeros(3, dtype=torch.float64, device=device)
         grad_norm = torch.zeros((), device=device)
         for batch, (images, targets) in enumerate(data.train.batches(epoch, batch), start=batch):
@@ -243,6 +243,7 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
             record["best_acc"] = best_acc
         epoch_times.append(time.perf_counter() - epoch_start)
         record["epoch_time"] = epoch_times[-1]
+        record["epoch_cpu_time"] = time.process_time() - epoch_cpu  # this process, all threads
         eta = sum(epoch_times) / len(epoch_times) * (cfg.epochs - epoch - 1)
         log.log("epoch", global_step, **record)
         progress.print(_summary_line(record, cfg.epochs, eta, ema is not None))
