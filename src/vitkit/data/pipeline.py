@@ -87,10 +87,32 @@ class TensorValStream:
 
 
 # ------------------------------------------------------------------------------ folder streams
-def _loader(dataset: FolderImages, batch_keys: list[list], num_workers: int, device: torch.device) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=batch_keys, num_workers=num_workers, collate_fn=collate,
-                      pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
-                      persistent_workers=False)
+class _WorkerPool:
+    """DataLoader workers that live across passes (no process start-up per epoch).
+
+    Each pass hands over its own list of batches of keys, so the order stays a pure function of
+    ``(seed, epoch)``. One pass at a time: starting a new pass drains the previous one.
+    """
+
+    class _Keys:
+        def __init__(self) -> None:
+            self.batches: list[list] = []
+
+        def __iter__(self) -> Iterator[list]:
+            return iter(self.batches)
+
+        def __len__(self) -> int:
+            return len(self.batches)
+
+    def __init__(self, dataset: FolderImages, num_workers: int, device: torch.device) -> None:
+        self.keys = self._Keys()
+        self.loader = DataLoader(dataset, batch_sampler=self.keys, num_workers=num_workers, collate_fn=collate,
+                                 pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
+                                 persistent_workers=num_workers > 0)
+
+    def run(self, batches: list[list]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        self.keys.batches = batches
+        return iter(self.loader)
 
 
 class FolderTrainStream:
@@ -104,7 +126,8 @@ class FolderTrainStream:
                  world_size: int, num_workers: int, device: torch.device) -> None:
         self.dataset, self.augmenter = dataset, augmenter
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.num_workers, self.device = num_workers, device
+        self.device = device
+        self.pool = _WorkerPool(dataset, num_workers, device)
         self.skipped = 0
 
     @property
@@ -125,7 +148,7 @@ class FolderTrainStream:
                 for s in steps]
         global_size = self.batch_size * self.world_size
         all_rows = np.arange(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        for step, (images, labels, ok) in zip(steps, _loader(self.dataset, keys, self.num_workers, self.device)):
+        for step, (images, labels, ok) in zip(steps, self.pool.run(keys)):
             rows = all_rows
             if not bool(ok.all()):
                 self.skipped += int((~ok).sum())
@@ -145,7 +168,8 @@ class FolderValStream:
                  world_size: int, num_workers: int, device: torch.device) -> None:
         self.dataset, self.augmenter, self.batch_size = dataset, augmenter, batch_size
         self.shard = eval_shard(len(dataset), rank, world_size)
-        self.num_workers, self.device = num_workers, device
+        self.device = device
+        self.pool = _WorkerPool(dataset, num_workers, device)
         self.skipped = 0
 
     @property
@@ -158,7 +182,7 @@ class FolderValStream:
     def batches(self) -> Iterator[Batch]:
         keys = [[(int(i), 0, int(i)) for i in self.shard[s:s + self.batch_size]]
                 for s in range(0, len(self.shard), self.batch_size)]
-        for images, labels, ok in _loader(self.dataset, keys, self.num_workers, self.device):
+        for images, labels, ok in self.pool.run(keys):
             if not bool(ok.all()):
                 self.skipped += int((~ok).sum())
                 images, labels = images[ok], labels[ok]
