@@ -481,3 +481,16 @@ def test_folder_random_resized_crop_box_survives_reduced_jpeg_decoding(tmp_path)
                                                       box=(left, top, left + w, top + h))
         reference = torch.from_numpy(np.asarray(full, dtype=np.float32).copy()).permute(2, 0, 1)
         assert (ours - reference).abs().mean() < 6  # same box; only the decoding scale differs
+
+
+def test_in_chans_repeats_gray_or_makes_luma():
+    rgb_model = build_data(cfg("mnist", in_chans=3, samples_per_class=5, batch_size=10, crop="none", hflip=False),
+                           device="cpu")
+    assert rgb_model.in_chans == 3 and rgb_model.mean == (0.1307,) * 3
+    images, _ = next(iter(rgb_model.train.batches(0)))
+    assert images.shape == (10, 3, 28, 28) and torch.equal(images[:, 0], images[:, 2])
+    assert next(iter(rgb_model.val.batches()))[0].shape[1] == 3
+    gray_model = build_data(cfg("cifar10", in_chans=1, samples_per_class=5, batch_size=10), device="cpu")
+    images, _ = next(iter(gray_model.train.batches(0)))
+    assert gray_model.in_chans == 1 and images.shape == (10, 1, 32, 32) and len(gray_model.mean) == 1
+    assert 0.4 < gray_model.mean[0] < 0.55 and abs(images.mean().item()) < 0.5

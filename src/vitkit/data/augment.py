@@ -181,13 +181,15 @@ class BatchAugmenter:
     """
 
     def __init__(self, cfg: DataConfig, *, img_size: int, num_classes: int, mean: tuple[float, ...],
-                 std: tuple[float, ...], device: torch.device, seed: int, crop_on_device: bool = True) -> None:
+                 std: tuple[float, ...], device: torch.device, seed: int, crop_on_device: bool = True,
+                 out_chans: int | None = None) -> None:
         self.cfg = cfg
         self.img_size = img_size
         self.num_classes = num_classes
         self.device = torch.device(device)
         self.seed = seed
         self.crop_on_device = crop_on_device
+        self.out_chans = out_chans
         self.shift = torch.tensor([255.0 * m for m in mean], device=self.device).view(1, -1, 1, 1)
         self.scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=self.device).view(1, -1, 1, 1)
         self.auto = None
@@ -196,7 +198,10 @@ class BatchAugmenter:
                                       magnitude=cfg.randaugment_m, fill=tuple(round(255 * m) for m in mean))
 
     def normalize(self, x: Tensor) -> Tensor:
-        """uint8 (B, C, H, W) -> float32, ``(x / 255 - mean) / std``."""
+        """uint8 (B, C, H, W) -> float32, ``(x / 255 - mean) / std``; a single channel is repeated to
+        ``out_chans`` when that is set."""
+        if self.out_chans is not None and x.shape[1] != self.out_chans:
+            x = x.repeat(1, self.out_chans, 1, 1)
         return (x.to(torch.float32) - self.shift).mul_(self.scale)
 
     def eval(self, x: Tensor) -> Tensor:

@@ -29,6 +29,9 @@ class DataConfig:
     ``<repo>/../shared/data``."""
     img_size: Optional[int] = None
     """Side of the square training/eval images; None = the data set's native size (224 for folders)."""
+    in_chans: Optional[int] = None
+    """Channels the model sees; None = the data set's own. 3 repeats a grayscale set's channel (for models
+    pre-trained on RGB), 1 turns an RGB named set into luma."""
     batch_size: int = 128
     """Training batch per process (the global batch is ``batch_size * world_size``)."""
     eval_batch_size: int = 512
@@ -88,6 +91,8 @@ class DataConfig:
             bad("dataset", "give a data set name (cifar10, cifar100, mnist, fashion_mnist) or folder:PATH")
         if self.img_size is not None and self.img_size < 1:
             bad("img_size", "must be a positive integer or None")
+        if self.in_chans not in (None, 1, 3):
+            bad("in_chans", "must be 1, 3 or None (the data set's own)")
         for name in ("batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 bad(name, "must be at least 1")

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from vitkit.data import sources
 from vitkit.data.augment import BatchAugmenter
 from vitkit.data.config import DataConfig
+from vitkit.data.download import channel_stats
 from vitkit.data.folder import FolderImages, FolderSplit, collate, find_split_dir, list_classes, scan_split
 from vitkit.data.sampling import (batch_positions, epoch_order, eval_shard, steps_per_epoch, stratified_subset,
                                   to_device)
@@ -252,16 +253,24 @@ def _build_named(cfg: DataConfig, device: torch.device, seed: int, rank: int, wo
     for split, labels in (("train", train_y), ("test", val_y)):
         if len(labels) and not 0 <= labels.min() <= labels.max() < num_classes:
             raise ValueError(f"{directory / (split + '.npz')}: labels outside [0, {num_classes}) for {cfg.dataset}")
+    native_chans, native = train_x.shape[3], train_x.shape[1]
+    in_chans = cfg.in_chans or native_chans
+    mean, std = spec.mean, spec.std
+    if in_chans == 1 and native_chans == 3:  # luma, once, before anything is copied to the device
+        train_x, val_x = _luma(train_x), _luma(val_x)
+        mean, std = channel_stats(train_x)  # of the whole training split, like the named constants
+    elif in_chans == 3 and native_chans == 1:  # kept as one channel in memory, repeated per batch
+        mean, std = mean * 3, std * 3
     keep = _subset(train_y, cfg)
     if keep is not None:
         train_x, train_y = train_x[keep], train_y[keep]
     _check_steps(len(train_y), cfg, world_size)
-    in_chans, native = train_x.shape[3], train_x.shape[1]
-    img_size = cfg.img_size or native
-    mean, std = (cfg.mean, cfg.std) if cfg.mean is not None else (spec.mean, spec.std)
+    if cfg.mean is not None:
+        mean, std = cfg.mean, cfg.std
     _check_channels(mean, in_chans)
+    img_size = cfg.img_size or native
     augmenter = BatchAugmenter(cfg, img_size=img_size, num_classes=num_classes, mean=mean, std=std, device=device,
-                               seed=seed)
+                               seed=seed, out_chans=in_chans)
 
     def to_device(images: np.ndarray, labels: np.ndarray) -> tuple[Tensor, Tensor]:
         # the cached arrays are read-only: copy into NCHW, then hand the copy to torch
@@ -276,7 +285,18 @@ def _build_named(cfg: DataConfig, device: torch.device, seed: int, rank: int, wo
                 tuple(mean), tuple(std), cfg.soft_targets, cfg.dataset, str(directory), [])
 
 
+def _luma(images: np.ndarray) -> np.ndarray:
+    """RGB uint8 (N, H, W, 3) -> grayscale (N, H, W, 1) with ITU-R 601-2 weights, as PIL's "L"."""
+    out = np.empty(images.shape[:3] + (1,), dtype=np.uint8)
+    for start in range(0, len(images), 4096):
+        block = images[start:start + 4096].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        out[start:start + 4096, ..., 0] = np.round(block)
+    return out
+
+
 def _build_folder(cfg: DataConfig, device: torch.device, seed: int, rank: int, world_size: int) -> Data:
+    if cfg.in_chans not in (None, 3):
+        raise ValueError(f"in_chans={cfg.in_chans}: folder data sets are read as RGB (in_chans 3)")
     root = sources.locate_folder(cfg.dataset, cfg.data_dir)
     train_dir, val_dir = find_split_dir(root, "train"), find_split_dir(root, "val")
     classes = list_classes(train_dir)
