@@ -58,6 +58,7 @@ class DataConfig:
     ``trivialaugment`` (Mueller & Hutter 2021)."""
     randaugment_n: int = 2
     randaugment_m: int = 9
+    """On torchvision's 0-30 magnitude scale; timm's and the paper's ``m9`` (of 10) is about 27 here."""
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0
     mix_prob: float = 1.0
