@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from vitkit.checkpoint import atomic_path, atomic_write_text
-from vitkit.data.sources import DatasetSpec, default_download_root, named_spec
+from vitkit.data.sources import DatasetSpec, channel_stats, default_download_root, named_spec
 
 class DownloadError(RuntimeError):
     """Fetching a data set failed (network, checksum, disk); the message says what and where."""
@@ -44,21 +44,6 @@ def convert_torchvision_dataset(dataset: Any, spec: DatasetSpec) -> tuple[np.nda
     if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):
         raise ValueError(f"{name}: labels outside [0, {spec.num_classes})")
     return np.ascontiguousarray(images), labels
-
-
-def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images (N, H, W, C), on the [0, 1] scale."""
-    channels = images.shape[-1]
-    total = np.zeros(channels)
-    squares = np.zeros(channels)
-    for start in range(0, len(images), chunk):
-        block = images[start:start + chunk].reshape(-1, channels).astype(np.float64) / 255.0
-        total += block.sum(0)
-        squares += (block * block).sum(0)
-    count = images.size // channels
-    mean = total / count
-    std = np.sqrt(np.maximum(squares / count - mean * mean, 0.0))
-    return [round(float(m), 4) for m in mean], [round(float(s), 4) for s in std]
 
 
 def write_split(directory: Path, split: str, images: np.ndarray, labels: np.ndarray) -> Path:

@@ -22,7 +22,6 @@ from torch.utils.data import DataLoader
 from vitkit.data import sources
 from vitkit.data.augment import BatchAugmenter
 from vitkit.data.config import DataConfig
-from vitkit.data.download import channel_stats
 from vitkit.data.folder import FolderImages, FolderSplit, collate, find_split_dir, list_classes, scan_split
 from vitkit.data.sampling import (batch_positions, epoch_order, eval_shard, steps_per_epoch, stratified_subset,
                                   to_device)
@@ -31,7 +30,25 @@ Batch = tuple[Tensor, Tensor]
 
 
 # ------------------------------------------------------------------------------ in-memory streams
-class TensorTrainStream:
+class _TrainOrder:
+    """What every training stream shares: steps per epoch and which samples a rank reads at a step."""
+
+    num_samples: int
+    batch_size: int
+    seed: int
+    rank: int
+    world_size: int
+
+    def __len__(self) -> int:
+        return steps_per_epoch(self.num_samples, self.batch_size, self.world_size)
+
+    def indices(self, epoch: int, step: int) -> np.ndarray:
+        """Data set indices of this rank's batch ``step`` of ``epoch`` (no data is touched)."""
+        order = epoch_order(self.num_samples, self.seed, epoch)
+        return order[batch_positions(step, self.batch_size, self.rank, self.world_size)]
+
+
+class TensorTrainStream(_TrainOrder):
     """Training batches of an in-memory uint8 data set (N, C, H, W) that lives on the device."""
 
     def __init__(self, images: Tensor, labels: Tensor, augmenter: BatchAugmenter, *, batch_size: int, seed: int,
@@ -43,14 +60,6 @@ class TensorTrainStream:
     @property
     def num_samples(self) -> int:
         return self.images.shape[0]
-
-    def __len__(self) -> int:
-        return steps_per_epoch(self.num_samples, self.batch_size, self.world_size)
-
-    def indices(self, epoch: int, step: int) -> np.ndarray:
-        """Data set indices of this rank's batch ``step`` of ``epoch`` (no data is touched)."""
-        order = epoch_order(self.num_samples, self.seed, epoch)
-        return order[batch_positions(step, self.batch_size, self.rank, self.world_size)]
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         order = epoch_order(self.num_samples, self.seed, epoch)
@@ -116,7 +125,7 @@ class _WorkerPool:
         return iter(self.loader)
 
 
-class FolderTrainStream:
+class FolderTrainStream(_TrainOrder):
     """Training batches of a class-folder data set, decoded and cropped by DataLoader workers.
 
     ``skipped`` counts the undecodable images dropped so far (``skip_corrupt``); a batch that lost
@@ -134,13 +143,6 @@ class FolderTrainStream:
     @property
     def num_samples(self) -> int:
         return len(self.dataset)
-
-    def __len__(self) -> int:
-        return steps_per_epoch(self.num_samples, self.batch_size, self.world_size)
-
-    def indices(self, epoch: int, step: int) -> np.ndarray:
-        order = epoch_order(self.num_samples, self.seed, epoch)
-        return order[batch_positions(step, self.batch_size, self.rank, self.world_size)]
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         order = epoch_order(self.num_samples, self.seed, epoch)
@@ -258,7 +260,7 @@ def _build_named(cfg: DataConfig, device: torch.device, seed: int, rank: int, wo
     mean, std = spec.mean, spec.std
     if in_chans == 1 and native_chans == 3:  # luma, once, before anything is copied to the device
         train_x, val_x = _luma(train_x), _luma(val_x)
-        mean, std = channel_stats(train_x)  # of the whole training split, like the named constants
+        mean, std = sources.channel_stats(train_x)  # of the whole training split, like the named constants
     elif in_chans == 3 and native_chans == 1:  # kept as one channel in memory, repeated per batch
         mean, std = mean * 3, std * 3
     keep = _subset(train_y, cfg)

@@ -173,3 +173,18 @@ def class_names_of(directory: Path, num_classes: int) -> list[str]:
     if len(classes) != num_classes:
         raise ValueError(f"{directory / 'meta.json'}: lists {len(classes)} classes, the data set has {num_classes}")
     return [str(c) for c in classes]
+
+
+def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images (N, H, W, C), on the [0, 1] scale."""
+    channels = images.shape[-1]
+    total = np.zeros(channels)
+    squares = np.zeros(channels)
+    for start in range(0, len(images), chunk):
+        block = images[start:start + chunk].reshape(-1, channels).astype(np.float64) / 255.0
+        total += block.sum(0)
+        squares += (block * block).sum(0)
+    count = images.size // channels
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean * mean, 0.0))
+    return [round(float(m), 4) for m in mean], [round(float(s), 4) for s in std]
