@@ -282,7 +282,7 @@ def test_ddp_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp
 
     The key bias is left out: softmax is invariant to it, so its true gradient is zero and what the
     processes compute is rounding noise, which Adam's normalisation blows up to full-size steps."""
-    args = [*TINY, "--data.samples_per_class", "32", "--epochs", "2", "--data.crop", "none",
+    args = [*TINY, "--data.samples_per_class", "32", "--epochs", "2", "--data.crop", "none", "--eval_every", "2",
             "--ckpt_every_steps", "0", "--out_dir", str(tmp_path)]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
               "-m", "vitkit", "train", *args, "--batch_size", "16", "--run_name", "ddp", "--device", "cpu"]

@@ -110,7 +110,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from vitkit.evaluate import evaluate_trained
+    from vitkit.train.evaluate import evaluate_trained
 
     report = evaluate_trained(args.source, dataset=args.dataset, data_dir=args.data_dir,
                               batch_size=args.batch_size, device=args.device, precision=args.precision,

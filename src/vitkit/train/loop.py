@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vitkit.checkpoint import CheckpointError
+from vitkit.checkpoint import CheckpointError, load_weights
 from vitkit.data import build_data
-from vitkit.evaluate import evaluate
+from vitkit.train.evaluate import evaluate
 from vitkit.train.checkpoints import CheckpointWriter, capture_rng, load_checkpoint, resolve_checkpoint, restore_rng
 from vitkit.train.config import TrainConfig, expand_shortcuts, merge_configs, parse_overrides
 from vitkit.train.distributed import (World, all_reduce_sum, any_process, broadcast_object, gather_objects,
@@ -90,7 +90,7 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
     epoch, batch, global_step, best_acc, elapsed = 0, 0, 0, float("-inf"), 0.0
     epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
     if state is not None:
-        raw_model.load_state_dict(state["model"])
+        load_weights(raw_model, state["model"], source="the checkpoint's model weights")
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         if ema is not None:
