@@ -347,6 +347,10 @@ def test_download_converts_a_torchvision_dataset_into_the_layout(tmp_path, monke
     assert (data.train.num_samples, data.val.num_samples, data.in_chans) == (30, 20, 1)
     with np.load(directory / "train.npz") as npz:
         assert npz["images"].shape == (30, 28, 28, 1) and np.array_equal(npz["images"][..., 0], expected.numpy())
+    calls = len(FakeMNIST.calls)
+    assert download("mnist", tmp_path) == directory and len(FakeMNIST.calls) == calls  # complete: kept
+    download("mnist", tmp_path, force=True)
+    assert len(FakeMNIST.calls) == calls + 2
 
 
 def test_conversion_rejects_a_dataset_of_the_wrong_shape():

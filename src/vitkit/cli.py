@@ -43,7 +43,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
         from vitkit.data.download import DownloadError, download
 
         try:
-            print(f"downloaded {args.name} to {download(args.name, args.data_dir, keep_raw=args.keep_raw)}")
+            directory = download(args.name, args.data_dir, keep_raw=args.keep_raw, force=args.force)
+            print(f"{args.name} is in {directory}")
         except DownloadError as e:
             print(f"vitkit data download: error: {e}", file=sys.stderr)
             return 1
@@ -62,6 +63,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     dl.add_argument("--data-dir", default=None, help="root to write NAME/ into (default: $VITKIT_DATA or "
                     "~/.cache/vitkit/data)")
     dl.add_argument("--keep-raw", action="store_true", help="keep torchvision's raw download files")
+    dl.add_argument("--force", action="store_true", help="download again even if a complete copy is there")
     info = actions.add_parser("info", help="show where a data set is, its classes and split sizes")
     info.add_argument("name", help="a named data set or folder:PATH")
     info.add_argument("--data-dir", default=None, help="root holding NAME/ (default: search $VITKIT_DATA, ./data, "

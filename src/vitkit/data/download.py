@@ -79,17 +79,23 @@ def write_named_dataset(directory: Path, spec: DatasetSpec, splits: dict[str, tu
     return directory
 
 
-def download(name: str, data_dir: str | Path | None = None, *, keep_raw: bool = False) -> Path:
+def is_complete(directory: Path) -> bool:
+    return all((directory / f).is_file() for f in ("train.npz", "test.npz", "meta.json"))
+
+
+def download(name: str, data_dir: str | Path | None = None, *, keep_raw: bool = False, force: bool = False) -> Path:
     """Download ``name`` with torchvision into ``DATA_DIR/name`` (``train.npz``, ``test.npz``, ``meta.json``).
 
-    The raw files go to ``DATA_DIR/name/raw`` and are removed after a successful conversion unless
-    ``keep_raw``; a failed run can simply be repeated.
+    A complete copy already there is kept unless ``force``. The raw files go to ``DATA_DIR/name/raw``
+    and are removed after a successful conversion unless ``keep_raw``; a failed run can be repeated.
     """
     import torchvision
     import torchvision.datasets as tv_datasets
 
     spec = named_spec(name)
     directory = default_download_root(data_dir) / name
+    if is_complete(directory) and not force:
+        return directory
     raw = directory / "raw"
     dataset_class = getattr(tv_datasets, spec.torchvision_class)
     splits, classes = {}, None
