@@ -151,8 +151,9 @@ def test_resume_mid_epoch_sees_exactly_the_uninterrupted_batches(augment):
     assert_same_batches(train_batches(again, 2, start=4), full[4:])
 
 
-def test_two_ranks_cover_each_index_once_and_match_one_process_with_the_global_batch():
-    base = dict(samples_per_class=10, crop="random_crop", hflip=True, auto_augment="randaugment")
+@pytest.mark.parametrize("crop", ["random_crop", "random_resized_crop"])
+def test_two_ranks_cover_each_index_once_and_match_one_process_with_the_global_batch(crop):
+    base = dict(samples_per_class=10, crop=crop, auto_augment="randaugment", random_erasing=0.5, erase_mode="const")
     single = build_data(cfg("mnist", batch_size=10, **base), device="cpu", seed=3)
     ranks = [build_data(cfg("mnist", batch_size=5, **base), device="cpu", seed=3, rank=r, world_size=2)
              for r in range(2)]
