@@ -81,11 +81,12 @@ def _plain(value: Any) -> Any:
 
 # ------------------------------------------------------------------------------------ display
 class Progress:
-    """A tqdm bar per epoch on a terminal; otherwise a plain line every ``log_every`` steps."""
+    """A tqdm bar per epoch on a terminal; otherwise (output to a file or a pipe) a plain line every
+    ``log_every`` steps, so logs stay clean."""
 
     def __init__(self, mode: str, *, enabled: bool = True) -> None:
         if mode == "auto":
-            mode = "bar" if sys.stderr.isatty() else "plain"
+            mode = "bar" if sys.stdout.isatty() and sys.stderr.isatty() else "plain"
         self.mode = mode if enabled else "none"
         self._bar = None
         self._epoch_label = ""
