@@ -168,3 +168,31 @@ def test_ema_follows_the_weights_with_a_warming_decay():
     fresh = ModelEMA(torch.nn.Linear(3, 2), decay=0.99)
     fresh.load_state_dict(ema.state_dict())
     assert fresh.updates == ema.updates and torch.equal(fresh.module.weight, ema.module.weight)
+
+
+# -------------------------------------------------------------------------------------- display
+def test_progress_bar_on_a_terminal_and_plain_lines_elsewhere(capsys):
+    from vitkit.train.monitor import Progress
+
+    bar = Progress("bar")
+    bar.start_epoch(0, 3, total_steps=10, done_steps=0)
+    bar.step(4)
+    bar.show(4, loss=1.2345, acc=0.5, lr=1e-3, img_per_s=1234.0)
+    bar.print("epoch 1/3 | summary")
+    bar.end_epoch()
+    out, err = capsys.readouterr()
+    assert "epoch 1/3" in err and "4/10" in err and "loss 1.2345 acc 50.00% lr 1.00e-03 1,234 img/s" in err
+    assert "epoch 1/3 | summary" in out
+
+    plain = Progress("plain")
+    plain.start_epoch(1, 3, total_steps=10, done_steps=0)
+    plain.show(5, loss=0.5, acc=0.75, lr=2e-4, img_per_s=99.0)
+    plain.end_epoch()
+    out, err = capsys.readouterr()
+    assert out == "epoch 2/3 step 5/10 | loss 0.5000 | acc 75.00% | lr 2.00e-04 | 99 img/s\n" and err == ""
+
+    quiet = Progress("bar", enabled=False)  # processes other than rank 0
+    quiet.start_epoch(0, 1, 10, 0)
+    quiet.show(1, 1.0, 0.1, 1e-3, 1.0)
+    quiet.print("nothing")
+    assert capsys.readouterr() == ("", "")
