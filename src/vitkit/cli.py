@@ -102,10 +102,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         description="Train a model from a YAML config, with any config key overridden on the command line.",
         epilog="overrides: --KEY VALUE or --SECTION.KEY VALUE for any config key, e.g.\n"
                "  --epochs 50 --optim.lr 1e-3 --data.batch_size 256 --model.drop_path_rate 0.1\n"
-               "data and optim keys also work without their section (--dataset mnist --lr 3e-3),\n"
-               "--model NAME picks the model. See all keys and defaults with --print-config.\n"
+               "data and optim keys also work without their section (--dataset mnist --lr 3e-3\n"
+               "--data-dir DIR --samples-per-class 100), --model NAME picks the model.\n"
+               "See all keys and defaults with --print-config.\n"
+               "bundled configs: cifar10_vit (the default), mnist_vit, smoke\n"
                "distributed: torchrun --nproc-per-node N -m vitkit train ...")
-    p.add_argument("--config", metavar="YAML", help="a config file, or a bundled config name (e.g. mnist_vit)")
+    p.add_argument("--config", metavar="YAML", help="a config file, or the name of a bundled config")
     p.add_argument("--resume", metavar="RUN", help="continue a run directory (or checkpoint file) exactly")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=_cmd_train, accepts_overrides=True)
