@@ -59,9 +59,11 @@ def build_run_model(cfg: TrainConfig, data: Any) -> nn.Module:
     spec.setdefault("img_size", data.img_size)
     if spec["num_classes"] == data.num_classes:
         spec.setdefault("class_names", list(data.class_names))
-    for key, actual in (("num_classes", data.num_classes), ("in_chans", data.in_chans)):
-        if spec[key] != actual:
-            raise ValueError(f"model.{key}={spec[key]} but {cfg.data.dataset} has {actual}")
+    if spec["num_classes"] != data.num_classes:
+        raise ValueError(f"model.num_classes={spec['num_classes']} but {cfg.data.dataset} has {data.num_classes}")
+    if spec["in_chans"] != data.in_chans:
+        raise ValueError(f"model.in_chans={spec['in_chans']} but the data gives {data.in_chans}-channel images; "
+                         f"set data.in_chans {spec['in_chans']} to convert them")
     extra = dict(entry.config.extra)
     extra["preprocess"] = preprocess_info(cfg, data, spec["img_size"])
     spec["extra"] = extra
