@@ -1,0 +1,190 @@
+"""Where data sets live and what they are: named ``.npz`` sets, their constants, and how to find them.
+
+Layout of a named set (what ``vitkit data download`` writes)::
+
+    ROOT/NAME/train.npz   images uint8 (N, H, W, C), labels int64 (N,)
+    ROOT/NAME/test.npz
+    ROOT/NAME/meta.json   {"classes": [...], ...}
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FOLDER_PREFIX = "folder:"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Facts about a named data set: normalisation constants of its training split, native shape."""
+
+    name: str
+    num_classes: int
+    img_size: int
+    in_chans: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    torchvision_class: str
+    """Name of the torchvision.datasets class that downloads it."""
+    class_names: tuple[str, ...] | None = None
+    """Names to store when torchvision's differ from the layout's (MNIST: "0", not "0 - zero")."""
+
+
+NAMED_DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec("cifar10", 10, 32, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "CIFAR10"),
+        DatasetSpec("cifar100", 100, 32, 3, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "CIFAR100"),
+        DatasetSpec("mnist", 10, 28, 1, (0.1307,), (0.3081,), "MNIST", tuple(str(d) for d in range(10))),
+        DatasetSpec("fashion_mnist", 10, 28, 1, (0.2860,), (0.3530,), "FashionMNIST"),
+    )
+}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A data set is not where vitkit looked; the message lists the places and how to get it."""
+
+
+def _repo_shared_data() -> Path:
+    # src/vitkit/data/sources.py -> repository root is three levels above the package.
+    return Path(__file__).resolve().parents[3].parent / "shared" / "data"
+
+
+def data_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The directories searched for data sets, in order. An explicit ``data_dir`` is the only one."""
+    if data_dir is not None:
+        return [Path(data_dir).expanduser()]
+    roots = []
+    if os.environ.get("VITKIT_DATA"):
+        roots.append(Path(os.environ["VITKIT_DATA"]).expanduser())
+    roots += [Path("data"), Path("~/.cache/vitkit/data").expanduser(), _repo_shared_data()]
+    return roots
+
+
+def default_download_root(data_dir: str | os.PathLike | None = None) -> Path:
+    """Where ``vitkit data download`` writes: ``data_dir``, else ``VITKIT_DATA``, else the user cache."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    if os.environ.get("VITKIT_DATA"):
+        return Path(os.environ["VITKIT_DATA"]).expanduser()
+    return Path("~/.cache/vitkit/data").expanduser()
+
+
+def is_folder_dataset(dataset: str) -> bool:
+    return dataset.startswith(FOLDER_PREFIX)
+
+
+def named_spec(name: str) -> DatasetSpec:
+    if name not in NAMED_DATASETS:
+        raise ValueError(f"unknown data set {name!r}; named sets: {', '.join(NAMED_DATASETS)}; "
+                         f"or use folder:PATH for a class-folder tree with train/ and val/")
+    return NAMED_DATASETS[name]
+
+
+def locate_named(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """Return ``ROOT/name`` holding ``train.npz``; else raise an error naming every place searched."""
+    named_spec(name)
+    roots = data_roots(data_dir)
+    for root in roots:
+        if (root / name / "train.npz").is_file():
+            return root / name
+    looked = "\n".join(f"  {(root / name / 'train.npz').resolve()}" for root in roots)
+    target = f" --data-dir {data_dir}" if data_dir is not None else ""
+    raise DatasetNotFoundError(
+        f"data set {name!r} not found; looked for:\n{looked}\n"
+        f"get it with `vitkit data download {name}{target}` (needs internet), or point --data-dir / "
+        f"VITKIT_DATA at a directory that holds {name}/train.npz")
+
+
+def locate_folder(dataset: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """Resolve ``folder:PATH``: PATH as given, else relative to each data root (``folder:imagenette``)."""
+    raw = dataset[len(FOLDER_PREFIX):]
+    if not raw:
+        raise ValueError("dataset 'folder:' needs a path, e.g. folder:/data/imagenette")
+    path = Path(raw).expanduser()
+    candidates = [path] + ([root / raw for root in data_roots(data_dir)] if not path.is_absolute() else [])
+    for candidate in candidates:
+        if (candidate / "train").is_dir():
+            return candidate
+    looked = "\n".join(f"  {(c / 'train').resolve()}" for c in candidates)
+    raise DatasetNotFoundError(f"folder data set {raw!r} not found: no train/ directory at\n{looked}\n"
+                               f"a folder data set is PATH/train/<class>/*.jpg|png and PATH/val/<class>/...")
+
+
+def read_meta(directory: Path) -> dict:
+    path = directory / "meta.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def load_npz_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``split.npz`` (no pickles) and check it: images uint8 (N, H, W, C), labels int64 (N,).
+
+    The arrays are cached (read-only) per file and modification time: a process that builds the
+    pipeline several times (evaluation, tests) decompresses each file once.
+    """
+    path = directory / f"{split}.npz"
+    if not path.is_file():
+        raise DatasetNotFoundError(f"{path} is missing (the data set directory has no {split} split)")
+    stat = path.stat()
+    return _load_npz(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_npz(file: str, mtime_ns: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    path = Path(file)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            names = set(npz.files)
+            if {"images", "labels"} <= names:
+                images, labels = npz["images"], npz["labels"]
+    except Exception as e:  # a truncated or foreign file: zip, pickle and format errors alike
+        raise ValueError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
+    if not {"images", "labels"} <= names:
+        raise ValueError(f"{path}: needs arrays 'images' and 'labels', has {sorted(names)}")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"{path}: 'images' must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+    if labels.shape != (images.shape[0],):
+        raise ValueError(f"{path}: 'labels' shape {labels.shape} does not match {images.shape[0]} images")
+    labels = labels.astype(np.int64)
+    images.flags.writeable = False
+    labels.flags.writeable = False
+    return images, labels
+
+
+def class_names_of(directory: Path, num_classes: int) -> list[str]:
+    classes = read_meta(directory).get("classes")
+    if classes is None:
+        return [str(i) for i in range(num_classes)]
+    if len(classes) != num_classes:
+        raise ValueError(f"{directory / 'meta.json'}: lists {len(classes)} classes, the data set has {num_classes}")
+    return [str(c) for c in classes]
+
+
+def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images (N, H, W, C), on the [0, 1] scale."""
+    channels = images.shape[-1]
+    total = np.zeros(channels)
+    squares = np.zeros(channels)
+    for start in range(0, len(images), chunk):
+        block = images[start:start + chunk].reshape(-1, channels).astype(np.float64) / 255.0
+        total += block.sum(0)
+        squares += (block * block).sum(0)
+    count = images.size // channels
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean * mean, 0.0))
+    return [round(float(m), 4) for m in mean], [round(float(s), 4) for s in std]

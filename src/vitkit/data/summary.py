@@ -1,0 +1,61 @@
+"""``vitkit data info NAME``: where a data set is and what it holds, without decoding its images."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vitkit.data import sources
+from vitkit.data.folder import find_split_dir, list_classes, scan_split
+
+
+def _npz_shape(path: Path, key: str) -> tuple[int, ...]:
+    """Shape of array ``key`` in an ``.npz``, read from the ``.npy`` header only."""
+    with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        shape, _, _ = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0(f))
+    return tuple(shape)
+
+
+def dataset_summary(dataset: str, data_dir: str | Path | None = None) -> dict[str, Any]:
+    """Location, classes, image shape and per-class counts of each split of ``dataset``."""
+    if sources.is_folder_dataset(dataset):
+        root = sources.locate_folder(dataset, data_dir)
+        classes = list_classes(find_split_dir(root, "train"))
+        splits = {}
+        for split in ("train", "val"):
+            found = scan_split(find_split_dir(root, split), classes, check_headers=False)
+            splits[split] = np.bincount(found.labels, minlength=len(classes)).tolist()
+        return {"dataset": dataset, "location": str(root), "classes": classes, "image_shape": "any (resized)",
+                "splits": splits, "mean": list(sources.IMAGENET_MEAN), "std": list(sources.IMAGENET_STD)}
+    spec = sources.named_spec(dataset)
+    directory = sources.locate_named(dataset, data_dir)
+    splits, shape = {}, None
+    for split in ("train", "test"):
+        path = directory / f"{split}.npz"
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as npz:
+                labels = npz["labels"]
+            splits[split] = np.bincount(labels, minlength=spec.num_classes).tolist()
+            shape = shape or _npz_shape(path, "images")[1:]
+    return {"dataset": dataset, "location": str(directory), "classes": sources.class_names_of(directory, spec.num_classes),
+            "image_shape": "x".join(map(str, shape)) if shape else "?", "splits": splits,
+            "mean": list(spec.mean), "std": list(spec.std)}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A short human-readable table of :func:`dataset_summary`."""
+    classes, splits = summary["classes"], summary["splits"]
+    lines = [f"{summary['dataset']}: {summary['location']}",
+             f"  images: {summary['image_shape']}, {len(classes)} classes, "
+             f"mean {summary['mean']}, std {summary['std']}",
+             "  " + "  ".join(f"{split} {sum(counts)}" for split, counts in splits.items())]
+    width = max(5, *(len(c) for c in classes))
+    lines.append(f"  {'class':{width}s}" + "".join(f"{split:>8s}" for split in splits))
+    for i, name in enumerate(classes):
+        lines.append(f"  {name:{width}s}" + "".join(f"{counts[i]:8d}" for counts in splits.values()))
+    return "\n".join(lines)

@@ -1,0 +1,45 @@
+"""Input-pipeline throughput (images/s), for ``benchmarks/bench_data.py`` and the ``vitkit bench`` harness."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from vitkit.data.config import DataConfig
+from vitkit.data.pipeline import build_data
+from vitkit.data.sources import is_folder_dataset
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def pipeline_throughput(cfg: DataConfig, device: torch.device | str = "cpu", *, steps: int = 20,
+                        repeats: int = 3) -> list[float]:
+    """Training images/s of the pipeline of ``cfg`` on ``device``, one figure per repeat.
+
+    In-memory sets: ``steps`` batches after a warm-up batch, each repeat another epoch. Folder sets:
+    whole epochs, worker start-up included (what training pays), after one warm-up epoch that also
+    fills the page cache.
+    """
+    device = torch.device(device)
+    data = build_data(cfg, device=device, seed=0)
+    folder = is_folder_dataset(cfg.dataset)
+    rates = []
+    for epoch in range(repeats + (1 if folder else 0)):
+        batches = data.train.batches(epoch)
+        if not folder:
+            next(batches)
+        _sync(device)
+        start = time.perf_counter()
+        count = 0
+        for step, (images, _) in enumerate(batches):
+            count += len(images)
+            if step + 1 >= steps and not folder:
+                break
+        _sync(device)
+        if not folder or epoch > 0:
+            rates.append(count / (time.perf_counter() - start))
+    return rates

@@ -1,0 +1,348 @@
+"""The training configuration: a small tree of dataclasses, read from YAML, overridden from the
+command line (``--epochs 50``, ``--optim.lr 1e-3``), validated key by key, written back as YAML.
+
+Every key has a default, so ``TrainConfig()`` is the README's main job: a small ViT on CIFAR-10.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
+
+import yaml
+
+from vitkit.data import DataConfig
+
+Precision = Literal["fp32", "bf16", "fp16"]
+Progress = Literal["auto", "bar", "plain", "none"]
+
+
+# The defaults are configs/cifar10_vit.yaml, the README's main job (a test keeps the two equal).
+_DEFAULT_MODEL = {"name": "vit_cifar_patch4_32", "embed_dim": 128, "depth": 6, "num_heads": 4, "mlp_dim": 256,
+                  "drop_path_rate": 0.05, "head_init": "zeros"}
+_DEFAULT_DATA = {"dataset": "cifar10", "batch_size": 128, "crop": "random_crop", "crop_padding": 4, "hflip": True,
+                 "label_smoothing": 0.1}
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay, per optimizer step."""
+
+    lr: float = 1e-3
+    """Peak learning rate, reached at the end of warmup (not scaled by the batch size)."""
+    min_lr: float = 1e-5
+    """Learning rate at the end of the cosine decay."""
+    weight_decay: float = 0.05
+    """Decoupled weight decay; never applied to norms, biases, position embeddings or the class token."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_epochs: float = 5.0
+    clip_grad: Optional[float] = 1.0
+    """Clip the global gradient norm to this value; null turns clipping off."""
+    accum_steps: int = 1
+    """Gradient accumulation: one optimizer step every ``accum_steps`` batches."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr must be in [0, optim.lr], got {self.min_lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"optim.warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError(f"optim.clip_grad must be positive or null, got {self.clip_grad}")
+        if self.accum_steps < 1:
+            raise ValueError(f"optim.accum_steps must be >= 1, got {self.accum_steps}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. Saved as ``config.yaml`` in the run directory."""
+
+    model: dict[str, Any] = field(default_factory=lambda: dict(_DEFAULT_MODEL))
+    """A registered model name plus overrides of its config, e.g. ``{name: ..., drop_path_rate: 0.1}``.
+    ``num_classes``, ``in_chans`` and ``img_size`` default to the data set's. Giving ``model.name``
+    replaces the whole section; other ``model.*`` keys are added to it."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(**_DEFAULT_DATA))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(warmup_epochs=2.0))
+    epochs: int = 18
+    ema_decay: Optional[float] = None
+    """Keep an exponential moving average of the weights (e.g. 0.9998); it is evaluated and exported."""
+    precision: Precision = "fp32"
+    """fp32, bf16 autocast, or fp16 autocast (with a gradient scaler on CUDA)."""
+    compile: bool = False
+    """Run the model through ``torch.compile``."""
+    device: str = "auto"
+    """auto (CUDA if available, else CPU), cpu, cuda, cuda:N, mps."""
+    seed: int = 0
+    deterministic: bool = False
+    """Use deterministic kernels only, so a run (and its resumption) is bit-for-bit repeatable."""
+    log_every: int = 50
+    """Log training metrics every this many optimizer steps."""
+    eval_every: int = 1
+    """Evaluate on the validation set every this many epochs (and always after the last)."""
+    ckpt_every_steps: int = 500
+    """Write the ``last`` checkpoint every this many optimizer steps (and at every epoch end); 0: epoch ends only."""
+    keep_last_k: int = 2
+    """Also keep the k most recent checkpoints as ``step-NNNNNNNN.pt`` (0 keeps only last and best)."""
+    out_dir: str = "runs"
+    run_name: Optional[str] = None
+    """Name of the run directory under ``out_dir``; default: ``<dataset>-<model>-<date>-<time>``."""
+    progress: Progress = "auto"
+    """auto: a tqdm bar on a terminal, plain log lines otherwise."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, dict) or not isinstance(self.model.get("name"), str):
+            raise ValueError("model.name must name a registered model (see `vitkit models`)")
+        for key in ("epochs", "log_every", "eval_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("ckpt_every_steps", "keep_last_k"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1) or null, got {self.ema_decay}")
+        _check_literal(self, "precision", Precision)
+        _check_literal(self, "progress", Progress)
+
+    # ------------------------------------------------------------------------------- conversions
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> "TrainConfig":
+        """Keys given in ``data`` replace the defaults'; sections are merged key by key."""
+        return _build(cls, merge_configs(cls().to_dict(), data), source, prefix="")
+
+
+# ---------------------------------------------------------------------------------- loading
+def load_config(config: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The config of a run: defaults, then a YAML file (a path, or the name of a bundled config such as
+    ``cifar10_vit``), then ``--key value`` overrides. Unknown keys are errors naming the key."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if config is not None:
+        path = find_config(config)
+        source = str(path)
+        data = read_yaml(path)
+    override_dict = expand_shortcuts(parse_overrides(overrides))
+    merged = merge_configs(data, override_dict)
+    return TrainConfig.from_dict(merged, source=source if not override_dict else f"{source} + overrides")
+
+
+def bundled_configs() -> list[str]:
+    """Names of the configs shipped with vitkit (usable as ``--config NAME``)."""
+    root = resources.files("vitkit") / "configs"
+    return sorted(p.name.removesuffix(".yaml") for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def find_config(config: str | Path) -> Path:
+    """A path to a YAML file, or the name of a bundled config (with or without ``.yaml``)."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    name = path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml"
+    bundled = resources.files("vitkit") / "configs" / name
+    if str(path.parent) in (".", "configs") and bundled.is_file():
+        return Path(str(bundled))
+    raise FileNotFoundError(f"config {str(config)!r}: no such file, and no bundled config of that name "
+                            f"(bundled: {', '.join(bundled_configs())})")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e})") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
+    """``['--optim.lr', '1e-3', '--compile', '--data.dataset=mnist']`` -> a nested dict.
+
+    Values are parsed as YAML (``null``, ``true``, ``[0.9, 0.95]``); a flag without a value means true.
+    """
+    result: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ValueError(f"unexpected argument {arg!r}: overrides look like --key value or --section.key=value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value, i = args[i + 1], i + 1
+            else:
+                value = "true"
+        i += 1
+        parsed = yaml.safe_load(value) if value.strip() else ""
+        node = result
+        parts = key.replace("-", "_").split(".")
+        if parts == ["model"] and isinstance(parsed, str):  # --model NAME
+            parts = ["model", "name"]
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--{key}: {part} was given a value and sub-keys")
+        node[parts[-1]] = parsed
+    return result
+
+
+def expand_shortcuts(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Let the command line say ``--dataset mnist --lr 3e-3 --model vit_tiny_patch4_32``: a top-level key
+    that is not a TrainConfig key but names a ``data`` or ``optim`` key goes there."""
+    top = {f.name for f in dataclasses.fields(TrainConfig)}
+    sections = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in (("data", DataConfig),
+                                                                                   ("optim", OptimConfig))}
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        owners = [s for s, keys in sections.items() if key in keys]
+        if key not in top and len(owners) == 1:
+            out = _merge(out, {owners[0]: {key: value}})
+        else:
+            out = _merge(out, {key: value})
+    return out
+
+
+def merge_configs(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``update`` over ``base``, section by section; a ``model`` that names its model replaces the base's
+    model section (the overrides of one model mean nothing for another)."""
+    update = dict(update)
+    if isinstance(update.get("model"), str):  # `model: vit_tiny_patch4_32` is short for {name: ...}
+        update["model"] = {"name": update["model"]}
+    merged = _merge(base, update)
+    if isinstance(update.get("model"), Mapping) and "name" in update["model"]:
+        merged["model"] = dict(update["model"])
+    return merged
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+# -------------------------------------------------------------------- dataclass tree <-> dicts
+def _build(cls: type, data: Mapping[str, Any], source: str, prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), fields, n=1)
+        hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+        raise ValueError(f"{source}: unknown config key {prefix}{unknown[0]!s}{hint}; "
+                         f"{prefix.rstrip('.') or 'the top level'} has: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, source, f"{key}.")
+        else:
+            kwargs[name] = _coerce(value, hint, key, source)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        where = prefix.rstrip(".")
+        raise ValueError(f"{source}: {where + ': ' if where and where not in str(e) else ''}{e}") from e
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check ``value`` against a field's type and convert what YAML reads loosely (``1e-3`` is a string
+    to YAML 1.1; an int is a fine float; a list is a fine tuple)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key, source)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{source}: {key} must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin in (tuple, list) and isinstance(value, (list, tuple)):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ValueError(f"{source}: {key} must have {len(args)} entries, got {list(value)}")
+            return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
+        item = args[0] if args else Any
+        return origin(_coerce(v, item, key, source) for v in value)
+    elif origin is dict and isinstance(value, Mapping):
+        return dict(value)
+    raise ValueError(f"{source}: {key} must be {_describe(hint)}, got {value!r}")
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (tuple, list):
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    return f"a{'n' if getattr(hint, '__name__', '')[:1] in 'aeiou' else ''} {getattr(hint, '__name__', hint)}"
+
+
+def _check_literal(obj: Any, name: str, literal: Any) -> None:
+    allowed = typing.get_args(literal)
+    if getattr(obj, name) not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(obj, name)!r}")
+
+
+def _plain(value: Any) -> Any:
+    """Tuples become lists so that YAML stays plain (``yaml.safe_load`` can read it back)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

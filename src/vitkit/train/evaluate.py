@@ -1,0 +1,147 @@
+"""Measuring a classifier: loss, top-1, top-5, per-class accuracy and the confusion matrix.
+
+Used after every epoch of training and by ``vitkit eval``. Under ``torchrun`` each process evaluates its
+shard and the counts are summed, so every process gets the metrics of the whole set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitkit.checkpoint import atomic_write_text
+from vitkit.train.distributed import World, all_reduce_sum
+from vitkit.train.runtime import autocast
+
+
+@dataclass
+class EvalResult:
+    num_samples: int
+    loss: float
+    top1: float
+    top5: float
+    confusion: Tensor
+    """(K, K) counts, rows = true class, columns = predicted class."""
+
+    @property
+    def per_class_accuracy(self) -> Tensor:
+        """Recall of each class (NaN for a class absent from the set)."""
+        support = self.confusion.sum(dim=1).double()
+        return self.confusion.diagonal().double() / support
+
+    def summary(self) -> dict[str, float]:
+        return {"loss": self.loss, "acc": self.top1, "top5": self.top5}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], num_classes: int, *,
+             device: torch.device, precision: str = "fp32", world: Optional[World] = None) -> EvalResult:
+    """Run ``model`` over labelled ``batches`` and count what it gets right."""
+    was_training = model.training
+    model.eval()
+    k = min(5, num_classes)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, top-5 hits, samples
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=device)
+    for images, labels in batches:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(precision, device):
+            logits = model(images)
+        logits = logits.float()
+        top = logits.topk(k, dim=1).indices
+        totals[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+        totals[1] += (top == labels[:, None]).any(dim=1).sum()
+        totals[2] += labels.numel()
+        # A one-hot product instead of bincount: exact, and allowed in deterministic mode on CUDA.
+        truth = F.one_hot(labels, num_classes).float()
+        predicted = F.one_hot(top[:, 0], num_classes).float()
+        confusion += (truth.T @ predicted).double()
+    model.train(was_training)
+    if world is not None:
+        all_reduce_sum(totals, world)
+        all_reduce_sum(confusion, world)
+    n = int(totals[2].item())
+    if n == 0:
+        raise ValueError("the evaluation set is empty")
+    confusion = confusion.round().long().cpu()
+    return EvalResult(num_samples=n, loss=float(totals[0]) / n, top1=float(confusion.trace()) / n,
+                      top5=float(totals[1]) / n, confusion=confusion)
+
+
+# ------------------------------------------------------------------------------- vitkit eval
+@dataclass
+class EvalReport:
+    source: str
+    dataset: str
+    class_names: list[str]
+    result: EvalResult
+    out_dir: Path
+
+    def to_dict(self) -> dict:
+        per_class = self.result.per_class_accuracy.tolist()
+        return {
+            "source": self.source, "dataset": self.dataset, "num_samples": self.result.num_samples,
+            "top1": self.result.top1, "top5": self.result.top5, "loss": self.result.loss,
+            "per_class_accuracy": {name: (None if math.isnan(acc) else acc)
+                                   for name, acc in zip(self.class_names, per_class)},
+            "confusion": self.result.confusion.tolist(),
+        }
+
+    def format(self) -> str:
+        r = self.result
+        width = max(len(n) for n in self.class_names)
+        lines = [f"{self.source} on {self.dataset} ({r.num_samples} images)",
+                 f"top-1 {100 * r.top1:.2f}%   top-5 {100 * r.top5:.2f}%   loss {r.loss:.4f}", "per-class accuracy:"]
+        support = r.confusion.sum(dim=1).tolist()
+        for name, acc, n in zip(self.class_names, r.per_class_accuracy.tolist(), support):
+            lines.append(f"  {name:<{width}}  {'-' if math.isnan(acc) else f'{100 * acc:6.2f}%'}  ({n} images)")
+        lines.append(f"wrote {self.out_dir / 'eval.json'} and {self.out_dir / 'confusion.png'}")
+        return "\n".join(lines)
+
+
+def evaluate_trained(source: str | Path, *, dataset: Optional[str] = None, data_dir: Optional[str] = None,
+                     batch_size: int = 256, device: str = "auto", precision: str = "fp32",
+                     out_dir: Optional[str | Path] = None) -> EvalReport:
+    """Evaluate a run, training checkpoint or model directory on a data set's evaluation split (by default
+    the one it was trained on, with its training normalisation); write ``eval.json`` and ``confusion.png``."""
+    from vitkit.data import DataConfig, build_data
+    from vitkit.train.checkpoints import load_trained
+    from vitkit.train.plots import plot_confusion
+    from vitkit.train.runtime import resolve_device
+
+    model, train_cfg, run_dir = load_trained(source)
+    config = model.config
+    preprocess = config.extra.get("preprocess", {})
+    trained_on = (train_cfg or {}).get("data", {})
+    dataset = dataset or trained_on.get("dataset") or preprocess.get("dataset")
+    if not dataset:
+        raise ValueError(f"{source}: the model does not record its training data set; pass --dataset")
+    if data_dir is None and dataset == trained_on.get("dataset"):
+        data_dir = trained_on.get("data_dir")
+    height, width = config.image_hw
+    if height != width:
+        raise ValueError(f"{source}: non-square models ({height}x{width}) are not supported by vitkit eval")
+    data_cfg = DataConfig(dataset=dataset, data_dir=data_dir, img_size=height, batch_size=1,
+                          eval_batch_size=batch_size, mean=preprocess.get("mean"), std=preprocess.get("std"),
+                          eval_crop_pct=preprocess.get("crop_pct", 0.875) if dataset.startswith("folder:") else 0.875)
+    device_ = resolve_device(device)
+    data = build_data(data_cfg, device=device_)
+    if data.num_classes != config.num_classes:
+        raise ValueError(f"{source} predicts {config.num_classes} classes but {dataset} has {data.num_classes}")
+    result = evaluate(model.to(device_), data.val.batches(), data.num_classes, device=device_, precision=precision)
+    class_names = list(config.class_names or data.class_names)
+
+    tag = dataset.removeprefix("folder:").rstrip("/").rsplit("/", 1)[-1]
+    out = Path(out_dir) if out_dir is not None else (run_dir or Path(".")) / f"eval-{tag}"
+    out.mkdir(parents=True, exist_ok=True)
+    report = EvalReport(str(source), dataset, class_names, result, out)
+    atomic_write_text(json.dumps(report.to_dict(), indent=1) + "\n", out / "eval.json")
+    plot_confusion(result.confusion, class_names, out / "confusion.png",
+                   title=f"{Path(source).name} on {tag}: top-1 {100 * result.top1:.2f}%")
+    return report

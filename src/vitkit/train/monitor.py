@@ -1,0 +1,143 @@
+"""What a run shows and records: a tqdm bar (or plain lines off a terminal), one summary line per epoch,
+``metrics.jsonl`` and TensorBoard events. Only the main process writes."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from vitkit.checkpoint import atomic_write_text
+
+METRICS_NAME = "metrics.jsonl"
+
+
+class RunLog:
+    """Appends one JSON line per event to ``metrics.jsonl`` and mirrors the numbers to TensorBoard.
+
+    On resume from optimizer step ``S``, lines and events logged after ``S`` by the interrupted process are
+    dropped first, so the log reads as if the run had never stopped.
+    """
+
+    def __init__(self, run_dir: str | Path, *, resume_step: Optional[int] = None, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / METRICS_NAME
+        self._writer = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and _step_of(line) <= resume_step]
+            atomic_write_text("".join(f"{line}\n" for line in kept), self.path)
+        from torch.utils.tensorboard import SummaryWriter
+
+        purge = resume_step + 1 if resume_step is not None else None
+        self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge)
+        self._file = open(self.path, "a", buffering=1)
+
+    def log(self, kind: str, step: int, **metrics: Any) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": kind, "step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        for name, value in record.items():
+            if name not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
+                self._writer.add_scalar(f"{kind}/{name}", value, step)
+
+    def flush(self) -> None:
+        if self.enabled:
+            self._file.flush()
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            self._writer.close()
+            self.enabled = False
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl``."""
+    path = Path(run_dir) / METRICS_NAME
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # an unreadable (half-written) line goes
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float):
+        return float(f"{value:.7g}")  # 7 significant digits: all a float32 metric holds
+    return value
+
+
+# ------------------------------------------------------------------------------------ display
+class Progress:
+    """A tqdm bar per epoch on a terminal; otherwise (output to a file or a pipe) a plain line every
+    ``log_every`` steps, so logs stay clean."""
+
+    def __init__(self, mode: str, *, enabled: bool = True) -> None:
+        if mode == "auto":
+            mode = "bar" if sys.stdout.isatty() and sys.stderr.isatty() else "plain"
+        self.mode = mode if enabled else "none"
+        self._bar = None
+        self._epoch_label = ""
+
+    def start_epoch(self, epoch: int, epochs: int, total_steps: int, done_steps: int) -> None:
+        self._epoch_label = f"epoch {epoch + 1}/{epochs}"
+        self._total = total_steps
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=done_steps, desc=self._epoch_label, unit="step",
+                             dynamic_ncols=True, leave=True, file=sys.stderr)
+
+    def step(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def show(self, step_in_epoch: int, loss: float, acc: float, lr: float, img_per_s: float) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"loss {loss:.4f} acc {100 * acc:.2f}% lr {lr:.2e} {img_per_s:,.0f} img/s")
+        elif self.mode == "plain":
+            print(f"{self._epoch_label} step {step_in_epoch}/{self._total} | loss {loss:.4f} | "
+                  f"acc {100 * acc:.2f}% | lr {lr:.2e} | {img_per_s:,.0f} img/s", flush=True)
+
+    def end_epoch(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def print(self, line: str) -> None:
+        if self.mode == "none":
+            return
+        if self._bar is not None:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+class Stopwatch:
+    """Wall-clock time of the run, carried across resumptions."""
+
+    def __init__(self, elapsed: float = 0.0) -> None:
+        self._start = time.perf_counter() - elapsed
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._start

@@ -1,0 +1,95 @@
+"""A run directory: its name, its ``config.yaml``, the model it trains and the model it exports."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from vitkit.checkpoint import atomic_write_text
+from vitkit.train.config import TrainConfig
+
+CONFIG_NAME = "config.yaml"
+MODEL_DIR = "model"
+
+
+def create_run_dir(cfg: TrainConfig) -> Path:
+    """``out_dir/run_name``, or ``out_dir/<dataset>-<model>-<date>-<time>``; an existing run is never reused
+    by accident (resuming is explicit: ``--resume``)."""
+    out_dir = Path(cfg.out_dir)
+    if cfg.run_name:
+        run_dir = out_dir / cfg.run_name
+        if (run_dir / CONFIG_NAME).exists():
+            raise ValueError(f"run directory {run_dir} already holds a run; continue it with "
+                                  f"`vitkit train --resume {run_dir}` or choose another --run_name")
+    else:
+        dataset = cfg.data.dataset.removeprefix("folder:").rstrip("/").rsplit("/", 1)[-1]
+        base = f"{dataset}-{cfg.model['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir, n = out_dir / base, 1
+        while run_dir.exists():
+            n += 1
+            run_dir = out_dir / f"{base}-{n}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def write_config(cfg: TrainConfig, run_dir: Path) -> None:
+    atomic_write_text(cfg.to_yaml(), run_dir / CONFIG_NAME)
+
+
+def build_run_model(cfg: TrainConfig, data: Any) -> nn.Module:
+    """The registered model ``cfg.model['name']`` with the config's overrides; the number of classes,
+    channels, image size and class names default to the data set's, and the preprocessing travels in
+    ``config.extra`` so that ``vitkit predict`` can reproduce it."""
+    from vitkit.models.registry import build_model, get_model_entry
+
+    spec = dict(cfg.model)
+    name = spec.pop("name")
+    entry = get_model_entry(name)
+    fields = {f.name for f in dataclasses.fields(entry.config)}
+    unknown = sorted(set(spec) - fields)
+    if unknown:
+        raise ValueError(f"unknown config key model.{unknown[0]} for {name} "
+                         f"({type(entry.config).__name__} has: {', '.join(sorted(fields))})")
+    spec.setdefault("num_classes", data.num_classes)
+    spec.setdefault("in_chans", data.in_chans)
+    spec.setdefault("img_size", data.img_size)
+    if spec["num_classes"] == data.num_classes:
+        spec.setdefault("class_names", list(data.class_names))
+    if spec["num_classes"] != data.num_classes:
+        raise ValueError(f"model.num_classes={spec['num_classes']} but {cfg.data.dataset} has {data.num_classes}")
+    if spec["in_chans"] != data.in_chans:
+        raise ValueError(f"model.in_chans={spec['in_chans']} but the data gives {data.in_chans}-channel images; "
+                         f"set data.in_chans {spec['in_chans']} to convert them")
+    extra = dict(entry.config.extra)
+    extra["preprocess"] = preprocess_info(cfg, data, spec["img_size"])
+    spec["extra"] = extra
+    try:
+        config = entry.config.replace(**spec)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model ({name}): {e}") from e
+    return build_model(config)
+
+
+def preprocess_info(cfg: TrainConfig, data: Any, img_size: Any) -> dict[str, Any]:
+    """How evaluation images were prepared: what ``vitkit predict`` does to a new image."""
+    folder = cfg.data.dataset.startswith("folder:")
+    return {
+        "img_size": img_size if isinstance(img_size, int) else list(img_size),
+        "mean": [float(v) for v in data.mean],
+        "std": [float(v) for v in data.std],
+        "crop_pct": cfg.data.eval_crop_pct if folder else 1.0,
+        "dataset": cfg.data.dataset,
+    }
+
+
+def export_model(model: nn.Module, run_dir: Path, *, best_acc: float, total_time: float) -> Path:
+    """Save the final weights in vitkit's format (``run_dir/model``), readable by ``vitkit.load_model``."""
+    extra = dict(model.config.extra)
+    extra["training"] = {"run": str(run_dir), "best_val_acc": best_acc if best_acc > float("-inf") else None,
+                         "train_seconds": round(total_time, 1)}
+    model.config = model.config.replace(extra=extra)
+    return model.save_pretrained(run_dir / MODEL_DIR)
