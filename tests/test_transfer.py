@@ -282,3 +282,71 @@ def test_cli_fewshot_errors(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["fewshot", "x", "--dataset", "mnist", "--shots", "0,5"])
+
+
+# ------------------------------------------------------- fine-tuning through the training loop
+def _image_folder(root: Path, data_root: Path, classes: int = 3, train: int = 10, val: int = 5) -> Path:
+    """A small ImageFolder tree of real CIFAR-10 images: train/<class>/*.png and val/<class>/*.png."""
+    from PIL import Image
+
+    with np.load(data_root / "cifar10" / "test.npz") as f:
+        images, labels = f["images"][:600], f["labels"][:600]
+    for c in range(classes):
+        picks = np.flatnonzero(labels == c)[: train + val]
+        for i, index in enumerate(picks):
+            split = "train" if i < train else "val"
+            (root / split / f"class{c}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[index]).save(root / split / f"class{c}" / f"{index}.png")
+    return root
+
+
+def test_finetune_config_layers_recipe_file_and_overrides(tmp_path):
+    pytest.importorskip("vitkit.train", reason="the training loop lands on another branch")
+    from vitkit.finetune import finetune_config
+
+    model = tiny()
+    model.config = model.config.replace(extra={"preprocess": {"mean": [0.4, 0.4, 0.4], "std": [0.2, 0.2, 0.2]}})
+    model.save_pretrained(tmp_path / "run" / "model")
+    (tmp_path / "ft.yaml").write_text("epochs: 3\noptim:\n  lr: 0.003\n")
+    cfg = finetune_config(str(tmp_path / "run"), "cifar10", img_size=64, config=str(tmp_path / "ft.yaml"),
+                          overrides=["--optim.layer_decay", "0.75"])
+    assert (cfg.optim.name, cfg.optim.weight_decay, cfg.optim.clip_grad, cfg.optim.momentum) == ("sgd", 0.0, 1.0, 0.9)
+    assert (cfg.epochs, cfg.optim.lr, cfg.optim.layer_decay) == (3, 0.003, 0.75)
+    assert (cfg.data.dataset, cfg.data.img_size, cfg.finetune.init) == ("cifar10", 64, str(tmp_path / "run"))
+    assert cfg.data.mean == (0.4, 0.4, 0.4) and cfg.data.std == (0.2, 0.2, 0.2)  # pre-training normalisation
+    with pytest.raises(ValueError, match="finetune.pos_embed"):
+        finetune_config(str(tmp_path / "run"), "cifar10", overrides=["--finetune.pos_embed", "zeros"])
+
+
+def test_layer_decay_survives_the_learning_rate_schedule():
+    pytest.importorskip("vitkit.train", reason="the training loop lands on another branch")
+    from vitkit.train.config import OptimConfig
+    from vitkit.train.optim import build_optimizer as build_train_optimizer
+    from vitkit.train.optim import set_lr
+
+    model = tiny(depth=2)
+    optimizer = build_train_optimizer(model, OptimConfig(name="sgd", lr=0.1, layer_decay=0.5, weight_decay=0.0))
+    assert isinstance(optimizer, torch.optim.SGD)
+    set_lr(optimizer, 0.02)
+    lrs = {n: g["lr"] for g in optimizer.param_groups for n in g["param_names"]}
+    assert lrs["head.weight"] == pytest.approx(0.02) and lrs["pos_embed"] == pytest.approx(0.02 * 0.5 ** 3)
+
+
+def test_cli_finetune_at_a_new_resolution_with_a_frozen_backbone(tmp_path, data_root):
+    pytest.importorskip("vitkit.train", reason="the training loop lands on another branch")
+    pretrained = tiny(num_classes=10, representation_size=16)
+    pretrained.save_pretrained(tmp_path / "pretrained")
+    folder = _image_folder(tmp_path / "data", data_root)
+    args = ["finetune", "--init", str(tmp_path / "pretrained"), "--dataset", f"folder:{folder}", "--img-size", "48",
+            "--epochs", "2", "--data.batch_size", "10", "--data.num_workers", "0", "--out_dir", str(tmp_path / "runs"),
+            "--run_name", "frozen", "--progress", "none", "--finetune.freeze_backbone", "--optim.lr", "0.1"]
+    assert main(args) == 0
+    finetuned = vitkit.load_model(tmp_path / "runs" / "frozen" / "model")
+    assert finetuned.config.img_size == 48 and finetuned.config.num_classes == 3
+    assert finetuned.config.class_names == ["class0", "class1", "class2"]
+    assert finetuned.config.representation_size is None and finetuned.config.extra["finetuned_from"]
+    expected = prepare_for_finetuning(pretrained, 3, img_size=48)
+    backbone = {k: v for k, v in expected.state_dict().items() if not k.startswith("head.")}
+    for key, value in backbone.items():  # frozen: exactly the resampled pre-trained weights
+        assert torch.equal(finetuned.state_dict()[key], value), key
+    assert torch.count_nonzero(finetuned.head.weight) > 0  # the head did train

@@ -113,7 +113,33 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_fewshot)
 
 
-_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models, _add_fewshot]
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from vitkit.finetune import finetune_config
+    from vitkit.train import train
+
+    cfg = finetune_config(args.init, args.dataset, img_size=args.img_size, config=args.config,
+                          overrides=args.overrides)
+    train(cfg)
+    return 0
+
+
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune", help="fine-tune a pre-trained model on a data set (also at a higher resolution)",
+        description="Remove the pre-training head, attach a zero-initialised head for the data set's classes, "
+                    "resample the position embeddings to --img-size, and train with the paper's fine-tuning "
+                    "recipe (SGD momentum 0.9, no weight decay, clipping at 1, warmup + cosine). Any training "
+                    "config key can follow as --key value, e.g. --optim.lr 0.003 --optim.layer_decay 0.75 "
+                    "--finetune.freeze_backbone --epochs 20.")
+    p.add_argument("--init", required=True, help="pre-trained SOURCE: vitkit model or run directory, or "
+                                                 "anything vitkit.from_pretrained reads")
+    p.add_argument("--dataset", required=True, help="named data set (cifar10, mnist, ...) or folder:PATH")
+    p.add_argument("--img-size", type=int, default=None, help="fine-tuning resolution (default: the data set's)")
+    p.add_argument("--config", default=None, help="YAML training config applied over the fine-tuning recipe")
+    p.set_defaults(func=_cmd_finetune, accepts_overrides=True)
+
+
+_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models, _add_fewshot, _add_finetune]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,7 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "accepts_overrides", False):
+        args.overrides = extra  # config overrides such as --optim.lr 0.003, parsed by the command
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback

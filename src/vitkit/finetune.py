@@ -7,11 +7,14 @@
 - :func:`param_groups`: weight decay only on weight matrices, and optional layer-wise
   learning-rate decay (each group carries an ``lr_scale`` that the scheduler multiplies in).
 - :func:`freeze_backbone`: train the head alone, i.e. a linear probe by gradient descent.
+- :class:`FinetuneConfig` and :func:`build_finetune_model`: the hook through which the training loop
+  starts from a pre-trained SOURCE instead of a fresh registry model (``vitkit finetune``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 from torch import nn
@@ -66,6 +69,100 @@ def prepare_for_finetuning(model: nn.Module, num_classes: int, *, class_names: S
     return new_model.to(next(model.parameters()).device)
 
 
+@dataclass
+class FinetuneConfig:
+    """The ``finetune`` section of a training config. With ``init`` unset, training starts from scratch."""
+
+    init: Optional[str] = None
+    """SOURCE of the pre-trained weights: a vitkit model or run directory, or anything
+    ``vitkit.from_pretrained`` reads."""
+    pos_embed: PosEmbedInit = "interpolate"
+    """At a new resolution: ``interpolate`` the pre-trained position embeddings in 2-D, or ``reinit`` them."""
+    freeze_backbone: bool = False
+    """Train the new head only (a linear probe)."""
+    zero_init_head: bool = True
+    keep_representation: bool = False
+    """Keep the pre-training representation (pre-logits) layer; the paper removes it."""
+
+    def __post_init__(self) -> None:
+        if self.pos_embed not in ("interpolate", "reinit"):
+            raise ValueError(f"finetune.pos_embed must be 'interpolate' or 'reinit', got {self.pos_embed!r}")
+
+
+def build_finetune_model(cfg: FinetuneConfig, *, num_classes: int, class_names: Sequence[str] | None,
+                         in_chans: int, img_size: int | tuple[int, int] | None,
+                         model_overrides: dict[str, Any] | None = None) -> nn.Module:
+    """Load ``cfg.init`` and prepare it for a data set with ``num_classes`` classes at ``img_size``.
+
+    ``model_overrides`` are config fields to change (e.g. ``drop_path_rate``); a ``name`` key (the
+    registry name of a from-scratch run) is ignored, since the architecture comes from the SOURCE.
+    """
+    from vitkit.sources import load_source
+
+    if not cfg.init:
+        raise ValueError("finetune.init is not set: name the pre-trained SOURCE to start from")
+    overrides = {k: v for k, v in (model_overrides or {}).items() if k != "name"}
+    for key in ("num_classes", "class_names", "img_size", "representation_size", "head_init"):
+        overrides.pop(key, None)  # decided by the data set and by fine-tuning itself
+    model = load_source(cfg.init)
+    if model.config.in_chans != in_chans:
+        raise ValueError(f"finetune.init {cfg.init} takes {model.config.in_chans}-channel images but the data set "
+                         f"has {in_chans} channel(s)")
+    model = prepare_for_finetuning(model, num_classes, class_names=class_names, img_size=img_size,
+                                   zero_init_head=cfg.zero_init_head, keep_representation=cfg.keep_representation,
+                                   pos_embed=cfg.pos_embed, **overrides)
+    if cfg.freeze_backbone:
+        freeze_backbone(model)
+    return model
+
+
+# The paper's fine-tuning recipe (Sec. 4.1, Appendix B.1.1): SGD with momentum 0.9, no weight decay,
+# gradient clipping at global norm 1, a short linear warmup, then cosine decay to zero.
+FINETUNE_RECIPE: dict[str, Any] = {
+    "optim": {"name": "sgd", "lr": 0.01, "min_lr": 0.0, "momentum": 0.9, "weight_decay": 0.0,
+              "warmup_epochs": 1.0, "clip_grad": 1.0},
+    "epochs": 10,
+}
+
+
+def finetune_config(init: str, dataset: str, *, img_size: int | None = None, config: str | None = None,
+                    overrides: Sequence[str] = ()) -> Any:
+    """The training config of ``vitkit finetune``: the fine-tuning recipe, then the ``config`` file, then
+    ``init``/``dataset``/``img_size``, then ``--key value`` overrides (later ones win)."""
+    from vitkit.train.config import TrainConfig, _merge, find_config, parse_overrides, read_yaml
+
+    data: dict[str, Any] = _merge({}, FINETUNE_RECIPE)
+    source = "fine-tuning recipe"
+    if config is not None:
+        path = find_config(config)
+        data = _merge(data, read_yaml(path))
+        source = f"{source} + {path}"
+    named: dict[str, Any] = {"finetune": {"init": str(init)}, "data": {"dataset": dataset}}
+    if img_size is not None:
+        named["data"]["img_size"] = img_size
+    data = _merge(_merge(data, named), parse_overrides(overrides))
+    if data["data"].get("mean") is None and data["data"].get("std") is None:
+        # Normalise the new images as the pre-training images were, when the SOURCE records it.
+        recorded = pretraining_normalization(init)
+        if recorded is not None:
+            data["data"]["mean"], data["data"]["std"] = recorded
+    return TrainConfig.from_dict(data, source=f"{source}{' + overrides' if overrides else ''}")
+
+
+def pretraining_normalization(init: str) -> tuple[list[float], list[float]] | None:
+    """The (mean, std) a vitkit model or run directory was trained with, if it records them."""
+    from vitkit.checkpoint import read_config
+    from vitkit.sources import find_model_dir
+
+    model_dir = find_model_dir(init)
+    if model_dir is None:
+        return None
+    recorded = (read_config(model_dir).extra or {}).get("preprocess") or {}
+    if "mean" in recorded and "std" in recorded:
+        return [float(v) for v in recorded["mean"]], [float(v) for v in recorded["std"]]
+    return None
+
+
 def freeze_backbone(model: nn.Module, trainable: Sequence[str] = ("head.",)) -> int:
     """Freeze every parameter whose name does not start with one of ``trainable``; returns how many
     parameter values remain trainable."""
@@ -105,7 +202,7 @@ def param_groups(model: nn.Module, *, weight_decay: float = 0.0,
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        decay = weight_decay > 0 and param.ndim > 1 and name not in skip
+        decay = weight_decay > 0 and param.ndim > 1 and name not in skip and name.rsplit(".", 1)[-1] not in skip
         layer = layer_id(name, depth) if layer_decay is not None else depth + 1
         scale = layer_decay ** (depth + 1 - layer) if layer_decay is not None else 1.0
         group = groups.setdefault((layer, decay), {"params": [], "param_names": [], "lr_scale": scale,

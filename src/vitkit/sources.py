@@ -26,11 +26,9 @@ def load_source(source: str | Path, *, random_init: bool = False, **overrides: A
 
     if random_init:
         return create_model(str(source), **overrides)
-    path = Path(source)
-    if path.is_dir():
-        model_dir = _model_dir(path)
-        if model_dir is not None:
-            return load_model(model_dir, **overrides)
+    model_dir = find_model_dir(source)
+    if model_dir is not None:
+        return load_model(model_dir, **overrides)
     try:
         from vitkit.convert import from_pretrained
     except ImportError:
@@ -41,7 +39,11 @@ def load_source(source: str | Path, *, random_init: bool = False, **overrides: A
     return from_pretrained(str(source), **overrides)
 
 
-def _model_dir(path: Path) -> Path | None:
+def find_model_dir(source: str | Path) -> Path | None:
+    """The vitkit model directory ``source`` is or holds (a training run's exported model), else None."""
+    path = Path(source)
+    if not path.is_dir():
+        return None
     for candidate in (path, *(path / name for name in RUN_MODEL_DIRS)):
         if (candidate / CONFIG_NAME).is_file() and (candidate / WEIGHTS_NAME).is_file():
             return candidate

@@ -48,12 +48,15 @@ class Preprocess:
     @classmethod
     def for_model(cls, model: nn.Module, mean: Sequence[float] | None = None,
                   std: Sequence[float] | None = None) -> "Preprocess":
-        """The model's input size and channels; normalisation from the arguments, else the model config's
-        ``extra['mean'/'std']``, else the paper's [-1, 1] scaling (mean = std = 0.5)."""
+        """The model's input size and channels; normalisation from the arguments, else what the model was
+        trained with (``config.extra['preprocess']``, written by ``vitkit train``), else the paper's
+        [-1, 1] scaling (mean = std = 0.5)."""
         config = model.config
-        extra = getattr(config, "extra", None) or {}
-        mean = tuple(mean if mean is not None else extra.get("mean", (0.5,) * 3))
-        std = tuple(std if std is not None else extra.get("std", (0.5,) * 3))
+        recorded = (getattr(config, "extra", None) or {}).get("preprocess", {})
+        mean = tuple(float(v) for v in (mean if mean is not None else recorded.get("mean", (0.5,) * 3)))
+        std = tuple(float(v) for v in (std if std is not None else recorded.get("std", (0.5,) * 3)))
+        if len(mean) != len(std):
+            raise ValueError(f"normalisation mean {mean} and std {std} have different lengths")
         return cls(tuple(config.image_hw), config.in_chans, mean, std)
 
 
