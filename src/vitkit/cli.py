@@ -115,11 +115,21 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from vitkit.finetune import finetune_config
-    from vitkit.train import train
+    from vitkit.train import TrainingDiverged, TrainingInterrupted, train
 
     cfg = finetune_config(args.init, args.dataset, img_size=args.img_size, config=args.config,
                           overrides=args.overrides)
-    train(cfg)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    try:
+        train(cfg)
+    except TrainingInterrupted as e:
+        print(f"vitkit finetune: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except TrainingDiverged as e:
+        print(f"vitkit finetune: error: {e}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -136,6 +146,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", required=True, help="named data set (cifar10, mnist, ...) or folder:PATH")
     p.add_argument("--img-size", type=int, default=None, help="fine-tuning resolution (default: the data set's)")
     p.add_argument("--config", default=None, help="YAML training config applied over the fine-tuning recipe")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=_cmd_finetune, accepts_overrides=True)
 
 

@@ -129,7 +129,7 @@ def finetune_config(init: str, dataset: str, *, img_size: int | None = None, con
                     overrides: Sequence[str] = ()) -> Any:
     """The training config of ``vitkit finetune``: the fine-tuning recipe, then the ``config`` file, then
     ``init``/``dataset``/``img_size``, then ``--key value`` overrides (later ones win)."""
-    from vitkit.train.config import TrainConfig, _merge, find_config, parse_overrides, read_yaml
+    from vitkit.train.config import TrainConfig, _merge, expand_shortcuts, find_config, parse_overrides, read_yaml
 
     data: dict[str, Any] = _merge({}, FINETUNE_RECIPE)
     source = "fine-tuning recipe"
@@ -140,7 +140,7 @@ def finetune_config(init: str, dataset: str, *, img_size: int | None = None, con
     named: dict[str, Any] = {"finetune": {"init": str(init)}, "data": {"dataset": dataset}}
     if img_size is not None:
         named["data"]["img_size"] = img_size
-    data = _merge(_merge(data, named), parse_overrides(overrides))
+    data = _merge(_merge(data, named), expand_shortcuts(parse_overrides(overrides)))
     if data["data"].get("mean") is None and data["data"].get("std") is None:
         # Normalise the new images as the pre-training images were, when the SOURCE records it.
         recorded = pretraining_normalization(init)
