@@ -88,7 +88,7 @@ class FeatureCache:
     """
 
     def __init__(self, directory: str | Path | None = None) -> None:
-        self.directory = Path(directory) if directory is not None else None
+        self.directory = Path(directory).expanduser() if directory is not None else None
         self._memory: dict[str, Tensor] = {}
         self.hits = 0
         self.misses = 0
