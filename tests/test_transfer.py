@@ -350,3 +350,15 @@ def test_cli_finetune_at_a_new_resolution_with_a_frozen_backbone(tmp_path, data_
     for key, value in backbone.items():  # frozen: exactly the resampled pre-trained weights
         assert torch.equal(finetuned.state_dict()[key], value), key
     assert torch.count_nonzero(finetuned.head.weight) > 0  # the head did train
+
+
+def test_load_split_reads_image_folders_and_resizes(tmp_path, data_root):
+    folder = _image_folder(tmp_path / "folder", data_root, classes=2, train=3, val=2)
+    train = load_split(folder, "train", image_size=16)
+    test = load_split(folder, "test")  # no test split: falls back to val/
+    assert train.images.shape == (6, 16, 16, 3) and train.images.dtype == np.uint8
+    assert train.labels.tolist() == [0, 0, 0, 1, 1, 1] and train.class_names == ["class0", "class1"]
+    assert test.images.shape == (4, 32, 32, 3) and test.name == "folder/val"
+    with np.load(data_root / "cifar10" / "test.npz") as f:  # pixels survive the PNG round trip
+        first = f["images"][np.flatnonzero(f["labels"][:600] == 0)[0]]
+    assert any(np.array_equal(image, first) for image in load_split(folder, "train").images)
