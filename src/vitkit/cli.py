@@ -96,7 +96,8 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--l2", type=_l2, default=2.0 ** 10,
                    help="ridge strength (default 1024), or 'auto' to choose it on held-out training images")
     p.add_argument("--probe", action="store_true", help="also fit a logistic-regression probe on all training features")
-    p.add_argument("--probe-wd", type=_l2, default=1e-4, help="probe weight decay, or 'auto' (default 1e-4)")
+    p.add_argument("--probe-wd", type=_l2, default="auto",
+                   help="probe weight decay, or 'auto' (default: chosen on 10%% of the training features)")
     p.add_argument("--random-init", action="store_true", help="SOURCE is a registry name; use random weights")
     p.add_argument("--img-size", type=int, default=None, help="run the model at this resolution "
                                                               "(position embeddings resampled)")

@@ -66,7 +66,7 @@ def subsample(data: LabeledImages, limit: int | None, seed: int = 0) -> LabeledI
 
 def linear_evaluation(model: nn.Module, dataset: str, *, shots: Sequence[int] = (1, 5, 10, 25),
                       seeds: int = 3, l2: float | Literal["auto"] = DEFAULT_L2, probe: bool = False,
-                      probe_weight_decay: float | Literal["auto"] = 1e-4, cache: FeatureCache | None = None,
+                      probe_weight_decay: float | Literal["auto"] = "auto", cache: FeatureCache | None = None,
                       preprocess: Preprocess | None = None, batch_size: int = 256,
                       max_train: int | None = None, max_test: int | None = None, data_root: str | None = None,
                       device: str | torch.device | None = None) -> LinearEvalReport:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-WEIGHT_DECAY_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+WEIGHT_DECAY_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
 @dataclass
@@ -65,7 +65,7 @@ def fit_logistic(features: Tensor, labels: Tensor, num_classes: int, *, weight_d
 
 
 def linear_probe(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
-                 *, num_classes: int | None = None, weight_decay: float | Literal["auto"] = 1e-4,
+                 *, num_classes: int | None = None, weight_decay: float | Literal["auto"] = "auto",
                  grid: Sequence[float] = WEIGHT_DECAY_GRID, val_fraction: float = 0.1, max_iter: int = 500,
                  seed: int = 0) -> ProbeResult:
     """Train on all training features and report accuracy on the test features.
