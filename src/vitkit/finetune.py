@@ -137,30 +137,28 @@ def finetune_config(init: str, dataset: str, *, img_size: int | None = None, con
         path = find_config(config)
         data = _merge(data, read_yaml(path))
         source = f"{source} + {path}"
-    named: dict[str, Any] = {"finetune": {"init": str(init)}, "data": {"dataset": dataset}}
+    init_config = _vitkit_config(init)
+    # The architecture comes from the SOURCE; the model section only names it and holds overrides
+    # such as drop_path_rate (a from-scratch default section would describe another model).
+    named: dict[str, Any] = {"finetune": {"init": str(init)}, "data": {"dataset": dataset},
+                             "model": {"name": getattr(init_config, "name", None) or "pretrained"}}
     if img_size is not None:
         named["data"]["img_size"] = img_size
     data = _merge(_merge(data, named), expand_shortcuts(parse_overrides(overrides)))
-    if data["data"].get("mean") is None and data["data"].get("std") is None:
-        # Normalise the new images as the pre-training images were, when the SOURCE records it.
-        recorded = pretraining_normalization(init)
-        if recorded is not None:
-            data["data"]["mean"], data["data"]["std"] = recorded
+    recorded = (getattr(init_config, "extra", None) or {}).get("preprocess") or {}
+    if data["data"].get("mean") is None and data["data"].get("std") is None and "mean" in recorded:
+        # Normalise the new images as the pre-training images were.
+        data["data"]["mean"], data["data"]["std"] = list(recorded["mean"]), list(recorded["std"])
     return TrainConfig.from_dict(data, source=f"{source}{' + overrides' if overrides else ''}")
 
 
-def pretraining_normalization(init: str) -> tuple[list[float], list[float]] | None:
-    """The (mean, std) a vitkit model or run directory was trained with, if it records them."""
+def _vitkit_config(init: str) -> Any:
+    """The config of a vitkit model or run directory (read without the weights), else None."""
     from vitkit.checkpoint import read_config
     from vitkit.sources import find_model_dir
 
     model_dir = find_model_dir(init)
-    if model_dir is None:
-        return None
-    recorded = (read_config(model_dir).extra or {}).get("preprocess") or {}
-    if "mean" in recorded and "std" in recorded:
-        return [float(v) for v in recorded["mean"]], [float(v) for v in recorded["std"]]
-    return None
+    return read_config(model_dir) if model_dir is not None else None
 
 
 def freeze_backbone(model: nn.Module, trainable: Sequence[str] = ("head.",)) -> int:
@@ -209,7 +207,7 @@ def param_groups(model: nn.Module, *, weight_decay: float = 0.0,
                                                    "weight_decay": weight_decay if decay else 0.0})
         group["params"].append(param)
         group["param_names"].append(name)
-    return [groups[k] for k in sorted(groups)]
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]  # per layer: decayed first
 
 
 def build_optimizer(model: nn.Module, name: Literal["sgd", "adamw"], lr: float, *, weight_decay: float = 0.0,
