@@ -341,7 +341,7 @@ def test_layer_decay_survives_the_learning_rate_schedule():
 
 def test_cli_finetune_at_a_new_resolution_with_a_frozen_backbone(tmp_path, data_root):
     pytest.importorskip("vitkit.train", reason="the training loop lands on another branch")
-    pretrained = tiny(num_classes=10, representation_size=16)
+    pretrained = tiny(num_classes=10, representation_size=16, drop_path_rate=0.1)
     pretrained.save_pretrained(tmp_path / "pretrained")
     folder = _image_folder(tmp_path / "data", data_root)
     args = ["finetune", "--init", str(tmp_path / "pretrained"), "--dataset", f"folder:{folder}", "--img-size", "48",
@@ -352,6 +352,7 @@ def test_cli_finetune_at_a_new_resolution_with_a_frozen_backbone(tmp_path, data_
     assert finetuned.config.img_size == 48 and finetuned.config.num_classes == 3
     assert finetuned.config.class_names == ["class0", "class1", "class2"]
     assert finetuned.config.representation_size is None and finetuned.config.extra["finetuned_from"]
+    assert finetuned.config.drop_path_rate == 0.0  # no drop-path in a frozen feature extractor
     expected = prepare_for_finetuning(pretrained, 3, img_size=48)
     backbone = {k: v for k, v in expected.state_dict().items() if not k.startswith("head.")}
     for key, value in backbone.items():  # frozen: exactly the resampled pre-trained weights

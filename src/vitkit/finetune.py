@@ -104,6 +104,9 @@ def build_finetune_model(cfg: FinetuneConfig, *, num_classes: int, class_names: 
     overrides = {k: v for k, v in (model_overrides or {}).items() if k != "name"}
     for key in ("num_classes", "class_names", "img_size", "representation_size", "head_init"):
         overrides.pop(key, None)  # decided by the data set and by fine-tuning itself
+    if cfg.freeze_backbone:  # a frozen backbone is a fixed feature extractor: no dropout or drop-path in it
+        for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            overrides.setdefault(key, 0.0)
     model = load_source(cfg.init)
     if model.config.in_chans != in_chans:
         raise ValueError(f"finetune.init {cfg.init} takes {model.config.in_chans}-channel images but the data set "
