@@ -18,7 +18,7 @@ import vitkit
 from vitkit import ViTConfig
 from vitkit.cli import main
 from vitkit.evaluation import (FeatureCache, LabeledImages, Preprocess, RidgeSolver, extract_features,
-                               fewshot_evaluate, fit_ridge, linear_probe, load_split)
+                               fewshot_evaluate, fit_logistic, fit_ridge, linear_probe, load_split)
 from vitkit.evaluation.fewshot import BIAS_CONSTANT
 from vitkit.finetune import build_optimizer, freeze_backbone, param_groups, prepare_for_finetuning
 
@@ -211,8 +211,25 @@ def test_fewshot_on_separable_features_is_exact(l2):
     assert [r.shots for r in results] == [1, 5, 10]
     for r in results:
         assert r.accuracies == [1.0, 1.0, 1.0] and r.std == 0.0
-    probe = linear_probe(train_x, train_y, test_x, test_y)
+    probe = linear_probe(train_x, train_y, test_x, test_y, weight_decay=1e-3)
     assert probe.test_accuracy == 1.0 and probe.train_accuracy == 1.0
+
+
+def test_probe_chooses_weight_decay_on_held_out_training_features_only():
+    gen = torch.Generator().manual_seed(0)
+    train_y, test_y = torch.arange(2).repeat(60), torch.arange(2).repeat(100)
+    train_x = (2 * train_y[:, None] - 1) * 0.7 + 1.5 * torch.randn(120, 20, generator=gen)
+    test_x = (2 * test_y[:, None] - 1) * 0.7 + 1.5 * torch.randn(200, 20, generator=gen)
+    grid = (1e-3, 1e-1, 10.0)
+    chosen = linear_probe(train_x, train_y, test_x, test_y, grid=grid, val_fraction=0.3)
+    order = np.random.default_rng(0).permutation(120)  # the probe's split: 30 % held out, seed 0
+    val, fit = torch.from_numpy(order[:36]), torch.from_numpy(order[36:])
+    scores = {wd: fit_logistic(train_x[fit], train_y[fit], 2, weight_decay=wd)[0].accuracy(train_x[val], train_y[val])
+              for wd in grid}
+    assert chosen.weight_decay == max(wd for wd, acc in scores.items() if acc == max(scores.values()))
+    shuffled = linear_probe(train_x, train_y, test_x, test_y[torch.randperm(200, generator=gen)], grid=grid,
+                            val_fraction=0.3)
+    assert shuffled.weight_decay == chosen.weight_decay  # the test labels play no part in the choice
 
 
 def test_fewshot_draws_differ_by_seed_and_fail_clearly():
