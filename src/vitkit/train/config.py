@@ -18,8 +18,10 @@ from typing import Any, Literal, Mapping, Optional, Sequence, Union
 import yaml
 
 from vitkit.data import DataConfig
+from vitkit.finetune import FinetuneConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
+OptimizerName = Literal["adamw", "sgd"]
 Progress = Literal["auto", "bar", "plain", "none"]
 
 
@@ -32,8 +34,10 @@ _DEFAULT_DATA = {"dataset": "cifar10", "batch_size": 128, "crop": "random_crop",
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay, per optimizer step."""
+    """AdamW (or SGD with momentum) with linear warmup then cosine decay, per optimizer step."""
 
+    name: OptimizerName = "adamw"
+    """``adamw``, or ``sgd`` with ``momentum`` (the paper's fine-tuning optimizer)."""
     lr: float = 1e-3
     """Peak learning rate, reached at the end of warmup (not scaled by the batch size)."""
     min_lr: float = 1e-5
@@ -47,6 +51,10 @@ class OptimConfig:
     """Clip the global gradient norm to this value; null turns clipping off."""
     accum_steps: int = 1
     """Gradient accumulation: one optimizer step every ``accum_steps`` batches."""
+    momentum: float = 0.9
+    """SGD only."""
+    layer_decay: Optional[float] = None
+    """Layer-wise learning-rate decay: block i of L trains at ``lr * layer_decay ** (L - i)``; null: off."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -63,6 +71,11 @@ class OptimConfig:
             raise ValueError(f"optim.clip_grad must be positive or null, got {self.clip_grad}")
         if self.accum_steps < 1:
             raise ValueError(f"optim.accum_steps must be >= 1, got {self.accum_steps}")
+        _check_literal(self, "name", OptimizerName)
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"optim.momentum must be in [0, 1), got {self.momentum}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(f"optim.layer_decay must be in (0, 1] or null, got {self.layer_decay}")
 
 
 @dataclass
@@ -75,6 +88,8 @@ class TrainConfig:
     replaces the whole section; other ``model.*`` keys are added to it."""
     data: DataConfig = field(default_factory=lambda: DataConfig(**_DEFAULT_DATA))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(warmup_epochs=2.0))
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Start from pre-trained weights (``finetune.init``) instead of a fresh ``model.name``."""
     epochs: int = 18
     ema_decay: Optional[float] = None
     """Keep an exponential moving average of the weights (e.g. 0.9998); it is evaluated and exported."""

@@ -7,41 +7,30 @@ import math
 import torch
 from torch import nn
 
+from vitkit.finetune import param_groups as _param_groups
 from vitkit.train.config import OptimConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed weight matrices, and everything that should not shrink towards zero.
-
-    Norm scales and all biases (every parameter with ``ndim <= 1``) and the parameters the model names in
-    ``no_weight_decay()`` (position embeddings, class token) get no weight decay, as in the paper's
-    training code and timm.
-    """
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim <= 1 or name in skip or name.rsplit(".", 1)[-1] in skip:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+    """Parameter groups without weight decay for norms, biases, position embeddings and the class token,
+    and with an ``lr_scale`` per layer when ``layer_decay`` is set (see :func:`vitkit.finetune.param_groups`)."""
+    return _param_groups(model, weight_decay=weight_decay, layer_decay=layer_decay)
 
 
 def no_decay_names(model: nn.Module) -> list[str]:
-    """The names of the parameters :func:`param_groups` puts in the group without weight decay."""
-    excluded = {id(p) for p in param_groups(model, 0.0)[1]["params"]}
-    return [name for name, p in model.named_parameters() if id(p) in excluded]
+    """The names of the parameters :func:`param_groups` exempts from weight decay."""
+    return [n for g in param_groups(model, 1.0) if g["weight_decay"] == 0 for n in g["param_names"]]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     device = next(model.parameters()).device
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
-                             eps=cfg.eps, fused=device.type == "cuda" or None)
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
+    for group in groups:
+        group["lr"] = cfg.lr * group["lr_scale"]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             fused=device.type == "cuda" or None)
 
 
 def lr_at(step: int, *, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
@@ -58,5 +47,6 @@ def lr_at(step: int, *, total_steps: int, warmup_steps: int, lr: float, min_lr: 
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate to ``lr`` times its ``lr_scale`` (layer-wise decay)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -27,13 +27,21 @@ def create_run_dir(cfg: TrainConfig) -> Path:
                                   f"`vitkit train --resume {run_dir}` or choose another --run_name")
     else:
         dataset = cfg.data.dataset.removeprefix("folder:").rstrip("/").rsplit("/", 1)[-1]
-        base = f"{dataset}-{cfg.model['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
+        base = f"{dataset}-{_model_label(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir, n = out_dir / base, 1
         while run_dir.exists():
             n += 1
             run_dir = out_dir / f"{base}-{n}"
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def _model_label(cfg: TrainConfig) -> str:
+    """The registry name, or ``ft-<init>`` for a fine-tuning run (named after the run it starts from)."""
+    if not cfg.finetune.init:
+        return cfg.model["name"]
+    init = Path(cfg.finetune.init)
+    return "ft-" + (init.parent.name if init.name == MODEL_DIR else init.name or "init")
 
 
 def write_config(cfg: TrainConfig, run_dir: Path) -> None:
@@ -46,6 +54,8 @@ def build_run_model(cfg: TrainConfig, data: Any) -> nn.Module:
     ``config.extra`` so that ``vitkit predict`` can reproduce it."""
     from vitkit.models.registry import build_model, get_model_entry
 
+    if cfg.finetune.init:
+        return _build_finetune_model(cfg, data)
     spec = dict(cfg.model)
     name = spec.pop("name")
     entry = get_model_entry(name)
@@ -72,6 +82,20 @@ def build_run_model(cfg: TrainConfig, data: Any) -> nn.Module:
     except (TypeError, ValueError) as e:
         raise ValueError(f"model ({name}): {e}") from e
     return build_model(config)
+
+
+def _build_finetune_model(cfg: TrainConfig, data: Any) -> nn.Module:
+    """The pre-trained ``finetune.init`` with a new zero head for the data set's classes, at its image size."""
+    from vitkit.finetune import build_finetune_model
+
+    model = build_finetune_model(cfg.finetune, num_classes=data.num_classes, class_names=list(data.class_names),
+                                 in_chans=data.in_chans, img_size=cfg.model.get("img_size", data.img_size),
+                                 model_overrides=cfg.model)
+    extra = dict(model.config.extra)
+    extra["preprocess"] = preprocess_info(cfg, data, model.config.img_size)
+    extra["finetuned_from"] = cfg.finetune.init
+    model.config = model.config.replace(extra=extra)
+    return model
 
 
 def preprocess_info(cfg: TrainConfig, data: Any, img_size: Any) -> dict[str, Any]:

@@ -1,0 +1,99 @@
+"""The linear-evaluation protocol end to end: features of a data set's train and test splits (one
+forward pass each, cached), few-shot regression for several shot counts and seeds, and optionally a
+full logistic-regression probe."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from vitkit.evaluation.datasets import LabeledImages, load_split
+from vitkit.evaluation.features import FeatureCache, Preprocess
+from vitkit.evaluation.fewshot import DEFAULT_L2, FewShotResult, fewshot_evaluate
+from vitkit.evaluation.linear_probe import ProbeResult, linear_probe
+
+
+@dataclass
+class LinearEvalReport:
+    dataset: str
+    num_train: int
+    num_test: int
+    feature_dim: int
+    fewshot: list[FewShotResult] = field(default_factory=list)
+    probe: ProbeResult | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["fewshot"] = [dict(shots=r.shots, mean=r.mean, std=r.std, accuracies=r.accuracies, l2=r.l2)
+                        for r in self.fewshot]
+        return d
+
+    def format_table(self) -> str:
+        lines = [f"{self.dataset}: {self.num_train} train / {self.num_test} test images, "
+                 f"{self.feature_dim}-d features",
+                 f"{'evaluation':22s} {'accuracy %':>16s}  {'seeds':>5s}  {'L2 / wd':>10s}"]
+        for r in self.fewshot:
+            l2 = _fmt_l2(r.l2[0]) if len(set(r.l2)) == 1 else f"{_fmt_l2(min(r.l2))}..{_fmt_l2(max(r.l2))}"
+            lines.append(f"{f'{r.shots}-shot ridge':22s} {100 * r.mean:9.2f} ± {100 * r.std:5.2f}  "
+                         f"{len(r.accuracies):5d}  {l2:>10s}")
+        if self.probe is not None:
+            p = self.probe
+            lines.append(f"{'linear probe (full)':22s} {100 * p.test_accuracy:9.2f}{'':8s}  {'-':>5s}  "
+                         f"{p.weight_decay:>10g}   (train {100 * p.train_accuracy:.2f}, {p.iterations} L-BFGS it)")
+        lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()))
+        return "\n".join(lines)
+
+
+def _fmt_l2(value: float) -> str:
+    exponent = math.log2(value)
+    return f"2^{int(exponent)}" if exponent.is_integer() else f"{value:.3g}"
+
+
+def subsample(data: LabeledImages, limit: int | None, seed: int = 0) -> LabeledImages:
+    """A random subset of ``limit`` images (all if ``limit`` is None or larger than the data)."""
+    if limit is None or limit >= len(data.labels):
+        return data
+    idx = np.sort(np.random.default_rng(seed).choice(len(data.labels), size=limit, replace=False))
+    return LabeledImages(data.images[idx], data.labels[idx], data.class_names, f"{data.name}[{limit}@{seed}]")
+
+
+def linear_evaluation(model: nn.Module, dataset: str, *, shots: Sequence[int] = (1, 5, 10, 25),
+                      seeds: int = 3, l2: float | Literal["auto"] = DEFAULT_L2, probe: bool = False,
+                      probe_weight_decay: float | Literal["auto"] = "auto", cache: FeatureCache | None = None,
+                      preprocess: Preprocess | None = None, batch_size: int = 256,
+                      max_train: int | None = None, max_test: int | None = None, data_root: str | None = None,
+                      device: str | torch.device | None = None) -> LinearEvalReport:
+    """Few-shot (and optionally full-probe) accuracy of ``model``'s frozen features on ``dataset``."""
+    cache = cache or FeatureCache()
+    preprocess = preprocess or Preprocess.for_model(model)
+    decode_size = max(preprocess.image_size)  # ImageFolder images are resized once while decoding
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    train = subsample(load_split(dataset, "train", root=data_root, image_size=decode_size), max_train)
+    test = subsample(load_split(dataset, "test", root=data_root, image_size=decode_size), max_test)
+    seconds["load"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    train_x = cache.features(model, train, preprocess=preprocess, batch_size=batch_size, device=device)
+    test_x = cache.features(model, test, preprocess=preprocess, batch_size=batch_size, device=device)
+    seconds["features"] = time.perf_counter() - t0
+    train_y, test_y = torch.from_numpy(train.labels), torch.from_numpy(test.labels)
+    num_classes = len(train.class_names)
+    report = LinearEvalReport(str(dataset), len(train_y), len(test_y), train_x.shape[1])
+    t0 = time.perf_counter()
+    report.fewshot = fewshot_evaluate(train_x, train_y, test_x, test_y, shots=shots, seeds=seeds, l2=l2,
+                                      num_classes=num_classes)
+    seconds["fewshot"] = time.perf_counter() - t0
+    if probe:
+        t0 = time.perf_counter()
+        report.probe = linear_probe(train_x, train_y, test_x, test_y, num_classes=num_classes,
+                                    weight_decay=probe_weight_decay)
+        seconds["probe"] = time.perf_counter() - t0
+    report.seconds = seconds
+    return report
