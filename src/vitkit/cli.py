@@ -38,7 +38,46 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_models)
 
 
-_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models]
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from vitkit.bench import BenchSettings, format_table, run_benchmark, save_json
+    from vitkit.bench.harness import load_pipelines
+
+    settings = BenchSettings(
+        model=args.model, batch_size=args.batch_size, img_size=args.img_size, precision=args.precision,
+        compile=args.compile, device=args.device, modes=tuple(args.modes.split(",")), warmup=args.warmup,
+        repeats=args.repeats, reference=not args.no_reference, threads=args.threads,
+        tune_allocator=not args.no_tune_allocator, matmul_size=args.matmul_size)
+    pipelines = load_pipelines(args.pipeline, settings) if args.pipeline else None
+    result = run_benchmark(settings, pipelines, log=lambda m: print(m, file=sys.stderr))
+    print(format_table(result))
+    out = args.out or f"bench_{args.model}_b{args.batch_size}_{args.precision}{'_compiled' if args.compile else ''}.json"
+    print(f"results written to {save_json(result, out)}")
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure speed, FLOP/s, memory against timm's ViT of the same config")
+    p.add_argument("model", nargs="?", default="vit_cifar_patch4_32", help="registered model name")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="bf16/fp16 run under autocast with fp32 weights")
+    p.add_argument("--compile", action="store_true", help="torch.compile both vitkit and the reference")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--modes", default="train,infer", help="comma-separated: train, infer")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per workload")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per workload (min/median/max)")
+    p.add_argument("--no-reference", action="store_true", help="skip timm's VisionTransformer")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: available CPUs)")
+    p.add_argument("--no-tune-allocator", action="store_true", help="leave glibc malloc's thresholds alone")
+    p.add_argument("--matmul-size", type=int, default=None, help="side of the peak-FLOP/s matmul")
+    p.add_argument("--pipeline", default=None, metavar="MODULE:FUNCTION",
+                   help="function(settings) -> {name: factory of batch iterables} to time next to the model")
+    p.add_argument("--out", default=None, help="JSON file (default: bench_<model>_b<batch>_<precision>.json)")
+    p.set_defaults(func=_cmd_bench)
+
+
+_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_models, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
