@@ -1,8 +1,8 @@
 """FLOP counting with PyTorch's ``FlopCounterMode``, completed for attention on every device.
 
 PyTorch counts the CUDA attention kernels (flash, memory-efficient, cuDNN) but not the CPU flash
-kernel that ``scaled_dot_product_attention`` uses on CPU, so a plain count silently drops the
-attention matmuls there. We add formulas for any SDPA kernel the registry lacks. Convention:
+kernel that ``scaled_dot_product_attention`` uses on CPU, nor the oneDNN GEMM of vitkit's fast CPU
+``Linear``, so a plain count silently drops them. We add formulas for the kernels the registry lacks. Convention:
 one multiply-add = 2 FLOPs, as in PyTorch's counter and the MFU literature.
 """
 
@@ -35,24 +35,32 @@ def _sdpa_cpu_backward(grad_out, query, key, value, *args, out_shape=None, **kwa
     return 2 * _attention_forward_flops(query, key, value)
 
 
-def _missing_attention_formulas() -> dict[Any, Callable[..., int]]:
-    """Formulas for the SDPA kernels this PyTorch build has but its FLOP registry does not count."""
-    aten = torch.ops.aten
+def _onednn_linear(x, weight, *args, out_shape=None, **kwargs) -> int:
+    """oneDNN's ``_linear_pointwise(x, weight, bias, ...)``: the GEMM of a Linear layer (vitkit's CPU path)."""
+    rows = 1
+    for size in x[:-1]:
+        rows *= size
+    return 2 * rows * weight[0] * weight[1]
+
+
+def _missing_formulas() -> dict[Any, Callable[..., int]]:
+    """Formulas for kernels this PyTorch build has but its FLOP registry does not count."""
     candidates = {
-        "_scaled_dot_product_flash_attention_for_cpu": _sdpa_cpu_forward,
-        "_scaled_dot_product_flash_attention_for_cpu_backward": _sdpa_cpu_backward,
+        ("aten", "_scaled_dot_product_flash_attention_for_cpu"): _sdpa_cpu_forward,
+        ("aten", "_scaled_dot_product_flash_attention_for_cpu_backward"): _sdpa_cpu_backward,
+        ("mkldnn", "_linear_pointwise"): _onednn_linear,
     }
     formulas = {}
-    for name, formula in candidates.items():
-        packet = getattr(aten, name, None)
+    for (namespace, name), formula in candidates.items():
+        packet = getattr(getattr(torch.ops, namespace, None), name, None)
         if packet is not None and packet not in flop_registry and packet.default not in flop_registry:
             formulas[packet] = formula
     return formulas
 
 
 def flop_counter() -> FlopCounterMode:
-    """A ``FlopCounterMode`` that also counts the CPU attention kernels (quiet by default)."""
-    return FlopCounterMode(display=False, custom_mapping=_missing_attention_formulas())
+    """A ``FlopCounterMode`` that also counts CPU attention and oneDNN linear kernels (quiet by default)."""
+    return FlopCounterMode(display=False, custom_mapping=_missing_formulas())
 
 
 def count_flops(model: nn.Module, images: Tensor, *, train: bool = False,
