@@ -77,6 +77,7 @@ def test_harness_result_is_complete_and_consistent(tmp_path):
     assert result["reference_flops_per_image"] == result["flops_per_image"]
     assert result["parity_max_abs_diff"] < 1e-5  # timm built from the same config, same weights
     assert result["optimizer"].startswith("AdamW")
+    assert result["machine"]["load_average_1min"]["start"] >= 0
     _check_stats(result["matmul_peak"]["flops_per_s"])
 
     for impl in ("vitkit", "timm"):

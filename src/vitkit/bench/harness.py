@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -190,6 +191,7 @@ def run_benchmark(settings: BenchSettings, pipelines: Mapping[str, PipelineFacto
     from vitkit.runtime import configure_cpu
 
     say = log or (lambda message: None)
+    load_before = _load_average()
     device = settings.resolved_device()
     runtime = configure_cpu(settings.threads, settings.tune_allocator) if device.type == "cpu" else {}
     overrides = dict(settings.overrides)
@@ -268,7 +270,8 @@ def run_benchmark(settings: BenchSettings, pipelines: Mapping[str, PipelineFacto
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"vitkit": _vitkit_version(), "torch": torch.__version__, "timm": timm_version},
-        "machine": {**machine_description(device), **runtime},
+        "machine": {**machine_description(device), **runtime,
+                    "load_average_1min": {"start": load_before, "end": _load_average()}},
         "settings": {**dataclasses.asdict(settings), "device": str(device)},
         "model": {"name": settings.model, "params": sum(p.numel() for p in model.parameters()),
                   "config": config.to_dict()},
@@ -292,6 +295,14 @@ def _parity(model: nn.Module, reference: nn.Module, images: Tensor) -> float:
         return float((model(images).float() - reference(images).float()).abs().max())
 
 
+def _load_average() -> float | None:
+    """The 1-minute load average: on a shared machine, read every timing next to it."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def _vitkit_version() -> str:
     from vitkit import __version__
 
@@ -305,7 +316,8 @@ def format_table(result: dict[str, Any]) -> str:
     peak = result["matmul_peak"]
     lines = [
         f"{result['model']['name']}  batch {s['batch_size']}  {s['precision']}  compile={s['compile']}  "
-        f"on {result['machine']['device']}  ({result['machine'].get('threads', '-')} threads)",
+        f"on {result['machine']['device']}  ({result['machine'].get('threads', '-')} threads, "
+        f"load {_fmt_load(result['machine']['load_average_1min'])})",
         f"FLOPs/image: forward {result['flops_per_image']['forward'] / 1e6:.1f} M, "
         f"train step {result['flops_per_image']['train'] / 1e6:.1f} M;  "
         f"matmul peak {peak['flops_per_s']['median'] / 1e9:.0f} GFLOP/s ({peak['n']}^3 {peak['dtype']}, {peak['backend']})",
@@ -333,6 +345,12 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"pipeline {name}: {p['images_per_s']['median']:.0f} img/s"
                      + (f" ({vs:.1f}x the model's training throughput)" if vs else ""))
     return "\n".join(lines)
+
+
+def _fmt_load(load: dict[str, float | None]) -> str:
+    if load["start"] is None:
+        return "n/a"
+    return f"{load['start']:.1f}->{load['end']:.1f}"
 
 
 def save_json(result: dict[str, Any], path: str | Path) -> Path:
