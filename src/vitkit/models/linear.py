@@ -31,6 +31,17 @@ def uses_fast_path(x: Tensor) -> bool:
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
+_ones_cache = torch.ones(0)
+
+
+def _ones(n: int) -> Tensor:
+    """A float32 CPU vector of n ones, reused across calls (one allocation and fill per size increase)."""
+    global _ones_cache
+    if _ones_cache.numel() < n:
+        _ones_cache = torch.ones(n)
+    return _ones_cache[:n]
+
+
 class _OneDNNLinear(torch.autograd.Function):
     """y = x W^T + b with oneDNN GEMMs for y and dL/dx, the BLAS for dL/dW, a GEMV for dL/db."""
 
@@ -53,7 +64,7 @@ class _OneDNNLinear(torch.autograd.Function):
         if need_w:
             grad_w = rows.t() @ x.reshape(-1, x.shape[-1])
         if need_b and ctx.has_bias:
-            grad_b = rows.t() @ rows.new_ones(rows.shape[0])
+            grad_b = rows.t() @ _ones(rows.shape[0])
         return grad_x, grad_w, grad_b
 
 
