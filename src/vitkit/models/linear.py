@@ -7,7 +7,8 @@ The bias gradient is a matrix-vector product instead of a column sum, which is s
 
 The fast path is used only where it is exact up to float32 rounding and supported: CPU tensors in
 float32, outside autocast and ``torch.compile`` (which picks its own kernels). Everywhere else,
-including every GPU, this is plain ``F.linear``.
+including every GPU, this is plain ``F.linear``. The fast path's backward is first-order only
+(``once_differentiable``); for double backward, call ``set_fast_cpu_linear(False)``.
 """
 
 from __future__ import annotations
