@@ -69,7 +69,7 @@ def test_harness_result_is_complete_and_consistent(tmp_path):
     settings = BenchSettings(model="vit_tiny_patch4_32", batch_size=4, img_size=16, warmup=1, repeats=3,
                              overrides=dict(depth=2, embed_dim=32, num_heads=4, mlp_dim=64, num_classes=5),
                              pipeline_batches=4, matmul_size=256)
-    result = run_benchmark(settings, pipelines={"synthetic": pipeline})
+    result = run_benchmark(settings, pipelines={"synthetic": pipeline, "self-timed": lambda: [300.0, 100.0, 200.0]})
 
     expected = vit_forward_flops(**TINY)
     assert result["flops_per_image"]["forward"] == expected["forward"]
@@ -100,6 +100,8 @@ def test_harness_result_is_complete_and_consistent(tmp_path):
     train_rate = result["runs"]["vitkit"]["train"]["images_per_s"]["median"]
     assert pipe["vs_model_train"] == pytest.approx(pipe["images_per_s"]["median"] / train_rate)
 
+    assert result["pipelines"]["self-timed"]["images_per_s"] == {"min": 100.0, "median": 200.0, "max": 300.0}
+
     json.dumps(result)  # JSON-ready as it is
     table = format_table(result)
     assert "vitkit/timm train" in table and "synthetic" in table
@@ -123,3 +125,16 @@ def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="modes"):
         BenchSettings(modes=("fit",))
     assert main(["bench", "--batch-size", "2", "--pipeline", "nonsense"]) == 2
+
+
+def test_configure_cpu_sets_threads_and_allocator():
+    from vitkit.runtime import configure_cpu, physical_cores
+
+    before = torch.get_num_threads()
+    try:
+        applied = configure_cpu(threads=1)
+        assert applied["threads"] == 1 and torch.get_num_threads() == 1
+        assert isinstance(applied["allocator_tuned"], bool)
+        assert configure_cpu()["threads"] == physical_cores() >= 1
+    finally:
+        torch.set_num_threads(before)

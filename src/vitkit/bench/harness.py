@@ -32,7 +32,9 @@ MODES = ("train", "infer")
 SCHEMA = "vitkit.bench/1"
 
 PipelineFactory = Callable[[], Iterable[Any]]
-"""Returns a fresh iterable of batches: a tensor of images, or a tuple/list whose first item is one."""
+"""Returns either a fresh iterable of batches (a tensor of images, or a tuple/list whose first item
+is one), which the harness times, or a list of images/s figures that the pipeline measured itself
+(e.g. ``lambda: vitkit.data.throughput.pipeline_throughput(cfg)``)."""
 
 
 @dataclass
@@ -130,16 +132,26 @@ def _count_model_flops(model: nn.Module, config, device: torch.device) -> dict[s
     return {"forward": forward // 2, "train": train // 2}
 
 
+def _is_rates(value: Any) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) > 0
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+
+
 def _time_pipeline(factory: PipelineFactory, batches: int, repeats: int) -> Stats:
+    """Images/s of a pipeline: pulled through ``batches`` batches per pass, one warm-up pass first."""
     def images_in(batch: Any) -> int:
         first = batch[0] if isinstance(batch, (tuple, list)) else batch
         return int(first.shape[0])
 
     rates = []
     for _ in range(repeats + 1):  # the first pass warms caches and worker processes up
-        iterator = iter(factory())
+        source = factory()
+        if _is_rates(source):  # the pipeline timed itself
+            if any(r <= 0 for r in source):
+                raise ValueError(f"pipeline reported non-positive images/s: {source}")
+            return Stats.of([float(r) for r in source])
         start, count = time.perf_counter(), 0
-        for _, batch in zip(range(batches), iterator):
+        for _, batch in zip(range(batches), iter(source)):
             count += images_in(batch)
         elapsed = time.perf_counter() - start
         if count == 0:
