@@ -6,7 +6,7 @@ is ~30% faster on the forward and input-gradient GEMMs of a ViT here (``docs/per
 The bias gradient is a matrix-vector product instead of a column sum, which is several times faster.
 
 The fast path is used only where it is exact up to float32 rounding and supported: CPU tensors in
-float32, outside autocast and ``torch.compile`` (which picks its own kernels). Everywhere else,
+float32, outside autocast, ``torch.compile`` (which picks its own kernels) and tracing. Everywhere else,
 including every GPU, this is plain ``F.linear``. The fast path's backward is first-order only
 (``once_differentiable``); for double backward, call ``set_fast_cpu_linear(False)``.
 """
@@ -29,7 +29,8 @@ def set_fast_cpu_linear(enabled: bool) -> None:
 
 def uses_fast_path(x: Tensor) -> bool:
     return (_fast_path_enabled and x.device.type == "cpu" and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing())  # traced graphs (ONNX export) must hold standard ops
 
 
 _ones_cache = torch.ones(0)
