@@ -110,12 +110,15 @@ def test_harness_result_is_complete_and_consistent(tmp_path):
 def test_cli_writes_json_and_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench", "vit_tiny_patch4_32", "--batch-size", "2", "--img-size", "16", "--modes", "infer",
-                 "--warmup", "1", "--repeats", "2", "--no-reference", "--matmul-size", "256", "--out", str(out)])
+                 "--warmup", "1", "--repeats", "2", "--no-reference", "--matmul-size", "256", "--profile", "--out", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     assert result["settings"]["modes"] == ["infer"] and result["runs"].keys() == {"vitkit"}
     assert result["ratio_vitkit_over_timm"] == {}
     assert result["runs"]["vitkit"]["infer"]["images_per_s"]["median"] > 0
+    ops = result["profile_vitkit"]["infer"]
+    assert ops and sum(r["share"] for r in ops) <= 1 + 1e-9
+    assert any("linear" in r["op"] or "addmm" in r["op"] for r in ops)  # the GEMMs show up
     assert "vit_tiny_patch4_32" in capsys.readouterr().out
 
 

@@ -46,7 +46,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         model=args.model, batch_size=args.batch_size, img_size=args.img_size, precision=args.precision,
         compile=args.compile, device=args.device, modes=tuple(args.modes.split(",")), warmup=args.warmup,
         repeats=args.repeats, reference=not args.no_reference, threads=args.threads,
-        tune_allocator=not args.no_tune_allocator, matmul_size=args.matmul_size)
+        tune_allocator=not args.no_tune_allocator, matmul_size=args.matmul_size, profile=args.profile)
     pipelines = load_pipelines(args.pipeline, settings) if args.pipeline else None
     result = run_benchmark(settings, pipelines, log=lambda m: print(m, file=sys.stderr))
     print(format_table(result))
@@ -70,6 +70,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-reference", action="store_true", help="skip timm's VisionTransformer")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: available CPUs)")
     p.add_argument("--no-tune-allocator", action="store_true", help="leave glibc malloc's thresholds alone")
+    p.add_argument("--profile", action="store_true", help="add torch.profiler's top operators of one vitkit call")
     p.add_argument("--matmul-size", type=int, default=None, help="side of the peak-FLOP/s matmul")
     p.add_argument("--pipeline", default=None, metavar="MODULE:FUNCTION",
                    help="function(settings) -> {name: factory of batch iterables} to time next to the model")

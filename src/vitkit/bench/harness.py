@@ -54,6 +54,8 @@ class BenchSettings:
     threads: int | None = None
     tune_allocator: bool = True
     pipeline_batches: int = 20
+    profile: bool = False
+    """Also profile one vitkit call per mode with torch.profiler (top operators by self time)."""
     matmul_size: int | None = None
     """Side of the square matmul that measures the peak (default 2048 on CPU, 8192 on GPU)."""
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -264,6 +266,14 @@ def run_benchmark(settings: BenchSettings, pipelines: Mapping[str, PipelineFacto
                 "memory_source": memory_source,
             }
 
+    profiles = {}
+    if settings.profile:
+        from vitkit.bench.profile import top_operators
+
+        for mode in settings.modes:
+            say(f"profiling one vitkit {mode} call")
+            profiles[mode] = top_operators(workloads["vitkit"].step(mode), device)
+
     ratios = {}
     if "timm" in impls:
         for mode in settings.modes:
@@ -297,6 +307,7 @@ def run_benchmark(settings: BenchSettings, pipelines: Mapping[str, PipelineFacto
         "parity_max_abs_diff": parity,
         "reference_note": reference_note,
         "pipelines": pipeline_results,
+        "profile_vitkit": profiles,
     }
 
 
@@ -356,6 +367,10 @@ def format_table(result: dict[str, Any]) -> str:
         vs = p["vs_model_train"]
         lines.append(f"pipeline {name}: {p['images_per_s']['median']:.0f} img/s"
                      + (f" ({vs:.1f}x the model's training throughput)" if vs else ""))
+    for mode, table in result.get("profile_vitkit", {}).items():
+        from vitkit.bench.profile import format_profile
+
+        lines += ["", f"vitkit {mode}: top operators of one profiled call", format_profile(table)]
     return "\n".join(lines)
 
 
