@@ -373,9 +373,54 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_finetune, accepts_overrides=True)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from vitkit.bench import BenchSettings, format_table, run_benchmark, save_json
+    from vitkit.bench.harness import data_pipelines, load_pipelines
+
+    settings = BenchSettings(
+        model=args.model, batch_size=args.batch_size, img_size=args.img_size, precision=args.precision,
+        compile=args.compile, device=args.device, modes=tuple(args.modes.split(",")), warmup=args.warmup,
+        repeats=args.repeats, reference=not args.no_reference, threads=args.threads,
+        tune_allocator=not args.no_tune_allocator, matmul_size=args.matmul_size, profile=args.profile)
+    pipelines = dict(load_pipelines(args.pipeline, settings)) if args.pipeline else {}
+    if args.data:
+        pipelines.update(data_pipelines(args.data.split(","), settings))
+    result = run_benchmark(settings, pipelines or None, log=lambda m: print(m, file=sys.stderr))
+    print(format_table(result))
+    out = args.out or f"bench_{args.model}_b{args.batch_size}_{args.precision}{'_compiled' if args.compile else ''}.json"
+    print(f"results written to {save_json(result, out)}")
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="measure speed, FLOP/s, memory against timm's ViT of the same config")
+    p.add_argument("model", nargs="?", default="vit_cifar_patch4_32", help="registered model name")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="bf16/fp16 run under autocast with fp32 weights")
+    p.add_argument("--compile", action="store_true", help="torch.compile both vitkit and the reference")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--modes", default="train,infer", help="comma-separated: train, infer")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per workload")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per workload (min/median/max)")
+    p.add_argument("--no-reference", action="store_true", help="skip timm's VisionTransformer")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: available CPUs)")
+    p.add_argument("--no-tune-allocator", action="store_true", help="leave glibc malloc's thresholds alone")
+    p.add_argument("--profile", action="store_true", help="add torch.profiler's top operators of one vitkit call")
+    p.add_argument("--matmul-size", type=int, default=None, help="side of the peak-FLOP/s matmul")
+    p.add_argument("--pipeline", default=None, metavar="MODULE:FUNCTION",
+                   help="function(settings) -> {name: factory of batch iterables} to time next to the model")
+    p.add_argument("--data", default=None, metavar="NAME[,NAME]",
+                   help="also time vitkit's input pipeline for these data sets, e.g. "
+                        "cifar10,folder:../shared/data/imagenette_subset")
+    p.add_argument("--out", default=None, help="JSON file (default: bench_<model>_b<batch>_<precision>.json)")
+    p.set_defaults(func=_cmd_bench)
+
+
 _PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_models, _add_convert, _add_data, _add_train, _add_finetune, _add_eval, _add_predict, _add_fewshot,
-    _add_study, _add_analyze,
+    _add_study, _add_analyze, _add_bench,
 ]
 
 

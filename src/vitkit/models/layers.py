@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitkit.models.linear import Linear, linear_gelu
+
 
 class PatchEmbed(nn.Module):
     """Split an image into PxP patches and project each linearly to D dimensions (Eq. 1).
@@ -39,15 +41,18 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _split_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         batch, tokens, _ = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
-        return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, head_dim)
+        # Views, no copies: (B, heads, N, head_dim) strided into qkv. Unbinding dim 2 makes the
+        # backward one stack straight into qkv's layout (unbinding a permuted dim 0 needs two copies).
+        q, k, v = qkv.unbind(2)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _merge_heads(self, x: Tensor) -> Tensor:
         batch, _, tokens, _ = x.shape
@@ -72,14 +77,24 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = Linear(dim, hidden_dim)
         self.act = nn.GELU()
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        if self._can_fuse_gelu():  # fc1 + bias + GELU in one kernel where linear_gelu can
+            x = linear_gelu(x, self.fc1.weight, self.fc1.bias)
+        else:
+            x = self.act(self.fc1(x))
+        return self.drop2(self.fc2(self.drop1(x)))
+
+    def _can_fuse_gelu(self) -> bool:
+        """Fusing skips fc1's and act's own forward calls, so only when nobody hooks into them."""
+        return (type(self.act) is nn.GELU and self.act.approximate == "none"
+                and not (self.fc1._forward_hooks or self.fc1._forward_pre_hooks
+                         or self.act._forward_hooks or self.act._forward_pre_hooks))
 
 
 class DropPath(nn.Module):

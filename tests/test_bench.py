@@ -1,0 +1,143 @@
+"""The benchmark harness: FLOP counts against hand-derived formulas, and a smoke run of the harness
+and of ``vitkit bench`` whose JSON must be complete and self-consistent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitkit
+from vitkit.bench import BenchSettings, count_flops, format_table, run_benchmark
+from vitkit.cli import main
+
+TINY = dict(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=2, num_heads=4, mlp_dim=64)
+
+
+def vit_forward_flops(img_size, patch_size, in_chans, num_classes, embed_dim, depth, mlp_dim, **_) -> dict:
+    """Matmul FLOPs of a class-token ViT, derived from its shapes (2 FLOPs per multiply-add)."""
+    patches = (img_size // patch_size) ** 2
+    tokens, d = patches + 1, embed_dim
+    patch = 2 * patches * (in_chans * patch_size ** 2) * d
+    per_block = (2 * tokens * d * 3 * d      # qkv projection
+                 + 2 * 2 * tokens * tokens * d  # Q K^T and (attention) V, summed over heads
+                 + 2 * tokens * d * d        # output projection
+                 + 2 * 2 * tokens * d * mlp_dim)  # fc1 and fc2
+    head = 2 * d * num_classes
+    return {"patch": patch, "forward": patch + depth * per_block + head}
+
+
+def test_attention_flops_are_counted_on_cpu():
+    b, h, n, d = 2, 3, 7, 8
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
+
+    class SDPA(torch.nn.Module):
+        def forward(self, x):
+            return F.scaled_dot_product_attention(x, k, v)
+
+    forward = 2 * 2 * b * h * n * n * d
+    assert count_flops(SDPA(), q) == forward
+    # backward: dQ, dK, dV need two matmuls' worth each of the forward's two
+    assert count_flops(SDPA(), q, train=True) == 3 * forward
+
+
+def test_vit_flops_equal_the_formula():
+    model = vitkit.VisionTransformer(vitkit.ViTConfig(**TINY)).eval()
+    images = torch.randn(3, 3, 16, 16)
+    expected = vit_forward_flops(**TINY)
+    assert count_flops(model, images) == 3 * expected["forward"]
+    # backward costs two forwards, except the patch projection: images need no gradient
+    train = count_flops(model, images, train=True, loss_fn=lambda out: out.sum())
+    assert train == 3 * (3 * expected["forward"] - expected["patch"])
+    assert all(p.grad is None for p in model.parameters())  # counting leaves no gradients behind
+
+
+def _check_stats(stats):
+    assert 0 < stats["min"] <= stats["median"] <= stats["max"]
+
+
+def test_harness_result_is_complete_and_consistent(tmp_path):
+    seen = []
+
+    def pipeline():  # 4 batches of 6 images: the harness must count 24 images per pass
+        for _ in range(4):
+            seen.append(1)
+            yield torch.zeros(6, 3, 16, 16), torch.zeros(6)
+
+    settings = BenchSettings(model="vit_tiny_patch4_32", batch_size=4, img_size=16, warmup=1, repeats=3,
+                             overrides=dict(depth=2, embed_dim=32, num_heads=4, mlp_dim=64, num_classes=5),
+                             pipeline_batches=4, matmul_size=256)
+    result = run_benchmark(settings, pipelines={"synthetic": pipeline, "self-timed": lambda: [300.0, 100.0, 200.0]})
+
+    expected = vit_forward_flops(**TINY)
+    assert result["flops_per_image"]["forward"] == expected["forward"]
+    assert result["flops_per_image"]["train"] == 3 * expected["forward"] - expected["patch"]
+    assert result["reference_flops_per_image"] == result["flops_per_image"]
+    assert result["parity_max_abs_diff"] < 1e-5  # timm built from the same config, same weights
+    assert result["optimizer"].startswith("AdamW")
+    assert result["machine"]["load_average_1min"]["start"] >= 0
+    _check_stats(result["matmul_peak"]["flops_per_s"])
+
+    for impl in ("vitkit", "timm"):
+        for mode in ("train", "infer"):
+            run = result["runs"][impl][mode]
+            for key in ("images_per_s", "step_seconds", "flops_per_s", "fraction_of_peak"):
+                _check_stats(run[key])
+            per_image = result["flops_per_image"]["train" if mode == "train" else "forward"]
+            assert run["images_per_s"]["median"] == pytest.approx(4 / run["step_seconds"]["median"])
+            assert run["flops_per_s"]["median"] == pytest.approx(run["images_per_s"]["median"] * per_image)
+            assert run["memory_source"] in ("cpu_rss", "cuda_max_allocated")
+            assert run["peak_memory_bytes"] >= 0
+            assert run["memory_per_image_bytes"] == pytest.approx(run["peak_memory_bytes"] / 4)
+    for mode in ("train", "infer"):
+        _check_stats(result["ratio_vitkit_over_timm"][mode])
+
+    assert len(seen) == 4 * (3 + 1)  # one warm-up pass and three timed passes of four batches
+    pipe = result["pipelines"]["synthetic"]
+    _check_stats(pipe["images_per_s"])
+    train_rate = result["runs"]["vitkit"]["train"]["images_per_s"]["median"]
+    assert pipe["vs_model_train"] == pytest.approx(pipe["images_per_s"]["median"] / train_rate)
+
+    assert result["pipelines"]["self-timed"]["images_per_s"] == {"min": 100.0, "median": 200.0, "max": 300.0}
+
+    json.dumps(result)  # JSON-ready as it is
+    table = format_table(result)
+    assert "vitkit/timm train" in table and "synthetic" in table
+
+
+def test_cli_writes_json_and_table(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "vit_tiny_patch4_32", "--batch-size", "2", "--img-size", "16", "--modes", "infer",
+                 "--warmup", "1", "--repeats", "2", "--no-reference", "--matmul-size", "256", "--profile", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["modes"] == ["infer"] and result["runs"].keys() == {"vitkit"}
+    assert result["ratio_vitkit_over_timm"] == {}
+    assert result["runs"]["vitkit"]["infer"]["images_per_s"]["median"] > 0
+    ops = result["profile_vitkit"]["infer"]
+    assert ops and sum(r["share"] for r in ops) <= 1 + 1e-9
+    assert any("linear" in r["op"] or "addmm" in r["op"] for r in ops)  # the GEMMs show up
+    assert "vit_tiny_patch4_32" in capsys.readouterr().out
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="precision"):
+        BenchSettings(precision="fp8")
+    with pytest.raises(ValueError, match="modes"):
+        BenchSettings(modes=("fit",))
+    assert main(["bench", "--batch-size", "2", "--pipeline", "nonsense"]) == 2
+
+
+def test_configure_cpu_sets_threads_and_allocator():
+    from vitkit.runtime import configure_cpu, physical_cores
+
+    before = torch.get_num_threads()
+    try:
+        applied = configure_cpu(threads=1)
+        assert applied["threads"] == 1 and torch.get_num_threads() == 1
+        assert isinstance(applied["allocator_tuned"], bool)
+        assert configure_cpu()["threads"] == physical_cores() >= 1
+    finally:
+        torch.set_num_threads(before)
