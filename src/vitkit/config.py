@@ -6,14 +6,71 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, TypeVar
 
+C = TypeVar("C", bound="ModelConfig")
 Pooling = Literal["token", "avg"]
 HeadInit = Literal["xavier", "zeros"]
 
 
+class ModelConfig:
+    """What every model config dataclass shares: JSON round trips, validated ``replace``, image size."""
+
+    img_size: int | tuple[int, int]
+    num_classes: int
+    class_names: Optional[list[str]]
+
+    def _validate_common(self) -> None:
+        """Normalise JSON's lists back to tuples and check the class names against the head."""
+        if isinstance(self.img_size, list):
+            self.img_size = tuple(self.img_size)
+        if self.class_names is not None:
+            self.class_names = list(self.class_names)
+            if len(self.class_names) != self.num_classes:
+                raise ValueError(
+                    f"class_names has {len(self.class_names)} entries but num_classes is {self.num_classes}"
+                )
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        size = self.img_size
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    def replace(self: C, **changes: Any) -> C:
+        """A copy with some fields changed; unknown field names raise a clear error."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"unknown {type(self).__name__} field(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if isinstance(d["img_size"], tuple):
+            d["img_size"] = list(d["img_size"])
+        return d
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config") -> C:
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{source}: unknown {cls.__name__} key(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls: type[C], path: str | Path) -> C:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        return cls.from_dict(data, source=str(path))
+
+
 @dataclass
-class ViTConfig:
+class ViTConfig(ModelConfig):
     """Hyper-parameters of a Vision Transformer.
 
     Field names follow the paper (Table 1: hidden size D = ``embed_dim``, layers = ``depth``,
@@ -53,14 +110,7 @@ class ViTConfig:
     """Free-form metadata that travels with the checkpoint (source, training run, ...)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.img_size, list):
-            self.img_size = tuple(self.img_size)
-        if self.class_names is not None:
-            self.class_names = list(self.class_names)
-            if len(self.class_names) != self.num_classes:
-                raise ValueError(
-                    f"class_names has {len(self.class_names)} entries but num_classes is {self.num_classes}"
-                )
+        self._validate_common()
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.global_pool not in ("token", "avg"):
@@ -74,43 +124,5 @@ class ViTConfig:
             raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
 
     @property
-    def image_hw(self) -> tuple[int, int]:
-        size = self.img_size
-        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-    @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
-
-    def replace(self, **changes: Any) -> "ViTConfig":
-        """A copy with some fields changed; unknown field names raise a clear error."""
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise TypeError(f"unknown ViTConfig field(s): {', '.join(unknown)}")
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        if isinstance(d["img_size"], tuple):
-            d["img_size"] = list(d["img_size"])
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "ViTConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown ViTConfig key(s): {', '.join(unknown)}")
-        return cls(**data)
-
-    def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "ViTConfig":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-        return cls.from_dict(data, source=str(path))

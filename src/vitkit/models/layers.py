@@ -6,7 +6,6 @@ dicts move between the two libraries without renaming.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

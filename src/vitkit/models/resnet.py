@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitkit.config import ModelConfig
 from vitkit.models.layers import DropPath
 from vitkit.models.registry import register_architecture, register_model
 
@@ -244,7 +244,7 @@ def init_bit_(module: nn.Module) -> None:
 
 
 @dataclass
-class ResNetConfig:
+class ResNetConfig(ModelConfig):
     """A BatchNorm ResNet classifier; field names shared with :class:`vitkit.ViTConfig` where they mean
     the same thing, so training, checkpoints and the CLI handle both."""
 
@@ -271,14 +271,8 @@ class ResNetConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if isinstance(self.img_size, list):
-            self.img_size = tuple(self.img_size)
+        self._validate_common()
         self.layers, self.widths = [int(n) for n in self.layers], [int(w) for w in self.widths]
-        if self.class_names is not None:
-            self.class_names = list(self.class_names)
-            if len(self.class_names) != self.num_classes:
-                raise ValueError(
-                    f"class_names has {len(self.class_names)} entries but num_classes is {self.num_classes}")
         if self.block not in ("basic", "bottleneck"):
             raise ValueError(f"block must be 'basic' or 'bottleneck', got {self.block!r}")
         if self.stem not in ("imagenet", "cifar"):
@@ -287,42 +281,6 @@ class ResNetConfig:
             raise ValueError(f"head_init must be 'default' or 'zeros', got {self.head_init!r}")
         if not self.layers or len(self.layers) != len(self.widths):
             raise ValueError(f"layers {self.layers} and widths {self.widths} must be non-empty and of equal length")
-
-    @property
-    def image_hw(self) -> tuple[int, int]:
-        size = self.img_size
-        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-    def replace(self, **changes: Any) -> "ResNetConfig":
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise TypeError(f"unknown ResNetConfig field(s): {', '.join(unknown)}")
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        if isinstance(d["img_size"], tuple):
-            d["img_size"] = list(d["img_size"])
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "ResNetConfig":
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"{source}: unknown ResNetConfig key(s): {', '.join(unknown)}")
-        return cls(**data)
-
-    def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "ResNetConfig":
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-        return cls.from_dict(data, source=str(path))
 
 
 def _conv_bn(in_chans: int, out_chans: int, kernel_size: int, stride: int = 1) -> tuple[nn.Conv2d, nn.BatchNorm2d]:

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.config import ViTConfig
