@@ -257,6 +257,12 @@ def test_vitkit_format_keeps_a_small_image_stem(tmp_path):
     assert stem_spec(bare.config.stem) == stem_spec(model.config.stem) and bare.config.img_size == 32
     with torch.no_grad():
         assert torch.equal(bare.eval()(x), model(x))
+    # and on the command line
+    assert cli_main(["convert", str(tmp_path / "bare.safetensors"), str(tmp_path / "cli"), "--num-heads", "12",
+                     "--stem", '{"stem_stride": 1, "stem_pool": false}']) == 0
+    cli = vitkit.load_model(tmp_path / "cli")
+    assert stem_spec(cli.config.stem) == stem_spec(model.config.stem) and cli.grid_size == (8, 8)
+    assert_same_tensors(model, cli)
 
 
 # ------------------------------------------------------------------------- options and errors
