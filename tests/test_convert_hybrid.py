@@ -281,6 +281,15 @@ def test_named_model_must_fit_the_hybrid_checkpoint(tmp_path):
         vitkit.from_pretrained(path, model=target.replace(stem=None, patch_size=8))
 
 
+def test_stated_stem_fields_are_checked(tmp_path):
+    save_as(tiny_hybrid(), tmp_path / "w.safetensors", "timm")
+    with pytest.raises(CheckpointError, match=r"w\.safetensors: stem: unknown key\(s\) stem_strid"):
+        vitkit.from_pretrained(tmp_path / "w.safetensors", num_heads=4, stem={"stem_strid": 1})
+    with pytest.raises(CheckpointError, match=r"stem \{'layers': \[2, 2\]\} disagrees with the weights, whose stem is "
+                                              r"\{'layers': \[1, 1\], 'widths': \[128, 256\], 'stem_width': 32\}"):
+        vitkit.from_pretrained(tmp_path / "w.safetensors", num_heads=4, stem={"layers": [2, 2]})
+
+
 def test_backbones_other_than_bit_are_refused_by_key(tmp_path):
     """timm's ResNet-D hybrids (BatchNorm backbone) are not a BiT stem: refused, naming the first key."""
     other = timm.create_model("vit_small_resnet26d_224", img_size=64, depth=1, num_classes=2)

@@ -33,7 +33,7 @@ _UNIT_KEY = re.compile(r"stages\.(\d+)\.blocks\.(\d+)\.(conv[123]\.weight|norm[1
 
 STEM_ASSUMED: dict[str, Any] = {name: getattr(BiTSpec(), name) for name in
                                 ("stem_stride", "stem_pool", "same_padding", "gn_groups", "gn_eps", "ws_eps")}
-"""BiT stem fields no tensor records, at the values of timm's and Google's hybrids (7x7/2 root, 3x3/2
+"""BiT stem fields no tensor records, at the values of timm's and Google's hybrids (stride-2 root, 3x3/2
 max pooling, TF 'SAME' padding, GroupNorm(32, eps 1e-5), weight standardisation eps 1e-8)."""
 
 
@@ -50,16 +50,16 @@ def resolve_num_heads(embed_dim: int, num_heads: int | None, source: str) -> int
 
 def _require(state_dict: dict[str, Tensor], key: str, source: str) -> Tensor:
     if key not in state_dict:
-        raise CheckpointError(f"{source}: key {key!r} not found; this does not look like a plain ViT checkpoint")
+        raise CheckpointError(f"{source}: key {key!r} not found; this does not look like a ViT checkpoint")
     return state_dict[key]
 
 
 def infer_stem(state_dict: dict[str, Tensor], *, source: str,
-               assumed: dict[str, Any] | None = None) -> dict[str, Any] | None:
+               stated: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The ``ViTConfig.stem`` of a hybrid's ``patch_embed.backbone.*`` tensors (None for a plain ViT).
 
-    ``assumed`` supplies the :data:`STEM_ASSUMED` fields the weights cannot tell (e.g. a stride-1 root
-    for small images); its other fields are ignored, since the weights decide them.
+    ``stated`` gives the :data:`STEM_ASSUMED` fields the weights cannot tell (e.g. a stride-1 root for
+    small images); any other field it names must agree with the weights.
     """
     keys = sorted(k[len(_BACKBONE):] for k in state_dict if k.startswith(_BACKBONE))
     if not keys:
@@ -77,7 +77,8 @@ def infer_stem(state_dict: dict[str, Tensor], *, source: str,
         numbering = {s: sorted(u) for s, u in sorted(units.items())}
         raise CheckpointError(f"{source}: hybrid stem stages and units {numbering} are not numbered 0..n-1")
     root_conv = _require(state_dict, f"{_root_prefix(state_dict)}conv.weight", source)
-    stem = {k: v for k, v in (assumed or {}).items() if k in STEM_ASSUMED}
+    stated = dict(stated or {})
+    stem = {k: v for k, v in stated.items() if k in STEM_ASSUMED}
     stem.update(
         layers=[len(units[s]) for s in range(len(units))],
         widths=[_require(state_dict, f"{_BACKBONE}stages.{s}.blocks.0.conv3.weight", source).shape[0]
@@ -85,9 +86,13 @@ def infer_stem(state_dict: dict[str, Tensor], *, source: str,
         stem_width=root_conv.shape[0], stem_kernel=root_conv.shape[-1],
     )
     try:
-        return compact_stem(BiTSpec.from_dict(stem))
+        found = compact_stem(BiTSpec.from_dict(stem))
+        agrees = BiTSpec.from_dict({**found, **stated}) == BiTSpec.from_dict(found)
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from e
+    if not agrees:
+        raise CheckpointError(f"{source}: stem {stated} disagrees with the weights, whose stem is {found}")
+    return found
 
 
 def _root_prefix(state_dict: dict[str, Tensor]) -> str:
@@ -132,7 +137,7 @@ def infer_config(state_dict: dict[str, Tensor], *, source: str, **known: Any) ->
                               "projection (embed_dim, channels, P, P)")
     embed_dim, in_chans, patch_size = proj.shape[0], proj.shape[1], proj.shape[-1]
     stride = patch_size
-    stem = infer_stem(state_dict, source=source, assumed=known.pop("stem", None))
+    stem = infer_stem(state_dict, source=source, stated=known.pop("stem", None))
     if stem is not None:  # the projection reads the ResNet's feature map; the images enter its root conv
         spec = BiTSpec.from_dict(stem)
         root = _require(state_dict, f"{_root_prefix(state_dict)}conv.weight", source)

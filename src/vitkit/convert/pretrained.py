@@ -88,9 +88,9 @@ def _config_for(checkpoint: Checkpoint, model: str | ViTConfig | None, num_heads
     if stem is not None:
         target = target.replace(stem={**(target.stem or {}), **stem})
     # the named model fixes what the weights cannot tell: the head count and the stem's strides and norms
-    assumed = {k: v for k, v in (target.stem or {}).items() if k in STEM_ASSUMED}
+    unrecorded = {k: v for k, v in (target.stem or {}).items() if k in STEM_ASSUMED}
     found = infer_config(checkpoint.state_dict, source=source, **{"num_heads": target.num_heads, **known},
-                         stem=assumed)
+                         stem=unrecorded)
     misfits = [f"{f}: checkpoint {getattr(found, f)!r}, model {getattr(target, f)!r}"
                for f in _STRUCTURE if getattr(found, f) != getattr(target, f)]
     if stem_spec(found.stem) != stem_spec(target.stem):
