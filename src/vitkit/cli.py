@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Callable, Sequence
 
@@ -42,13 +43,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from vitkit.convert import from_checkpoint, read_checkpoint, save_as
 
     checkpoint = read_checkpoint(args.src, args.source_format)
+    stem = {"stem": args.stem} if args.stem is not None else {}
     model = from_checkpoint(checkpoint, img_size=args.img_size, num_heads=args.num_heads,
-                            num_classes=args.num_classes, interpolation=args.interpolation)
+                            num_classes=args.num_classes, interpolation=args.interpolation, **stem)
     out = save_as(model, args.dst, args.to)
     cfg = model.config
     print(f"{args.src} ({checkpoint.format}) -> {out} ({args.to}): ViT D={cfg.embed_dim} "
           f"depth={cfg.depth} heads={cfg.num_heads} patch={cfg.patch_size} img={cfg.img_size} "
-          f"classes={cfg.num_classes}")
+          f"classes={cfg.num_classes}" + (f" stem={cfg.stem}" if cfg.stem else ""))
     return 0
 
 
@@ -71,7 +73,19 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-classes", type=int, default=None, help="replace the head by a zero-initialised one")
     p.add_argument("--interpolation", choices=("bicubic", "bilinear"), default=None,
                    help="position-embedding resampling (default bicubic)")
+    p.add_argument("--stem", type=_json_object, default=None, metavar="JSON",
+                   help="hybrid stem fields no tensor records, e.g. '{\"stem_stride\": 1, \"stem_pool\": false}'")
     p.set_defaults(func=_cmd_convert)
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:

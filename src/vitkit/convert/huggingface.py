@@ -101,9 +101,10 @@ def from_vitkit(state_dict: dict[str, Tensor], config: ViTConfig) -> dict[str, T
 
 
 def check_exportable(config: ViTConfig) -> None:
-    problems = []
     if config.stem is not None:
-        problems.append("a convolutional stem")
+        raise ValueError("Hugging Face transformers has no hybrid ViT (its ViTHybrid is gone in 5.x, and a ViT "
+                         "directory cannot hold a ResNet stem); export this hybrid to 'timm', 'npz' or 'vitkit'")
+    problems = []
     if not config.class_token or config.global_pool != "token" or config.fc_norm:
         problems.append("pooling other than the class token")
     if config.representation_size is not None and config.num_classes > 0:

@@ -21,6 +21,10 @@ MLP                    ``MlpBlock_3/Dense_{0,1}``                  ``MlpBlock_0/
 Both have ``embedding``, ``cls`` (class-token models only), ``Transformer/encoder_norm``,
 ``pre_logits`` (optional) and ``head``. Optimiser checkpoints prefix everything with
 ``opt/target/`` (vit_jax) or ``params/`` (big_vision).
+
+Hybrids (vit_jax's ``R50+ViT-B_16``, augreg's ``R_Ti_16``, ``R26_S_32``, ...) add a BiT ResNet at the
+top level (``conv_root``, ``gn_root``, ``block{i}/unit{j}/{conv,gn}{1,2,3,_proj}``), and ``embedding``
+then projects its feature map; :mod:`vitkit.models.hybrid` maps those keys.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from torch import Tensor
 
 from vitkit.checkpoint import CheckpointError, atomic_path
 from vitkit.config import ViTConfig
+from vitkit.convert.infer import STEM_ASSUMED, unrecorded_stem_fields
+from vitkit.models.hybrid import hybrid_npz_to_state_dict, is_hybrid_npz, state_dict_to_hybrid_npz
 
 FORMAT = "jax"
 _PREFIXES = ("opt/target/", "params/")
@@ -94,9 +100,14 @@ def to_vitkit(arrays: dict[str, Tensor], source: str) -> tuple[dict[str, Tensor]
     layout = _layout_of(arrays, source)
     r = _Reader(arrays, source)
     sd: dict[str, Tensor] = {}
-    kernel = r.pop("embedding/kernel")
-    sd["patch_embed.proj.weight"] = kernel.permute(3, 2, 0, 1)  # HWIO -> OIHW
-    sd["patch_embed.proj.bias"] = r.pop("embedding/bias")
+    if is_hybrid_npz(arrays):  # the ResNet and the projection of its feature map
+        sd.update(hybrid_npz_to_state_dict(arrays))
+        for key in state_dict_to_hybrid_npz(sd):
+            r.pop(key)
+    else:
+        kernel = r.pop("embedding/kernel")
+        sd["patch_embed.proj.weight"] = kernel.permute(3, 2, 0, 1)  # HWIO -> OIHW
+        sd["patch_embed.proj.bias"] = r.pop("embedding/bias")
     if r.has("cls"):
         sd["cls_token"] = r.pop("cls")
     if not r.has(layout.pos_embed):
@@ -159,8 +170,9 @@ def _dense(r: _Reader, prefix: str, sd: dict[str, Tensor], ours: str) -> None:
 def from_vitkit(state_dict: dict[str, Tensor], config: ViTConfig) -> dict[str, np.ndarray]:
     """Arrays in the vit_jax layout (what ``vit_jax.checkpoint.load`` and timm's npz loader read)."""
     problems = []
-    if config.stem is not None:
-        problems.append("a convolutional stem")
+    lost = unrecorded_stem_fields(config.stem)
+    if lost:
+        problems.append(f"the hybrid stem's {lost} (no array holds them; Google's hybrids use {STEM_ASSUMED})")
     if config.fc_norm:
         problems.append("a LayerNorm after pooling (fc_norm)")
     if config.class_token and config.global_pool != "token":
@@ -172,9 +184,12 @@ def from_vitkit(state_dict: dict[str, Tensor], config: ViTConfig) -> dict[str, n
     sd = {k: v.detach().cpu() for k, v in state_dict.items()}
     dim, heads, head_dim = config.embed_dim, config.num_heads, config.head_dim
     L = VIT_JAX
-    out: dict[str, Tensor] = {
-        "embedding/kernel": sd["patch_embed.proj.weight"].permute(2, 3, 1, 0),
-        "embedding/bias": sd["patch_embed.proj.bias"],
+    if config.stem is None:
+        out: dict[str, Tensor] = {"embedding/kernel": sd["patch_embed.proj.weight"].permute(2, 3, 1, 0),
+                                  "embedding/bias": sd["patch_embed.proj.bias"]}
+    else:  # the ResNet and its projection, named as in vit_jax's hybrids
+        out = {k: torch.from_numpy(v) for k, v in state_dict_to_hybrid_npz(sd).items()}
+    out |= {
         L.pos_embed: sd["pos_embed"],
         "Transformer/encoder_norm/scale": sd["norm.weight"],
         "Transformer/encoder_norm/bias": sd["norm.bias"],

@@ -10,7 +10,7 @@ from torch import nn
 from vitkit.checkpoint import CheckpointError, load_weights
 from vitkit.config import ViTConfig
 from vitkit.convert.detect import Checkpoint, read_checkpoint
-from vitkit.convert.infer import infer_config
+from vitkit.convert.infer import STEM_ASSUMED, infer_config, stem_spec
 
 # Fields the weights fix; a named model must agree with the checkpoint on them.
 _STRUCTURE = ("patch_size", "in_chans", "embed_dim", "depth", "mlp_dim", "qkv_bias", "class_token", "fc_norm")
@@ -33,7 +33,9 @@ def from_pretrained(source: str | Path, *, img_size: int | tuple[int, int] | Non
         model: a registry name or ViTConfig to load into, instead of the config inferred from the file.
         format: skip detection ('vitkit', 'timm', 'huggingface'/'hf', 'torchvision', 'jax'/'npz').
         interpolation: 'bicubic' (default) or 'bilinear' for resampling the position embeddings.
-        overrides: other ViTConfig fields, e.g. ``drop_path_rate=0.1`` or ``global_pool='avg'``.
+        overrides: other ViTConfig fields, e.g. ``drop_path_rate=0.1`` or ``global_pool='avg'``. For a
+            hybrid, ``stem=`` gives the stem fields no tensor records (``stem_stride``, ``stem_pool``, ...;
+            see :data:`vitkit.convert.infer.STEM_ASSUMED`), e.g. ``stem={"stem_stride": 1, "stem_pool": False}``.
     """
     return from_checkpoint(read_checkpoint(source, format), img_size=img_size, num_classes=num_classes,
                            num_heads=num_heads, model=model, interpolation=interpolation, **overrides)
@@ -46,7 +48,7 @@ def from_checkpoint(checkpoint: Checkpoint, *, img_size: int | tuple[int, int] |
     """:func:`from_pretrained` for a checkpoint already read with :func:`read_checkpoint`."""
     from vitkit.models.registry import build_model
 
-    config = _config_for(checkpoint, model, num_heads)
+    config = _config_for(checkpoint, model, num_heads, overrides.pop("stem", None))
     if model is not None and num_classes is None:
         num_classes = _as_config(model).num_classes
     if img_size is not None:
@@ -70,20 +72,29 @@ def _as_config(model: str | ViTConfig) -> ViTConfig:
     return get_model_config(model)
 
 
-def _config_for(checkpoint: Checkpoint, model: str | ViTConfig | None, num_heads: int | None) -> ViTConfig:
+def _config_for(checkpoint: Checkpoint, model: str | ViTConfig | None, num_heads: int | None,
+                stem: dict[str, Any] | None) -> ViTConfig:
     source = str(checkpoint.path)
     known = dict(checkpoint.hints)
     if num_heads is not None:
         known["num_heads"] = num_heads
     if checkpoint.config is not None and model is None:
-        return checkpoint.config if num_heads is None else checkpoint.config.replace(num_heads=num_heads)
+        config = checkpoint.config if num_heads is None else checkpoint.config.replace(num_heads=num_heads)
+        return config if stem is None else config.replace(stem={**(config.stem or {}), **stem})
     if model is None:
-        config = infer_config(checkpoint.state_dict, source=source, **known)
+        config = infer_config(checkpoint.state_dict, source=source, **known, stem=stem)
         return config.replace(extra={**config.extra, "converted_from": checkpoint.format})
     target = _as_config(model)
-    found = infer_config(checkpoint.state_dict, source=source, **{"num_heads": target.num_heads, **known})
+    if stem is not None:
+        target = target.replace(stem={**(target.stem or {}), **stem})
+    # the named model fixes what the weights cannot tell: the head count and the stem's strides and norms
+    unrecorded = {k: v for k, v in (target.stem or {}).items() if k in STEM_ASSUMED}
+    found = infer_config(checkpoint.state_dict, source=source, **{"num_heads": target.num_heads, **known},
+                         stem=unrecorded)
     misfits = [f"{f}: checkpoint {getattr(found, f)!r}, model {getattr(target, f)!r}"
                for f in _STRUCTURE if getattr(found, f) != getattr(target, f)]
+    if stem_spec(found.stem) != stem_spec(target.stem):
+        misfits.append(f"stem: checkpoint {found.stem!r}, model {target.stem!r}")
     if misfits:
         name = target.name or "the given config"
         raise CheckpointError(f"{source} does not fit {name}: {'; '.join(misfits)}")

@@ -1,5 +1,8 @@
 """timm's ``VisionTransformer``: vitkit uses timm's key names, so conversion is a check, not a rename.
 
+timm's hybrids (``vit_base_r50_s16_384``, ...) are the same class with a ``ResNetV2`` under
+``patch_embed.backbone``; :mod:`vitkit.convert.infer` reads the stem's shape from those tensors.
+
 timm features vitkit's ViT does not implement (register tokens, layer scale, ...) are refused by name
 instead of being silently dropped. timm removed the representation layer (``pre_logits.fc``) in
 0.6; older files that have one are read, but such a model cannot be exported to timm.
@@ -13,6 +16,7 @@ from torch import Tensor
 
 from vitkit.checkpoint import CheckpointError
 from vitkit.config import ViTConfig
+from vitkit.convert.infer import STEM_ASSUMED, unrecorded_stem_fields
 
 FORMAT = "timm"
 
@@ -26,7 +30,6 @@ UNSUPPORTED: dict[str, str] = {
     ".mlp.norm.": "a LayerNorm inside the MLP (scale_mlp_norm)",
     ".attn_pool.": "attention pooling (MAP head)",
     ".norm_pre.": "a pre-encoder LayerNorm (CLIP style)",
-    ".patch_embed.backbone.": "a hybrid CNN stem",
     ".patch_embed.norm.": "a normalised patch embedding",
 }
 
@@ -50,8 +53,11 @@ def to_vitkit(state_dict: dict[str, Tensor], source: str) -> dict[str, Tensor]:
 
 
 def from_vitkit(state_dict: dict[str, Tensor], config: ViTConfig) -> dict[str, Tensor]:
-    if config.stem is not None:
-        raise ValueError("timm export covers plain ViTs; this model has a convolutional stem")
+    lost = unrecorded_stem_fields(config.stem)
+    if lost:
+        raise ValueError(f"a timm state dict cannot record this hybrid stem's {lost}: no tensor holds them, and "
+                         "timm's hybrids (what reading the file back assumes) use "
+                         f"{STEM_ASSUMED}; keep the 'vitkit' format")
     if config.representation_size is not None:
         raise ValueError("timm's VisionTransformer has no representation layer (pre_logits) since timm 0.6; "
                          "export to 'hf', 'torchvision' or 'npz', or drop it with model.reset_head(num_classes)")
