@@ -1,7 +1,8 @@
 """The training configuration: a small tree of dataclasses, read from YAML, overridden from the
 command line (``--epochs 50``, ``--optim.lr 1e-3``), validated key by key, written back as YAML.
 
-Every key has a default, so ``TrainConfig()`` is the README's main job: a small ViT on CIFAR-10.
+Every key has a default; a config file changes what it names. With no file, ``load_config`` reads the
+bundled ``cifar10_vit`` recipe, the README's main job: a small ViT on CIFAR-10.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from vitkit.data import DataConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Progress = Literal["auto", "bar", "plain", "none"]
-
 
 DEFAULT_CONFIG = "cifar10_vit"
 """The bundled config that ``vitkit train`` runs when given none: the README's main job."""
