@@ -137,7 +137,7 @@ def test_predict_matches_the_model_on_real_images(trained_run: Path, tmp_path: P
     from PIL import Image
 
     with np.load(DATA / "mnist" / "test.npz") as npz:
-        images, labels = npz["images"][:4], npz["labels"][:4]
+        images = npz["images"][:4]
     paths = []
     for i, image in enumerate(images):
         paths.append(tmp_path / f"digit{i}.png")

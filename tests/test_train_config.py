@@ -65,6 +65,13 @@ def test_unknown_key_in_a_file_names_the_file(tmp_path):
         load_config(path)
 
 
+def test_a_config_file_builds_on_neutral_defaults_not_on_the_default_recipe(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("data: {dataset: mnist}\n")
+    cfg = load_config(path)
+    assert cfg.data == DataConfig(dataset="mnist") and cfg.optim == TrainConfig().optim
+
+
 def test_missing_config_lists_the_bundled_ones():
     with pytest.raises(FileNotFoundError, match=r"no bundled config.*mnist_vit"):
         load_config("no_such_config")
@@ -88,14 +95,16 @@ def test_bundled_configs_load_by_name_and_by_path():
 
 def test_default_run_is_the_cifar10_recipe():
     """`vitkit train` with no config trains what configs/cifar10_vit.yaml describes."""
-    assert load_config(None) == load_config("cifar10_vit") == TrainConfig()
-    assert TrainConfig().data.dataset == "cifar10"
+    cfg = load_config(None)
+    assert cfg == load_config("cifar10_vit")
+    assert cfg.data.dataset == "cifar10" and cfg.model["name"] == "vit_cifar_patch4_32"
 
 
 def test_overrides_merge_into_sections_and_a_new_model_name_replaces_the_model_section():
+    recipe = load_config(None)
     cfg = load_config(None, ["--data.batch_size", "64", "--model.depth", "3"])
-    assert cfg.data.batch_size == 64 and cfg.data.label_smoothing == TrainConfig().data.label_smoothing
-    assert cfg.model == {**TrainConfig().model, "depth": 3}
+    assert cfg.data.batch_size == 64 and cfg.data.label_smoothing == recipe.data.label_smoothing == 0.1
+    assert cfg.model == {**recipe.model, "depth": 3}
     assert load_config(None, ["--model.name", "vit_tiny_patch4_32"]).model == {"name": "vit_tiny_patch4_32"}
     assert TrainConfig.from_dict({"data": {"dataset": "mnist"}}).data == DataConfig(
         **{**TrainConfig().data.__dict__, "dataset": "mnist"})
