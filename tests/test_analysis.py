@@ -290,7 +290,7 @@ def test_prepare_images_resizes_and_normalises():
     assert inputs.shape == (2, 3, 48, 48) and display.shape == (2, 48, 48, 3)
     np.testing.assert_allclose(inputs[0], -1.0)  # default (x - 0.5) / 0.5
     np.testing.assert_allclose(inputs[1], 1.0, atol=1e-6)
-    custom = build_model(TINY.replace(extra={"mean": [0.25, 0.5, 0.75], "std": [0.5, 0.5, 0.5]}))
+    custom = build_model(TINY.replace(extra={"preprocess": {"mean": [0.25, 0.5, 0.75], "std": [0.5, 0.5, 0.5]}}))
     assert input_normalisation(custom.config) == ((0.25, 0.5, 0.75), (0.5, 0.5, 0.5))
     inputs, _ = prepare_images(np.zeros((1, 32, 32, 3), dtype=np.uint8), custom)
     np.testing.assert_allclose(inputs[0, :, 0, 0], [-0.5, -1.0, -1.5])
@@ -332,7 +332,7 @@ def test_load_images_draws_a_seeded_sample_of_cifar():
 def test_cli_analyze_on_real_cifar_images(tmp_path, capsys):
     _need_cifar()
     torch.manual_seed(0)
-    model_dir = build_model(TINY.replace(extra={"mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]})) \
+    model_dir = build_model(TINY.replace(extra={"preprocess": {"mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}})) \
         .save_pretrained(tmp_path / "model")
     out = tmp_path / "report"
     rc = main(["analyze", str(model_dir), "--dataset", "cifar10", "--out", str(out), "--images", "12",

@@ -17,6 +17,7 @@ class ModelConfig:
     """What every model config dataclass shares: JSON round trips, validated ``replace``, image size."""
 
     img_size: int | tuple[int, int]
+    in_chans: int
     num_classes: int
     class_names: Optional[list[str]]
 
@@ -30,6 +31,18 @@ class ModelConfig:
                 raise ValueError(
                     f"class_names has {len(self.class_names)} entries but num_classes is {self.num_classes}"
                 )
+
+    def input_normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel (mean, std) the model's [0, 1] inputs are normalised with: what it was trained with
+        (``extra['preprocess']``, written by ``vitkit train``), else the paper's [-1, 1] scaling."""
+        recorded = (getattr(self, "extra", None) or {}).get("preprocess") or {}
+        mean, std = recorded.get("mean", (0.5,)), recorded.get("std", (0.5,))
+        channels = self.in_chans
+        if len(mean) == 1:
+            mean = tuple(mean) * channels
+        if len(std) == 1:
+            std = tuple(std) * channels
+        return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
     @property
     def image_hw(self) -> tuple[int, int]:

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-DEFAULT_MEAN_STD = (0.5, 0.5)
 """Normalisation used when a model's config does not carry its own (the paper's (x - 0.5) / 0.5)."""
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -40,19 +39,9 @@ def _load_source(source: str) -> tuple[nn.Module, str]:
 
 
 def input_normalisation(config) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) per channel the model expects its [0, 1] inputs normalised with.
-
-    Read from ``config.extra['mean']`` / ``config.extra['std']`` when the checkpoint carries them,
-    else the paper's 0.5 / 0.5.
-    """
-    channels = config.in_chans
-    extra = getattr(config, "extra", None) or {}
-    mean, std = extra.get("mean"), extra.get("std")
-    if mean is None or std is None:
-        mean, std = DEFAULT_MEAN_STD
-    mean = tuple(float(m) for m in np.broadcast_to(np.asarray(mean, dtype=float), (channels,)))
-    std = tuple(float(s) for s in np.broadcast_to(np.asarray(std, dtype=float), (channels,)))
-    return mean, std
+    """(mean, std) per channel the model expects its [0, 1] inputs normalised with (see
+    ``ModelConfig.input_normalisation``)."""
+    return config.input_normalisation()
 
 
 @dataclass

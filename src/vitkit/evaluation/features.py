@@ -52,9 +52,9 @@ class Preprocess:
         trained with (``config.extra['preprocess']``, written by ``vitkit train``), else the paper's
         [-1, 1] scaling (mean = std = 0.5)."""
         config = model.config
-        recorded = (getattr(config, "extra", None) or {}).get("preprocess", {})
-        mean = tuple(float(v) for v in (mean if mean is not None else recorded.get("mean", (0.5,) * 3)))
-        std = tuple(float(v) for v in (std if std is not None else recorded.get("std", (0.5,) * 3)))
+        recorded_mean, recorded_std = config.input_normalisation()
+        mean = tuple(float(v) for v in (mean if mean is not None else recorded_mean))
+        std = tuple(float(v) for v in (std if std is not None else recorded_std))
         if len(mean) != len(std):
             raise ValueError(f"normalisation mean {mean} and std {std} have different lengths")
         return cls(tuple(config.image_hw), config.in_chans, mean, std)
