@@ -72,14 +72,11 @@ class TensorTrainStream(_TrainOrder):
                                        global_size=global_size, rank=self.rank)
 
 
-class TensorValStream:
-    """Evaluation batches of this rank's contiguous shard of an in-memory data set."""
+class _ValShard:
+    """What both evaluation streams share: a rank's shard of the set, cut into batches (the last one short)."""
 
-    def __init__(self, images: Tensor, labels: Tensor, augmenter: BatchAugmenter, *, batch_size: int, rank: int,
-                 world_size: int) -> None:
-        self.images, self.labels, self.augmenter, self.batch_size = images, labels, augmenter, batch_size
-        self.shard = eval_shard(images.shape[0], rank, world_size)
-        self.skipped = 0
+    shard: np.ndarray
+    batch_size: int
 
     @property
     def num_samples(self) -> int:
@@ -87,6 +84,16 @@ class TensorValStream:
 
     def __len__(self) -> int:
         return -(-len(self.shard) // self.batch_size)
+
+
+class TensorValStream(_ValShard):
+    """Evaluation batches of this rank's contiguous shard of an in-memory data set."""
+
+    def __init__(self, images: Tensor, labels: Tensor, augmenter: BatchAugmenter, *, batch_size: int, rank: int,
+                 world_size: int) -> None:
+        self.images, self.labels, self.augmenter, self.batch_size = images, labels, augmenter, batch_size
+        self.shard = eval_shard(images.shape[0], rank, world_size)
+        self.skipped = 0
 
     def batches(self) -> Iterator[Batch]:
         for start in range(0, len(self.shard), self.batch_size):
@@ -164,7 +171,7 @@ class FolderTrainStream(_TrainOrder):
                                        rank=self.rank)
 
 
-class FolderValStream:
+class FolderValStream(_ValShard):
     """Evaluation batches (resize, center crop) of this rank's shard of a folder data set."""
 
     def __init__(self, dataset: FolderImages, augmenter: BatchAugmenter, *, batch_size: int, rank: int,
@@ -174,13 +181,6 @@ class FolderValStream:
         self.device = device
         self.pool = _WorkerPool(dataset, num_workers, device)
         self.skipped = 0
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.shard)
-
-    def __len__(self) -> int:
-        return -(-len(self.shard) // self.batch_size)
 
     def batches(self) -> Iterator[Batch]:
         keys = [[(int(i), 0, int(i)) for i in self.shard[s:s + self.batch_size]]
