@@ -16,6 +16,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from jax_layout import transformer_npz
+
 import vitkit
 from vitkit import ViTConfig, build_model
 from vitkit.checkpoint import CheckpointError
@@ -130,25 +132,7 @@ def google_hybrid_npz(state: dict[str, Tensor], num_heads: int) -> dict[str, np.
             out[f"block{int(m[1]) + 1}/unit{int(m[2]) + 1}/{module}/{leaf}"] = a
         elif key.startswith("patch_embed.proj."):
             out[f"embedding/{'kernel' if key.endswith('weight') else 'bias'}"] = a
-    dim = n["cls_token"].shape[-1]
-    out |= {"cls": n["cls_token"], "Transformer/posembed_input/pos_embedding": n["pos_embed"],
-            "Transformer/encoder_norm/scale": n["norm.weight"], "Transformer/encoder_norm/bias": n["norm.bias"],
-            "head/kernel": n["head.weight"].T, "head/bias": n["head.bias"]}
-    for i in range(1 + max(int(k.split(".")[1]) for k in n if k.startswith("blocks."))):
-        b, p = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
-        attn = f"{p}MultiHeadDotProductAttention_1/"
-        for part, w, bias in zip(("query", "key", "value"), np.split(n[b + "attn.qkv.weight"], 3),
-                                 np.split(n[b + "attn.qkv.bias"], 3)):
-            out[f"{attn}{part}/kernel"] = w.T.reshape(dim, num_heads, -1)
-            out[f"{attn}{part}/bias"] = bias.reshape(num_heads, -1)
-        out[f"{attn}out/kernel"] = n[b + "attn.proj.weight"].T.reshape(num_heads, -1, dim)
-        out[f"{attn}out/bias"] = n[b + "attn.proj.bias"]
-        for ln, norm in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
-            out[f"{p}{ln}/scale"], out[f"{p}{ln}/bias"] = n[f"{b}{norm}.weight"], n[f"{b}{norm}.bias"]
-        for j in range(2):
-            out[f"{p}MlpBlock_3/Dense_{j}/kernel"] = n[f"{b}mlp.fc{j + 1}.weight"].T
-            out[f"{p}MlpBlock_3/Dense_{j}/bias"] = n[f"{b}mlp.fc{j + 1}.bias"]
-    return out
+    return out | transformer_npz(state, num_heads)
 
 
 NPZ_CASES = {  # timm factory, key prefix (vit_jax optimiser checkpoints store everything under opt/target/)

@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from jax_layout import transformer_npz
+
 import vitkit
 from vitkit.checkpoint import load_weights
 from vitkit.models.hybrid import hybrid_npz_to_state_dict, state_dict_to_hybrid_npz
@@ -106,30 +108,6 @@ def test_timm_hybrid_weights_fine_tune_at_higher_resolution():
 
 
 # -------------------------------------------------------------------------------- Google .npz
-def _transformer_npz(state: dict[str, torch.Tensor], num_heads: int) -> dict[str, np.ndarray]:
-    """The transformer part of Google's ViT .npz layout (vit_jax), written here only to build a
-    complete checkpoint that timm's own reader can load as an independent check."""
-    n = {k: v.detach().numpy() for k, v in state.items()}
-    dim = n["cls_token"].shape[-1]
-    out = {"cls": n["cls_token"], "Transformer/posembed_input/pos_embedding": n["pos_embed"],
-           "Transformer/encoder_norm/scale": n["norm.weight"], "Transformer/encoder_norm/bias": n["norm.bias"],
-           "head/kernel": n["head.weight"].T, "head/bias": n["head.bias"]}
-    depth = 1 + max(int(k.split(".")[1]) for k in n if k.startswith("blocks."))
-    for i in range(depth):
-        b, p = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
-        q, k, v = np.split(n[b + "attn.qkv.weight"], 3)
-        qb, kb, vb = np.split(n[b + "attn.qkv.bias"], 3)
-        for part, w, bias in (("query", q, qb), ("key", k, kb), ("value", v, vb)):
-            out[f"{p}MultiHeadDotProductAttention_1/{part}/kernel"] = w.T.reshape(dim, num_heads, -1)
-            out[f"{p}MultiHeadDotProductAttention_1/{part}/bias"] = bias.reshape(num_heads, -1)
-        out[f"{p}MultiHeadDotProductAttention_1/out/kernel"] = n[b + "attn.proj.weight"].T.reshape(num_heads, -1, dim)
-        out[f"{p}MultiHeadDotProductAttention_1/out/bias"] = n[b + "attn.proj.bias"]
-        for ln, norm in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
-            out[f"{p}{ln}/scale"], out[f"{p}{ln}/bias"] = n[f"{b}{norm}.weight"], n[f"{b}{norm}.bias"]
-        for j in range(2):
-            out[f"{p}MlpBlock_3/Dense_{j}/kernel"] = n[f"{b}mlp.fc{j + 1}.weight"].T
-            out[f"{p}MlpBlock_3/Dense_{j}/bias"] = n[f"{b}mlp.fc{j + 1}.bias"]
-    return out
 
 
 @pytest.mark.parametrize("name, kw", [
@@ -150,7 +128,7 @@ def test_hybrid_npz_layout_round_trip_and_timm_reads_our_file(tmp_path, name, kw
         assert not any(k.startswith(("block5/", "block4/unit3/")) for k in hybrid)
         assert not any(k.startswith("block2/unit2/conv_proj") for k in hybrid)
     path = tmp_path / f"{name}.npz"
-    np.savez(path, **hybrid, **_transformer_npz(state, model.config.num_heads))
+    np.savez(path, **hybrid, **transformer_npz(state, model.config.num_heads))
 
     # 1. an independent reader (timm's) loads our file into a model that computes the same function
     ref = timm.create_model(name, **kw).eval()
