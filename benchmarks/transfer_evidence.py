@@ -7,7 +7,11 @@ Not a test: it prints one table with accuracy, time and the exact `vitkit` comma
 writes it to OUT/evidence.md (and .json). Every row runs through the CLI entry point in-process.
 
     python benchmarks/transfer_evidence.py --out runs/transfer            # the protocol (GPU: minutes)
-    python benchmarks/transfer_evidence.py --quick --out runs/transfer-q  # a cheap CPU version
+    python benchmarks/transfer_evidence.py --profile cpu --pretrained RUN --out runs/transfer-cpu
+    python benchmarks/transfer_evidence.py --profile quick --out runs/transfer-q  # a cheap smoke version
+
+``--pretrained RUN`` reuses a finished CIFAR-10 run (e.g. ``benchmarks/train_recipes.py cifar10``'s)
+instead of pre-training again; the ``cpu`` profile is sized for that run's conv-stem ViT on 2 cores.
 
 Data: $VITKIT_DATA, else ../shared/data next to the repository.
 """
@@ -31,6 +35,10 @@ PROFILES: dict[str, dict[str, Any]] = {
     "full": dict(model="{name: vit_cifar_patch4_32}", pretrain_epochs=30, pretrain_per_class=None,
                  finetune_epochs=20, scratch_epochs=20, resolutions=(64, 128), batch_size=64, warmup=2.0,
                  fewshot_max_train=None, fewshot_max_test=None, seeds=5, num_workers=4),
+    # The CIFAR-10 recipe's conv-stem ViT (stride 4: 256 / 576 tokens at 64 / 96 px), short schedules.
+    "cpu": dict(model="{name: vit_convstem_cifar_32}", pretrain_epochs=16, pretrain_per_class=None,
+                finetune_epochs=6, scratch_epochs=6, resolutions=(64, 96), batch_size=64, warmup=0.5,
+                fewshot_max_train=10000, fewshot_max_test=2000, seeds=3, num_workers=2),
     # A 4-layer, D 128 ViT with 8x8 patches (16 / 64 / 256 tokens at 32 / 64 / 128 px), short schedules.
     "quick": dict(model="{name: vit_cifar_patch4_32, patch_size: 8, depth: 4, embed_dim: 128, num_heads: 4, "
                         "mlp_dim: 256}",
@@ -74,14 +82,15 @@ def last_val_acc(run: Path) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/transfer-evidence", help="where runs and the table go")
-    parser.add_argument("--quick", action="store_true", help="the cheap CPU profile")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    parser.add_argument("--pretrained", type=Path, help="a finished CIFAR-10 run to use instead of pre-training")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip", nargs="*", default=[], choices=["pretrain", "finetune", "scratch", "reinit",
                                                                    "fewshot"], help="leave out row groups")
     parser.add_argument("--resolutions", type=int, nargs="+", help="fine-tuning resolutions (profile default)")
     parser.add_argument("--epochs", type=int, help="fine-tuning and from-scratch epochs (profile default)")
     args = parser.parse_args()
-    profile = dict(PROFILES["quick" if args.quick else "full"])
+    profile = dict(PROFILES[args.profile])
     if args.resolutions:
         profile["resolutions"] = tuple(args.resolutions)
     if args.epochs:
@@ -105,7 +114,10 @@ def main() -> int:
         rows.append(row)
 
     # 1. Pre-training on CIFAR-10 at 32x32 (the training issue's recipe: AdamW, warmup, cosine).
-    pre = out / "pretrain-cifar10"
+    pre = args.pretrained.resolve() if args.pretrained else out / "pretrain-cifar10"
+    if args.pretrained and not (pre / "model").is_dir():
+        print(f"--pretrained {pre}: no finished run there (no model/ directory)", file=sys.stderr)
+        return 1
     if "pretrain" not in args.skip and not (pre / "model").is_dir():
         argv = ["train", "--model", profile["model"], "--dataset", "cifar10", "--epochs",
                 str(profile["pretrain_epochs"]), "--run_name", pre.name, *common]

@@ -107,6 +107,20 @@ def test_harness_result_is_complete_and_consistent(tmp_path):
     assert "vitkit/timm train" in table and "synthetic" in table
 
 
+@pytest.mark.parametrize("name", ["vit_convstem_cifar_32", "vit_hybrid_cifar_32"])
+def test_reference_of_a_hybrid_is_timms_encoder_on_the_same_stem(name):
+    from vitkit.bench.reference import reference_twin
+
+    model = vitkit.create_model(name, depth=2).eval()
+    reference = reference_twin(model).eval()  # loads vitkit's state dict strictly: same keys, same shapes
+    assert type(reference).__module__.startswith("timm.")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reference(images), model(images), rtol=0, atol=1e-5)
+        model.patch_embed.proj.weight.mul_(2.0)  # the reference holds copies: a change to vitkit shows
+        assert not torch.allclose(reference(images), model(images), atol=1e-3)
+
+
 def test_cli_writes_json_and_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench", "vit_tiny_patch4_32", "--batch-size", "2", "--img-size", "16", "--modes", "infer",

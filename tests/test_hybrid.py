@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from jax_layout import transformer_npz
@@ -188,8 +189,49 @@ def test_dynamic_img_size_hybrid_accepts_other_sizes():
         model(torch.randn(1, 3, 30, 30))
 
 
+# ------------------------------------------------------------------------------------ conv stem
+def test_conv_stem_strides_tokens_and_matches_its_layers():
+    model = vitkit.create_model("vit_convstem_cifar_32").eval()
+    assert model.patch_embed.stride == 4 and model.grid_size == (8, 8)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens, grid = model.patch_embed(images)
+        # The definition: conv-BN-ReLU layers, then a 1x1 projection, flattened row-major.
+        x = images
+        for layer in model.patch_embed.stem:
+            x = F.relu(layer.bn(layer.conv(x)))
+        expected = model.patch_embed.proj(x).flatten(2).transpose(1, 2)
+    assert tokens.shape == (2, 64, 128) and grid == (8, 8)
+    torch.testing.assert_close(tokens, expected)
+    keys = set(model.state_dict())
+    assert {"patch_embed.stem.0.conv.weight", "patch_embed.stem.2.bn.running_var",
+            "patch_embed.proj.weight"} <= keys
+
+
+def test_conv_stem_config_errors_name_the_problem():
+    with pytest.raises(ValueError, match="stride 4"):
+        vitkit.create_model("vit_convstem_cifar_32", img_size=30)
+    with pytest.raises(ValueError, match="unknown type 'resnet'"):
+        vitkit.create_model("vit_convstem_cifar_32", stem={"type": "resnet"})
+    with pytest.raises(ValueError, match="'channels' but 2 'strides'"):
+        vitkit.create_model("vit_convstem_cifar_32", stem={"type": "conv", "channels": [8], "strides": [2, 2]})
+    with pytest.raises(ValueError, match="conv stem takes"):
+        vitkit.create_model("vit_convstem_cifar_32", stem={"type": "conv", "chanels": [8]})
+    from vitkit.convert import to_timm
+
+    with pytest.raises(ValueError, match="keep the 'vitkit' format"):  # timm has no conv-stem layout
+        to_timm(vitkit.create_model("vit_convstem_cifar_32", depth=1))
+
+
+def test_conv_stem_mnist_model_takes_grayscale_28px():
+    model = vitkit.create_model("vit_convstem_mnist_28").eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert model.grid_size == (7, 7)
+
+
 # ----------------------------------------------------------------------------------- checkpoints
-@pytest.mark.parametrize("name", ["vit_hybrid_cifar_32", "resnet20_cifar"])
+@pytest.mark.parametrize("name", ["vit_hybrid_cifar_32", "vit_convstem_cifar_32", "resnet20_cifar"])
 def test_save_pretrained_and_load_model_round_trip(tmp_path, name):
     model = vitkit.create_model(name, num_classes=3, class_names=["a", "b", "c"]).eval()
     _randomize_norms(model)
@@ -302,6 +344,7 @@ def cifar_batch():
 @pytest.mark.parametrize("name, overrides, steps", [
     ("resnet20_cifar", {}, 8),
     ("vit_hybrid_cifar_32", {"depth": 1}, 6),  # the full ResNet stem, a one-layer encoder for speed
+    ("vit_convstem_cifar_32", {}, 6),
 ])
 def test_a_few_steps_on_real_cifar_images_reduce_the_loss(cifar_batch, name, overrides, steps):
     torch.manual_seed(0)

@@ -154,3 +154,15 @@ def test_study_rejects_unknown_models_before_training(tmp_path, base_config):
     with pytest.raises(ValueError, match="unknown model 'resnet2_cifar'"):
         study_mod.study("data", models=["resnet2_cifar"], fractions=[1.0], epochs=[1], out_dir=tmp_path,
                         config=base_config)
+
+
+def test_cells_warm_up_over_the_same_number_of_samples(tmp_path):
+    from vitkit.study import Cell, cell_config
+
+    base = {"data": {"dataset": "cifar10"}, "optim": {"warmup_epochs": 0.5}}
+    full, tenth = cell_config(Cell("vit_mini_patch4_32", 1.0, 2), base, tmp_path), \
+        cell_config(Cell("vit_mini_patch4_32", 0.1, 20), base, tmp_path)
+    assert full.optim.warmup_epochs == 0.5 and tenth.optim.warmup_epochs == pytest.approx(5.0)
+    assert tenth.data.train_fraction == 0.1 and tenth.epochs == 20
+    # never longer than the run itself
+    assert cell_config(Cell("vit_mini_patch4_32", 0.1, 2), base, tmp_path).optim.warmup_epochs == 2.0

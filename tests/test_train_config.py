@@ -86,7 +86,7 @@ def test_config_round_trips_through_yaml():
 
 def test_bundled_configs_load_by_name_and_by_path():
     names = bundled_configs()
-    assert {"cifar10_vit", "mnist_vit", "smoke"} <= set(names)
+    assert {"cifar10_convstem", "cifar10_vit", "mnist_convstem", "mnist_vit", "smoke"} <= set(names)
     for name in names:
         cfg = load_config(name)
         assert vitkit.get_model_config(cfg.model["name"])  # the model exists
@@ -94,10 +94,10 @@ def test_bundled_configs_load_by_name_and_by_path():
 
 
 def test_default_run_is_the_cifar10_recipe():
-    """`vitkit train` with no config trains what configs/cifar10_vit.yaml describes."""
+    """`vitkit train` with no config trains what configs/cifar10_convstem.yaml describes."""
     cfg = load_config(None)
-    assert cfg == load_config("cifar10_vit")
-    assert cfg.data.dataset == "cifar10" and cfg.model["name"] == "vit_cifar_patch4_32"
+    assert cfg == load_config("cifar10_convstem")
+    assert cfg.data.dataset == "cifar10" and cfg.model["name"] == "vit_convstem_cifar_32"
 
 
 def test_overrides_merge_into_sections_and_a_new_model_name_replaces_the_model_section():

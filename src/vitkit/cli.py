@@ -318,7 +318,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                "data and optim keys also work without their section (--dataset mnist --lr 3e-3\n"
                "--data-dir DIR --samples-per-class 100), --model NAME picks the model.\n"
                "See all keys and defaults with --print-config.\n"
-               "bundled configs: cifar10_vit (the default), mnist_vit, smoke\n"
+               "bundled configs: cifar10_convstem (the default), cifar10_vit, mnist_convstem, mnist_vit, smoke\n"
                "distributed: torchrun --nproc-per-node N -m vitkit train ...")
     p.add_argument("--config", metavar="YAML", help="a config file, or the name of a bundled config")
     p.add_argument("--resume", metavar="RUN", help="continue a run directory (or checkpoint file) exactly")

@@ -117,14 +117,19 @@ def _result_path(out_dir: Path, cell: Cell) -> Path:
 
 def cell_config(cell: Cell, base: dict[str, Any], out_dir: Path) -> Any:
     """The training config of one cell: the base config with this model, subset and epoch budget,
-    evaluated once, at the end, on the full test set."""
+    evaluated once, at the end, on the full test set.
+
+    The base config's ``optim.warmup_epochs`` counts epochs of the *full* training set, so that every
+    cell warms up over the same number of samples (on a 10% subset: 10x as many subset epochs)."""
     from vitkit.train.config import TrainConfig, merge_configs
 
     changes = {"model": {"name": cell.model}, "epochs": cell.epochs, "eval_every": cell.epochs,
                "out_dir": str(out_dir / "runs"), "run_name": cell.key, "progress": "none",
                "data": {"train_fraction": None if cell.fraction == 1.0 else cell.fraction,
                         "samples_per_class": None}}
-    return TrainConfig.from_dict(merge_configs(base, changes), source=f"study cell {cell.key}")
+    cfg = TrainConfig.from_dict(merge_configs(base, changes), source=f"study cell {cell.key}")
+    cfg.optim.warmup_epochs = min(cfg.optim.warmup_epochs / cell.fraction, float(cell.epochs))
+    return cfg
 
 
 def run_cell(cell: Cell, base: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:

@@ -119,12 +119,21 @@ def unrecorded_stem_fields(stem: dict[str, Any] | None) -> dict[str, Any]:
     spec = stem_spec(stem)
     if spec is None:
         return {}
+    if not isinstance(spec, BiTSpec):
+        return {"type": spec["type"]}  # a conv stem: timm's and Google's files know BiT ResNets only
     return {k: getattr(spec, k) for k, v in STEM_ASSUMED.items() if getattr(spec, k) != v}
 
 
-def stem_spec(stem: dict[str, Any] | None) -> BiTSpec | None:
-    """The normalised form of a ``ViTConfig.stem`` dict, for comparing two of them."""
-    return None if stem is None else BiTSpec.from_dict(dict(stem))
+def stem_spec(stem: dict[str, Any] | None) -> BiTSpec | dict[str, Any] | None:
+    """The normalised form of a ``ViTConfig.stem`` dict, for comparing two of them (a BiT stem as a
+    :class:`BiTSpec`; another type, such as a conv stem, as given)."""
+    if stem is None:
+        return None
+    stem = dict(stem)
+    if stem.get("type", "bit") != "bit":
+        return stem
+    stem.pop("type", None)
+    return BiTSpec.from_dict(stem)
 
 
 def infer_config(state_dict: dict[str, Tensor], *, source: str, **known: Any) -> ViTConfig:

@@ -14,8 +14,10 @@ This module also maps the hybrid part of Google's ``.npz`` checkpoints (``conv_r
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Mapping
+from collections import OrderedDict
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -44,11 +46,66 @@ class HybridEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2), grid
 
 
-def build_stem(config: ViTConfig) -> HybridEmbed:
-    """The ``patch_embed`` of a hybrid ViT (called by ``vitkit.models.vit.build_patch_embed``)."""
-    spec = BiTSpec.from_dict(dict(config.stem))
-    stride = spec.stride * config.patch_size
+class ConvStemEmbed(nn.Module):
+    """Images -> a few 3x3 conv-BN-ReLU layers -> 1x1 projection to D -> tokens (B, N, D) and their grid.
+
+    The "convolutional stem" of Xiao et al. 2021 ("Early Convolutions Help Transformers See Better"):
+    a handful of small convolutions in place of the PxP patchify, which makes a ViT train faster and
+    more robustly, above all on small data. Its stride is the product of the layers' strides (times
+    ``patch_size`` of the final projection, usually 1).
+    """
+
+    def __init__(self, in_chans: int, embed_dim: int, channels: Sequence[int], strides: Sequence[int],
+                 patch_size: int = 1) -> None:
+        super().__init__()
+        layers = []
+        for out_chans, stride in zip(channels, strides):
+            layers.append(nn.Sequential(OrderedDict(
+                conv=nn.Conv2d(in_chans, out_chans, 3, stride=stride, padding=1, bias=False),
+                bn=nn.BatchNorm2d(out_chans),
+                act=nn.ReLU(inplace=True),
+            )))
+            in_chans = out_chans
+        self.stem = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.stride = math.prod(strides) * patch_size
+        for m in self.stem.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        _lecun_normal_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        x = self.proj(self.stem(images))
+        grid = (x.shape[-2], x.shape[-1])
+        return x.flatten(2).transpose(1, 2), grid
+
+
+def build_stem(config: ViTConfig) -> nn.Module:
+    """The ``patch_embed`` of a hybrid ViT (called by ``vitkit.models.vit.build_patch_embed``).
+
+    ``config.stem["type"]`` picks the CNN: ``"bit"`` (the default; the paper's BiT ResNet, fields of
+    :class:`BiTSpec`) or ``"conv"`` (a conv stem: ``channels`` and ``strides`` of its 3x3 layers).
+    """
+    stem = dict(config.stem)
+    kind = stem.pop("type", "bit")
     h, w = config.image_hw
+    if kind == "conv":
+        unknown = sorted(set(stem) - {"channels", "strides"})
+        if unknown or "channels" not in stem:
+            raise ValueError(f"stem: a conv stem takes 'channels' and 'strides', got {sorted(config.stem)}")
+        channels = [int(c) for c in stem["channels"]]
+        strides = [int(s) for s in stem.get("strides", [2] * len(channels))]
+        if len(strides) != len(channels):
+            raise ValueError(f"stem: {len(channels)} 'channels' but {len(strides)} 'strides'")
+        stride = math.prod(strides) * config.patch_size
+        if h % stride or w % stride:
+            raise ValueError(f"img_size {config.img_size} is not divisible by the conv stem's stride {stride}")
+        return ConvStemEmbed(config.in_chans, config.embed_dim, channels, strides, config.patch_size)
+    if kind != "bit":
+        raise ValueError(f"stem: unknown type {kind!r}; known: 'bit' (BiT ResNet), 'conv' (conv stem)")
+    spec = BiTSpec.from_dict(stem)
+    stride = spec.stride * config.patch_size
     if h % stride or w % stride:
         raise ValueError(f"img_size {config.img_size} is not divisible by the hybrid's stride {stride} "
                          f"(ResNet stride {spec.stride} x patch_size {config.patch_size})")
@@ -181,4 +238,20 @@ register_model(
               stem={"layers": [1, 1, 1], "widths": [128, 256, 256], "stem_width": 64, "stem_kernel": 3,
                     "stem_stride": 1, "stem_pool": False}),
     description="R+ViT hybrid for 32x32 images (CIFAR): small BiT ResNet to stride 4 + vit_cifar_patch4_32's encoder",
+)
+
+# ViTs with a convolutional stem (ViT_C of Xiao et al. 2021): three 3x3 conv-BN-ReLU layers (strides
+# 1, 2, 2) give a grid of stride 4, projected 1x1 to the tokens. For CIFAR, the encoder of
+# vit_mini_patch4_32, so the two differ only in how images become tokens: the CIFAR-10 recipe's model.
+register_model(
+    "vit_convstem_cifar_32",
+    ViTConfig(img_size=32, patch_size=1, num_classes=10, embed_dim=128, depth=6, num_heads=2, mlp_dim=256,
+              stem={"type": "conv", "channels": [32, 64, 128], "strides": [1, 2, 2]}),
+    description="ViT with a 3-layer conv stem for 32x32 images (CIFAR): 8x8 tokens, D 128, depth 6",
+)
+register_model(
+    "vit_convstem_mnist_28",
+    ViTConfig(img_size=28, patch_size=1, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=1,
+              mlp_dim=128, stem={"type": "conv", "channels": [16, 32, 64], "strides": [1, 2, 2]}),
+    description="ViT with a 3-layer conv stem for 28x28 grayscale images (MNIST): 7x7 tokens, D 64, depth 4",
 )

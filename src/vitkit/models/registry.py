@@ -160,6 +160,10 @@ register_model("vit_cifar_patch4_32",
                ViTConfig(img_size=32, patch_size=4, num_classes=10, embed_dim=192, depth=9, num_heads=12,
                          mlp_dim=384),
                description="compact ViT for CIFAR-10 from scratch (D 192, depth 9, 12 heads, MLP 384)")
+register_model("vit_mini_patch4_32",
+               ViTConfig(img_size=32, patch_size=4, num_classes=10, embed_dim=128, depth=6, num_heads=2,
+                         mlp_dim=256),
+               description="ViT for CIFAR-sized images on a CPU budget (D 128, depth 6, 2 heads, MLP 256; 0.81M)")
 register_model("vit_mnist_patch4_28",
                ViTConfig(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=128, depth=6,
                          num_heads=4, mlp_dim=256),

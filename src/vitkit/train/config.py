@@ -2,7 +2,8 @@
 command line (``--epochs 50``, ``--optim.lr 1e-3``), validated key by key, written back as YAML.
 
 Every key has a default; a config file changes what it names. With no file, ``load_config`` reads the
-bundled ``cifar10_vit`` recipe, the README's main job: a small ViT on CIFAR-10.
+bundled ``cifar10_convstem`` recipe, the README's main job: a small ViT (with a convolutional stem) on
+CIFAR-10.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ Precision = Literal["fp32", "bf16", "fp16"]
 OptimizerName = Literal["adamw", "sgd"]
 Progress = Literal["auto", "bar", "plain", "none"]
 
-DEFAULT_CONFIG = "cifar10_vit"
+DEFAULT_CONFIG = "cifar10_convstem"
 """The bundled config that ``vitkit train`` runs when given none: the README's main job."""
 
 
@@ -80,7 +81,7 @@ class TrainConfig:
     """Everything a training run depends on. Saved as ``config.yaml`` in the run directory.
 
     The defaults here are neutral building blocks that config files override; the run ``vitkit train``
-    makes without a config is the bundled ``cifar10_vit`` recipe (:data:`DEFAULT_CONFIG`).
+    makes without a config is the bundled ``cifar10_convstem`` recipe (:data:`DEFAULT_CONFIG`).
     """
 
     model: dict[str, Any] = field(default_factory=lambda: {"name": "vit_cifar_patch4_32"})
@@ -147,7 +148,7 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------- loading
 def load_config(config: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """The config of a run: a YAML file (a path, or the name of a bundled config such as ``mnist_vit``;
-    by default ``cifar10_vit``) over the defaults, then ``--key value`` overrides. Unknown keys are errors
+    by default ``cifar10_convstem``) over the defaults, then ``--key value`` overrides. Unknown keys are errors
     naming the key."""
     path = find_config(DEFAULT_CONFIG if config is None else config)
     source = str(path)
