@@ -408,7 +408,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure speed, FLOP/s, memory against timm's ViT of the same config")
-    p.add_argument("model", nargs="?", default="vit_cifar_patch4_32", help="registered model name")
+    p.add_argument("model", nargs="?", default="vit_convstem_cifar_32",
+                   help="registered model name (default: the CIFAR-10 recipe's)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
