@@ -338,3 +338,20 @@ def test_folder_dataset_run_in_bf16_and_predict_prepares_images_like_evaluation(
         by_label = dict(zip(result.labels, result.probabilities))
         got = torch.tensor([by_label[name] for name in model.config.class_names])
         torch.testing.assert_close(got, probs, atol=1e-5, rtol=0)
+
+
+def test_cli_exit_code_of_a_diverged_or_interrupted_run(monkeypatch, capsys):
+    from vitkit.train import TrainingInterrupted
+
+    def diverge(cfg):
+        raise TrainingDiverged("non-finite loss at step 4")
+
+    def interrupt(cfg):
+        raise TrainingInterrupted("stopped by SIGTERM", signal.SIGTERM)
+
+    monkeypatch.setattr("vitkit.train.train", diverge)
+    assert cli_main(["train", "--config", "smoke"]) == 3
+    assert "vitkit train: error: non-finite loss at step 4" in capsys.readouterr().err
+    monkeypatch.setattr("vitkit.train.train", interrupt)
+    assert cli_main(["train", "--config", "smoke"]) == 128 + signal.SIGTERM
+    assert "vitkit train: stopped by SIGTERM" in capsys.readouterr().err

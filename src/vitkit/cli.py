@@ -192,24 +192,32 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from vitkit.train import TrainingDiverged, TrainingInterrupted, load_config, resume, train
+    from vitkit.train import load_config, resume, train
+
+    if args.resume:
+        if args.config:
+            raise ValueError("--resume continues a run with its own config; give overrides, not --config")
+        return _run_training("train", lambda: resume(args.resume, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    return _run_training("train", lambda: train(cfg))
+
+
+def _run_training(command: str, run: Callable[[], object]) -> int:
+    """Run a training job; a signal or a diverged loss becomes a message and an exit code."""
+    from vitkit.train import TrainingDiverged, TrainingInterrupted
 
     try:
-        if args.resume:
-            if args.config:
-                raise ValueError("--resume continues a run with its own config; give overrides, not --config")
-            resume(args.resume, args.overrides)
-            return 0
-        cfg = load_config(args.config, args.overrides)
-        if args.print_config:
-            print(cfg.to_yaml(), end="")
-            return 0
-        train(cfg)
+        run()
     except TrainingInterrupted as e:
-        print(f"vitkit train: {e}", file=sys.stderr)
+        print(f"vitkit {command}: {e}", file=sys.stderr)
         return 128 + e.signum
     except TrainingDiverged as e:
-        print(f"vitkit train: error: {e}", file=sys.stderr)
+        print(f"vitkit {command}: error: {e}", file=sys.stderr)
+        return 3
+    return 0
 
 
 def _int_list(text: str) -> list[int]:
@@ -290,22 +298,14 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from vitkit.finetune import finetune_config
-    from vitkit.train import TrainingDiverged, TrainingInterrupted, train
+    from vitkit.train import train
 
     cfg = finetune_config(args.init, args.dataset, img_size=args.img_size, config=args.config,
                           overrides=args.overrides)
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    try:
-        train(cfg)
-    except TrainingInterrupted as e:
-        print(f"vitkit finetune: {e}", file=sys.stderr)
-        return 128 + e.signum
-    except TrainingDiverged as e:
-        print(f"vitkit finetune: error: {e}", file=sys.stderr)
-        return 3
-    return 0
+    return _run_training("finetune", lambda: train(cfg))
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar
 
 C = TypeVar("C", bound="ModelConfig")
+T = TypeVar("T")
 Pooling = Literal["token", "avg"]
 HeadInit = Literal["xavier", "zeros"]
 
@@ -64,10 +65,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config") -> C:
-        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"{source}: unknown {cls.__name__} key(s): {', '.join(unknown)}")
-        return cls(**data)
+        return from_known_keys(cls, data, f"{source}: {cls.__name__}")
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -80,6 +78,16 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from e
         return cls.from_dict(data, source=str(path))
+
+
+def from_known_keys(cls: type[T], data: dict[str, Any], what: str) -> T:
+    """``cls(**data)`` for a dataclass; a key it does not have is an error that names the key and lists
+    the known ones (``what`` says whose keys they are, e.g. ``"stem"``)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{what}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**data)
 
 
 @dataclass

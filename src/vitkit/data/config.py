@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
+from vitkit.config import from_known_keys
+
 CropMode = Literal["random_crop", "random_resized_crop", "none"]
 AutoAugment = Literal["randaugment", "trivialaugment"]
 EraseMode = Literal["pixel", "const"]
@@ -156,8 +158,4 @@ class DataConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DataConfig":
         """Build from a mapping; an unknown key is an error that names it."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"data config: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**values)
+        return from_known_keys(cls, values, "data config")

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkit.config import ModelConfig
+from vitkit.config import ModelConfig, from_known_keys
 from vitkit.models.layers import DropPath
 from vitkit.models.registry import register_architecture, register_model
 
@@ -128,11 +127,7 @@ class BiTSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BiTSpec":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"stem: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**data)
+        return from_known_keys(cls, data, "stem")
 
     @property
     def stride(self) -> int:
