@@ -203,6 +203,7 @@ def test_conv_stem_strides_tokens_and_matches_its_layers():
         expected = model.patch_embed.proj(x).flatten(2).transpose(1, 2)
     assert tokens.shape == (2, 64, 128) and grid == (8, 8)
     torch.testing.assert_close(tokens, expected)
+    assert tokens.is_contiguous()  # the channels-last map is the token layout: no copy after the stem
     keys = set(model.state_dict())
     assert {"patch_embed.stem.0.conv.weight", "patch_embed.stem.2.bn.running_var",
             "patch_embed.proj.weight"} <= keys

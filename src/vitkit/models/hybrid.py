@@ -76,7 +76,9 @@ class ConvStemEmbed(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        x = self.proj(self.stem(images))
+        # Channels-last convolutions are faster on CPU (oneDNN) and GPU alike, and a channels-last
+        # (B, D, H, W) map is already the (B, H*W, D) token layout, so the final transpose is free.
+        x = self.proj(self.stem(images.contiguous(memory_format=torch.channels_last)))
         grid = (x.shape[-2], x.shape[-1])
         return x.flatten(2).transpose(1, 2), grid
 
