@@ -108,12 +108,13 @@ def test_harness_result_is_complete_and_consistent(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["vit_convstem_cifar_32", "vit_hybrid_cifar_32"])
-def test_reference_of_a_hybrid_is_timms_encoder_on_the_same_stem(name):
+def test_reference_of_a_hybrid_is_timms_hybrid_embed_around_the_same_cnn(name):
     from vitkit.bench.reference import reference_twin
 
     model = vitkit.create_model(name, depth=2).eval()
-    reference = reference_twin(model).eval()  # loads vitkit's state dict strictly: same keys, same shapes
+    reference = reference_twin(model).eval()  # loads vitkit's state dict strictly: same weights
     assert type(reference).__module__.startswith("timm.")
+    assert type(reference.patch_embed).__module__.startswith("timm.")  # timm's HybridEmbed, not vitkit's
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(reference(images), model(images), rtol=0, atol=1e-5)

@@ -2,12 +2,15 @@
 
 timm is a test/benchmark-only dependency (the ``test`` extra); this module imports it lazily and is
 the only place in the package that does. The reference is built from the same :class:`ViTConfig`
-and loads vitkit's state dict strictly, so both run the identical network with identical weights.
+and loads vitkit's state dict strictly, so both run the identical network with identical weights. A
+hybrid's reference is timm's own ``HybridEmbed`` around the same CNN layers (timm has no conv stem of
+its own), so what vitkit's stem does beyond those layers, such as its channels-last layout, is
+measured as vitkit's.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from functools import partial
 
 from torch import Tensor, nn
 
@@ -21,6 +24,7 @@ class ReferenceUnavailable(RuntimeError):
 def timm_vision_transformer(config: ViTConfig) -> nn.Module:
     """timm's ``VisionTransformer`` with the hyper-parameters of ``config``."""
     try:
+        from timm.layers import HybridEmbed
         from timm.models.vision_transformer import VisionTransformer
     except ImportError as e:
         raise ReferenceUnavailable("timm is not installed (pip install 'vitkit[test]')") from e
@@ -28,7 +32,7 @@ def timm_vision_transformer(config: ViTConfig) -> nn.Module:
         raise ReferenceUnavailable("timm's VisionTransformer has no representation layer")
     if config.stem is not None and config.dynamic_img_size:
         raise ReferenceUnavailable("the timm reference of a hybrid takes fixed-size images only")
-    stem = {} if config.stem is None else {"embed_layer": lambda **_: _StemForTimm(config)}
+    stem = {} if config.stem is None else {"embed_layer": partial(HybridEmbed, backbone=_cnn_of(config))}
     return VisionTransformer(
         img_size=config.img_size, patch_size=config.patch_size, in_chans=config.in_chans,
         num_classes=config.num_classes, embed_dim=config.embed_dim, depth=config.depth,
@@ -40,34 +44,25 @@ def timm_vision_transformer(config: ViTConfig) -> nn.Module:
     )
 
 
-class _StemForTimm(nn.Module):
-    """vitkit's CNN stem (conv stem or BiT ResNet) behind timm's ``embed_layer`` interface, so that the
-    reference of a hybrid is timm's encoder on the same stem. The stem's submodules are registered
-    directly, so the keys (``patch_embed.stem.*``, ``patch_embed.proj.*``) match vitkit's."""
+def _cnn_of(config: ViTConfig) -> nn.Module:
+    """The CNN of a hybrid's stem (conv layers or BiT ResNet), without its projection to D: the
+    ``backbone`` that timm's own ``HybridEmbed`` runs before its projection."""
+    from vitkit.models.hybrid import ConvStemEmbed, build_stem
 
-    def __init__(self, config: ViTConfig) -> None:
-        super().__init__()
-        from vitkit.models.hybrid import build_stem
+    stem = build_stem(config)
+    return stem.stem if isinstance(stem, ConvStemEmbed) else stem.backbone
 
-        stem = build_stem(config)
-        for name, child in stem.named_children():
-            self.add_module(name, child)
-        self._forward = stem.forward  # shares the children registered above
-        self.stride = stem.stride
-        self.img_size = config.image_hw
-        self.grid_size = (self.img_size[0] // self.stride, self.img_size[1] // self.stride)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
 
-    def feat_ratio(self, as_scalar: bool = True) -> Any:
-        return self.stride if as_scalar else (self.stride, self.stride)
-
-    def forward(self, images: Tensor) -> Tensor:
-        tokens, _ = self._forward(images)
-        return tokens
+def _timm_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """vitkit's state dict under timm's hybrid keys (a conv stem's ``patch_embed.stem.*`` is timm's
+    ``patch_embed.backbone.*``; everything else already has timm's names)."""
+    prefix = "patch_embed.stem."
+    return {("patch_embed.backbone." + k[len(prefix):] if k.startswith(prefix) else k): v
+            for k, v in state_dict.items()}
 
 
 def reference_twin(model: nn.Module) -> nn.Module:
     """timm's ViT with ``model``'s config and weights (strict load: any key mismatch is an error)."""
     reference = timm_vision_transformer(model.config)
-    reference.load_state_dict(model.state_dict(), strict=True)
+    reference.load_state_dict(_timm_keys(model.state_dict()), strict=True)
     return reference
