@@ -36,7 +36,8 @@ DATA = Path(os.environ.get("VITKIT_DATA", REPO.parent / "shared" / "data"))
 TINY_MODEL = ["--model", "vit_mnist_patch4_28", "--model.patch_size", "7", "--model.embed_dim", "32",
               "--model.depth", "2", "--model.num_heads", "2", "--model.mlp_dim", "64"]
 TINY = TINY_MODEL + ["--dataset", "mnist", "--data_dir", str(DATA), "--progress", "plain", "--log_every", "1",
-                     "--data.hflip", "false", "--data.crop_padding", "2", "--warmup_epochs", "0.5"]
+                     "--data.hflip", "false", "--data.crop_padding", "2", "--warmup_epochs", "0.5",
+                     "--eval_every", "1", "--eval_hflip_tta", "false"]  # digits are not mirror-symmetric
 
 
 def _env() -> dict[str, str]:
@@ -131,6 +132,28 @@ def test_eval_reports_top1_top5_per_class_and_confusion(trained_run: Path, tmp_p
     per_class = np.array(list(report["per_class_accuracy"].values()))
     np.testing.assert_allclose(per_class, confusion.diagonal() / confusion.sum(axis=1))
     assert (tmp_path / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+
+    assert cli_main(["eval", str(trained_run), "--out", str(tmp_path / "tta"), "--device", "cpu", "--hflip-tta"]) == 0
+    tta = json.loads((tmp_path / "tta" / "eval.json").read_text())
+    assert report["hflip_tta"] is False and tta["hflip_tta"] is True
+    assert tta["loss"] != pytest.approx(report["loss"], rel=1e-4)
+
+
+def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror():
+    from vitkit.train.evaluate import evaluate
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))  # not mirror-symmetric
+    images, labels = torch.randn(64, 3, 8, 8), torch.randint(0, 4, (64,))
+    batches = [(images[:32], labels[:32]), (images[32:], labels[32:])]
+    with torch.no_grad():
+        expected = (model(images) + model(images.flip(-1))) / 2
+    cpu = torch.device("cpu")
+    tta = evaluate(model, batches, 4, device=cpu, hflip_tta=True)
+    plain = evaluate(model, batches, 4, device=cpu)
+    assert tta.loss == pytest.approx(torch.nn.functional.cross_entropy(expected, labels).item(), rel=1e-5)
+    assert tta.top1 == pytest.approx((expected.argmax(1) == labels).float().mean().item())
+    assert tta.loss != pytest.approx(plain.loss, rel=1e-3)  # the mirror pass really ran
 
 
 def test_predict_matches_the_model_on_real_images(trained_run: Path, tmp_path: Path, capsys):

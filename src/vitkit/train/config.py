@@ -108,6 +108,8 @@ class TrainConfig:
     """Log training metrics every this many optimizer steps."""
     eval_every: int = 1
     """Evaluate on the validation set every this many epochs (and always after the last)."""
+    eval_hflip_tta: bool = False
+    """Evaluate with test-time augmentation: the mean logits of each image and its mirror image."""
     ckpt_every_steps: int = 500
     """Write the ``last`` checkpoint every this many optimizer steps (and at every epoch end); 0: epoch ends only."""
     keep_last_k: int = 2

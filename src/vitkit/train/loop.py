@@ -230,12 +230,12 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         is_best = False
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             val = evaluate(raw_model, data.val.batches(), data.num_classes, device=device,
-                           precision=cfg.precision, world=world)
+                           precision=cfg.precision, world=world, hflip_tta=cfg.eval_hflip_tta)
             record.update(val_loss=val.loss, val_acc=val.top1, val_top5=val.top5)
             score = val.top1
             if ema is not None:
                 val_ema = evaluate(ema.module, data.val.batches(), data.num_classes, device=device,
-                                   precision=cfg.precision, world=world)
+                                   precision=cfg.precision, world=world, hflip_tta=cfg.eval_hflip_tta)
                 record.update(val_loss_ema=val_ema.loss, val_acc_ema=val_ema.top1, val_top5_ema=val_ema.top5)
                 score = val_ema.top1
             is_best = score > best_acc
