@@ -410,7 +410,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure speed, FLOP/s, memory against timm's ViT of the same config")
-    p.add_argument("model", nargs="?", default="vit_convstem_cifar_32",
+    p.add_argument("model", nargs="?", default="vit_convstem_cifar_d4_32",
                    help="registered model name (default: the CIFAR-10 recipe's)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
