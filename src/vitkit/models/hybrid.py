@@ -245,7 +245,7 @@ register_model(
 # ViTs with a convolutional stem (ViT_C of Xiao et al. 2021): three 3x3 conv-BN-ReLU layers (strides
 # 1, 2, 2) give a grid of stride 4, projected 1x1 to the tokens. For CIFAR, the encoder of
 # vit_mini_patch4_32, so the two differ only in how images become tokens (the data-regime study's pair);
-# with 4 blocks, the CIFAR-10 recipe's model, which trains 1.4x faster and so sees more epochs in an hour.
+# with 4 blocks, the CIFAR-10 recipe's model, which trains 1.35x faster and so sees more epochs in an hour.
 _CIFAR_CONV_STEM = {"type": "conv", "channels": [32, 64, 128], "strides": [1, 2, 2]}
 register_model(
     "vit_convstem_cifar_32",
