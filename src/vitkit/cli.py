@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from typing import Callable, Sequence
 
@@ -220,6 +221,16 @@ def _run_training(command: str, run: Callable[[], object]) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -331,7 +342,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     report = evaluate_trained(args.source, dataset=args.dataset, data_dir=args.data_dir,
                               batch_size=args.batch_size, device=args.device, precision=args.precision,
-                              out_dir=args.out, hflip_tta=args.hflip_tta)
+                              out_dir=args.out, hflip_tta=args.hflip_tta,
+                              allow_class_mismatch=args.allow_class_mismatch)
     print(report.format())
     return 0
 
@@ -350,6 +362,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="test-time augmentation: average the logits of each image and its mirror image")
     p.add_argument("--out", metavar="DIR", help="where to write eval.json and confusion.png "
                                                 "(default: RUN/eval-DATASET, or ./eval-DATASET)")
+    p.add_argument("--allow-class-mismatch", action="store_true",
+                   help="evaluate even when the data set's class names differ from the model's, pairing the "
+                        "classes by sorted position (by default classes are matched by name)")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -366,7 +381,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT",
                    help="a vitkit model directory, a run directory or a training checkpoint (.pt)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=_positive_int, default=5, help="labels shown per image (default 5)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_predict)
@@ -461,6 +476,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
         print(f"vitkit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an unwritable, full or vanished directory: one line too
+        from vitkit.train.rundir import describe_os_error
+
+        print(f"vitkit {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C (the first asks a run to save and stop)
+        print(f"vitkit {args.command}: interrupted at once by a second Ctrl-C; nothing was saved after the last "
+              "checkpoint", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

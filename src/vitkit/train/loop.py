@@ -27,7 +27,7 @@ from vitkit.train.distributed import (World, all_reduce_sum, any_process, broadc
 from vitkit.train.ema import ModelEMA
 from vitkit.train.monitor import Progress, RunLog, Stopwatch, format_duration
 from vitkit.train.optim import build_optimizer, lr_at, set_lr
-from vitkit.train.rundir import build_run_model, create_run_dir, export_model, write_config
+from vitkit.train.rundir import build_run_model, create_run_dir, export_model, remove_partial_writes, write_config
 from vitkit.train.runtime import StopSignals, autocast, grad_scaler, resolve_device, seed_everything
 
 
@@ -111,6 +111,7 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
     checkpoints = CheckpointWriter(run_dir, cfg.keep_last_k)
     progress = Progress(cfg.progress, enabled=world.is_main)
     if world.is_main:
+        partial = remove_partial_writes(run_dir) if state else []
         write_config(cfg, run_dir)
         params = sum(p.numel() for p in raw_model.parameters())
         progress.print(cfg.to_yaml().rstrip())
@@ -119,6 +120,9 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
                        f"{steps_per_epoch} steps/epoch, global batch {cfg.data.batch_size * world.size * accum}")
         if state:
             progress.print(f"from epoch {epoch + 1}, batch {batch}, optimizer step {global_step}")
+        if partial:
+            progress.print(f"removed {len(partial)} partial file(s) of an interrupted write: "
+                           + ", ".join(p.name for p in partial))
 
     if state is not None and len(state["rng"]) == world.size:
         restore_rng(state["rng"][world.rank])
@@ -137,6 +141,12 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
                 "epoch_sums": epoch_sums.cpu(), "rng": rngs, "config": cfg.to_dict(), "world_size": world.size,
             }, is_best=is_best)
             log.flush()
+
+    def interrupted(where: str) -> TrainingInterrupted:
+        log.close()
+        why = signals.name or "a signal on another process"
+        return TrainingInterrupted(f"stopped by {why} {where}; saved {checkpoints.last}; "
+                                   f"continue with: vitkit train --resume {run_dir}", signals.received or 15)
 
     nonfinite = torch.zeros((), device=device)
 
@@ -215,11 +225,7 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
                 checkpoint(epoch, batch + 1)
             if stop:
                 progress.end_epoch()
-                log.close()
-                why = signals.name or "a signal on another process"
-                raise TrainingInterrupted(
-                    f"stopped by {why} at epoch {epoch + 1}, optimizer step {global_step}; saved {checkpoints.last}; "
-                    f"continue with: vitkit train --resume {run_dir}", signals.received or 15)
+                raise interrupted(f"at epoch {epoch + 1}, optimizer step {global_step}")
         progress.end_epoch()
 
         # ----------------------------------------------------------------------------- epoch end
@@ -250,6 +256,8 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         epoch, batch = epoch + 1, 0
         epoch_sums.zero_()
         checkpoint(epoch, 0, is_best=is_best)
+        if any_process(signals.received is not None, world, device):  # it came during the evaluation
+            raise interrupted(f"after epoch {epoch} (optimizer step {global_step})")
 
     # ------------------------------------------------------------------------------------ finish
     if world.is_main:

@@ -16,6 +16,16 @@ CONFIG_NAME = "config.yaml"
 MODEL_DIR = "model"
 
 
+class RunDirectoryError(OSError):
+    """The run directory cannot be created or written, or it disappeared during the run."""
+
+
+def describe_os_error(e: OSError) -> str:
+    """``No space left on device: /path`` rather than ``[Errno 28] No space left on device: b'/path'``."""
+    name = e.filename.decode(errors="replace") if isinstance(e.filename, bytes) else e.filename
+    return f"{e.strerror}: {name}" if e.strerror and name else str(e)
+
+
 def create_run_dir(cfg: TrainConfig) -> Path:
     """``out_dir/run_name``, or ``out_dir/<dataset>-<model>-<date>-<time>``; an existing run is never reused
     by accident (resuming is explicit: ``--resume``)."""
@@ -32,8 +42,24 @@ def create_run_dir(cfg: TrainConfig) -> Path:
         while run_dir.exists():
             n += 1
             run_dir = out_dir / f"{base}-{n}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirectoryError(f"cannot create the run directory {run_dir} ({describe_os_error(e)}); "
+                                "choose a writable --out_dir") from None
     return run_dir
+
+
+def remove_partial_writes(run_dir: Path) -> list[Path]:
+    """Delete the temporary files that a kill during an atomic write leaves (``.NAME.XXXX.tmp``, and the
+    ``.NAME.link`` of older versions) in the run directory, its checkpoints and its exported model."""
+    removed = []
+    for directory in (run_dir, run_dir / "checkpoints", run_dir / MODEL_DIR):
+        for path in [*directory.glob(".*.tmp"), *directory.glob(".*.link")]:
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def _model_label(cfg: TrainConfig) -> str:
