@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import vitkit
 from vitkit.cli import main as cli_main
@@ -105,7 +106,7 @@ def test_signal_to_the_whole_process_group_saves_and_exits_like_a_signal_to_the_
 def test_checkpoint_names_are_independent_files_so_one_damaged_file_spares_the_others(tmp_path):
     run = train(_cfg(tmp_path, "--epochs", "2", "--ckpt_every_steps", "3", "--keep_last_k", "2"))
     ckpt = run / "checkpoints"
-    last, best, newest = ckpt / "last.pt", ckpt / "best.pt", sorted(ckpt.glob("step-*.pt"))[-1]
+    last, best, newest = ckpt / "last.pt", ckpt / "best.pt", max(ckpt.glob("step-*.pt"))
     assert load_checkpoint(last)["global_step"] == load_checkpoint(newest)["global_step"]
     for path in (last, best, newest):
         assert path.stat().st_nlink == 1, f"{path.name} shares its data with another name"
@@ -173,7 +174,7 @@ def test_file_valued_or_unwritable_out_dir_is_one_line(tmp_path, capsys, monkeyp
 
 
 def test_disk_error_mid_run_is_one_line_and_the_resumed_metrics_are_complete(tmp_path, capsys, monkeypatch):
-    import vitkit.train.checkpoints as checkpoints
+    from vitkit.train import checkpoints
 
     args = [*TINY_MNIST, "--data.samples_per_class", "10", "--batch_size", "20", "--epochs", "2",
             "--ckpt_every_steps", "2", "--deterministic", "true", "--progress", "none", "--out_dir", str(tmp_path)]
@@ -194,13 +195,13 @@ def test_disk_error_mid_run_is_one_line_and_the_resumed_metrics_are_complete(tmp
     monkeypatch.setattr(checkpoints, "atomic_torch_save", save)
     assert cli_main(["train", "--resume", str(tmp_path / "full")]) == 0
     timing = ("img_per_s", "epoch_time", "epoch_cpu_time")
-    clean = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]  # noqa: E731
+    clean = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]
     assert clean(read_metrics(tmp_path / "full")) == clean(read_metrics(tmp_path / "straight"))
 
 
 # ------------------------------------------------------------------------------- 13: smaller ones
 def test_sigterm_during_the_final_evaluation_is_not_a_silent_success(tmp_path, monkeypatch):
-    import vitkit.train.loop as loop
+    from vitkit.train import loop
 
     evaluate = loop.evaluate
 
@@ -222,7 +223,7 @@ def test_sigterm_during_the_final_evaluation_is_not_a_silent_success(tmp_path, m
 
 
 def test_a_second_ctrl_c_stops_at_once_with_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
-    import vitkit.train.loop as loop
+    from vitkit.train import loop
 
     build = loop.build_run_model
 
@@ -280,27 +281,41 @@ def _class_folders(root: Path, names: dict[str, str], per_class: int = 6) -> Pat
 def test_eval_matches_class_folders_to_the_model_by_name_not_by_sorted_position(tmp_path, capsys):
     meta = json.loads((IMAGENETTE / "meta.json").read_text())
     wnids, words = meta["wnids"], meta["classes"]
+    assert sorted(words) != words  # folders named by word sort into another order than the model's classes
     torch.manual_seed(0)
-    model = vitkit.create_model("vit_mnist_patch4_28", patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_dim=64,
-                                in_chans=3, img_size=32, num_classes=10, class_names=wnids)
-    model.save_pretrained(tmp_path / "model")
+    for names, directory in ((wnids, "model"), (words, "model_by_word")):  # the same weights, two vocabularies
+        model = vitkit.create_model("vit_mnist_patch4_28", patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                                    mlp_dim=64, in_chans=3, img_size=32, num_classes=10, class_names=names)
+        if names is wnids:
+            weights = model.state_dict()
+        model.load_state_dict(weights)
+        model.save_pretrained(tmp_path / directory)
 
-    # the same images under WordNet ids, and under the words (another sorted order), models trained on either
-    by_id = _class_folders(tmp_path / "by_id", dict(zip(wnids, wnids)))
+    by_id = _class_folders(tmp_path / "by_id", dict(zip(wnids, wnids)))  # sorted position == model index
     by_word = _class_folders(tmp_path / "by_word", dict(zip(wnids, words)))
-    assert sorted(words) != words
-    reports = [evaluate_trained(tmp_path / "model", dataset=f"folder:{root}", out_dir=tmp_path / root.name,
-                                device="cpu") for root in (by_id, by_word)]
-    for report in reports:
-        assert report.class_names == wnids
-    assert torch.equal(reports[0].result.confusion, reports[1].result.confusion)
-    assert reports[0].result.top1 == reports[1].result.top1 and reports[0].result.loss == reports[1].result.loss
+    truth = evaluate_trained(tmp_path / "model", dataset=f"folder:{by_id}", out_dir=tmp_path / "e1", device="cpu")
+    named = evaluate_trained(tmp_path / "model_by_word", dataset=f"folder:{by_word}", out_dir=tmp_path / "e2",
+                             device="cpu")
+    assert named.class_names == words
+    assert torch.equal(named.result.confusion, truth.result.confusion)
+    assert named.result.top1 == truth.result.top1
+    assert named.result.loss == pytest.approx(truth.result.loss, rel=1e-6)  # summed in another image order
+    per_class = json.loads((tmp_path / "e2" / "eval.json").read_text())["per_class_accuracy"]
+    assert list(per_class.values()) == list(truth.to_dict()["per_class_accuracy"].values())
+
+    # the WordNet-id model on the word folders: no name in common, so an error naming them
+    assert cli_main(["eval", str(tmp_path / "model"), "--dataset", f"folder:{by_word}", "--device", "cpu",
+                     "--out", str(tmp_path / "e3")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'English springer', 'French horn'" in err
+    assert "and the data set has no 'n01440764', 'n02102040'" in err and "--allow-class-mismatch" in err
+    assert not (tmp_path / "e3").exists()
 
     # a subset of the model's classes is matched by name too
-    subset = _class_folders(tmp_path / "subset", {w: n for w, n in zip(wnids, words) if n in ("church", "tench")})
+    subset = _class_folders(tmp_path / "subset", {w: w for w, n in zip(wnids, words) if n in ("church", "tench")})
     part = evaluate_trained(tmp_path / "model", dataset=f"folder:{subset}", out_dir=tmp_path / "sub", device="cpu")
     church, tench = wnids[words.index("church")], wnids[words.index("tench")]
-    full = reports[0].result.confusion
+    full = truth.result.confusion
     keep = [wnids.index(church), wnids.index(tench)]
     assert torch.equal(part.result.confusion[keep], full[keep])
     assert part.result.confusion.sum() == 12
@@ -318,3 +333,73 @@ def test_eval_matches_class_folders_to_the_model_by_name_not_by_sorted_position(
                      "--out", str(tmp_path / "odd_eval"), "--allow-class-mismatch"]) == 0
     saved = json.loads((tmp_path / "odd_eval" / "eval.json").read_text())
     assert saved["num_samples"] == 60
+
+
+# ------------------------------------------------------------- 14: a step too large for the memory
+def test_saved_activations_of_a_known_network_are_counted_exactly():
+    from vitkit.train.memory import estimate_step_memory
+
+    net = nn.Sequential(nn.Linear(10, 1000), nn.ReLU(), nn.Linear(1000, 10))
+    weights = (10 * 1000 + 1000 + 1000 * 10 + 10) * 4
+    for optimizer, state in ((torch.optim.AdamW(net.parameters()), 2 * weights),
+                             (torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), weights),
+                             (torch.optim.SGD(net.parameters(), lr=0.1), 0)):
+        estimate = estimate_step_memory(net, optimizer, (10,), device=torch.device("cpu"),
+                                        loss_fn=lambda model, x: model(x).sum())
+        # per image: the first layer keeps its 10 inputs, the ReLU its 1000 outputs (which the second layer's
+        # weight gradient reads too), float32; weights are not counted again
+        assert estimate.per_image == (10 + 1000) * 4
+        assert estimate.batch_independent == 0
+        assert estimate.gradients == weights and estimate.optimizer_state == state
+        assert estimate.total(64) == 64 * 4040 + weights + state
+
+
+def test_the_memory_probe_leaves_weights_buffers_gradients_and_random_streams_as_they_were():
+    from vitkit.train.memory import estimate_step_memory
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Dropout(0.5), nn.Flatten(), nn.LazyLinear(4))
+    net(torch.randn(2, 3, 8, 8))
+    net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    estimate_step_memory(net, torch.optim.SGD(net.parameters(), lr=0.1), (3, 8, 8), device=torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(p.grad is None for p in net.parameters()) and not net.training
+
+
+def test_a_step_that_does_not_fit_fails_before_training_with_the_numbers_and_a_split_that_fits(
+        tmp_path, capsys, monkeypatch):
+    from vitkit.data import build_data
+    from vitkit.train.memory import estimate_step_memory
+    from vitkit.train.optim import build_optimizer
+    from vitkit.train.rundir import build_run_model
+
+    args = [*TINY_MNIST, "--data.samples_per_class", "10", "--batch_size", "20", "--epochs", "1", "--progress",
+            "plain", "--out_dir", str(tmp_path)]
+    cfg = load_config(None, args)
+    data = build_data(cfg.data, device="cpu", seed=cfg.seed)
+    model = build_run_model(cfg, data)
+    estimate = estimate_step_memory(model, build_optimizer(model, cfg.optim), (1, 28, 28),
+                                    device=torch.device("cpu"))
+    assert estimate.per_image > 10_000  # a 2-block ViT on 16 tokens keeps tens of kB per image
+    limit = estimate.total(10)  # half the batch fits, the whole one does not
+    monkeypatch.setenv("VITKIT_MEMORY_LIMIT", str(limit))
+    assert cli_main(["train", *args, "--run_name", "big"]) == 2
+    _out, err = capsys.readouterr()
+    assert err == (f"vitkit train: error: a training step needs about {estimate.total(20) / 1024**3:.2f} GiB "
+                   f"(batch 20 x {estimate.per_image / 1024**2:.2f} MiB of activations per image + "
+                   f"{estimate.fixed / 1024**3:.2f} GiB of gradients and optimizer state) but "
+                   f"{limit / 1024**3:.2f} GiB is available (VITKIT_MEMORY_LIMIT={limit}); for the same global "
+                   f"batch use --batch_size 10 --accum_steps 2 (about {limit / 1024**3:.2f} GiB), or set "
+                   "VITKIT_MEMORY_LIMIT (a size, or 'off' to skip this check)\n")
+    assert not (tmp_path / "big").exists()  # failed before the run started
+    # the way out it names runs, with the same global batch
+    assert cli_main(["train", *args, "--run_name", "split", "--batch_size", "10", "--accum_steps", "2"]) == 0
+    assert "global batch 20" in capsys.readouterr().out
+    monkeypatch.setenv("VITKIT_MEMORY_LIMIT", "1")
+    assert cli_main(["train", *args, "--run_name", "tiny"]) == 2
+    assert "even one image per step does not fit" in capsys.readouterr().err
+    monkeypatch.setenv("VITKIT_MEMORY_LIMIT", "lots")
+    assert cli_main(["train", *args, "--run_name", "typo"]) == 2
+    assert "VITKIT_MEMORY_LIMIT='lots': expected a size" in capsys.readouterr().err

@@ -8,7 +8,6 @@ each its own file (copies, not links). Files are written atomically (temporary f
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 from pathlib import Path

@@ -25,6 +25,7 @@ from vitkit.train.config import TrainConfig, expand_shortcuts, merge_configs, pa
 from vitkit.train.distributed import (World, all_reduce_sum, any_process, broadcast_object, gather_objects,
                                       init_world, shutdown)
 from vitkit.train.ema import ModelEMA
+from vitkit.train.memory import ensure_step_fits
 from vitkit.train.monitor import Progress, RunLog, Stopwatch, format_duration
 from vitkit.train.optim import build_optimizer, lr_at, set_lr
 from vitkit.train.rundir import build_run_model, create_run_dir, export_model, remove_partial_writes, write_config
@@ -86,6 +87,9 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
                          f"optim.accum_steps={accum}; lower data.batch_size or optim.accum_steps")
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    size = data.img_size if isinstance(data.img_size, (tuple, list)) else (data.img_size, data.img_size)
+    ensure_step_fits(raw_model, optimizer, input_shape=(data.in_chans, *size), batch_size=cfg.data.batch_size,
+                     accum_steps=accum, device=device, precision=cfg.precision)  # before an OOM kill, not after
 
     epoch, batch, global_step, best_acc, elapsed = 0, 0, 0, float("-inf"), 0.0
     epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n

@@ -10,7 +10,8 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 from vitkit.checkpoint import atomic_write_text
 from vitkit.train.rundir import RunDirectoryError, describe_os_error
