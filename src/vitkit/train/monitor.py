@@ -9,8 +9,8 @@ import os
 import sys
 import threading
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Optional
 
 from vitkit.checkpoint import atomic_write_text
