@@ -403,3 +403,14 @@ def test_a_step_that_does_not_fit_fails_before_training_with_the_numbers_and_a_s
     monkeypatch.setenv("VITKIT_MEMORY_LIMIT", "lots")
     assert cli_main(["train", *args, "--run_name", "typo"]) == 2
     assert "VITKIT_MEMORY_LIMIT='lots': expected a size" in capsys.readouterr().err
+
+
+def test_ctrl_c_outside_a_training_loop_is_one_line_and_exit_130(monkeypatch, capsys):
+    import vitkit.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_models", interrupted)
+    assert cli_main(["models"]) == 130
+    assert capsys.readouterr().err == "vitkit models: interrupted by Ctrl-C\n"

@@ -481,9 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"vitkit {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # a second Ctrl-C (the first asks a run to save and stop)
-        print(f"vitkit {args.command}: interrupted at once by a second Ctrl-C; nothing was saved after the last "
-              "checkpoint", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C outside a training loop, or a second one inside (the first saves)
+        print(f"vitkit {args.command}: {str(e) or 'interrupted by Ctrl-C'}", file=sys.stderr)
         return 128 + signal.SIGINT
 
 
