@@ -227,13 +227,13 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line_and_exit_130(tmp_path, caps
 
     build = loop.build_run_model
 
-    def build_impatient(cfg, data):  # the user presses Ctrl-C twice during the 3rd training forward
+    def build_impatient(cfg, data):  # the user presses Ctrl-C twice during a training forward
         model = build(cfg, data)
         forward, calls = model.forward, []
 
         def impatient(x):
-            calls.append(1)
-            if len(calls) == 3:
+            calls.append(len(x))
+            if len(calls) == 4:  # after the memory estimate's two probes, the 2nd training step
                 os.kill(os.getpid(), signal.SIGINT)
                 os.kill(os.getpid(), signal.SIGINT)
             return forward(x)
