@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from vitkit.analysis.filters import FilterPCA
+from vitkit.fileio import atomic_path
 
 
 def save_png(figure: Figure, path: str | Path, dpi: int = 110) -> Path:
     """Render ``figure`` to a PNG atomically (a crash never leaves half a file)."""
-    from vitkit.checkpoint import atomic_path
 
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")

@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torchvision
+import torchvision.datasets as tv_datasets
 
-from vitkit.checkpoint import atomic_path, atomic_write_text
 from vitkit.data.sources import DatasetSpec, channel_stats, default_download_root, named_spec
+from vitkit.fileio import atomic_path, atomic_write_text
+
 
 class DownloadError(RuntimeError):
     """Fetching a data set failed (network, checksum, disk); the message says what and where."""
@@ -89,8 +92,6 @@ def download(name: str, data_dir: str | Path | None = None, *, keep_raw: bool = 
     A complete copy already there is kept unless ``force``. The raw files go to ``DATA_DIR/name/raw``
     and are removed after a successful conversion unless ``keep_raw``; a failed run can be repeated.
     """
-    import torchvision
-    import torchvision.datasets as tv_datasets
 
     spec = named_spec(name)
     directory = default_download_root(data_dir) / name

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitkit.checkpoint import load_state_dict
 from vitkit.evaluation.datasets import LabeledImages
+from vitkit.fileio import save_state_dict
 
 
 @dataclass(frozen=True)
@@ -103,16 +105,12 @@ class FeatureCache:
             return self._memory[key]
         path = self.directory / f"features-{key}.safetensors" if self.directory is not None else None
         if path is not None and path.is_file():
-            from vitkit.checkpoint import load_state_dict
-
             feats = load_state_dict(path)["features"]
             self.hits += 1
         else:
             feats = extract_features(model, data, preprocess=preprocess, batch_size=batch_size, device=device)
             self.misses += 1
             if path is not None:
-                from vitkit.checkpoint import save_state_dict
-
                 save_state_dict({"features": feats}, path, metadata={"data": data.name})
         self._memory[key] = feats
         return feats

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.config import ModelConfig, from_known_keys
+from vitkit.fileio import write_model_dir
 from vitkit.models.layers import DropPath
-from vitkit.models.registry import register_architecture, register_model
+from vitkit.models.registry import config_record, register_architecture, register_model
 
 # ============================================================================ BiT ResNet (GN + WS)
 
@@ -439,9 +440,7 @@ class ResNet(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``model.safetensors`` and ``config.json`` to ``directory`` (atomically)."""
-        from vitkit.checkpoint import save_pretrained
-
-        return save_pretrained(self, directory)
+        return write_model_dir(directory, self.state_dict(), config_record(self.config))
 
 
 register_architecture("resnet", ResNetConfig, ResNet)

@@ -19,14 +19,23 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vitkit.checkpoint import CheckpointError, load_weights
 from vitkit.data import build_data
-from vitkit.train.evaluate import evaluate
+from vitkit.models.registry import architecture_of
 from vitkit.train.checkpoints import CheckpointWriter, capture_rng, load_checkpoint, resolve_checkpoint, restore_rng
 from vitkit.train.config import TrainConfig, expand_shortcuts, merge_configs, parse_overrides
-from vitkit.train.distributed import (World, all_reduce_sum, any_process, broadcast_object, gather_objects,
-                                      init_world, shutdown)
+from vitkit.train.distributed import (
+    World,
+    all_reduce_sum,
+    any_process,
+    broadcast_object,
+    gather_objects,
+    init_world,
+    shutdown,
+)
 from vitkit.train.ema import ModelEMA
+from vitkit.train.evaluate import evaluate
 from vitkit.train.monitor import Progress, RunLog, Stopwatch, format_duration
 from vitkit.train.optim import build_optimizer, lr_at, set_lr
+from vitkit.train.plots import plot_curves
 from vitkit.train.rundir import build_run_model, create_run_dir, export_model, write_config
 from vitkit.train.runtime import StopSignals, autocast, grad_scaler, resolve_device, seed_everything
 
@@ -256,7 +265,6 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         final = ema.module if ema is not None else raw_model
         export_model(final, run_dir, best_acc=best_acc, total_time=clock.elapsed)
         log.close()
-        from vitkit.train.plots import plot_curves
 
         plot_curves(run_dir)
         progress.print(f"done in {format_duration(clock.elapsed)}: best val acc {100 * best_acc:.2f}%; "
@@ -278,6 +286,4 @@ def _summary_line(record: dict[str, Any], epochs: int, eta: float, has_ema: bool
 
 
 def _config_dict(model: nn.Module) -> dict[str, Any]:
-    from vitkit.models.registry import architecture_of
-
     return {"architecture": architecture_of(model.config), **model.config.to_dict()}
