@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import timm  # noqa: E402
+import timm
 import torch
 import torch.nn.functional as F
-import torchvision  # noqa: E402
+import torchvision
 from torch import nn
 
 import vitkit

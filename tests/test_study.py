@@ -98,7 +98,8 @@ def test_data_study_cli_writes_table_and_plot_and_skips_finished_cells(tmp_path,
         assert (int(half["train_size"]), int(full["train_size"])) == (150, 300)  # stratified subsets
         assert (int(half["epochs"]), int(full["epochs"])) == (2, 1)
         assert half["samples_seen"] == full["samples_seen"] == "300"  # the same number of samples
-        assert float(half["train_flops"]) == pytest.approx(float(full["train_flops"])) and float(full["train_flops"]) > 0
+        assert float(half["train_flops"]) == pytest.approx(float(full["train_flops"]))
+        assert float(full["train_flops"]) > 0
         assert 0.0 <= float(full["test_acc"]) <= 1.0
     # the study's test accuracy is the run's own final evaluation on the full (100-image) test set
     first = rows[0]

@@ -4,13 +4,13 @@ from vitkit.checkpoint import load_model
 from vitkit.config import ViTConfig
 from vitkit.convert import from_pretrained
 from vitkit.models import (
-                           VisionTransformer,
-                           build_model,
-                           create_model,
-                           get_model_config,
-                           list_models,
-                           register_model,
-                           resample_pos_embed,
+    VisionTransformer,
+    build_model,
+    create_model,
+    get_model_config,
+    list_models,
+    register_model,
+    resample_pos_embed,
 )
 from vitkit.version import __version__
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from vitkit.analysis.report import analyze
 from vitkit.bench import BenchSettings, format_table, run_benchmark, save_json
@@ -128,7 +128,8 @@ def _csv(kind: type) -> Callable[[str], list]:
         try:
             return [kind(part) for part in text.split(",") if part.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}s, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {kind.__name__}s, got {text!r}") from None
     return parse
 
 
@@ -387,7 +388,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         pipelines.update(data_pipelines(args.data.split(","), settings))
     result = run_benchmark(settings, pipelines or None, log=lambda m: print(m, file=sys.stderr))
     print(format_table(result))
-    out = args.out or f"bench_{args.model}_b{args.batch_size}_{args.precision}{'_compiled' if args.compile else ''}.json"
+    compiled = "_compiled" if args.compile else ""
+    out = args.out or f"bench_{args.model}_b{args.batch_size}_{args.precision}{compiled}.json"
     print(f"results written to {save_json(result, out)}")
     return 0
 

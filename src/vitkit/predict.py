@@ -9,9 +9,9 @@ record get ImageNet's normalisation and a 0.875 center crop.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn

@@ -10,8 +10,9 @@ import io
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
@@ -217,7 +218,8 @@ def _attention_sections(report: _Report, analysis: ModelAnalysis, display_images
         "Attention rollout (Abnar &amp; Zuidema, 2020), the method behind the paper's Fig. 6: the attention of "
         "each layer is averaged over heads, the identity is added for the residual connection, rows are "
         "renormalised, and the matrices are multiplied through all layers; "
-        f"{query_note}, laid out on the patch grid, shows which input regions reach the representation used for classification. Middle "
+        f"{query_note}, laid out on the patch grid, shows which input regions reach the representation used "
+        "for classification. Middle "
         "row: the map over the input; bottom row: the input multiplied by the map, as in the paper. Each map "
         "is scaled to its own maximum.")
     report.section(
@@ -305,7 +307,8 @@ section {{ margin-bottom: 2.5em; }}
 <body>
 <h1>{html.escape(title)}</h1>
 <p>What this Vision Transformer learned, after the analyses of Dosovitskiy et al. (2020), Sec. 4.5
-"Inspecting Vision Transformer". Summary of all numbers: <a href="{FILES['summary_json']}">{FILES['summary_json']}</a>.</p>
+"Inspecting Vision Transformer".
+Summary of all numbers: <a href="{FILES['summary_json']}">{FILES['summary_json']}</a>.</p>
 <table>
 {rows}
 </table>

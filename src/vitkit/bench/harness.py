@@ -15,9 +15,10 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -354,7 +355,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"load {_fmt_load(result['machine']['load_average_1min'])})",
         f"FLOPs/image: forward {result['flops_per_image']['forward'] / 1e6:.1f} M, "
         f"train step {result['flops_per_image']['train'] / 1e6:.1f} M;  "
-        f"matmul peak {peak['flops_per_s']['median'] / 1e9:.0f} GFLOP/s ({peak['n']}^3 {peak['dtype']}, {peak['backend']})",
+        f"matmul peak {peak['flops_per_s']['median'] / 1e9:.0f} GFLOP/s "
+        f"({peak['n']}^3 {peak['dtype']}, {peak['backend']})",
         "",
         f"{'impl':8s} {'mode':6s} {'img/s min':>10s} {'median':>9s} {'max':>9s} {'GFLOP/s':>9s} "
         f"{'% peak':>7s} {'MiB/img':>8s}",

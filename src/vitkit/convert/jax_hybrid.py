@@ -7,7 +7,7 @@ feature-map projection ``embedding``, mapped to and from timm's keys of :class:`
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torchvision
@@ -41,7 +42,8 @@ def convert_torchvision_dataset(dataset: Any, spec: DatasetSpec) -> tuple[np.nda
         images = images[..., None]
     expected = (spec.img_size, spec.img_size, spec.in_chans)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
-        raise ValueError(f"{name}: images are {images.dtype} {images.shape}, expected uint8 (N, {', '.join(map(str, expected))})")
+        raise ValueError(f"{name}: images are {images.dtype} {images.shape}, "
+                         f"expected uint8 (N, {', '.join(map(str, expected))})")
     if labels.shape != (len(images),):
         raise ValueError(f"{name}: {len(labels)} targets for {len(images)} images")
     if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):

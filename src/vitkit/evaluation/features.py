@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ class Preprocess:
 
     @classmethod
     def for_model(cls, model: nn.Module, mean: Sequence[float] | None = None,
-                  std: Sequence[float] | None = None) -> "Preprocess":
+                  std: Sequence[float] | None = None) -> Preprocess:
         """The model's input size and channels; normalisation from the arguments, else what the model was
         trained with (``config.extra['preprocess']``, written by ``vitkit train``), else the paper's
         [-1, 1] scaling (mean = std = 0.5)."""

@@ -8,12 +8,12 @@ from vitkit.models import resnet, zoo  # noqa: F401  (the families register thei
 from vitkit.models.layers import Attention, Block, DropPath, Mlp, PatchEmbed
 from vitkit.models.pos_embed import resample_pos_embed
 from vitkit.models.registry import (
-                                    build_model,
-                                    create_model,
-                                    get_model_config,
-                                    list_models,
-                                    register_architecture,
-                                    register_model,
+    build_model,
+    create_model,
+    get_model_config,
+    list_models,
+    register_architecture,
+    register_model,
 )
 from vitkit.models.transfer import freeze_backbone, prepare_for_finetuning
 from vitkit.models.vit import VisionTransformer

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -127,7 +128,7 @@ class BiTSpec:
             raise ValueError(f"stem: every stage needs at least one unit, got layers={list(self.layers)}")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "BiTSpec":
+    def from_dict(cls, data: dict[str, Any]) -> BiTSpec:
         return from_known_keys(cls, data, "stem")
 
     @property

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -169,7 +170,8 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         epoch_start, epoch_cpu, window_start = time.perf_counter(), time.process_time(), time.perf_counter()
         window = torch.zeros(3, dtype=torch.float64, device=device)
         grad_norm = torch.zeros((), device=device)
-        for batch, (images, targets) in enumerate(data.train.batches(epoch, batch), start=batch):
+        first_batch = batch
+        for batch, (images, targets) in enumerate(data.train.batches(epoch, first_batch), start=first_batch):
             if batch >= steps_per_epoch * accum:
                 break
             boundary = (batch + 1) % accum == 0
