@@ -33,7 +33,8 @@ def _run(args: list[str | Path], pythonpath: Path = SRC) -> subprocess.Completed
 
 
 def test_import_contracts_hold():
-    """models < checkpoint < data/convert < sources < analysis/evaluation/bench < train < commands < cli."""
+    """fileio < config < models < checkpoint < data/convert < resolver < analysis/evaluation/bench < train <
+    commands < cli (the full order is in pyproject.toml)."""
     result = _run([_tool("lint-imports"), "--no-cache"])
     assert result.returncode == 0, f"lint-imports failed:\n{result.stdout}\n{result.stderr}"
     assert "2 kept, 0 broken" in result.stdout
