@@ -126,7 +126,8 @@ def test_reference_of_a_hybrid_is_timms_hybrid_embed_around_the_same_cnn(name):
 def test_cli_writes_json_and_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench", "vit_tiny_patch4_32", "--batch-size", "2", "--img-size", "16", "--modes", "infer",
-                 "--warmup", "1", "--repeats", "2", "--no-reference", "--matmul-size", "256", "--profile", "--out", str(out)])
+                 "--warmup", "1", "--repeats", "2", "--no-reference", "--matmul-size", "256", "--profile",
+                 "--out", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     assert result["settings"]["modes"] == ["infer"] and result["runs"].keys() == {"vitkit"}
