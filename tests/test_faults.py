@@ -195,7 +195,10 @@ def test_disk_error_mid_run_is_one_line_and_the_resumed_metrics_are_complete(tmp
     monkeypatch.setattr(checkpoints, "atomic_torch_save", save)
     assert cli_main(["train", "--resume", str(tmp_path / "full")]) == 0
     timing = ("img_per_s", "epoch_time", "epoch_cpu_time")
-    clean = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]
+
+    def clean(records: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k not in timing} for r in records]
+
     assert clean(read_metrics(tmp_path / "full")) == clean(read_metrics(tmp_path / "straight"))
 
 
