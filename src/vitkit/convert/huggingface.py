@@ -21,6 +21,7 @@ from torch import Tensor
 from vitkit.checkpoint import CheckpointError, atomic_write_text, load_state_dict, save_state_dict
 from vitkit.config import ViTConfig
 from vitkit.convert.keymap import KeyMap
+from vitkit.preprocessing import KNOWN_SOURCES, Preprocessing
 
 FORMAT = "huggingface"
 
@@ -134,6 +135,39 @@ def hints_from_config(data: dict[str, Any], source: str) -> dict[str, Any]:
     if labels and None not in labels and not all(re.fullmatch(r"LABEL_\d+", str(x)) for x in labels):
         hints["class_names"] = [str(x) for x in labels]
     return hints
+
+
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL.Image.Resampling values in image processors
+
+
+def preprocessing_of(directory: Path) -> Preprocessing:
+    """The image processor of a Hugging Face directory (``preprocessor_config.json``: ``image_mean``,
+    ``image_std``, ``resample``, ``size``/``crop_size``), else transformers' ViTImageProcessor defaults.
+
+    ViTImageProcessor resizes straight to the input size (no crop: ``crop_pct`` 1.0); a processor
+    with a centre crop gives ``crop_pct = crop / shortest_edge``."""
+    path = Path(directory) / PREPROCESSOR_CONFIG
+    default = KNOWN_SOURCES["huggingface"]
+    if not path.is_file():
+        return default
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    crop_pct = 1.0
+    size, crop = data.get("size"), data.get("crop_size")
+    if data.get("do_center_crop") and isinstance(size, dict) and isinstance(crop, dict) and "shortest_edge" in size:
+        crop_pct = min(1.0, float(crop.get("height", size["shortest_edge"])) / float(size["shortest_edge"]))
+    resample = data.get("resample", 2)
+    if resample not in _RESAMPLE:
+        raise CheckpointError(f"{path}: resample={resample!r} is not one vitkit's eval transform reproduces "
+                              f"({', '.join(f'{k} ({v})' for k, v in _RESAMPLE.items())})")
+    try:
+        return Preprocessing(mean=data.get("image_mean", default.mean), std=data.get("image_std", default.std),
+                             crop_pct=crop_pct, interpolation=_RESAMPLE[resample])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def config_to_hf(config: ViTConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.config import ModelConfig, from_known_keys
+from vitkit.preprocessing import Preprocessing
 from vitkit.models.layers import DropPath
 from vitkit.models.registry import register_architecture, register_model
 
@@ -262,6 +263,8 @@ class ResNetConfig(ModelConfig):
     """Start every block's last BatchNorm at zero (Goyal et al., 2017), so blocks begin as identities."""
     head_init: Literal["default", "zeros"] = "default"
     class_names: Optional[list[str]] = None
+    preprocess: Optional[Preprocessing] = None
+    """How images are prepared for these weights (see :mod:`vitkit.preprocessing`); None = not recorded."""
     name: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict)
 
