@@ -55,7 +55,7 @@ class Split:
         """uint8 (B, C, h, w): images ``start:stop`` through the transform's geometry (channels, resize, crop)."""
         stop = len(self) if stop is None else min(stop, len(self))
         if self.images is not None:
-            batch = torch.from_numpy(np.ascontiguousarray(self.images[start:stop])).permute(0, 3, 1, 2)
+            batch = torch.from_numpy(np.array(self.images[start:stop])).permute(0, 3, 1, 2)  # a writable copy
             return transform.resize(batch)
         return torch.stack([transform.load(path) for path in self.files[start:stop]])
 

@@ -8,6 +8,7 @@ it. Under ``torchrun`` every process runs this same code on its own shard of eac
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -119,6 +120,22 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
                        f"{steps_per_epoch} steps/epoch, global batch {cfg.data.batch_size * world.size * accum}")
         if state:
             progress.print(f"from epoch {epoch + 1}, batch {batch}, optimizer step {global_step}")
+    reported_skips: set[str] = set()
+
+    def report_skipped() -> int:
+        """Print and log unreadable files left out (``skip_corrupt``) since the last report; their total."""
+        skipped = data.skipped_files()
+        new = [f for f in skipped if f not in reported_skips]
+        if new and world.is_main:
+            reported_skips.update(new)
+            shown = ", ".join(new[:5]) + (f", ... ({len(new) - 5} more in metrics.jsonl)" if len(new) > 5 else "")
+            # a warning, on stderr whatever the progress mode
+            print(f"vitkit: skip_corrupt: left out {len(new)} unreadable file(s) ({len(skipped)} in all): {shown}",
+                  file=sys.stderr, flush=True)
+            log.log("skipped", global_step, count=len(skipped), files=new)
+        return len(skipped)
+
+    report_skipped()
 
     if state is not None and len(state["rng"]) == world.size:
         restore_rng(state["rng"][world.rank])
@@ -244,6 +261,8 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         epoch_times.append(time.perf_counter() - epoch_start)
         record["epoch_time"] = epoch_times[-1]
         record["epoch_cpu_time"] = time.process_time() - epoch_cpu  # this process, all threads
+        if cfg.data.skip_corrupt:
+            record["skipped_files"] = report_skipped()
         eta = sum(epoch_times) / len(epoch_times) * (cfg.epochs - epoch - 1)
         log.log("epoch", global_step, **record)
         progress.print(_summary_line(record, cfg.epochs, eta, ema is not None))
@@ -254,7 +273,7 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
     # ------------------------------------------------------------------------------------ finish
     if world.is_main:
         final = ema.module if ema is not None else raw_model
-        export_model(final, run_dir, best_acc=best_acc, total_time=clock.elapsed)
+        export_model(final, run_dir, best_acc=best_acc, total_time=clock.elapsed, skipped_files=data.skipped_files())
         log.close()
         from vitkit.train.plots import plot_curves
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
@@ -95,10 +95,14 @@ def _build_finetune_model(cfg: TrainConfig, data: Any) -> nn.Module:
     return model
 
 
-def export_model(model: nn.Module, run_dir: Path, *, best_acc: float, total_time: float) -> Path:
-    """Save the final weights in vitkit's format (``run_dir/model``), readable by ``vitkit.load_model``."""
+def export_model(model: nn.Module, run_dir: Path, *, best_acc: float, total_time: float,
+                 skipped_files: Sequence[str] = ()) -> Path:
+    """Save the final weights in vitkit's format (``run_dir/model``), readable by ``vitkit.load_model``;
+    the run's summary (``extra["training"]``) lists unreadable files left out by ``skip_corrupt``."""
     extra = dict(model.config.extra)
     extra["training"] = {"run": str(run_dir), "best_val_acc": best_acc if best_acc > float("-inf") else None,
                          "train_seconds": round(total_time, 1)}
+    if skipped_files:
+        extra["training"]["skipped_files"] = list(skipped_files)
     model.config = model.config.replace(extra=extra)
     return model.save_pretrained(run_dir / MODEL_DIR)
