@@ -205,7 +205,7 @@ def test_float_tiff_is_converted_from_unit_range_or_refused_by_name(tmp_path):
     ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
     _save(tmp_path / "unit.tif", ramp)
     pixels = vitkit.data.read_image(tmp_path / "unit.tif")
-    assert pixels.shape == (3, 8, 8) and pixels.max() == 255 and pixels.min() == 0
+    assert pixels.shape == (1, 8, 8) and pixels.max() == 255 and pixels.min() == 0  # grayscale stays one channel
     np.testing.assert_array_equal(pixels[0].numpy(), np.round(ramp * 255).astype(np.uint8))
     _save(tmp_path / "hdr.tif", ramp * 1000 - 3)
     with pytest.raises(CorruptImageError, match=r"hdr\.tif: .*floating-point image with values in \[-3, 997\]"):

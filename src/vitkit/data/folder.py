@@ -144,7 +144,13 @@ def _float_to_uint8(arr: np.ndarray) -> np.ndarray:
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode to RGB: palette via RGBA (keeps its transparency info), 16-bit scaled to 8-bit,
     32-bit float converted from [0, 1] or [0, 255] (else refused with ``ValueError``)."""
-    if img.mode == "RGB":
+    return to_8bit(img).convert("RGB")
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """8-bit RGB or grayscale ("L") for any PIL mode: 16-bit and 32-bit float grayscale become "L"
+    (scaled as :func:`to_rgb` says), palette and other modes RGB."""
+    if img.mode in ("RGB", "L"):
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.float64)
@@ -155,6 +161,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = Image.fromarray(np.clip(np.round(arr * (255.0 / peak)), 0, 255).astype(np.uint8))
     elif img.mode == "F":
         img = Image.fromarray(_float_to_uint8(np.asarray(img, dtype=np.float64)))
+    if img.mode == "L":
+        return img
     if img.mode == "P":
         img = img.convert("RGBA")
     return img.convert("RGB")
@@ -184,7 +192,8 @@ def load_rgb(path: Path, draft_size: tuple[int, int] | None = None) -> Image.Ima
 
 
 def read_image(path: str | Path, min_side: int | None = None) -> Tensor:
-    """An image file as a uint8 RGB tensor (3, H, W). With ``min_side``, a large JPEG is decoded at a
+    """An image file as a uint8 tensor (C, H, W): C = 1 for grayscale files (8- or 16-bit, float), else
+    3 (RGB); the eval transform turns it into the model's channels. With ``min_side``, a large JPEG is decoded at a
     reduced scale (1/2, 1/4, 1/8) whose shorter side is still at least ``min_side`` (the size the
     later resize produces): several times faster, and the same for every caller."""
     path = Path(path)
@@ -195,12 +204,13 @@ def read_image(path: str | Path, min_side: int | None = None) -> Tensor:
             if shrink >= 2:
                 img.draft("RGB", (int(width / shrink) + 1, int(height / shrink) + 1))
         img.load()
-        img = to_rgb(img)
+        img = to_8bit(img)
     return _to_tensor(img)
 
 
 def _to_tensor(img: Image.Image) -> Tensor:
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    array = np.asarray(img, dtype=np.uint8).copy()
+    return torch.from_numpy(array[..., None] if array.ndim == 2 else array).permute(2, 0, 1)
 
 
 class FolderImages(Dataset):
