@@ -257,3 +257,28 @@ def test_skip_corrupt_reports_which_files_were_skipped(tmp_path, capsys):
     assert [r["skipped_files"] for r in lines if r["kind"] == "epoch"] == [1]
     summary = json.loads((tmp_path / "runs" / "skip" / "model" / "config.json").read_text())["extra"]["training"]
     assert summary["skipped_files"] == [str(broken)]
+
+
+# -------------------------------------------------------------------------------- issue 16, item 6
+def _wreck_jpeg_pixels(path: Path) -> None:
+    """Keep the header and the end marker (the scan passes) but make the pixels undecodable."""
+    blob = bytearray(path.read_bytes())
+    start = blob.index(b"\xff\xda")  # start of scan
+    blob[start + 2:start + 4] = b"\x00\x01"  # an impossible scan header length
+    path.write_bytes(bytes(blob))
+
+
+def test_an_image_that_fails_at_first_read_saves_the_finished_steps_then_stops_with_one_line(tmp_path, capsys):
+    root = _folder_set(tmp_path / "set", train=4)
+    bad = root / "val" / "bee" / "0.jpg"
+    Image.fromarray(np.full((30, 30, 3), 128, dtype=np.uint8)).save(bad)
+    _wreck_jpeg_pixels(bad)
+    args = ["train", "--config", "smoke", "--dataset", f"folder:{root}", "--data.img_size", "16",
+            "--data.samples_per_class", "null", "--data.batch_size", "4", "--data.num_workers", "2",
+            "--data.crop", "none", "--model.patch_size", "8", "--epochs", "2", "--ckpt_every_steps", "0",
+            "--out_dir", str(tmp_path / "runs"), "--run_name", "bad", "--progress", "none"]
+    assert main(args) == 2  # the validation split is first read after a full epoch
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and "saved the finished steps" in err[0] and "--resume" in err[0]
+    state = torch.load(tmp_path / "runs" / "bad" / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["epoch"], state["batch"], state["global_step"]) == (1, 0, 3)  # the whole first epoch is kept

@@ -11,7 +11,7 @@ import contextlib
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from vitkit.checkpoint import CheckpointError, load_weights
-from vitkit.data import build_data
+from vitkit.data import CorruptImageError, build_data
 from vitkit.train.evaluate import evaluate
 from vitkit.train.checkpoints import CheckpointWriter, capture_rng, load_checkpoint, resolve_checkpoint, restore_rng
 from vitkit.train.config import TrainConfig, expand_shortcuts, merge_configs, parse_overrides
@@ -177,7 +177,10 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         epoch_start, epoch_cpu, window_start = time.perf_counter(), time.process_time(), time.perf_counter()
         window = torch.zeros(3, dtype=torch.float64, device=device)
         grad_norm = torch.zeros((), device=device)
-        for batch, (images, targets) in enumerate(data.train.batches(epoch, batch), start=batch):
+        resume_batch = batch  # where a checkpoint would continue: after the last optimizer step of this epoch
+        train_batches = _saving_on_corrupt(enumerate(data.train.batches(epoch, batch), start=batch),
+                                           lambda: checkpoint(epoch, resume_batch), world, checkpoints, run_dir)
+        for batch, (images, targets) in train_batches:
             if batch >= steps_per_epoch * accum:
                 break
             boundary = (batch + 1) % accum == 0
@@ -212,6 +215,7 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
             if ema is not None:
                 ema.update(raw_model)
             global_step += 1
+            resume_batch = batch + 1
             progress.step()
 
             if global_step % cfg.log_every == 0:
@@ -246,7 +250,9 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
                                       train_acc=float(train_sums[1] / train_sums[2]), lr=lr)
         is_best = False
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            val = evaluate(raw_model, data.val.batches(), data.num_classes, device=device,
+            val_batches = _saving_on_corrupt(data.val.batches(), lambda: checkpoint(epoch + 1, 0), world,
+                                             checkpoints, run_dir)
+            val = evaluate(raw_model, val_batches, data.num_classes, device=device,
                            precision=cfg.precision, world=world, hflip_tta=cfg.eval_hflip_tta)
             record.update(val_loss=val.loss, val_acc=val.top1, val_top5=val.top5)
             score = val.top1
@@ -281,6 +287,21 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         progress.print(f"done in {format_duration(clock.elapsed)}: best val acc {100 * best_acc:.2f}%; "
                        f"model in {run_dir / 'model'}")
     return run_dir
+
+
+def _saving_on_corrupt(batches: Iterator[Any], save: Callable[[], None], world: World,
+                       checkpoints: CheckpointWriter, run_dir: Path) -> Iterator[Any]:
+    """``batches``, but an unreadable image (:class:`CorruptImageError`, raised by the data layer in
+    this process) first saves the finished steps, then stops the run with one line naming the file."""
+    try:
+        yield from batches
+    except CorruptImageError as e:
+        if world.distributed:  # the other processes are not here to join the checkpoint's collectives
+            raise
+        save()
+        raise CorruptImageError(e.path, f"{e.reason}; saved the finished steps to {checkpoints.last}: remove or "
+                                        f"fix the file (or set data.skip_corrupt), then `vitkit train --resume "
+                                        f"{run_dir}`") from None
 
 
 def _summary_line(record: dict[str, Any], epochs: int, eta: float, has_ema: bool) -> str:
