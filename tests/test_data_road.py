@@ -10,7 +10,6 @@ every feature.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +156,8 @@ def test_converters_attach_their_source_preprocessing(tmp_path):
          "resample": 3, "size": {"height": 32, "width": 32}}))
     hf = from_pretrained(hf_dir).config.preprocess
     assert (hf.mean, hf.std, hf.interpolation, hf.crop_pct) == ((0.1, 0.2, 0.3), (0.3, 0.2, 0.1), "bicubic", 1.0)
+    again = save_as(from_pretrained(hf_dir), tmp_path / "hf_again", "hf")  # exported with its image processor
+    assert from_pretrained(again).config.preprocess == hf
     timm_dir = tmp_path / "timm_hub"
     timm_dir.mkdir()
     save_as(model, timm_dir / "model.safetensors", "timm")

@@ -228,4 +228,12 @@ def write_directory(state_dict: dict[str, Tensor], config: ViTConfig, directory:
     tensors = from_vitkit(state_dict, config)
     save_state_dict(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     atomic_write_text(json.dumps(hf_config, indent=2) + "\n", directory / "config.json")
+    record = config.preprocessing()
+    if record.crop_pct == 1.0 and len(record.mean) == 3:  # what ViTImageProcessor can express: resize, no crop
+        height, width = config.image_hw
+        processor = {"image_processor_type": "ViTImageProcessor", "do_resize": True, "do_rescale": True,
+                     "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(record.mean),
+                     "image_std": list(record.std), "size": {"height": height, "width": width},
+                     "resample": {v: k for k, v in _RESAMPLE.items()}[record.interpolation]}
+        atomic_write_text(json.dumps(processor, indent=2) + "\n", directory / PREPROCESSOR_CONFIG)
     return directory

@@ -18,7 +18,7 @@ from typing import Literal
 
 import numpy as np
 
-from vitkit.preprocessing import IMAGENET_MEAN, IMAGENET_STD
+from vitkit.preprocessing import IMAGENET_MEAN as IMAGENET_MEAN, IMAGENET_STD as IMAGENET_STD  # re-exported
 
 FOLDER_PREFIX = "folder:"
 
