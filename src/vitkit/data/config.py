@@ -28,8 +28,8 @@ class DataConfig:
 
     dataset: str = "cifar10"
     data_dir: Optional[str] = None
-    """Root holding ``NAME/train.npz``; else env ``VITKIT_DATA``, ``./data``, ``~/.cache/vitkit/data``,
-    ``<repo>/../shared/data``."""
+    """Root holding ``NAME/train.npz``; else env ``VITKIT_DATA``, the user cache (``~/.cache/vitkit/data``,
+    where ``vitkit data download`` writes), ``<repo>/../shared/data`` (:func:`vitkit.data.data_roots`)."""
     img_size: Optional[int] = None
     """Side of the square training/eval images; None = the data set's native size (224 for folders)."""
     in_chans: Optional[int] = None

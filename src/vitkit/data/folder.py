@@ -182,15 +182,6 @@ def decoding(path: Path) -> Iterator[None]:
         raise CorruptImageError(path, f"cannot decode image ({type(e).__name__}: {e})") from e
 
 
-def load_rgb(path: Path, draft_size: tuple[int, int] | None = None) -> Image.Image:
-    """Decode ``path`` to an RGB image, optionally at a reduced JPEG scale no smaller than ``draft_size``."""
-    with decoding(path), Image.open(path) as img:
-        if draft_size is not None and img.format == "JPEG":
-            img.draft("RGB", draft_size)
-        img.load()
-        return to_rgb(img)
-
-
 def read_image(path: str | Path, min_side: int | None = None) -> Tensor:
     """An image file as a uint8 tensor (C, H, W): C = 1 for grayscale files (8- or 16-bit, float), else
     3 (RGB); the eval transform turns it into the model's channels. With ``min_side``, a large JPEG is decoded at a
