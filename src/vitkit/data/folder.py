@@ -1,8 +1,10 @@
 """Class-folder data sets (``PATH/train/<class>/*.jpg``): scanning, robust decoding, worker-side crops.
 
-Every image is converted to RGB (grayscale, palette, CMYK, RGBA, 16-bit), decoded at a reduced JPEG
-scale when that is enough for the output size, and cropped/resized to a square uint8 tensor in the
-DataLoader's worker processes. The random crop of an image is seeded by ``(seed, epoch, position)``.
+The one image reader of vitkit (:func:`read_image`, and the training crops): any mode (grayscale,
+palette, CMYK, RGBA, 16-bit, 32-bit float) to 8-bit RGB (or grayscale, kept one channel for the eval
+transform), decoded at a reduced JPEG scale when that is enough for the output size, in the DataLoader's
+worker processes. The random crop of an image is seeded by ``(seed, epoch, position)``. A file that
+cannot be decoded is reported by name (:class:`CorruptImageError`), never by a worker traceback.
 """
 
 from __future__ import annotations
