@@ -8,14 +8,15 @@ exactly as ``vitkit eval``, ``fewshot`` and ``analyze`` prepare them.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from vitkit.data.transforms import EvalTransform, eval_transform
+from vitkit.train.checkpoints import load_trained
 
 
 @dataclass
@@ -56,7 +57,6 @@ def predict(model: nn.Module, images: Sequence[str | Path], *, top_k: int = 5, d
 def predict_files(source: str | Path, images: Sequence[str | Path], *, top_k: int = 5,
                   device: str = "cpu") -> list[Prediction]:
     """Load a trained model (model directory, run directory or training checkpoint) and predict."""
-    from vitkit.train.checkpoints import load_trained
 
     model, _, _ = load_trained(source)
     return predict(model, images, top_k=top_k, device=device)

@@ -88,7 +88,7 @@ class Preprocessing:
             return math.floor(h / self.crop_pct + 1e-9)
         return math.floor(h / self.crop_pct + 1e-9), math.floor(w / self.crop_pct + 1e-9)
 
-    def for_model(self, size: tuple[int, int], channels: int) -> "Preprocessing":
+    def for_model(self, size: tuple[int, int], channels: int) -> Preprocessing:
         """This record at a model's input size, with mean/std given per channel of ``channels``.
 
         A single value is repeated; three values for a one-channel model are averaged (luma input)."""
@@ -111,7 +111,7 @@ class Preprocessing:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "preprocess") -> "Preprocessing":
+    def from_dict(cls, data: dict[str, Any], *, source: str = "preprocess") -> Preprocessing:
         """Build from a mapping (also the legacy ``extra["preprocess"]`` dict with ``img_size``); an
         unknown key or a bad value is an error that names it."""
         if isinstance(data, Preprocessing):

@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 from torch import Tensor, nn
 
+from vitkit.convert import from_pretrained
 from vitkit.data.splits import Split, load_split
 from vitkit.data.transforms import eval_transform
+from vitkit.models.registry import create_model, list_models
 
 
 def _load_source(source: str) -> tuple[nn.Module, str]:
@@ -20,7 +23,6 @@ def _load_source(source: str) -> tuple[nn.Module, str]:
 
     Returns the model and a one-line description of what was loaded.
     """
-    from vitkit import create_model, from_pretrained, list_models
 
     if Path(source).exists():
         return from_pretrained(source), f"checkpoint {source}"

@@ -12,8 +12,7 @@ Data roots, in order: an explicit ``data_dir`` / ``--data-dir``, ``$VITKIT_DATA`
 from vitkit.data.config import DataConfig
 from vitkit.data.folder import IMG_EXTENSIONS, ClassMismatchError, CorruptImageError, read_image
 from vitkit.data.pipeline import Data, build_data
-from vitkit.data.sources import (NAMED_DATASETS, DatasetNotFoundError, data_roots, locate, locate_named,
-                                 user_cache_dir)
+from vitkit.data.sources import NAMED_DATASETS, DatasetNotFoundError, data_roots, locate, locate_named, user_cache_dir
 from vitkit.data.splits import Split, load_split
 from vitkit.data.transforms import EvalTransform, eval_transform
 

@@ -10,10 +10,10 @@ cannot be decoded is reported by name (:class:`CorruptImageError`), never by a w
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -101,7 +101,8 @@ def scan_split(split_dir: Path, classes: list[str], *, skip_corrupt: bool = Fals
                check_headers: bool = True) -> FolderSplit:
     """List image files per class folder, labelled by their position in ``classes`` (the one class
     list, e.g. the training split's). A class folder not in ``classes`` is an error naming it; an
-    empty class folder or an unreadable file is an error (or, for unreadable files with ``skip_corrupt``, skipped and recorded in ``skipped``)."""
+    empty class folder or an unreadable file is an error (or, for unreadable files with ``skip_corrupt``,
+    skipped and recorded in ``skipped``)."""
     files: list[Path] = []
     labels: list[int] = []
     skipped: list[Path] = []

@@ -18,7 +18,8 @@ from typing import Literal
 
 import numpy as np
 
-from vitkit.preprocessing import IMAGENET_MEAN as IMAGENET_MEAN, IMAGENET_STD as IMAGENET_STD  # re-exported
+from vitkit.preprocessing import IMAGENET_MEAN as IMAGENET_MEAN  # re-exported
+from vitkit.preprocessing import IMAGENET_STD as IMAGENET_STD
 
 FOLDER_PREFIX = "folder:"
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ class Split:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def subset(self, indices: Sequence[int] | np.ndarray, tag: str) -> "Split":
+    def subset(self, indices: Sequence[int] | np.ndarray, tag: str) -> Split:
         """The images at ``indices``, in that order; ``tag`` goes into the name (caches tell subsets apart)."""
         idx = np.asarray(indices, dtype=np.int64)
         return replace(self, name=f"{self.name}[{tag}]", labels=self.labels[idx],

@@ -1,8 +1,15 @@
 """Measuring representations: frozen features, few-shot linear regression, full linear probes."""
 
 from vitkit.evaluation.features import ExtractionProgress, FeatureCache, extract_features
-from vitkit.evaluation.fewshot import (DEFAULT_L2, L2_GRID, FewShotResult, RidgeClassifier, RidgeSolver,
-                                       fewshot_evaluate, fit_ridge)
+from vitkit.evaluation.fewshot import (
+    DEFAULT_L2,
+    L2_GRID,
+    FewShotResult,
+    RidgeClassifier,
+    RidgeSolver,
+    fewshot_evaluate,
+    fit_ridge,
+)
 from vitkit.evaluation.linear_eval import LinearEvalReport, check_shots, linear_evaluation
 from vitkit.evaluation.linear_probe import ProbeResult, fit_logistic, linear_probe
 

@@ -18,9 +18,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from vitkit.checkpoint import load_state_dict, save_state_dict
+from vitkit.checkpoint import load_state_dict
 from vitkit.data.splits import Split
 from vitkit.data.transforms import EvalTransform, eval_transform
+from vitkit.fileio import save_state_dict
 
 
 class ExtractionProgress:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,14 +21,23 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vitkit.checkpoint import CheckpointError, load_weights
 from vitkit.data import CorruptImageError, build_data
-from vitkit.train.evaluate import evaluate
+from vitkit.models.registry import architecture_of
 from vitkit.train.checkpoints import CheckpointWriter, capture_rng, load_checkpoint, resolve_checkpoint, restore_rng
 from vitkit.train.config import TrainConfig, expand_shortcuts, merge_configs, parse_overrides
-from vitkit.train.distributed import (World, all_reduce_sum, any_process, broadcast_object, gather_objects,
-                                      init_world, shutdown)
+from vitkit.train.distributed import (
+    World,
+    all_reduce_sum,
+    any_process,
+    broadcast_object,
+    gather_objects,
+    init_world,
+    shutdown,
+)
 from vitkit.train.ema import ModelEMA
+from vitkit.train.evaluate import evaluate
 from vitkit.train.monitor import Progress, RunLog, Stopwatch, format_duration
 from vitkit.train.optim import build_optimizer, lr_at, set_lr
+from vitkit.train.plots import plot_curves
 from vitkit.train.rundir import build_run_model, create_run_dir, export_model, write_config
 from vitkit.train.runtime import StopSignals, autocast, grad_scaler, resolve_device, seed_everything
 
@@ -178,8 +188,9 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         window = torch.zeros(3, dtype=torch.float64, device=device)
         grad_norm = torch.zeros((), device=device)
         resume_batch = batch  # where a checkpoint would continue: after the last optimizer step of this epoch
-        train_batches = _saving_on_corrupt(enumerate(data.train.batches(epoch, batch), start=batch),
-                                           lambda: checkpoint(epoch, resume_batch), world, checkpoints, run_dir)
+        train_batches = _saving_on_corrupt(  # saves the position reached when the error comes: late binding
+            enumerate(data.train.batches(epoch, batch), start=batch),
+            lambda epoch=epoch: checkpoint(epoch, resume_batch), world, checkpoints, run_dir)  # noqa: B023
         for batch, (images, targets) in train_batches:
             if batch >= steps_per_epoch * accum:
                 break
@@ -250,7 +261,7 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
                                       train_acc=float(train_sums[1] / train_sums[2]), lr=lr)
         is_best = False
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            val_batches = _saving_on_corrupt(data.val.batches(), lambda: checkpoint(epoch + 1, 0), world,
+            val_batches = _saving_on_corrupt(data.val.batches(), lambda epoch=epoch: checkpoint(epoch + 1, 0), world,
                                              checkpoints, run_dir)
             val = evaluate(raw_model, val_batches, data.num_classes, device=device,
                            precision=cfg.precision, world=world, hflip_tta=cfg.eval_hflip_tta)
@@ -281,7 +292,6 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         final = ema.module if ema is not None else raw_model
         export_model(final, run_dir, best_acc=best_acc, total_time=clock.elapsed, skipped_files=data.skipped_files())
         log.close()
-        from vitkit.train.plots import plot_curves
 
         plot_curves(run_dir)
         progress.print(f"done in {format_duration(clock.elapsed)}: best val acc {100 * best_acc:.2f}%; "
@@ -318,6 +328,4 @@ def _summary_line(record: dict[str, Any], epochs: int, eta: float, has_ema: bool
 
 
 def _config_dict(model: nn.Module) -> dict[str, Any]:
-    from vitkit.models.registry import architecture_of
-
     return {"architecture": architecture_of(model.config), **model.config.to_dict()}
