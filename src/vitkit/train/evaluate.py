@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkit.data import DataConfig, build_data
+from vitkit.data import ClassMismatchError, DataConfig, build_data
 from vitkit.fileio import atomic_write_text
 from vitkit.train.checkpoints import load_trained
 from vitkit.train.distributed import World, all_reduce_sum
@@ -132,7 +132,7 @@ def model_labels(model_classes: list[str], data_classes: list[str], num_classes:
         return torch.tensor([index[name] for name in data_classes], dtype=torch.long)
     if model_classes and not allow_mismatch:
         missing = [name for name in model_classes if name not in data_classes]
-        raise ValueError(
+        raise ClassMismatchError(
             f"the class names of {dataset} do not match those of {source}: {_names(unknown)} "
             f"{'is' if len(unknown) == 1 else 'are'} not among the model's classes"
             + (f", and the data set has no {_names(missing)}" if missing else "")
@@ -156,12 +156,11 @@ def evaluate_trained(source: str | Path, *, dataset: Optional[str] = None, data_
     the one it was trained on, with its training normalisation); write ``eval.json`` and ``confusion.png``.
 
     The data set's classes are matched to the model's by name (see :func:`model_labels`)."""
-
     model, train_cfg, run_dir = load_trained(source)
     config = model.config
-    preprocess = config.extra.get("preprocess", {})
+    preprocessing = config.preprocessing()
     trained_on = (train_cfg or {}).get("data", {})
-    dataset = dataset or trained_on.get("dataset") or preprocess.get("dataset")
+    dataset = dataset or trained_on.get("dataset") or preprocessing.dataset
     if not dataset:
         raise ValueError(f"{source}: the model does not record its training data set; pass --dataset")
     if data_dir is None and dataset == trained_on.get("dataset"):
@@ -170,8 +169,9 @@ def evaluate_trained(source: str | Path, *, dataset: Optional[str] = None, data_
     if height != width:
         raise ValueError(f"{source}: non-square models ({height}x{width}) are not supported by vitkit eval")
     data_cfg = DataConfig(dataset=dataset, data_dir=data_dir, img_size=height, batch_size=1,
-                          eval_batch_size=batch_size, mean=preprocess.get("mean"), std=preprocess.get("std"),
-                          eval_crop_pct=preprocess.get("crop_pct", 0.875) if dataset.startswith("folder:") else 0.875)
+                          eval_batch_size=batch_size, mean=preprocessing.mean, std=preprocessing.std,
+                          eval_crop_pct=preprocessing.crop_pct, eval_interpolation=preprocessing.interpolation,
+                          in_chans=config.in_chans)
     device_ = resolve_device(device)
     data = build_data(data_cfg, device=device_)
     to_model = model_labels(list(config.class_names or []), list(data.class_names), config.num_classes,
