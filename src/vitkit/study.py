@@ -9,9 +9,9 @@ A study is a grid of cells (model x fraction x epochs); each cell is an ordinary
 in ``<out>/runs/<cell>`` with the same pipeline for every model (data, augmentation, optimiser,
 logging), so the comparison changes only the model. A finished cell leaves ``<out>/cells/<cell>.json``
 and is never run again; an interrupted cell resumes from its last checkpoint. ``results.csv`` and the
-plot are rewritten after every cell. Training FLOPs are counted with PyTorch's FLOP counter on one
-forward and backward pass, with attention computed by the explicit math kernel so that its matrix
-products are counted (the fused CPU kernel is invisible to the counter).
+plot are rewritten after every cell. Training FLOPs are counted on one forward and backward pass by
+the bench's FLOP counter (:mod:`vitkit.bench.flops`), which also counts the kernels PyTorch's plain
+counter cannot see: the fused CPU attention and the oneDNN GEMMs of vitkit's fast CPU ``Linear``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import nn
 
+from vitkit.bench.flops import count_flops
 from vitkit.checkpoint import atomic_write_text
 
 StudyKind = Literal["data", "compute"]
@@ -188,22 +189,18 @@ def model_family(config: Any) -> str:
 
 
 def training_flops_per_sample(model: nn.Module) -> float:
-    """FLOPs of one training step per image (forward + backward), attention included."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """FLOPs of one training step per image (forward + backward; the optimizer step is not counted),
+    by the bench counter, which also sees the CPU attention kernel and vitkit's oneDNN ``Linear``."""
     config = model.config
     h, w = config.image_hw
     images = torch.randn(2, config.in_chans, h, w)
     was_training = model.training
     model.train()
     try:
-        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            model(images).float().logsumexp(dim=-1).sum().backward()
+        flops = count_flops(model, images, train=True, loss_fn=lambda logits: logits.float().logsumexp(dim=-1).sum())
     finally:
         model.train(was_training)
-        model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / 2
+    return flops / len(images)
 
 
 # -------------------------------------------------------------------------------------- outputs
