@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar
 
+from vitkit.config_engine import check_fields, from_mapping
+
 C = TypeVar("C", bound="ModelConfig")
-T = TypeVar("T")
 Pooling = Literal["token", "avg"]
 HeadInit = Literal["xavier", "zeros"]
 
@@ -23,11 +24,15 @@ class ModelConfig:
     class_names: Optional[list[str]]
 
     def _validate_common(self) -> None:
-        """Normalise JSON's lists back to tuples and check the class names against the head."""
-        if isinstance(self.img_size, list):
-            self.img_size = tuple(self.img_size)
+        """Check every field against its type (the config engine; JSON's lists become tuples), the sizes
+        every model has, and the class names against the head."""
+        check_fields(self)
+        for name in ("in_chans",):
+            _at_least(self, name, 1)
+        _at_least(self, "num_classes", 0)
+        if min(self.image_hw) < 1:
+            raise ValueError(f"img_size must be positive, got {self.img_size}")
         if self.class_names is not None:
-            self.class_names = list(self.class_names)
             if len(self.class_names) != self.num_classes:
                 raise ValueError(
                     f"class_names has {len(self.class_names)} entries but num_classes is {self.num_classes}"
@@ -65,7 +70,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config") -> C:
-        return from_known_keys(cls, data, f"{source}: {cls.__name__}")
+        """Build from a mapping (a ``config.json``): every value checked against its field's type, every
+        error one line naming ``source`` and the field."""
+        return from_mapping(cls, data, source=source)
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -80,14 +87,10 @@ class ModelConfig:
         return cls.from_dict(data, source=str(path))
 
 
-def from_known_keys(cls: type[T], data: dict[str, Any], what: str) -> T:
-    """``cls(**data)`` for a dataclass; a key it does not have is an error that names the key and lists
-    the known ones (``what`` says whose keys they are, e.g. ``"stem"``)."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{what}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return cls(**data)
+def _at_least(config: Any, name: str, low: int) -> None:
+    value = getattr(config, name)
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
 @dataclass
@@ -132,14 +135,19 @@ class ViTConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         self._validate_common()
+        for name in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_dim"):
+            _at_least(self, name, 1)
+        if self.representation_size is not None:
+            _at_least(self, "representation_size", 1)
+        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if self.global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {self.global_pool!r}")
         if self.global_pool == "token" and not self.class_token:
             raise ValueError("global_pool='token' needs class_token=True")
-        if self.head_init not in ("xavier", "zeros"):
-            raise ValueError(f"head_init must be 'xavier' or 'zeros', got {self.head_init!r}")
         h, w = self.image_hw
         if self.stem is None and (h % self.patch_size or w % self.patch_size):
             raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from vitkit.checkpoint import load_weights
+from vitkit.config_engine import check_fields
 from vitkit.models.pos_embed import resample_pos_embed
 from vitkit.models.registry import build_model
 
@@ -85,8 +86,7 @@ class FinetuneConfig:
     """Keep the pre-training representation (pre-logits) layer; the paper removes it."""
 
     def __post_init__(self) -> None:
-        if self.pos_embed not in ("interpolate", "reinit"):
-            raise ValueError(f"finetune.pos_embed must be 'interpolate' or 'reinit', got {self.pos_embed!r}")
+        check_fields(self, prefix="finetune.")
 
 
 def build_finetune_model(cfg: FinetuneConfig, *, num_classes: int, class_names: Sequence[str] | None,

@@ -142,39 +142,30 @@ def run_cell(cell: Cell, base: dict[str, Any], out_dir: str | Path) -> dict[str,
     cfg = cell_config(cell, base, out_dir)
     run_dir = out_dir / "runs" / cell.key
     if (run_dir / CHECKPOINT_DIR / LAST).is_file():
-        run_dir = resume(run_dir)
+        result = resume(run_dir)
     else:
         if run_dir.exists():  # killed before its first checkpoint: nothing worth keeping
             shutil.rmtree(run_dir)
-        run_dir = train(cfg)
-    row = _result_of(cell, cfg, run_dir, train_size=_train_size(cfg))
+        result = train(cfg)
+    row = _result_of(cell, result)
     atomic_write_text(json.dumps(row, indent=2) + "\n", _result_path(out_dir, cell))
     return row
 
 
-def _train_size(cfg: Any) -> int:
-    from vitkit.data import build_data
-
-    return build_data(cfg.data, device=torch.device("cpu"), seed=cfg.seed).train.num_samples
-
-
-def _result_of(cell: Cell, cfg: Any, run_dir: Path, train_size: int) -> dict[str, Any]:
+def _result_of(cell: Cell, result: Any) -> dict[str, Any]:
+    """A cell's row, from what the training loop measured (a :class:`vitkit.train.loop.TrainResult`)."""
     import vitkit
 
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    final = [r for r in records if r["kind"] == "epoch" and "val_acc" in r][-1]
-    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
-    model = vitkit.load_model(run_dir / "model")
-    steps = int(state["global_step"])
-    samples = steps * cfg.data.batch_size * cfg.optim.accum_steps
+    model = vitkit.load_model(result.run_dir / "model")
     per_sample = training_flops_per_sample(model)
-    config = model.config
     return {
-        "model": cell.model, "family": model_family(config), "params": sum(p.numel() for p in model.parameters()),
-        "fraction": cell.fraction, "train_size": train_size, "epochs": cell.epochs,
-        "steps": steps, "samples_seen": samples, "flops_per_sample": per_sample,
-        "train_flops": per_sample * samples, "train_seconds": round(float(state["elapsed"]), 1),
-        "test_acc": float(final["val_acc"]), "test_loss": float(final["val_loss"]), "run_dir": str(run_dir),
+        "model": cell.model, "family": model_family(model.config),
+        "params": sum(p.numel() for p in model.parameters()), "fraction": cell.fraction,
+        "train_size": result.train_size, "epochs": cell.epochs, "steps": result.steps,
+        "samples_seen": result.samples_seen, "flops_per_sample": per_sample,
+        "train_flops": per_sample * result.samples_seen, "train_seconds": result.train_seconds,
+        "test_acc": float(result.final["val_acc"]), "test_loss": float(result.final["val_loss"]),
+        "run_dir": str(result.run_dir),
     }
 
 
