@@ -90,7 +90,7 @@ def test_timm_hybrid_file_parity_and_export_back(tmp_path, case):
 
     model = vitkit.from_pretrained(path, num_heads=heads).eval()
     cfg = model.config
-    assert cfg.stem == stem and cfg.extra["converted_from"] == "timm"
+    assert cfg.stem.to_dict() == stem and cfg.extra["converted_from"] == "timm"
     assert (cfg.img_size, cfg.in_chans, cfg.num_heads) == (64, 3, reference.blocks[0].attn.num_heads)
     x = images(64)
     with torch.no_grad():

@@ -390,7 +390,7 @@ def test_folder_dataset_run_in_bf16_and_predict_prepares_images_like_evaluation(
                              "--batch_size", "10", "--accum_steps", "2", "--data.num_workers", "0",
                              "--precision", "bf16", "--epochs", "1", "--progress", "none", "--log_every", "1",
                              "--out_dir", str(tmp_path), "--run_name", "folder"])
-    run = train(cfg)
+    run = train(cfg).run_dir
     assert [r["step"] for r in _train_lines(run)] == [1, 2]  # 40 images / (10 per batch x 2 accumulated)
     assert all(math.isfinite(r["loss"]) for r in _train_lines(run))
 

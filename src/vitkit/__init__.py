@@ -1,6 +1,6 @@
 """vitkit: Vision Transformers (Dosovitskiy et al., "An Image is Worth 16x16 Words", 2020) in PyTorch."""
 
-from vitkit.config import ViTConfig
+from vitkit.config import StemConfig, ViTConfig
 from vitkit.models import (VisionTransformer, build_model, create_model, get_model_config, list_models,
                            register_model, resample_pos_embed)
 
@@ -22,6 +22,6 @@ def from_pretrained(source, **kwargs):
 
 
 __all__ = [
-    "ViTConfig", "VisionTransformer", "build_model", "create_model", "from_pretrained", "get_model_config",
+    "StemConfig", "ViTConfig", "VisionTransformer", "build_model", "create_model", "from_pretrained", "get_model_config",
     "list_models", "load_model", "register_model", "resample_pos_embed", "__version__",
 ]

@@ -50,7 +50,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     cfg = model.config
     print(f"{args.src} ({checkpoint.format}) -> {out} ({args.to}): ViT D={cfg.embed_dim} "
           f"depth={cfg.depth} heads={cfg.num_heads} patch={cfg.patch_size} img={cfg.img_size} "
-          f"classes={cfg.num_classes}" + (f" stem={cfg.stem}" if cfg.stem else ""))
+          f"classes={cfg.num_classes}" + (f" stem={cfg.stem.to_dict()}" if cfg.stem else ""))
     return 0
 
 

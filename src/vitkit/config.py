@@ -8,11 +8,83 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar
 
-from vitkit.config_engine import check_fields, from_mapping
+from vitkit.config_engine import check_fields, from_mapping, to_plain
 
 C = TypeVar("C", bound="ModelConfig")
 Pooling = Literal["token", "avg"]
 HeadInit = Literal["xavier", "zeros"]
+StemType = Literal["bit", "conv"]
+
+_BIT_FIELDS = ("layers", "widths", "stem_width", "stem_kernel", "stem_stride", "stem_pool", "same_padding",
+               "gn_groups", "gn_eps", "ws_eps")
+_CONV_FIELDS = ("channels", "strides")
+
+
+@dataclass(frozen=True)
+class StemConfig:
+    """The CNN in front of a hybrid ViT's patch projection (``ViTConfig.stem``).
+
+    ``type="bit"`` (the paper's hybrids): a BiT ResNet, with the fields of
+    :class:`vitkit.models.resnet.BiTSpec` (``layers`` per stage, ``widths``, ``stem_width`` ...).
+    ``type="conv"`` (ViT_C, Xiao et al. 2021): 3x3 conv-BN-ReLU layers with ``channels`` and ``strides``
+    (default 2 each). A field left unset (None) takes the CNN's default, and is not written: the section
+    reads and writes the same compact mapping as ever, e.g. ``{"layers": [3, 4, 9]}`` or
+    ``{"type": "conv", "channels": [32, 64, 128], "strides": [1, 2, 2]}``.
+    """
+
+    type: StemType = "bit"
+    layers: Optional[tuple[int, ...]] = None
+    """BiT: residual units per stage (default 3, 4, 9: R50's first three stages)."""
+    widths: Optional[tuple[int, ...]] = None
+    stem_width: Optional[int] = None
+    stem_kernel: Optional[int] = None
+    stem_stride: Optional[int] = None
+    stem_pool: Optional[bool] = None
+    same_padding: Optional[bool] = None
+    gn_groups: Optional[int] = None
+    gn_eps: Optional[float] = None
+    ws_eps: Optional[float] = None
+    channels: Optional[tuple[int, ...]] = None
+    """conv: output channels of each 3x3 layer."""
+    strides: Optional[tuple[int, ...]] = None
+    """conv: stride of each layer (default 2 each)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, prefix="stem.")
+        given = {name for name, value in self.to_dict().items() if name != "type"}
+        own = set(_CONV_FIELDS if self.type == "conv" else _BIT_FIELDS)
+        foreign = sorted(given - own)
+        if foreign:
+            raise ValueError(f"stem.{foreign[0]} does not apply to a {self.type!r} stem, which takes: "
+                             f"{', '.join(sorted(own))}")
+        if self.type == "conv":
+            if not self.channels:
+                raise ValueError("stem.channels: a conv stem needs the channels of its layers")
+            if self.strides is not None and len(self.strides) != len(self.channels):
+                raise ValueError(f"stem: {len(self.channels)} 'channels' but {len(self.strides)} 'strides'")
+        for name in ("layers", "widths", "channels", "strides"):
+            values = getattr(self, name) or ()
+            if any(v < 1 for v in values):
+                raise ValueError(f"stem.{name} must be positive integers, got {list(values)}")
+        for name in ("stem_width", "stem_kernel", "stem_stride", "gn_groups"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"stem.{name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The compact mapping: the fields that are set, ``type`` only when it is not ``bit``."""
+        out: dict[str, Any] = {} if self.type == "bit" else {"type": self.type}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "type" and value is not None:
+                out[f.name] = to_plain(value)
+        return out
+
+    def bit_fields(self) -> dict[str, Any]:
+        """The BiT ResNet fields that are set (for ``BiTSpec.from_dict``)."""
+        return {k: v for k, v in self.to_dict().items() if k in _BIT_FIELDS}
+
+    def replace(self, **changes: Any) -> "StemConfig":
+        return dataclasses.replace(self, **changes)
 
 
 class ModelConfig:
@@ -63,10 +135,12 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        if isinstance(d["img_size"], tuple):
-            d["img_size"] = list(d["img_size"])
-        return d
+        """Plain JSON values; a section such as the stem in its compact form (its own ``to_dict``)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.to_dict() if hasattr(value, "to_dict") else to_plain(value)
+        return out
 
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config") -> C:
@@ -125,8 +199,9 @@ class ViTConfig(ModelConfig):
     dynamic_img_size: bool = False
     """Accept any input size divisible by the patch size, resampling position embeddings on the fly."""
     pos_embed_interpolation: Literal["bicubic", "bilinear"] = "bicubic"
-    stem: Optional[dict[str, Any]] = None
-    """A convolutional backbone whose feature map replaces the patch projection (hybrid ViT)."""
+    stem: Optional[StemConfig] = None
+    """A convolutional backbone whose feature map replaces the patch projection (hybrid ViT); a mapping
+    of :class:`StemConfig` fields is read as one."""
     class_names: Optional[list[str]] = None
     name: Optional[str] = None
     """Registry name the config came from, if any (informational)."""

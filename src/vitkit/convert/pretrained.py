@@ -80,24 +80,29 @@ def _config_for(checkpoint: Checkpoint, model: str | ViTConfig | None, num_heads
         known["num_heads"] = num_heads
     if checkpoint.config is not None and model is None:
         config = checkpoint.config if num_heads is None else checkpoint.config.replace(num_heads=num_heads)
-        return config if stem is None else config.replace(stem={**(config.stem or {}), **stem})
+        return config if stem is None else config.replace(stem={**_stem_dict(config), **stem})
     if model is None:
         config = infer_config(checkpoint.state_dict, source=source, **known, stem=stem)
         return config.replace(extra={**config.extra, "converted_from": checkpoint.format})
     target = _as_config(model)
     if stem is not None:
-        target = target.replace(stem={**(target.stem or {}), **stem})
+        target = target.replace(stem={**_stem_dict(target), **stem})
     # the named model fixes what the weights cannot tell: the head count and the stem's strides and norms
-    unrecorded = {k: v for k, v in (target.stem or {}).items() if k in STEM_ASSUMED}
+    unrecorded = {k: v for k, v in _stem_dict(target).items() if k in STEM_ASSUMED}
     found = infer_config(checkpoint.state_dict, source=source, **{"num_heads": target.num_heads, **known},
                          stem=unrecorded)
     misfits = [f"{f}: checkpoint {getattr(found, f)!r}, model {getattr(target, f)!r}"
                for f in _STRUCTURE if getattr(found, f) != getattr(target, f)]
     if stem_spec(found.stem) != stem_spec(target.stem):
-        misfits.append(f"stem: checkpoint {found.stem!r}, model {target.stem!r}")
+        misfits.append(f"stem: checkpoint {_stem_dict(found)!r}, model {_stem_dict(target)!r}")
     if misfits:
         name = target.name or "the given config"
         raise CheckpointError(f"{source} does not fit {name}: {'; '.join(misfits)}")
     # The checkpoint's head is loaded first; from_pretrained then resizes it to the model's.
     return target.replace(num_classes=found.num_classes, representation_size=found.representation_size,
                           class_names=found.class_names, norm_eps=found.norm_eps)
+
+
+def _stem_dict(config: ViTConfig) -> dict[str, Any]:
+    """A config's stem as its compact mapping (empty for a plain ViT)."""
+    return config.stem.to_dict() if config.stem is not None else {}
