@@ -232,11 +232,7 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optio
             progress.step()
             if state.step % cfg.log_every == 0:
                 _check_finite(nonfinite, state, world, device, checkpoints)
-                window = all_reduce_sum(state.window_sums.clone(), world)
-                metrics = _means(task, window) | dict(lr=lr, img_per_s=float(window[-1]) / max(
-                    time.perf_counter() - window_start, 1e-9))
-                if grad_norm is not None:
-                    metrics["grad_norm"] = float(grad_norm)
+                metrics = _window_metrics(task, state, world, lr, grad_norm, time.perf_counter() - window_start)
                 log.log("train", state.step, epoch=round(state.epoch + state.batch / schedule.batches_per_epoch, 4),
                         **metrics)
                 progress.show(state.batch // schedule.accum, metrics)
@@ -265,14 +261,7 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optio
         record["lr"] = schedule.lr_at(state.step - 1)
         is_best = False
         if (state.epoch + 1) % cfg.eval_every == 0 or state.epoch + 1 == cfg.epochs:
-            record |= task.evaluate(parts.raw)
-            score = record[task.best_metric]
-            if parts.ema is not None:
-                record |= {f"{key}_ema": value for key, value in task.evaluate(parts.ema.module).items()}
-                score = record[f"{task.best_metric}_ema"]
-            is_best = state.best is None or (score > state.best if task.higher_is_better else score < state.best)
-            state.best = score if is_best else state.best
-            record[f"best_{task.best_metric.removeprefix('val_')}"] = state.best
+            is_best = _evaluate(task, parts, state, record)
         epoch_times.append(time.perf_counter() - epoch_start)
         record["epoch_time"] = epoch_times[-1]
         record["epoch_cpu_time"] = time.process_time() - epoch_cpu  # this process, all threads
@@ -282,8 +271,7 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optio
         state.last_record = record
         state.epoch, state.batch, state.window_seconds = state.epoch + 1, 0, 0.0
         state.epoch_sums.zero_()
-        state.window_sums.zero_()
-        window_start = time.perf_counter()
+        state.window_sums.zero_()  # a log window does not span epochs
         save(is_best)
 
     # ------------------------------------------------------------------------------------ finish
@@ -332,6 +320,31 @@ def _optimizer_step(parts: Trained, cfg: TrainConfig, lr: float, nonfinite: Tens
     if parts.ema is not None:
         parts.ema.update(parts.raw)
     return grad_norm
+
+
+def _window_metrics(task: Task, state: LoopState, world: World, lr: float, grad_norm: Optional[Tensor],
+                    seconds: float) -> dict[str, float]:
+    """The ``train`` line of a log window: the task's means over all processes, the learning rate, the
+    throughput and (with clipping) the last gradient norm."""
+    window = all_reduce_sum(state.window_sums.clone(), world)
+    metrics = _means(task, window) | dict(lr=lr, img_per_s=float(window[-1]) / max(seconds, 1e-9))
+    if grad_norm is not None:
+        metrics["grad_norm"] = float(grad_norm)
+    return metrics
+
+
+def _evaluate(task: Task, parts: Trained, state: LoopState, record: dict[str, Any]) -> bool:
+    """Evaluate the model (and the EMA model, which then decides) into ``record``; update the best score
+    and say whether this evaluation is the best so far."""
+    record |= task.evaluate(parts.raw)
+    score = record[task.best_metric]
+    if parts.ema is not None:
+        record |= {f"{key}_ema": value for key, value in task.evaluate(parts.ema.module).items()}
+        score = record[f"{task.best_metric}_ema"]
+    is_best = state.best is None or (score > state.best if task.higher_is_better else score < state.best)
+    state.best = score if is_best else state.best
+    record[f"best_{task.best_metric.removeprefix('val_')}"] = state.best
+    return is_best
 
 
 def _means(task: Task, sums: Tensor) -> dict[str, float]:
