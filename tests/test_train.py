@@ -328,6 +328,22 @@ def test_resume_mid_log_window_gives_the_metrics_of_an_uninterrupted_run(tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_max_steps_ends_mid_epoch_with_an_evaluation_and_the_schedule_spans_it(tmp_path: Path):
+    from vitkit.train.optim import lr_at
+
+    cfg = _tiny_cfg(tmp_path, "--data.samples_per_class", "12", "--batch_size", "10", "--epochs", "3",
+                    "--max_steps", "5", "--log_every", "1", "--run_name", "short")
+    result = train(cfg)  # 12 steps per epoch: stops after step 5 of epoch 1
+    assert (result.steps, result.samples_seen) == (5, 50)
+    records = read_metrics(result.run_dir)
+    lrs = [r["lr"] for r in records if r["kind"] == "train"]
+    assert lrs == pytest.approx([lr_at(s, total_steps=5, warmup_steps=6, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr)
+                                 for s in range(5)])
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert len(epochs) == 1 and epochs[0]["step"] == 5 and "val_acc" in epochs[0]
+    assert result.final["val_acc"] == epochs[0]["val_acc"]
+
+
 def test_plain_progress_speaks_within_an_epoch_longer_than_the_heartbeat(tmp_path: Path, monkeypatch, capsys):
     """log_every 1000 > 6 steps per epoch: no train line is due, but a plain log still prints the running
     loss whenever HEARTBEAT_SECONDS passed without a line (0 here: every step; 60 s by default)."""

@@ -40,6 +40,9 @@ class OptimConfig:
     """``adamw``, or ``sgd`` with ``momentum`` (the paper's fine-tuning optimizer)."""
     lr: float = 1e-3
     """Peak learning rate, reached at the end of warmup (not scaled by the batch size)."""
+    blr: Optional[float] = None
+    """Base learning rate per 256 images (MAE's rule): when set, the peak is ``blr * global batch / 256``
+    and ``lr`` is ignored."""
     min_lr: float = 1e-5
     """Learning rate at the end of the cosine decay."""
     weight_decay: float = 0.05
@@ -60,7 +63,9 @@ class OptimConfig:
         check_fields(self, prefix="optim.")
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be positive, got {self.lr}")
-        if not 0 <= self.min_lr <= self.lr:
+        if self.blr is not None and self.blr <= 0:
+            raise ValueError(f"optim.blr must be positive or null, got {self.blr}")
+        if not 0 <= self.min_lr <= (self.lr if self.blr is None else float("inf")):
             raise ValueError(f"optim.min_lr must be in [0, optim.lr], got {self.min_lr}")
         if self.weight_decay < 0:
             raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
@@ -95,6 +100,9 @@ class TrainConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     """Start from pre-trained weights (``finetune.init``) instead of a fresh ``model.name``."""
     epochs: int = 30
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (the learning-rate schedule spans them), even within an epoch;
+    null: ``epochs`` full epochs."""
     ema_decay: Optional[float] = None
     """Keep an exponential moving average of the weights (e.g. 0.9998); it is evaluated and exported."""
     precision: Precision = "fp32"
@@ -130,6 +138,8 @@ class TrainConfig:
         for key in ("epochs", "log_every", "eval_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
         for key in ("ckpt_every_steps", "keep_last_k"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")

@@ -29,7 +29,7 @@ from vitkit.train.distributed import (World, all_reduce_sum, any_process, broadc
                                       init_world, shutdown)
 from vitkit.train.ema import ModelEMA
 from vitkit.train.monitor import Progress, RunLog, format_duration
-from vitkit.train.optim import build_optimizer, lr_at, set_lr
+from vitkit.train.optim import build_optimizer, lr_at, peak_lr, set_lr
 from vitkit.train.plots import plot_curves
 from vitkit.train.rundir import create_run_dir, write_config
 from vitkit.train.runtime import StopSignals, grad_scaler, resolve_device, seed_everything
@@ -61,14 +61,17 @@ class Schedule:
     min_lr: float
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig, batches_per_epoch: int) -> "Schedule":
+    def from_config(cls, cfg: TrainConfig, batches_per_epoch: int, world_size: int) -> "Schedule":
+        """``epochs`` epochs, or ``max_steps`` steps if that is fewer; the peak learning rate is ``optim.lr``
+        or ``optim.blr`` scaled by the global batch."""
         accum = cfg.optim.accum_steps
         steps = batches_per_epoch // accum
         if steps == 0:
             raise ValueError(f"the training set gives {batches_per_epoch} batch(es) per epoch, fewer than "
                              f"optim.accum_steps={accum}; lower data.batch_size or optim.accum_steps")
-        return cls(accum, steps, cfg.epochs * steps, round(cfg.optim.warmup_epochs * steps), cfg.optim.lr,
-                   cfg.optim.min_lr)
+        total = cfg.epochs * steps if cfg.max_steps is None else min(cfg.epochs * steps, cfg.max_steps)
+        lr = peak_lr(cfg.optim, cfg.data.batch_size * world_size * accum)
+        return cls(accum, steps, total, round(cfg.optim.warmup_epochs * steps), lr, cfg.optim.min_lr)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -178,7 +181,7 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optio
     data = build_data(cfg.data, device=device, seed=cfg.seed, rank=world.rank, world_size=world.size)
     task = build_task(cfg, data, device=device, world=world)
     parts = _build_parts(task.build_model().to(device), cfg, device)
-    schedule = Schedule.from_config(cfg, len(data.train))
+    schedule = Schedule.from_config(cfg, len(data.train), world.size)
     stats = len(task.stat_names) + 1
     state = LoopState(epoch_sums=torch.zeros(stats, dtype=torch.float64, device=device),
                       window_sums=torch.zeros(stats, dtype=torch.float64, device=device))
@@ -210,14 +213,14 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optio
         log.flush()
 
     epoch_times: list[float] = []
-    while state.epoch < cfg.epochs:
+    while state.epoch < cfg.epochs and state.step < schedule.total_steps:
         parts.model.train()
         progress.start_epoch(state.epoch, cfg.epochs, schedule.steps_per_epoch, state.batch // schedule.accum)
         epoch_start, epoch_cpu = time.perf_counter(), time.process_time()
         window_start = time.perf_counter() - state.window_seconds
         grad_norm: Optional[Tensor] = None
         for images, targets in data.train.batches(state.epoch, state.batch):
-            if state.batch >= schedule.batches_per_epoch:
+            if state.batch >= schedule.batches_per_epoch or state.step >= schedule.total_steps:
                 break
             boundary = (state.batch + 1) % schedule.accum == 0
             loss = _forward_backward(task, parts, images, targets, state, world, boundary, schedule.accum)
@@ -260,13 +263,17 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optio
         record |= {f"train_{name}": value for name, value in _means(task, epoch_sums).items()}
         record["lr"] = schedule.lr_at(state.step - 1)
         is_best = False
-        if (state.epoch + 1) % cfg.eval_every == 0 or state.epoch + 1 == cfg.epochs:
+        last = state.epoch + 1 == cfg.epochs or state.step >= schedule.total_steps
+        if (state.epoch + 1) % cfg.eval_every == 0 or last:
             is_best = _evaluate(task, parts, state, record)
+            if world.is_main:
+                log.figures(task.figures(parts.ema.module if parts.ema is not None else parts.raw), state.step,
+                            state.epoch + 1)
         epoch_times.append(time.perf_counter() - epoch_start)
         record["epoch_time"] = epoch_times[-1]
         record["epoch_cpu_time"] = time.process_time() - epoch_cpu  # this process, all threads
         log.log("epoch", state.step, **record)
-        eta = sum(epoch_times) / len(epoch_times) * (cfg.epochs - state.epoch - 1)
+        eta = sum(epoch_times) / len(epoch_times) * (cfg.epochs - state.epoch - 1) if not last else 0.0
         progress.print(_summary_line(task, record, cfg.epochs, eta, parts.ema is not None))
         state.last_record = record
         state.epoch, state.batch, state.window_seconds = state.epoch + 1, 0, 0.0

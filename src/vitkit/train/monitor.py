@@ -46,6 +46,24 @@ class RunLog:
             if name not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
                 self._writer.add_scalar(f"{kind}/{name}", value, step)
 
+    def figures(self, figures: dict[str, Any], step: int, epoch: int) -> None:
+        """Save each matplotlib figure as ``NAME.png`` (the latest) and ``figures/NAME-epochNNN.png`` in the
+        run directory, and as an image in TensorBoard; then close it."""
+        if not figures:
+            return
+        import matplotlib.pyplot as plt
+
+        from vitkit.checkpoint import atomic_path
+
+        run_dir = self.path.parent
+        for name, fig in figures.items():
+            for path in (run_dir / f"{name}.png", run_dir / "figures" / f"{name}-epoch{epoch:03d}.png"):
+                with atomic_path(path) as tmp:
+                    fig.savefig(tmp, dpi=120, format="png")
+            if self.enabled:
+                self._writer.add_figure(name, fig, step, close=False)
+            plt.close(fig)
+
     def flush(self) -> None:
         if self.enabled:
             self._file.flush()

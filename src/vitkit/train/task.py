@@ -10,6 +10,8 @@ A task is built once per run by :func:`build_task` from ``cfg.task``. The loop c
   all-reduces across processes and divides into the means it logs (``loss``, ``acc``, ...);
 - :meth:`Task.evaluate` at evaluation epochs: validation metrics (``val_*`` keys) of the model and,
   with EMA, of the averaged model; :attr:`Task.best_metric` of the latter picks ``best.pt``;
+  then :meth:`Task.figures`, pictures of the model that the loop writes to the run directory and
+  TensorBoard;
 - :meth:`Task.export` once at the end, for what the run leaves in ``run_dir/model``.
 """
 
@@ -53,6 +55,10 @@ class Task(Protocol):
         """Metrics of ``model`` on the validation split (keys ``val_*``), the same on every process."""
         ...
 
+    def figures(self, model: nn.Module) -> dict[str, Any]:
+        """Matplotlib figures of ``model`` to keep after an evaluation, by name (may be empty)."""
+        ...
+
     def export(self, model: nn.Module, run_dir: Path, *, best: float | None, train_seconds: float) -> Path:
         """Write the final model (``model`` is the EMA model when there is one) and return its directory."""
         ...
@@ -88,6 +94,9 @@ class ClassificationTask:
         result = evaluate(model, self.data.val.batches(), self.data.num_classes, device=self.device,
                           precision=self.cfg.precision, world=self.world, hflip_tta=self.cfg.eval_hflip_tta)
         return {"val_loss": result.loss, "val_acc": result.top1, "val_top5": result.top5}
+
+    def figures(self, model: nn.Module) -> dict[str, Any]:
+        return {}
 
     def export(self, model: nn.Module, run_dir: Path, *, best: float | None, train_seconds: float) -> Path:
         return export_model(model, run_dir, best_acc=float("-inf") if best is None else best,
