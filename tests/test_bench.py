@@ -128,10 +128,12 @@ def test_cli_writes_json_and_table(tmp_path, capsys):
 
 
 def test_bad_settings_are_named():
-    with pytest.raises(ValueError, match="precision"):
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16; got 'fp8'"):
         BenchSettings(precision="fp8")
-    with pytest.raises(ValueError, match="modes"):
+    with pytest.raises(ValueError, match=r"modes\[0\] must be one of train, infer; got 'fit'"):
         BenchSettings(modes=("fit",))
+    with pytest.raises(ValueError, match="modes must be a non-empty subset of train, infer"):
+        BenchSettings(modes=())
     assert main(["bench", "--batch-size", "2", "--pipeline", "nonsense"]) == 2
 
 

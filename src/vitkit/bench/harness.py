@@ -16,19 +16,23 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+import typing
+from typing import Any, Callable, Iterable, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.bench.flops import count_flops
+from vitkit.config_engine import check_fields
+from vitkit.train.config import Precision
 from vitkit.bench.memory import step_peak_memory
 from vitkit.bench.peak import MatmulPeak
 from vitkit.bench.timing import Stats, time_round_robin
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MODES = ("train", "infer")
+Mode = Literal["train", "infer"]
+PRECISIONS = dict(zip(typing.get_args(Precision), (torch.float32, torch.bfloat16, torch.float16)))
+MODES: tuple[Mode, ...] = typing.get_args(Mode)
 SCHEMA = "vitkit.bench/1"
 
 PipelineFactory = Callable[[], Iterable[Any]]
@@ -44,10 +48,10 @@ class BenchSettings:
     model: str = "vit_cifar_patch4_32"
     batch_size: int = 128
     img_size: int | None = None
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     compile: bool = False
     device: str = "auto"
-    modes: tuple[str, ...] = MODES
+    modes: tuple[Mode, ...] = MODES
     warmup: int = 2
     repeats: int = 5
     reference: bool = True
@@ -61,12 +65,9 @@ class BenchSettings:
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
-        self.modes = tuple(self.modes)
-        bad = [m for m in self.modes if m not in MODES]
-        if bad or not self.modes:
-            raise ValueError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")
+        check_fields(self)  # precision and every mode: one of their Literal values
+        if not self.modes:
+            raise ValueError(f"modes must be a non-empty subset of {', '.join(MODES)}")
         for name in ("batch_size", "repeats", "pipeline_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
