@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import vitkit
+from flop_formulas import vit_forward_flops
 from vitkit.bench import BenchSettings, count_flops, format_table, run_benchmark
 from vitkit.cli import main
-
-from flop_formulas import vit_forward_flops
 
 TINY = dict(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=2, num_heads=4, mlp_dim=64)
 

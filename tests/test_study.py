@@ -12,14 +12,13 @@ import pytest
 import torch
 
 import vitkit
+from flop_formulas import vit_forward_flops
 from vitkit import cli
 from vitkit import study as study_mod
 from vitkit.config import ViTConfig
 from vitkit.models.registry import register_model
 from vitkit.models.resnet import ResNetConfig
 from vitkit.study import Cell, plan_compute_study, plan_data_study, training_flops_per_sample
-
-from flop_formulas import vit_forward_flops
 
 # Tiny members of the three families, so that a cell trains in about a second.
 register_model("study_tiny_vit", ViTConfig(img_size=32, patch_size=8, num_classes=10, embed_dim=32, depth=1,

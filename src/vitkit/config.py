@@ -83,7 +83,7 @@ class StemConfig:
         """The BiT ResNet fields that are set (for ``BiTSpec.from_dict``)."""
         return {k: v for k, v in self.to_dict().items() if k in _BIT_FIELDS}
 
-    def replace(self, **changes: Any) -> "StemConfig":
+    def replace(self, **changes: Any) -> StemConfig:
         return dataclasses.replace(self, **changes)
 
 

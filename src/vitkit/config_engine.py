@@ -22,7 +22,8 @@ import difflib
 import functools
 import types
 import typing
-from typing import Any, Literal, Mapping, TypeVar, Union
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar, Union
 
 T = TypeVar("T")
 

@@ -14,21 +14,22 @@ import json
 import os
 import platform
 import time
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-import typing
-from typing import Any, Callable, Iterable, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.bench.flops import count_flops
-from vitkit.config_engine import check_fields
-from vitkit.train.config import Precision
 from vitkit.bench.memory import step_peak_memory
 from vitkit.bench.peak import MatmulPeak
 from vitkit.bench.timing import Stats, time_round_robin
+from vitkit.config_engine import check_fields
+from vitkit.runtime import Precision
 
 Mode = Literal["train", "infer"]
 PRECISIONS = dict(zip(typing.get_args(Precision), (torch.float32, torch.bfloat16, torch.float16)))

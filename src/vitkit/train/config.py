@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -21,8 +22,8 @@ from vitkit.config_engine import ConfigError, check_fields, coerce, field_types,
 from vitkit.data import DataConfig
 from vitkit.finetune import FinetuneConfig
 from vitkit.models.registry import get_model_entry
+from vitkit.runtime import Precision
 
-Precision = Literal["fp32", "bf16", "fp16"]
 OptimizerName = Literal["adamw", "sgd"]
 Progress = Literal["auto", "bar", "plain", "none"]
 TaskName = Literal["classification"]
@@ -154,7 +155,7 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> "TrainConfig":
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> TrainConfig:
         """Keys given in ``data`` replace the defaults'; sections are merged key by key."""
         return from_mapping(cls, merge_configs(cls().to_dict(), data), source=source)
 

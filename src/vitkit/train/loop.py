@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -25,8 +26,15 @@ from vitkit.checkpoint import CheckpointError, load_weights
 from vitkit.data import build_data
 from vitkit.train.checkpoints import CheckpointWriter, capture_rng, load_checkpoint, resolve_checkpoint, restore_rng
 from vitkit.train.config import TrainConfig, expand_shortcuts, merge_configs, parse_overrides
-from vitkit.train.distributed import (World, all_reduce_sum, any_process, broadcast_object, gather_objects,
-                                      init_world, shutdown)
+from vitkit.train.distributed import (
+    World,
+    all_reduce_sum,
+    any_process,
+    broadcast_object,
+    gather_objects,
+    init_world,
+    shutdown,
+)
 from vitkit.train.ema import ModelEMA
 from vitkit.train.monitor import Progress, RunLog, format_duration
 from vitkit.train.optim import build_optimizer, lr_at, peak_lr, set_lr
@@ -61,7 +69,7 @@ class Schedule:
     min_lr: float
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig, batches_per_epoch: int, world_size: int) -> "Schedule":
+    def from_config(cls, cfg: TrainConfig, batches_per_epoch: int, world_size: int) -> Schedule:
         """``epochs`` epochs, or ``max_steps`` steps if that is fewer; the peak learning rate is ``optim.lr``
         or ``optim.blr`` scaled by the global batch."""
         accum = cfg.optim.accum_steps
@@ -111,7 +119,7 @@ class LoopState:
                 "window_seconds": self.window_seconds, "last_record": self.last_record}
 
     @classmethod
-    def from_checkpoint(cls, saved: dict[str, Any], device: torch.device) -> "LoopState":
+    def from_checkpoint(cls, saved: dict[str, Any], device: torch.device) -> LoopState:
         best = saved.get("best_score", saved.get("best_acc"))  # best_acc: checkpoints before tasks existed
         epoch_sums = saved["epoch_sums"].to(device)
         return cls(saved["epoch"], saved["batch"], saved["global_step"], None if best in (None, -math.inf) else best,
