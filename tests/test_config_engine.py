@@ -17,9 +17,8 @@ from vitkit.cli import main as cli_main
 from vitkit.config import StemConfig, ViTConfig
 from vitkit.config_engine import ConfigError, allowed_values, field_types, from_mapping, to_plain
 from vitkit.data import DataConfig
-from vitkit.finetune import FinetuneConfig
 from vitkit.models.resnet import BiTSpec, ResNetConfig
-from vitkit.train.config import OptimConfig, TrainConfig
+from vitkit.train.config import FinetuneConfig, OptimConfig, TrainConfig
 
 CONFIG_CLASSES = [ViTConfig, StemConfig, ResNetConfig, BiTSpec, DataConfig, OptimConfig, FinetuneConfig, TrainConfig]
 

@@ -8,19 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
-from jax_layout import transformer_npz
-
 import vitkit
+from jax_layout import transformer_npz
 from vitkit.checkpoint import load_weights
-from vitkit.models.hybrid import hybrid_npz_to_state_dict, state_dict_to_hybrid_npz
+from vitkit.convert.jax_hybrid import hybrid_npz_to_state_dict, state_dict_to_hybrid_npz
 from vitkit.models.resnet import ResNet, ResNetConfig
-
-import timm  # noqa: E402
-import torchvision  # noqa: E402
 
 DATA = Path(os.environ.get("VITKIT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 TIMM_HYBRIDS = ["vit_tiny_r_s16_p8_224", "vit_tiny_r_s16_p8_384", "vit_small_r26_s32_224", "vit_small_r26_s32_384",
@@ -218,7 +216,8 @@ def test_conv_stem_config_errors_name_the_problem():
         vitkit.create_model("vit_convstem_cifar_32", stem={"type": "conv", "channels": [8], "strides": [2, 2]})
     with pytest.raises(ValueError, match=r"unknown config key stem\.chanels \(did you mean stem\.channels\?\)"):
         vitkit.create_model("vit_convstem_cifar_32", stem={"type": "conv", "chanels": [8]})
-    with pytest.raises(ValueError, match=r"stem\.layers does not apply to a 'conv' stem, which takes: channels, strides"):
+    with pytest.raises(ValueError,
+                       match=r"stem\.layers does not apply to a 'conv' stem, which takes: channels, strides"):
         vitkit.create_model("vit_convstem_cifar_32", stem={"type": "conv", "channels": [8], "layers": [1]})
     from vitkit.convert import to_timm
 

@@ -142,6 +142,6 @@ class DataConfig:
         return to_plain({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], *, source: str = "data config") -> "DataConfig":
+    def from_dict(cls, values: dict[str, Any], *, source: str = "data config") -> DataConfig:
         """Build from a mapping; an unknown key is an error that names it (and suggests the closest)."""
         return from_mapping(cls, values, source=source)

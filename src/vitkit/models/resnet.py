@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +27,9 @@ from torch import Tensor, nn
 
 from vitkit.config import ModelConfig
 from vitkit.config_engine import check_fields, from_mapping
+from vitkit.fileio import write_model_dir
 from vitkit.models.layers import DropPath
-from vitkit.models.registry import register_architecture, register_model
+from vitkit.models.registry import config_record, register_architecture, register_model
 
 # ============================================================================ BiT ResNet (GN + WS)
 
@@ -129,7 +131,7 @@ class BiTSpec:
             raise ValueError("stem: widths, stem_width, stem_kernel and stem_stride must be positive")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "BiTSpec":
+    def from_dict(cls, data: dict[str, Any]) -> BiTSpec:
         return from_mapping(cls, data, source="stem")
 
     @property
@@ -437,9 +439,7 @@ class ResNet(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``model.safetensors`` and ``config.json`` to ``directory`` (atomically)."""
-        from vitkit.checkpoint import save_pretrained
-
-        return save_pretrained(self, directory)
+        return write_model_dir(directory, self.state_dict(), config_record(self.config))
 
 
 register_architecture("resnet", ResNetConfig, ResNet)

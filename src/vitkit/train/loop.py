@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vitkit.checkpoint import CheckpointError, load_weights
 from vitkit.data import build_data
+from vitkit.models.registry import architecture_of
 from vitkit.train.checkpoints import CheckpointWriter, capture_rng, load_checkpoint, resolve_checkpoint, restore_rng
 from vitkit.train.config import TrainConfig, expand_shortcuts, merge_configs, parse_overrides
 from vitkit.train.distributed import (
@@ -435,8 +436,6 @@ def _save_checkpoint(checkpoints: CheckpointWriter, parts: Trained, state: LoopS
 
 
 def _config_dict(model: nn.Module) -> dict[str, Any]:
-    from vitkit.models.registry import architecture_of
-
     return {"architecture": architecture_of(model.config), **model.config.to_dict()}
 
 
