@@ -266,7 +266,8 @@ def test_named_model_must_fit_the_hybrid_checkpoint(tmp_path):
 
 def test_stated_stem_fields_are_checked(tmp_path):
     save_as(tiny_hybrid(), tmp_path / "w.safetensors", "timm")
-    with pytest.raises(CheckpointError, match=r"w\.safetensors: stem: unknown key\(s\) stem_strid"):
+    typo = r"w\.safetensors: unknown config key stem\.stem_strid \(did you mean stem\.stem_stride\?\)"
+    with pytest.raises(CheckpointError, match=typo):
         vitkit.from_pretrained(tmp_path / "w.safetensors", num_heads=4, stem={"stem_strid": 1})
     with pytest.raises(CheckpointError, match=r"stem \{'layers': \[2, 2\]\} disagrees with the weights, whose stem is "
                                               r"\{'layers': \[1, 1\], 'widths': \[128, 256\], 'stem_width': 32\}"):

@@ -58,18 +58,19 @@ def check_fields(obj: Any, *, prefix: str = "") -> None:
 
 def from_mapping(cls: type[T], data: Any, *, source: str = "config", prefix: str = "") -> T:
     """An instance of the dataclass ``cls`` from a mapping of its field names; keys it does not have are
-    errors (with the closest known key), and every error starts with ``source`` and names the key."""
+    errors (with the closest known key), and every error starts with ``source`` (unless empty) and names
+    the key, dotted with ``prefix`` (e.g. ``stem.``)."""
     where = prefix.rstrip(".")
     if isinstance(data, cls):
         return data
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: {where or 'the config'} must be a mapping of keys, got {_show(data)}")
+        raise ConfigError(f"{_at(source)}{where or 'the config'} must be a mapping of keys, got {_show(data)}")
     fields = field_types(cls)
     for key in data:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise ConfigError(f"{source}: unknown config key {prefix}{key}{hint}; "
+            raise ConfigError(f"{_at(source)}unknown config key {prefix}{key}{hint}; "
                               f"{where or 'the top level'} has: {', '.join(fields)}")
     kwargs = {}
     for key, value in data.items():
@@ -81,13 +82,13 @@ def from_mapping(cls: type[T], data: Any, *, source: str = "config", prefix: str
             try:
                 kwargs[key] = coerce(value, hint, f"{prefix}{key}")
             except ConfigError as e:
-                raise ConfigError(f"{source}: {e}") from None
+                raise ConfigError(f"{_at(source)}{e}") from None
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        raise ConfigError(f"{source}: {_prefixed(str(e), prefix)}") from None
+        raise ConfigError(f"{_at(source)}{_prefixed(str(e), prefix)}") from None
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{source}: {where + ': ' if where and where not in str(e) else ''}{e}") from None
+        raise ConfigError(f"{_at(source)}{where + ': ' if where and where not in str(e) else ''}{e}") from None
 
 
 def to_plain(value: Any) -> Any:
@@ -165,10 +166,12 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
 
 def _nested(cls: type, value: Mapping[str, Any], key: str) -> Any:
     """A nested config dataclass from a mapping, its errors naming ``key.subkey``."""
-    try:
-        return from_mapping(cls, value, source="\0", prefix=f"{key}.")
-    except ConfigError as e:
-        raise ConfigError(str(e).removeprefix("\0: ")) from None
+    return from_mapping(cls, value, source="", prefix=f"{key}.")
+
+
+def _at(source: str) -> str:
+    """``"config.json: "``, the start of an error about a file; nothing when the caller adds it."""
+    return f"{source}: " if source else ""
 
 
 def _dataclass_in(hint: Any) -> type | None:

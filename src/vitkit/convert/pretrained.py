@@ -93,7 +93,7 @@ def _config_for(checkpoint: Checkpoint, model: str | ViTConfig | None, num_heads
     misfits = [f"{f}: checkpoint {getattr(found, f)!r}, model {getattr(target, f)!r}"
                for f in _STRUCTURE if getattr(found, f) != getattr(target, f)]
     if stem_spec(found.stem) != stem_spec(target.stem):
-        misfits.append(f"stem: checkpoint {_stem_dict(found)!r}, model {_stem_dict(target)!r}")
+        misfits.append(f"stem: checkpoint {_stem_dict(found) or None!r}, model {_stem_dict(target) or None!r}")
     if misfits:
         name = target.name or "the given config"
         raise CheckpointError(f"{source} does not fit {name}: {'; '.join(misfits)}")

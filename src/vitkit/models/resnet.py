@@ -132,7 +132,7 @@ class BiTSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BiTSpec:
-        return from_mapping(cls, data, source="stem")
+        return from_mapping(cls, data, source="", prefix="stem.")
 
     @property
     def stride(self) -> int:

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
-from vitkit.fileio import atomic_write_text
+from vitkit.fileio import atomic_path, atomic_write_text
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -55,8 +55,6 @@ class RunLog:
         if not figures:
             return
         import matplotlib.pyplot as plt
-
-        from vitkit.checkpoint import atomic_path
 
         run_dir = self.path.parent
         for name, fig in figures.items():
