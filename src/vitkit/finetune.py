@@ -22,6 +22,7 @@ from torch import nn
 from vitkit.checkpoint import load_weights
 from vitkit.models.pos_embed import resample_pos_embed
 from vitkit.models.registry import build_model
+from vitkit.resolver import load_source, source_config
 
 PosEmbedInit = Literal["interpolate", "reinit"]
 
@@ -74,8 +75,8 @@ class FinetuneConfig:
     """The ``finetune`` section of a training config. With ``init`` unset, training starts from scratch."""
 
     init: Optional[str] = None
-    """SOURCE of the pre-trained weights: a vitkit model or run directory, or anything
-    ``vitkit.from_pretrained`` reads."""
+    """SOURCE of the pre-trained weights: a run directory (its best state), a training checkpoint, a vitkit
+    model directory, or anything ``vitkit.from_pretrained`` reads."""
     pos_embed: PosEmbedInit = "interpolate"
     """At a new resolution: ``interpolate`` the pre-trained position embeddings in 2-D, or ``reinit`` them."""
     freeze_backbone: bool = False
@@ -97,8 +98,6 @@ def build_finetune_model(cfg: FinetuneConfig, *, num_classes: int, class_names: 
     ``model_overrides`` are config fields to change (e.g. ``drop_path_rate``); a ``name`` key (the
     registry name of a from-scratch run) is ignored, since the architecture comes from the SOURCE.
     """
-    from vitkit.sources import load_source
-
     if not cfg.init:
         raise ValueError("finetune.init is not set: name the pre-trained SOURCE to start from")
     overrides = {k: v for k, v in (model_overrides or {}).items() if k != "name"}
@@ -107,7 +106,7 @@ def build_finetune_model(cfg: FinetuneConfig, *, num_classes: int, class_names: 
     if cfg.freeze_backbone:  # a frozen backbone is a fixed feature extractor: no dropout or drop-path in it
         for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             overrides.setdefault(key, 0.0)
-    model = load_source(cfg.init)
+    model = load_source(cfg.init).model
     if model.config.in_chans != in_chans:
         raise ValueError(f"finetune.init {cfg.init} takes {model.config.in_chans}-channel images but the data set "
                          f"has {in_chans} channel(s)")
@@ -140,7 +139,7 @@ def finetune_config(init: str, dataset: str, *, img_size: int | None = None, con
         path = find_config(config)
         data = _merge(data, read_yaml(path))
         source = f"{source} + {path}"
-    init_config = _vitkit_config(init)
+    init_config = source_config(init)
     # The architecture comes from the SOURCE; the model section only names it and holds overrides
     # such as drop_path_rate (a from-scratch default section would describe another model).
     named: dict[str, Any] = {"finetune": {"init": str(init)}, "data": {"dataset": dataset},
@@ -153,15 +152,6 @@ def finetune_config(init: str, dataset: str, *, img_size: int | None = None, con
         # Normalise the new images as the pre-training images were.
         data["data"]["mean"], data["data"]["std"] = list(recorded["mean"]), list(recorded["std"])
     return TrainConfig.from_dict(data, source=f"{source}{' + overrides' if overrides else ''}")
-
-
-def _vitkit_config(init: str) -> Any:
-    """The config of a vitkit model or run directory (read without the weights), else None."""
-    from vitkit.checkpoint import read_config
-    from vitkit.sources import find_model_dir
-
-    model_dir = find_model_dir(init)
-    return read_config(model_dir) if model_dir is not None else None
 
 
 def freeze_backbone(model: nn.Module, trainable: Sequence[str] = ("head.",)) -> int:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from vitkit.data.sources import IMAGENET_MEAN, IMAGENET_STD
+from vitkit.resolver import ResolvedModel, load_source
 
 DEFAULT_CROP_PCT = 0.875
 """For models that do not record their preprocessing (e.g. converted ones): the usual ImageNet crop."""
@@ -66,13 +67,12 @@ def predict(model: nn.Module, images: Sequence[str | Path], *, top_k: int = 5, d
     return results
 
 
-def predict_files(source: str | Path, images: Sequence[str | Path], *, top_k: int = 5,
+def predict_files(source: str | Path | ResolvedModel, images: Sequence[str | Path], *, top_k: int = 5,
                   device: str = "cpu") -> list[Prediction]:
-    """Load a trained model (model directory, run directory or training checkpoint) and predict."""
-    from vitkit.train.checkpoints import load_trained
-
-    model, _, _ = load_trained(source)
-    return predict(model, images, top_k=top_k, device=device)
+    """Load the model ``source`` names (run directory, training checkpoint, model directory, any format
+    :func:`vitkit.load_model` reads) and predict."""
+    resolved = source if isinstance(source, ResolvedModel) else load_source(source)
+    return predict(resolved.model, images, top_k=top_k, device=device)
 
 
 def format_predictions(results: Sequence[Prediction], *, as_json: bool = False) -> str:

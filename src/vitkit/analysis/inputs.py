@@ -1,8 +1,4 @@
-"""What the analysis reads: a model from a source string, and a sample of images from a data set.
-
-Both live here, each in one function, so that they can be routed through ``vitkit.from_pretrained``
-and ``vitkit.data`` without touching the analyses.
-"""
+"""What the analysis reads: a sample of images from a data set (the model comes from ``vitkit.resolver``)."""
 
 from __future__ import annotations
 
@@ -20,22 +16,6 @@ from torch import Tensor, nn
 """Normalisation used when a model's config does not carry its own (the paper's (x - 0.5) / 0.5)."""
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
-def _load_source(source: str) -> tuple[nn.Module, str]:
-    """A model from anything ``vitkit.from_pretrained`` reads (vitkit, timm, Hugging Face, torchvision,
-    Google .npz), or a registry name (random weights, for smoke tests).
-
-    Returns the model and a one-line description of what was loaded.
-    """
-    from vitkit import create_model, from_pretrained, list_models
-
-    if Path(source).exists():
-        return from_pretrained(source), f"checkpoint {source}"
-    if source in list_models():
-        return create_model(source), f"registry model {source} with RANDOM weights (not trained)"
-    raise ValueError(f"SOURCE {source!r} is neither a checkpoint (vitkit/Hugging Face directory, timm/torchvision "
-                     "state dict, Google .npz) nor a registered model name (see `vitkit models`)")
 
 
 def input_normalisation(config) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -26,6 +26,8 @@ from vitkit.bench.flops import count_flops
 from vitkit.bench.memory import step_peak_memory
 from vitkit.bench.peak import MatmulPeak
 from vitkit.bench.timing import Stats, time_round_robin
+from vitkit.models.registry import list_models
+from vitkit.resolver import load_source, source_config
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("train", "infer")
@@ -167,9 +169,8 @@ def data_pipelines(datasets: Iterable[str], settings: BenchSettings) -> dict[str
     and the benchmark's batch size, with the default training augmentation."""
     from vitkit.data import DataConfig
     from vitkit.data.throughput import pipeline_throughput
-    from vitkit.models.registry import get_model_config
-
-    img_size = settings.img_size or get_model_config(settings.model).image_hw[0]
+    img_size = settings.img_size or source_config(settings.model,
+                                                  random_init=settings.model in list_models()).image_hw[0]
     pipelines: dict[str, PipelineFactory] = {}
     for name in datasets:
         cfg = DataConfig(dataset=name, img_size=img_size, batch_size=settings.batch_size)
@@ -216,7 +217,6 @@ def machine_description(device: torch.device) -> dict[str, Any]:
 def run_benchmark(settings: BenchSettings, pipelines: Mapping[str, PipelineFactory] | None = None,
                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure ``settings.model`` (and timm's twin) and return the JSON-ready result."""
-    from vitkit.models.registry import create_model
     from vitkit.runtime import configure_cpu
 
     say = log or (lambda message: None)
@@ -227,7 +227,9 @@ def run_benchmark(settings: BenchSettings, pipelines: Mapping[str, PipelineFacto
     if settings.img_size is not None:
         overrides["img_size"] = settings.img_size
     torch.manual_seed(0)
-    model = create_model(settings.model, **overrides).to(device)
+    resolved = load_source(settings.model, random_init=settings.model in list_models(), **overrides)
+    say(f"model: {resolved.description}")
+    model = resolved.model.to(device)
     config = model.config
     h, w = config.image_hw
     images = torch.randn(settings.batch_size, config.in_chans, h, w, device=device)

@@ -27,6 +27,7 @@ from vitkit.train.distributed import (World, all_reduce_sum, any_process, broadc
 from vitkit.train.ema import ModelEMA
 from vitkit.train.monitor import Progress, RunLog, Stopwatch, format_duration
 from vitkit.train.optim import build_optimizer, lr_at, set_lr
+from vitkit.train.plots import plot_curves
 from vitkit.train.rundir import build_run_model, create_run_dir, export_model, write_config
 from vitkit.train.runtime import StopSignals, autocast, grad_scaler, resolve_device, seed_everything
 
@@ -246,6 +247,8 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         record["epoch_cpu_time"] = time.process_time() - epoch_cpu  # this process, all threads
         eta = sum(epoch_times) / len(epoch_times) * (cfg.epochs - epoch - 1)
         log.log("epoch", global_step, **record)
+        if world.is_main and "val_acc" in record:
+            plot_curves(run_dir)  # redrawn at each evaluation, so a stopped run has its curves too
         progress.print(_summary_line(record, cfg.epochs, eta, ema is not None))
         epoch, batch = epoch + 1, 0
         epoch_sums.zero_()
@@ -256,9 +259,6 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         final = ema.module if ema is not None else raw_model
         export_model(final, run_dir, best_acc=best_acc, total_time=clock.elapsed)
         log.close()
-        from vitkit.train.plots import plot_curves
-
-        plot_curves(run_dir)
         progress.print(f"done in {format_duration(clock.elapsed)}: best val acc {100 * best_acc:.2f}%; "
                        f"model in {run_dir / 'model'}")
     return run_dir
