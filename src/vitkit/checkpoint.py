@@ -110,7 +110,7 @@ def torch_load_safely(path: str | Path, *, mmap: bool = False) -> Any:
     except pickle.UnpicklingError as e:
         refused = _REFUSED_GLOBAL.search(str(e))
         if refused is None:  # a garbled pickle stream: "Unsupported operand", "invalid load key", ...
-            raise CheckpointError(f"{path}: truncated or corrupt file, not a readable torch checkpoint "
+            raise CheckpointError(f"{path}: truncated or corrupt checkpoint, not a readable torch file "
                                   f"({_first_line(e)})") from None
         raise UnsafeCheckpointError(
             f"{path}: refused for safety: the file holds pickle data that imports code ({refused.group(1)}), "
@@ -120,10 +120,10 @@ def torch_load_safely(path: str | Path, *, mmap: bool = False) -> Any:
     except RuntimeError as e:
         if mmap and "mmap" in str(e):  # the legacy (non-zip) format cannot be mapped
             return torch_load_safely(path)
-        raise CheckpointError(f"{path}: truncated or corrupt file, not a readable torch checkpoint "
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint, not a readable torch file "
                               f"({_first_line(e)})") from None
     except (EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: truncated or corrupt file, not a readable torch checkpoint "
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint, not a readable torch file "
                               f"({type(e).__name__}: {_first_line(e)})") from None
 
 
