@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import yaml
 
-from vitkit.checkpoint import CheckpointError, UnsafeCheckpointError, load_weights, torch_load_safely
+from vitkit.checkpoint import CONFIG_NAME, CheckpointError, UnsafeCheckpointError, load_weights, torch_load_safely
 from vitkit.models.registry import build_model, get_architecture
 
 FORMAT = "vitkit-train-checkpoint"
@@ -40,9 +40,11 @@ def step_name(step: int) -> str:
 
 
 def is_run_dir(path: str | Path) -> bool:
-    """Whether ``path`` is a training run directory (it has a ``config.yaml`` or a ``checkpoints/`` folder)."""
+    """Whether ``path`` is a training run directory (it has a ``config.yaml``, a ``checkpoints/`` folder or an
+    exported ``model/``)."""
     path = Path(path)
-    return path.is_dir() and ((path / RUN_CONFIG_NAME).is_file() or (path / CHECKPOINT_DIR).is_dir())
+    return path.is_dir() and ((path / RUN_CONFIG_NAME).is_file() or (path / CHECKPOINT_DIR).is_dir()
+                              or (path / MODEL_DIR / CONFIG_NAME).is_file())
 
 
 def run_of_checkpoint(path: str | Path) -> Path | None:
