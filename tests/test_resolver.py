@@ -115,7 +115,7 @@ def test_the_run_directory_resolves_to_its_best_state_and_says_so(stopped_run: P
     best = _state(stopped_run, "best.pt")
     _assert_weights(resolved.model, best["ema"]["module"])  # EMA weights, as a finished run exports
     epoch = best["epoch"]
-    assert f"best checkpoint" in resolved.description and f"epoch {epoch} of {EPOCHS} done" in resolved.description
+    assert "best checkpoint" in resolved.description and f"epoch {epoch} of {EPOCHS} done" in resolved.description
     assert "EMA weights" in resolved.description and f"step {best['global_step']}" in resolved.description
     assert resolved.training_config["epochs"] == EPOCHS
     raw = load_source(stopped_run, use_ema=False).model

@@ -33,10 +33,9 @@ from vitkit.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, read_c
 from vitkit.convert.detect import Checkpoint, is_vitkit_directory, read_checkpoint
 from vitkit.convert.pretrained import from_checkpoint
 from vitkit.models.registry import create_model, get_model_config, get_model_entry, list_models
-from vitkit.runfiles import (CHECKPOINT_DIR, MODEL_DIR, checkpoint_config, checkpoint_weights,
-                             default_state, describe_checkpoint, is_run_checkpoint_name, is_run_dir,
-                             is_training_checkpoint, load_checkpoint, read_run_config, run_of_checkpoint,
-                             state_path)
+from vitkit.runfiles import (CHECKPOINT_DIR, MODEL_DIR, checkpoint_config, checkpoint_weights, default_state,
+                             describe_checkpoint, is_run_checkpoint_name, is_run_dir, is_training_checkpoint,
+                             load_checkpoint, read_run_config, run_of_checkpoint, state_path)
 
 SourceKind = Literal["registry", "vitkit", "training", "foreign"]
 """``registry``: a registered name, random weights. ``vitkit``: a vitkit model directory (maybe a run's

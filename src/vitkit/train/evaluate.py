@@ -96,7 +96,8 @@ class EvalReport:
     def to_dict(self) -> dict:
         per_class = self.result.per_class_accuracy.tolist()
         return {
-            "source": self.source, "loaded": self.loaded, "dataset": self.dataset, "num_samples": self.result.num_samples,
+            "source": self.source, "loaded": self.loaded, "dataset": self.dataset,
+            "num_samples": self.result.num_samples,
             "hflip_tta": self.hflip_tta, "top1": self.result.top1, "top5": self.result.top5, "loss": self.result.loss,
             "per_class_accuracy": {name: (None if math.isnan(acc) else acc)
                                    for name, acc in zip(self.class_names, per_class)},

@@ -11,7 +11,8 @@ from torch import nn
 
 from vitkit.checkpoint import atomic_write_text
 from vitkit.resolver import ResolvedModel, load_source
-from vitkit.runfiles import CHECKPOINT_DIR, MODEL_DIR, RUN_CONFIG_NAME as CONFIG_NAME
+from vitkit.runfiles import CHECKPOINT_DIR, MODEL_DIR
+from vitkit.runfiles import RUN_CONFIG_NAME as CONFIG_NAME
 from vitkit.train.config import TrainConfig
 
 
