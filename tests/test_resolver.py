@@ -282,6 +282,18 @@ def test_a_source_hook_maps_a_name_to_a_local_checkpoint(stopped_run: Path, tmp_
         assert seen == ["hf-hub:someone/tiny", "someone/else", "vit_tiny_patch4_23"]
         register_source_hook("test-hub", lambda s: ModelSource(s, "registry") if s == "vit_tiny_patch4_32" else None)
         assert load_source("vit_tiny_patch4_32").model.config.embed_dim == 192  # a hook may claim a bare name
+
+        def build(**options):  # a hook that builds its model itself, e.g. to add the publisher's class names
+            net = vitkit.load_model(tmp_path / "cache" / "tiny", **options)
+            net.config = net.config.replace(class_names=[f"digit {i}" for i in range(10)])
+            return net
+
+        register_source_hook("test-hub", lambda s: ModelSource(s, "pretrained", tmp_path / "cache" / "tiny",
+                                                               origin=s, build=build) if s == "tiny.mnist" else None)
+        built = load_source("tiny.mnist", img_size=56)
+        assert built.model.config.class_names[3] == "digit 3" and built.model.pos_embed.shape == (1, 65, 32)
+        assert built.description.startswith("tiny.mnist: pretrained weights (")
+        assert vitkit.resolver.source_config("tiny.mnist").class_names[0] == "digit 0"
     finally:
         unregister_source_hook("test-hub")
     with pytest.raises(ValueError, match="registered architecture, not trained weights.*--random-init"):

@@ -37,10 +37,11 @@ from vitkit.runfiles import (CHECKPOINT_DIR, MODEL_DIR, checkpoint_config, check
                              describe_checkpoint, is_run_checkpoint_name, is_run_dir, is_training_checkpoint,
                              load_checkpoint, read_run_config, run_of_checkpoint, state_path)
 
-SourceKind = Literal["registry", "vitkit", "training", "foreign"]
+SourceKind = Literal["registry", "vitkit", "training", "foreign", "pretrained"]
 """``registry``: a registered name, random weights. ``vitkit``: a vitkit model directory (maybe a run's
 ``model/``). ``training``: a training checkpoint (maybe a run's state). ``foreign``: another library's
-checkpoint, read by :mod:`vitkit.convert`."""
+checkpoint, read by :mod:`vitkit.convert`. ``pretrained``: published weights a :data:`SourceHook` fetched
+and builds itself (its ``build``)."""
 
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 _FORMAT_LABELS = {"vitkit": "vitkit", "timm": "timm", "huggingface": "Hugging Face", "torchvision": "torchvision",
@@ -67,13 +68,18 @@ class ModelSource:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     """Loading options a hook knows for this source (e.g. ``model=`` or ``num_heads=`` from a catalog);
     the caller's options win."""
+    build: Optional[Callable[..., nn.Module]] = None
+    """For a source a hook builds itself: called with the loading options (``img_size``, ``num_classes``,
+    ``model``, ...) instead of reading ``path`` with :mod:`vitkit.convert`, e.g. to give fetched weights
+    their publisher's class names and preprocessing."""
 
     @property
     def label(self) -> str:
         """The source in a few words, e.g. ``runs/x (best checkpoint)``."""
         where = str(self.run_dir if self.run_dir is not None and self.state else self.path or self.spec)
         what = {"registry": "registered model, random weights", "vitkit": "vitkit model directory",
-                "training": "training checkpoint", "foreign": "checkpoint"}[self.kind]
+                "training": "training checkpoint", "foreign": "checkpoint",
+                "pretrained": "pretrained weights"}[self.kind]
         if self.run_dir is not None and self.state:
             what = "exported final model" if self.state == "model" else f"{self.state} checkpoint"
         prefix = f"{self.origin} -> " if self.origin else ""
@@ -220,6 +226,10 @@ def load_source(spec: str | Path | ModelSource, *, checkpoint: str | None = None
         given = {k: v for k, v in options.items() if v is not None}
         return ResolvedModel(create_model(source.spec, **given), source,
                              f"{source.spec}: registered model with RANDOM weights (not trained)")
+    if source.build is not None:
+        where = f" ({source.path})" if source.path is not None else ""
+        return ResolvedModel(source.build(**options), source,
+                             f"{source.origin or source.spec}: {source.kind} weights{where}")
     assert source.path is not None
     if source.kind == "training":
         state = load_checkpoint(source.path, mmap=True)
@@ -262,10 +272,9 @@ def source_config(spec: str | Path | ModelSource, *, checkpoint: str | None = No
                                                                          random_init=random_init)
     if source.kind == "registry":
         return get_model_config(source.spec)
-    assert source.path is not None
-    if source.kind == "vitkit":
+    if source.kind == "vitkit" and source.build is None and source.path is not None:
         return read_config(source.path)
-    if source.kind == "training":
+    if source.kind == "training" and source.build is None and source.path is not None:
         return checkpoint_config(load_checkpoint(source.path, mmap=True), source=str(source.path))
     return load_source(source).model.config
 
