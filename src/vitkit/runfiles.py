@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import yaml
 
-from vitkit.checkpoint import CONFIG_NAME, CheckpointError, UnsafeCheckpointError, load_weights, torch_load_safely
-from vitkit.models.registry import build_model, get_architecture
+from vitkit.checkpoint import CONFIG_NAME, CheckpointError, UnsafeCheckpointError, torch_load_safely
+from vitkit.models.registry import get_architecture
 
 FORMAT = "vitkit-train-checkpoint"
 VERSION = 1
@@ -168,14 +168,6 @@ def checkpoint_config(state: dict[str, Any], *, source: str = "checkpoint") -> A
 def checkpoint_weights(state: dict[str, Any], *, use_ema: bool = True) -> dict[str, torch.Tensor]:
     """The model weights of a training checkpoint: its EMA weights when it has them (what a run exports)."""
     return state["ema"]["module"] if use_ema and state.get("ema") else state["model"]
-
-
-def model_from_checkpoint(state: dict[str, Any], *, use_ema: bool = True, source: str = "training checkpoint",
-                          ) -> torch.nn.Module:
-    """The model a training checkpoint holds (EMA weights when it has them)."""
-    model = build_model(checkpoint_config(state, source=source))
-    load_weights(model, checkpoint_weights(state, use_ema=use_ema), source=source)
-    return model
 
 
 def describe_checkpoint(state: dict[str, Any], *, use_ema: bool = True) -> str:
