@@ -1,17 +1,23 @@
 """vitkit: Vision Transformers (Dosovitskiy et al., "An Image is Worth 16x16 Words", 2020) in PyTorch."""
 
-__version__ = "0.1.0"
-
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from vitkit.config import ViTConfig
-from vitkit.models import (VisionTransformer, build_model, create_model, get_model_config, list_models,
-                           register_model, resample_pos_embed)
+from vitkit.models import (
+    VisionTransformer,
+    build_model,
+    create_model,
+    get_model_config,
+    list_models,
+    register_model,
+    resample_pos_embed,
+)
 from vitkit.resolver import ModelSource, ResolvedModel, load_source, register_source_hook, resolve_source
 from vitkit.resolver import load_model as _load_model
+from vitkit.version import __version__
 
 
 def load_model(source: str | Path, **kwargs: Any) -> nn.Module:

@@ -9,13 +9,14 @@ record get ImageNet's normalisation and a 0.875 center crop.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from vitkit.data import load_eval_image
 from vitkit.data.sources import IMAGENET_MEAN, IMAGENET_STD
 from vitkit.resolver import ResolvedModel, load_source
 
@@ -33,7 +34,6 @@ class Prediction:
 def preprocess(path: str | Path, config) -> Tensor:
     """One image file -> the normalised (C, H, W) tensor the model saw at evaluation (the data module's
     evaluation transform, with the training run's size, crop and normalisation)."""
-    from vitkit.data import load_eval_image
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such image file")

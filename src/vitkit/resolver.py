@@ -22,20 +22,34 @@ Resolving (:func:`resolve_source`) reads no weights: it decides what to read and
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from torch import nn
 
-from vitkit.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, read_config, torch_load_safely
+from vitkit.checkpoint import CheckpointError, read_config, torch_load_safely
 from vitkit.convert.detect import Checkpoint, is_vitkit_directory, read_checkpoint
 from vitkit.convert.pretrained import from_checkpoint
+from vitkit.fileio import CONFIG_NAME, WEIGHTS_NAME
 from vitkit.models.registry import create_model, get_model_config, get_model_entry, list_models
-from vitkit.runfiles import (CHECKPOINT_DIR, MODEL_DIR, checkpoint_config, checkpoint_weights, default_state,
-                             describe_checkpoint, is_run_checkpoint_name, is_run_dir, is_training_checkpoint,
-                             load_checkpoint, read_run_config, run_of_checkpoint, state_path)
+from vitkit.runfiles import (
+    CHECKPOINT_DIR,
+    MODEL_DIR,
+    checkpoint_config,
+    checkpoint_weights,
+    default_state,
+    describe_checkpoint,
+    is_run_checkpoint_name,
+    is_run_dir,
+    is_training_checkpoint,
+    load_checkpoint,
+    read_run_config,
+    run_of_checkpoint,
+    state_path,
+)
 
 SourceKind = Literal["registry", "vitkit", "training", "foreign", "pretrained"]
 """``registry``: a registered name, random weights. ``vitkit``: a vitkit model directory (maybe a run's

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 import yaml
 
-from vitkit.checkpoint import CONFIG_NAME, CheckpointError, UnsafeCheckpointError, torch_load_safely
+from vitkit.checkpoint import CheckpointError, UnsafeCheckpointError, torch_load_safely
+from vitkit.fileio import CONFIG_NAME
 from vitkit.models.registry import get_architecture
 
 FORMAT = "vitkit-train-checkpoint"

@@ -11,6 +11,7 @@ from vitkit.checkpoint import CheckpointError, load_weights
 from vitkit.config import ViTConfig
 from vitkit.convert.detect import Checkpoint, read_checkpoint
 from vitkit.convert.infer import STEM_ASSUMED, infer_config, stem_spec
+from vitkit.models.registry import build_model, get_model_config
 
 # Fields the weights fix; a named model must agree with the checkpoint on them.
 _STRUCTURE = ("patch_size", "in_chans", "embed_dim", "depth", "mlp_dim", "qkv_bias", "class_token", "fc_norm")
@@ -46,7 +47,6 @@ def from_checkpoint(checkpoint: Checkpoint, *, img_size: int | tuple[int, int] |
                     model: str | ViTConfig | None = None,
                     interpolation: Literal["bicubic", "bilinear"] | None = None, **overrides: Any) -> nn.Module:
     """:func:`from_pretrained` for a checkpoint already read with :func:`read_checkpoint`."""
-    from vitkit.models.registry import build_model
 
     config = _config_for(checkpoint, model, num_heads, overrides.pop("stem", None))
     if model is not None and num_classes is None:
@@ -67,7 +67,6 @@ def from_checkpoint(checkpoint: Checkpoint, *, img_size: int | tuple[int, int] |
 def _as_config(model: str | ViTConfig) -> ViTConfig:
     if isinstance(model, ViTConfig):
         return model
-    from vitkit.models.registry import get_model_config
 
     return get_model_config(model)
 

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitkit.checkpoint import CheckpointError, atomic_torch_save
+from vitkit.checkpoint import CheckpointError
+from vitkit.fileio import atomic_torch_save
 from vitkit.runfiles import BEST, CHECKPOINT_DIR, FORMAT, LAST, VERSION, load_checkpoint, step_name
 
 __all__ = ["BEST", "CHECKPOINT_DIR", "FORMAT", "LAST", "VERSION", "CheckpointWriter", "capture_rng",

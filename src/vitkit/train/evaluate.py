@@ -8,18 +8,21 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkit.checkpoint import atomic_write_text
+from vitkit.data import DataConfig, build_data
+from vitkit.fileio import atomic_write_text
 from vitkit.resolver import load_source
 from vitkit.train.distributed import World, all_reduce_sum
-from vitkit.train.runtime import autocast
+from vitkit.train.plots import plot_confusion
+from vitkit.train.runtime import autocast, resolve_device
 
 
 @dataclass
@@ -125,10 +128,6 @@ def evaluate_trained(source: str | Path, *, dataset: Optional[str] = None, data_
     """Evaluate any model SOURCE (a run: its best state, or ``checkpoint``; a training checkpoint; a model
     directory; a foreign checkpoint) on a data set's evaluation split (by default the one it was trained on,
     with its training normalisation); write ``eval.json`` and ``confusion.png``."""
-    from vitkit.data import DataConfig, build_data
-    from vitkit.train.plots import plot_confusion
-    from vitkit.train.runtime import resolve_device
-
     resolved = load_source(source, checkpoint=checkpoint)
     model, train_cfg, run_dir = resolved.model, resolved.training_config, resolved.run_dir
     config = model.config
