@@ -367,3 +367,17 @@ def test_a_named_model_that_does_not_fit_lists_the_differing_fields(tmp_path: Pa
         vitkit.from_pretrained(tmp_path / "mini", model=model.config.replace(num_heads=4))
     fits = vitkit.from_pretrained(tmp_path / "mini.safetensors", model="vit_mini_patch4_32")
     _assert_weights(fits, model.state_dict())
+
+
+def test_random_bytes_are_always_a_checkpoint_error(tmp_path: Path):
+    """Garbage fails anywhere inside torch's unpickler (EOFError, IndexError, KeyError, ...): every failure is
+    one CheckpointError naming the file (an IndexError escaped before)."""
+    from vitkit.checkpoint import torch_load_safely
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "garbage.pt"
+    for i in range(200):
+        head = b"\x80\x02" if i % 2 else b""  # half of them start like a pickle, to get deeper into the parser
+        path.write_bytes(head + rng.integers(0, 256, size=int(rng.integers(1, 600)), dtype=np.uint8).tobytes())
+        with pytest.raises(CheckpointError, match="garbage.pt"):
+            torch_load_safely(path)

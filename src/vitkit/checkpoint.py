@@ -63,7 +63,7 @@ def torch_load_safely(path: str | Path, *, mmap: bool = False) -> Any:
             return torch_load_safely(path)
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint, not a readable torch file "
                               f"({_first_line(e)})") from None
-    except (EOFError, OSError, ValueError) as e:
+    except Exception as e:  # garbage bytes fail anywhere in the unpickler: EOFError, IndexError, KeyError, ...
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint, not a readable torch file "
                               f"({type(e).__name__}: {_first_line(e)})") from None
 
