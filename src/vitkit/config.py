@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar
 
 from vitkit.config_engine import check_fields, from_mapping, to_plain
+from vitkit.preprocessing import DEFAULT_PREPROCESSING, KNOWN_SOURCES, Preprocessing
 
 C = TypeVar("C", bound="ModelConfig")
 Pooling = Literal["token", "avg"]
@@ -94,10 +95,19 @@ class ModelConfig:
     in_chans: int
     num_classes: int
     class_names: Optional[list[str]]
+    preprocess: Optional[Preprocessing]
 
     def _validate_common(self) -> None:
-        """Check every field against its type (the config engine; JSON's lists become tuples), the sizes
-        every model has, and the class names against the head."""
+        """Type the preprocessing record (also reading the untyped ``extra["preprocess"]`` of older files),
+        check every field against its type (the config engine; JSON's lists become tuples), the sizes every
+        model has, and the class names against the head."""
+        extra = getattr(self, "extra", None)
+        if self.preprocess is None and isinstance(extra, dict) and "preprocess" in extra:
+            extra = dict(extra)
+            self.preprocess = extra.pop("preprocess")
+            self.extra = extra
+        if self.preprocess is not None and not isinstance(self.preprocess, Preprocessing):
+            self.preprocess = Preprocessing.from_dict(self.preprocess, source="preprocess")
         check_fields(self)
         for name in ("in_chans",):
             _at_least(self, name, 1)
@@ -109,18 +119,18 @@ class ModelConfig:
                 raise ValueError(
                     f"class_names has {len(self.class_names)} entries but num_classes is {self.num_classes}"
                 )
+        if self.preprocess is not None:  # the record describes this model's input: its size is the model's own
+            self.preprocess = dataclasses.replace(self.preprocess, size=self.image_hw)
 
-    def input_normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel (mean, std) the model's [0, 1] inputs are normalised with: what it was trained with
-        (``extra['preprocess']``, written by ``vitkit train``), else the paper's [-1, 1] scaling."""
-        recorded = (getattr(self, "extra", None) or {}).get("preprocess") or {}
-        mean, std = recorded.get("mean", (0.5,)), recorded.get("std", (0.5,))
-        channels = self.in_chans
-        if len(mean) == 1:
-            mean = tuple(mean) * channels
-        if len(std) == 1:
-            std = tuple(std) * channels
-        return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    def preprocessing(self) -> Preprocessing:
+        """How to prepare images for this model: its recorded preprocessing, else what its checkpoint
+        format implies (``extra["converted_from"]``), else :data:`DEFAULT_PREPROCESSING`; at the model's
+        input size, with one mean/std value per input channel."""
+        record = self.preprocess
+        if record is None:
+            converted_from = (getattr(self, "extra", None) or {}).get("converted_from")
+            record = KNOWN_SOURCES.get(converted_from, DEFAULT_PREPROCESSING)
+        return record.for_model(self.image_hw, self.in_chans)
 
     @property
     def image_hw(self) -> tuple[int, int]:
@@ -135,7 +145,7 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON values; a section such as the stem in its compact form (its own ``to_dict``)."""
+        """Plain JSON values; a section (stem, preprocessing) in its own ``to_dict`` form."""
         out = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -146,6 +156,8 @@ class ModelConfig:
     def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config") -> C:
         """Build from a mapping (a ``config.json``): every value checked against its field's type, every
         error one line naming ``source`` and the field."""
+        if isinstance(data, dict) and isinstance(data.get("preprocess"), dict):  # the record reads its own keys
+            data = {**data, "preprocess": Preprocessing.from_dict(data["preprocess"], source=f"{source}: preprocess")}
         return from_mapping(cls, data, source=source)
 
     def to_json(self, path: str | Path) -> None:
@@ -203,6 +215,8 @@ class ViTConfig(ModelConfig):
     """A convolutional backbone whose feature map replaces the patch projection (hybrid ViT); a mapping
     of :class:`StemConfig` fields is read as one."""
     class_names: Optional[list[str]] = None
+    preprocess: Optional[Preprocessing] = None
+    """How images are prepared for these weights (see :mod:`vitkit.preprocessing`); None = not recorded."""
     name: Optional[str] = None
     """Registry name the config came from, if any (informational)."""
     extra: dict[str, Any] = field(default_factory=dict)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 from vitkit.config_engine import check_fields, from_mapping, to_plain
+from vitkit.preprocessing import Interpolation
 
 CropMode = Literal["random_crop", "random_resized_crop", "none"]
 AutoAugment = Literal["randaugment", "trivialaugment"]
@@ -23,8 +24,8 @@ class DataConfig:
 
     dataset: str = "cifar10"
     data_dir: Optional[str] = None
-    """Root holding ``NAME/train.npz``; else env ``VITKIT_DATA``, ``./data``, ``~/.cache/vitkit/data``,
-    ``<repo>/../shared/data``."""
+    """Root holding ``NAME/train.npz``; else env ``VITKIT_DATA``, the user cache (``~/.cache/vitkit/data``,
+    where ``vitkit data download`` writes), ``<repo>/../shared/data`` (:func:`vitkit.data.data_roots`)."""
     img_size: Optional[int] = None
     """Side of the square training/eval images; None = the data set's native size (224 for folders)."""
     in_chans: Optional[int] = None
@@ -44,6 +45,8 @@ class DataConfig:
     """Skip (and count) unreadable images instead of raising an error that names the file."""
     eval_crop_pct: float = 0.875
     """Folder data sets: resize the shorter side to ``img_size / eval_crop_pct``, then center-crop."""
+    eval_interpolation: Interpolation = "bilinear"
+    """Resize interpolation of the evaluation transform (``bilinear``, ``bicubic`` or ``nearest``)."""
 
     crop: CropMode = "random_crop"
     """``random_crop`` (pad by ``crop_padding`` then crop), ``random_resized_crop``, or ``none``."""

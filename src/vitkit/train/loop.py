@@ -11,9 +11,11 @@ on its own shard of each global batch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -23,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from vitkit.checkpoint import CheckpointError, load_weights
-from vitkit.data import build_data
+from vitkit.data import CorruptImageError, Data, build_data
 from vitkit.models.registry import architecture_of
 from vitkit.train.checkpoints import CheckpointWriter, capture_rng, load_checkpoint, resolve_checkpoint, restore_rng
 from vitkit.train.config import TrainConfig, expand_shortcuts, merge_configs, parse_overrides
@@ -206,6 +208,8 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optio
     if world.is_main:
         write_config(cfg, run_dir)
         _announce(progress, cfg, parts.raw, run_dir, state, schedule, world, device, resumed=saved is not None)
+    reported_skips: set[str] = set()
+    _report_skipped(data, reported_skips, world, log, state.step)
     if saved is not None and len(saved["rng"]) == world.size:
         restore_rng(saved["rng"][world.rank])
     else:  # dropout and drop-path draw different masks on each rank
@@ -216,10 +220,16 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optio
     clock = lambda: state.elapsed + time.perf_counter() - started  # noqa: E731  training seconds of the run
     nonfinite = torch.zeros((), device=device)  # NaN/inf losses (or gradient norms) since the last check
 
-    def save(is_best: bool = False) -> None:
+    def save(is_best: bool = False, at: Optional[LoopState] = None) -> None:
         _check_finite(nonfinite, state, world, device, checkpoints)
-        _save_checkpoint(checkpoints, parts, state, cfg, world, clock(), window_start, is_best)
+        _save_checkpoint(checkpoints, parts, at or state, cfg, world, clock(), window_start, is_best)
         log.flush()
+
+    def save_finished_steps() -> None:  # an unreadable image mid-epoch: keep every finished optimizer step
+        save(at=dataclasses.replace(state, batch=state.batch - state.batch % schedule.accum))
+
+    def save_finished_epoch() -> None:  # an unreadable image in the evaluation: the epoch's training is done
+        save(at=dataclasses.replace(state, epoch=state.epoch + 1, batch=0))
 
     epoch_times: list[float] = []
     while state.epoch < cfg.epochs and state.step < schedule.total_steps:
@@ -228,7 +238,8 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optio
         epoch_start, epoch_cpu = time.perf_counter(), time.process_time()
         window_start = time.perf_counter() - state.window_seconds
         grad_norm: Optional[Tensor] = None
-        for images, targets in data.train.batches(state.epoch, state.batch):
+        for images, targets in _saving_on_corrupt(data.train.batches(state.epoch, state.batch), save_finished_steps,
+                                                  world, checkpoints, run_dir):
             if state.batch >= schedule.batches_per_epoch or state.step >= schedule.total_steps:
                 break
             boundary = (state.batch + 1) % schedule.accum == 0
@@ -274,14 +285,19 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optio
         is_best = False
         last = state.epoch + 1 == cfg.epochs or state.step >= schedule.total_steps
         if (state.epoch + 1) % cfg.eval_every == 0 or last:
-            is_best = _evaluate(task, parts, state, record)
+            with _saving_on_corrupt_in(save_finished_epoch, world, checkpoints, run_dir):
+                is_best = _evaluate(task, parts, state, record)
             if world.is_main:
                 log.figures(task.figures(parts.ema.module if parts.ema is not None else parts.raw), state.step,
                             state.epoch + 1)
         epoch_times.append(time.perf_counter() - epoch_start)
         record["epoch_time"] = epoch_times[-1]
         record["epoch_cpu_time"] = time.process_time() - epoch_cpu  # this process, all threads
+        if cfg.data.skip_corrupt:
+            record["skipped_files"] = _report_skipped(data, reported_skips, world, log, state.step)
         log.log("epoch", state.step, **record)
+        if world.is_main and f"best_{task.best_metric.removeprefix('val_')}" in record:
+            plot_curves(run_dir)  # redrawn at each evaluation, so a stopped run has its curves too
         eta = sum(epoch_times) / len(epoch_times) * (cfg.epochs - state.epoch - 1) if not last else 0.0
         progress.print(_summary_line(task, record, cfg.epochs, eta, parts.ema is not None))
         state.last_record = record
@@ -296,7 +312,6 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optio
         task.export(parts.ema.module if parts.ema is not None else parts.raw, run_dir, best=state.best,
                     train_seconds=train_seconds)
         log.close()
-        plot_curves(run_dir)
         best = "never evaluated" if state.best is None else format_metric(
             task.best_metric, state.best, "best " + task.best_metric.replace("_", " "))
         progress.print(f"done in {format_duration(train_seconds)}: {best}; model in {run_dir / 'model'}")
@@ -361,6 +376,43 @@ def _evaluate(task: Task, parts: Trained, state: LoopState, record: dict[str, An
     state.best = score if is_best else state.best
     record[f"best_{task.best_metric.removeprefix('val_')}"] = state.best
     return is_best
+
+
+def _report_skipped(data: Data, reported: set[str], world: World, log: RunLog, step: int) -> int:
+    """Print and log unreadable files left out (``skip_corrupt``) since the last report; their total."""
+    skipped = data.skipped_files()
+    new = [f for f in skipped if f not in reported]
+    if new and world.is_main:
+        reported.update(new)
+        shown = ", ".join(new[:5]) + (f", ... ({len(new) - 5} more in metrics.jsonl)" if len(new) > 5 else "")
+        # a warning, on stderr whatever the progress mode
+        print(f"vitkit: skip_corrupt: left out {len(new)} unreadable file(s) ({len(skipped)} in all): {shown}",
+              file=sys.stderr, flush=True)
+        log.log("skipped", step, count=len(skipped), files=new)
+    return len(skipped)
+
+
+def _saving_on_corrupt(batches: Iterator[Any], save: Callable[[], None], world: World,
+                       checkpoints: CheckpointWriter, run_dir: Path) -> Iterator[Any]:
+    """``batches``, but an unreadable image (:class:`CorruptImageError`, raised by the data layer in
+    this process) first saves the finished steps, then stops the run with one line naming the file."""
+    with _saving_on_corrupt_in(save, world, checkpoints, run_dir):
+        yield from batches
+
+
+@contextlib.contextmanager
+def _saving_on_corrupt_in(save: Callable[[], None], world: World, checkpoints: CheckpointWriter,
+                          run_dir: Path) -> Iterator[None]:
+    """The same around a block (the evaluation)."""
+    try:
+        yield
+    except CorruptImageError as e:
+        if world.distributed:  # the other processes are not here to join the checkpoint's collectives
+            raise
+        save()
+        raise CorruptImageError(e.path, f"{e.reason}; saved the finished steps to {checkpoints.last}: remove or "
+                                        f"fix the file (or set data.skip_corrupt), then `vitkit train --resume "
+                                        f"{run_dir}`") from None
 
 
 def _means(task: Task, sums: Tensor) -> dict[str, float]:

@@ -101,7 +101,7 @@ class ClassificationTask:
 
     def export(self, model: nn.Module, run_dir: Path, *, best: float | None, train_seconds: float) -> Path:
         return export_model(model, run_dir, best_acc=float("-inf") if best is None else best,
-                            total_time=train_seconds)
+                            total_time=train_seconds, skipped_files=self.data.skipped_files())
 
 
 TaskFactory = Callable[..., Task]
