@@ -186,10 +186,12 @@ def check_step_memory(estimate: StepMemory, *, batch_size: int, accum_steps: int
 
 
 def ensure_step_fits(model: nn.Module, optimizer: torch.optim.Optimizer, *, input_shape: tuple[int, ...],
-                     batch_size: int, accum_steps: int, device: torch.device, precision: str = "fp32") -> StepMemory:
+                     batch_size: int, accum_steps: int, device: torch.device, precision: str = "fp32",
+                     loss_fn: Callable[[nn.Module, Tensor], Tensor] | None = None) -> StepMemory:
     """Estimate the step's memory and raise :class:`StepMemoryError` if it exceeds what is available."""
     available, source = available_memory(device)
-    estimate = estimate_step_memory(model, optimizer, input_shape, device=device, precision=precision)
+    estimate = estimate_step_memory(model, optimizer, input_shape, device=device, precision=precision,
+                                    loss_fn=loss_fn)
     check_step_memory(estimate, batch_size=batch_size, accum_steps=accum_steps, available=available, source=source)
     return estimate
 
