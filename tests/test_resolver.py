@@ -248,7 +248,7 @@ def test_export_any_state_of_an_unfinished_run(stopped_run: Path, tmp_path: Path
     config = json.loads((exported / "config.json").read_text())
     assert config["extra"]["training"] == {"run": str(run), "state": "best", "epochs_done": best["epoch"],
                                            "global_step": best["global_step"],
-                                           "best_val_acc": pytest.approx(best["best_acc"]), "ema": True}
+                                           "best_val_acc": pytest.approx(best["best_score"]), "ema": True}
     _assert_weights(vitkit.load_model(exported), best["ema"]["module"])
 
     step_file = sorted((run / "checkpoints").glob("step-*.pt"))[-1]
