@@ -1,0 +1,163 @@
+"""Masked autoencoders: the model against its definition, Hugging Face's ViTMAE and the official layouts;
+pre-training through the training loop on real CIFAR-10; the MAE fine-tuning recipe."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vitkit.models.mae import MAEConfig, MaskedAutoencoder, mae_config_for
+from vitkit.models.pos_embed import sincos_2d_pos_embed
+from vitkit.models.registry import create_model, get_model_config
+from vitkit.config import ViTConfig
+
+
+def tiny_mae(**changes) -> MaskedAutoencoder:
+    encoder = ViTConfig(img_size=32, patch_size=8, num_classes=0, embed_dim=32, depth=2, num_heads=2, mlp_dim=64)
+    config = MAEConfig(encoder=encoder, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
+                       decoder_mlp_dim=64).replace(**changes)
+    return MaskedAutoencoder(config).eval()
+
+
+# ------------------------------------------------------------------------------------- masking
+def test_masking_equals_its_definition():
+    torch.manual_seed(0)
+    batch, length, dim = 4, 16, 8
+    tokens = torch.randn(batch, length, dim)
+    noise = torch.rand(batch, length)
+    for ratio in (0.75, 0.5, 0.6):
+        kept, mask, ids_restore = MaskedAutoencoder.random_masking(tokens, ratio, noise)
+        keep = int(length * (1 - ratio))
+        assert kept.shape == (batch, keep, dim)
+        assert (mask.sum(dim=1) == length - keep).all()  # the count
+        for b in range(batch):
+            lowest = noise[b].argsort()[:keep]
+            assert set(lowest.tolist()) == set((mask[b] == 0).nonzero().flatten().tolist())  # kept = lowest noise
+            torch.testing.assert_close(kept[b], tokens[b, lowest], rtol=0, atol=0)  # in ascending-noise order
+        # unshuffle restores the order: kept tokens then anything, gathered by ids_restore, is the input
+        # wherever the patch was kept
+        shuffled = torch.gather(tokens, 1, noise.argsort(dim=1)[..., None].expand(-1, -1, dim))
+        restored = torch.gather(shuffled, 1, ids_restore[..., None].expand(-1, -1, dim))
+        torch.testing.assert_close(restored, tokens, rtol=0, atol=0)
+
+
+def test_patchify_unpatchify_round_trip_and_layout():
+    model = tiny_mae()
+    images = torch.randn(2, 3, 32, 32)
+    patches = model.patchify(images)
+    assert patches.shape == (2, 16, 8 * 8 * 3)
+    # patch (row 1, col 2), pixel (y=3, x=5), channel 1 sits at (3 * 8 + 5) * 3 + 1
+    assert patches[1, 1 * 4 + 2, (3 * 8 + 5) * 3 + 1] == images[1, 1, 8 + 3, 16 + 5]
+    torch.testing.assert_close(model.unpatchify(patches), images, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------- loss
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_loss_covers_masked_patches_only(norm_pix_loss):
+    torch.manual_seed(1)
+    model = tiny_mae(norm_pix_loss=norm_pix_loss)
+    images = torch.randn(2, 3, 32, 32)
+    noise = torch.rand(2, 16)
+    loss, pred, mask = model(images, noise=noise)
+    changed = model.patchify(images).clone()
+    visible = (mask == 0).nonzero()
+    masked = (mask == 1).nonzero()
+    for b, i in visible.tolist():
+        changed[b, i] = torch.randn_like(changed[b, i]) * 5
+    loss_visible_changed = model.forward_loss(model.unpatchify(changed), pred, mask)
+    torch.testing.assert_close(loss_visible_changed, loss, rtol=0, atol=0)
+    b, i = masked[0].tolist()
+    changed[b, i] += torch.randn_like(changed[b, i])  # not a constant: norm_pix_loss would remove it
+    assert not torch.equal(model.forward_loss(model.unpatchify(changed), pred, mask), loss)
+    # and the value is the definition: mean over masked patches of the per-patch mean squared error
+    target = model.patchify(images)
+    if norm_pix_loss:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    expected = ((pred - target) ** 2).mean(-1)[mask.bool()].mean()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_decoder_position_table_is_the_2d_sincos_formula():
+    model = tiny_mae()
+    table = model.decoder_pos_embed[0]
+    dim, grid = 16, 4
+    assert torch.equal(table[0], torch.zeros(dim))  # the class token's row
+    quarter = dim // 4
+    for row in range(grid):
+        for col in range(grid):
+            expected = []
+            for coord in (col, row):  # the column half first, as the official release
+                expected += [math.sin(coord / 10000 ** (k / quarter)) for k in range(quarter)]
+                expected += [math.cos(coord / 10000 ** (k / quarter)) for k in range(quarter)]
+            torch.testing.assert_close(table[1 + row * grid + col], torch.tensor(expected), rtol=0, atol=1e-6)
+    assert not model.decoder_pos_embed.requires_grad and not model.pos_embed.requires_grad
+    torch.testing.assert_close(model.pos_embed, sincos_2d_pos_embed(32, (4, 4)), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- official numbers
+def test_official_models_parameter_counts_equal_the_reference():
+    transformers = pytest.importorskip("transformers")
+    from vitkit.convert.mae import hf_to_vitkit
+
+    official = {"mae_vit_base_patch16": (768, 12, 12, 3072, 16), "mae_vit_large_patch16": (1024, 24, 16, 4096, 16),
+                "mae_vit_huge_patch14": (1280, 32, 16, 5120, 14)}
+    for name, (dim, depth, heads, mlp, patch) in official.items():
+        with torch.device("meta"):
+            reference = transformers.ViTMAEForPreTraining(transformers.ViTMAEConfig(
+                hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=mlp,
+                patch_size=patch, image_size=224, decoder_hidden_size=512, decoder_num_hidden_layers=8,
+                decoder_num_attention_heads=16, decoder_intermediate_size=2048))
+            ours = create_model(name)
+        count = sum(p.numel() for p in ours.parameters())
+        assert count == sum(p.numel() for p in reference.parameters()), name
+        mapped = hf_to_vitkit(reference.state_dict(), name)
+        assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    cfg = get_model_config("mae_vit_base_patch16")
+    assert (cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads, cfg.encoder.norm_eps) == (512, 8, 16, 1e-6)
+
+
+def test_small_image_maes_build_and_run():
+    for name, shape in (("mae_vit_mini_patch4_32", (2, 3, 32, 32)), ("mae_vit_mnist_patch4_28", (2, 1, 28, 28))):
+        model = create_model(name)
+        loss, pred, mask = model(torch.randn(shape))
+        n = (shape[-1] // 4) ** 2
+        assert pred.shape == (2, n, 16 * shape[1]) and mask.shape == (2, n)
+        assert mask.sum().item() == 2 * (n - int(n * 0.25)) and torch.isfinite(loss)
+        assert model.config.decoder_embed_dim < 512
+
+
+# ------------------------------------------------------------------------------ Hugging Face parity
+def _hf_pair(norm_pix_loss: bool):
+    transformers = pytest.importorskip("transformers")
+    from vitkit.convert.mae import hf_config_to_vitkit, hf_to_vitkit
+
+    config = transformers.ViTMAEConfig(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96, image_size=32,
+        patch_size=8, decoder_hidden_size=32, decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
+        decoder_intermediate_size=64, layer_norm_eps=1e-6, norm_pix_loss=norm_pix_loss, mask_ratio=0.75)
+    torch.manual_seed(0)
+    hf = transformers.ViTMAEForPreTraining(config).eval()
+    with torch.no_grad():  # random values everywhere, so that no zero-initialised tensor hides a mix-up
+        for name, p in hf.named_parameters():
+            if "pos_embed" not in name and "position_embeddings" not in name:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
+    ours = MaskedAutoencoder(hf_config_to_vitkit(config.to_dict(), "hf")).eval()
+    ours.load_state_dict(hf_to_vitkit(hf.state_dict(), "hf"))
+    return hf, ours
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_parity_with_huggingface_vitmae_given_the_same_noise(norm_pix_loss):
+    hf, ours = _hf_pair(norm_pix_loss)
+    torch.manual_seed(3)
+    images, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 16)
+    with torch.no_grad():
+        out = hf(pixel_values=images, noise=noise)
+        loss, pred, mask = ours(images, noise=noise)
+    assert torch.equal(mask, out.mask)
+    torch.testing.assert_close(pred, out.logits, rtol=0, atol=2e-5)
+    torch.testing.assert_close(loss, out.loss, rtol=0, atol=2e-5)
+    latent, _, _ = ours.forward_encoder(images, noise=noise)
+    torch.testing.assert_close(latent, hf.vit(pixel_values=images, noise=noise).last_hidden_state, rtol=0, atol=2e-5)
