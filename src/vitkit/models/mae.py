@@ -178,7 +178,9 @@ class MaskedAutoencoder(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token", "mask_token", "decoder_pos_embed"}
+        """None by name, as the official pre-training (timm's ``add_weight_decay`` without a skip list): the
+        class and mask tokens are decayed, biases and norms are not, the position tables are not trained."""
+        return set()
 
     # ------------------------------------------------------------------------------------ patches
     @property
@@ -269,20 +271,22 @@ class MaskedAutoencoder(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, images: Tensor, mask_ratio: Optional[float] = None, noise: Optional[Tensor] = None,
-                    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Images for people: (masked input, reconstruction, reconstruction with the visible patches pasted
-        back), each (B, C, H, W) in the input's units (``norm_pix_loss`` predictions are de-normalised with
-        each patch's own statistics, as in the official demo)."""
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Images for people: the masked input (hidden patches zero), the reconstruction, the reconstruction
+        with the visible patches pasted back, each (B, C, H, W) in the input's units (``norm_pix_loss``
+        predictions de-normalised with each patch's own statistics, as the official demo does), and the
+        hidden pixels (B, 1, H, W) as 1."""
         _, pred, mask = self(images, mask_ratio, noise)
         patches = self.patchify(images)
         if self.config.norm_pix_loss:
             mean, var = patches.mean(dim=-1, keepdim=True), patches.var(dim=-1, keepdim=True)
             pred = pred * (var + 1e-6) ** 0.5 + mean
         grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
-        hidden = mask[..., None]
+        hidden = mask[..., None].to(patches.dtype)
         masked = self.unpatchify(patches * (1 - hidden), grid)
         pasted = self.unpatchify(patches * (1 - hidden) + pred * hidden, grid)
-        return masked, self.unpatchify(pred, grid), pasted
+        pixels = self.unpatchify(hidden.expand_as(patches), grid)[:, :1]
+        return masked, self.unpatchify(pred.to(patches.dtype), grid), pasted, pixels
 
     # ---------------------------------------------------------------------------------- export
     def encoder_state_dict(self) -> dict[str, Tensor]:

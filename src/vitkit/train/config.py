@@ -25,6 +25,8 @@ from vitkit.finetune import FinetuneConfig
 Precision = Literal["fp32", "bf16", "fp16"]
 OptimizerName = Literal["adamw", "sgd"]
 Progress = Literal["auto", "bar", "plain", "none"]
+TaskName = Literal["classification", "mae"]
+"""What a run trains for; each name has a :class:`vitkit.train.task.Task` in ``vitkit.train.task.TASKS``."""
 
 DEFAULT_CONFIG = "cifar10_convstem"
 """The bundled config that ``vitkit train`` runs when given none: the README's main job."""
@@ -38,6 +40,9 @@ class OptimConfig:
     """``adamw``, or ``sgd`` with ``momentum`` (the paper's fine-tuning optimizer)."""
     lr: float = 1e-3
     """Peak learning rate, reached at the end of warmup (not scaled by the batch size)."""
+    blr: Optional[float] = None
+    """Base learning rate per 256 images (MAE's rule): when set, the peak is ``blr * global batch / 256``
+    and ``lr`` is ignored."""
     min_lr: float = 1e-5
     """Learning rate at the end of the cosine decay."""
     weight_decay: float = 0.05
@@ -57,7 +62,9 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be positive, got {self.lr}")
-        if not 0 <= self.min_lr <= self.lr:
+        if self.blr is not None and self.blr <= 0:
+            raise ValueError(f"optim.blr must be positive or null, got {self.blr}")
+        if not 0 <= self.min_lr <= (self.lr if self.blr is None else float("inf")):
             raise ValueError(f"optim.min_lr must be in [0, optim.lr], got {self.min_lr}")
         if self.weight_decay < 0:
             raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
@@ -84,6 +91,9 @@ class TrainConfig:
     makes without a config is the bundled ``cifar10_convstem`` recipe (:data:`DEFAULT_CONFIG`).
     """
 
+    task: TaskName = "classification"
+    """What the run trains for: ``classification`` (labels), or ``mae`` (masked-autoencoder pre-training of
+    ``model.name``, an MAE or any plain-patch ViT; see ``vitkit pretrain``)."""
     model: dict[str, Any] = field(default_factory=lambda: {"name": "vit_cifar_patch4_32"})
     """A registered model name plus overrides of its config, e.g. ``{name: ..., drop_path_rate: 0.1}``.
     ``num_classes``, ``in_chans`` and ``img_size`` default to the data set's. Giving ``model.name``
@@ -133,6 +143,7 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in (0, 1) or null, got {self.ema_decay}")
         _check_literal(self, "precision", Precision)
         _check_literal(self, "progress", Progress)
+        _check_literal(self, "task", TaskName)
 
     # ------------------------------------------------------------------------------- conversions
     def to_dict(self) -> dict[str, Any]:

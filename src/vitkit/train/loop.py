@@ -12,23 +12,24 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import math
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from vitkit.checkpoint import CheckpointError, load_weights
 from vitkit.data import build_data
-from vitkit.train.evaluate import evaluate
 from vitkit.train.checkpoints import CheckpointWriter, capture_rng, load_checkpoint, resolve_checkpoint, restore_rng
 from vitkit.train.config import TrainConfig, expand_shortcuts, merge_configs, parse_overrides
 from vitkit.train.distributed import (World, all_reduce_sum, any_process, broadcast_object, gather_objects,
                                       init_world, shutdown)
 from vitkit.train.ema import ModelEMA
 from vitkit.train.monitor import Progress, RunLog, Stopwatch, format_duration
-from vitkit.train.optim import build_optimizer, lr_at, set_lr
-from vitkit.train.rundir import build_run_model, create_run_dir, export_model, write_config
-from vitkit.train.runtime import StopSignals, autocast, grad_scaler, resolve_device, seed_everything
+from vitkit.train.optim import build_optimizer, lr_at, peak_lr, set_lr
+from vitkit.train.rundir import create_run_dir, write_config
+from vitkit.train.runtime import StopSignals, grad_scaler, resolve_device, seed_everything
+from vitkit.train.task import Task, build_task, format_metric
 
 
 class TrainingDiverged(RuntimeError):
@@ -73,7 +74,8 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
     device = resolve_device(cfg.device, world.local_rank)
     seed_everything(cfg.seed, cfg.deterministic)  # same seed on every rank: identical initial weights
     data = build_data(cfg.data, device=device, seed=cfg.seed, rank=world.rank, world_size=world.size)
-    model = build_run_model(cfg, data).to(device)
+    task = build_task(cfg, data, device=device, world=world)
+    model = task.build_model().to(device)
     raw_model = model
     ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay else None
     optimizer = build_optimizer(model, cfg.optim)
@@ -86,9 +88,11 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
                          f"optim.accum_steps={accum}; lower data.batch_size or optim.accum_steps")
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    top_lr = peak_lr(cfg.optim, cfg.data.batch_size * world.size * accum)
 
-    epoch, batch, global_step, best_acc, elapsed = 0, 0, 0, float("-inf"), 0.0
-    epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
+    epoch, batch, global_step, best, elapsed = 0, 0, 0, None, 0.0
+    num_stats = len(task.stat_names) + 1  # the task's sums over samples, then the sample count
+    epoch_sums = torch.zeros(num_stats, dtype=torch.float64, device=device)
     if state is not None:
         load_weights(raw_model, state["model"], source="the checkpoint's model weights")
         optimizer.load_state_dict(state["optimizer"])
@@ -98,7 +102,8 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
                 raise CheckpointError("ema_decay is set but the checkpoint has no EMA weights")
             ema.load_state_dict(state["ema"])
         epoch, batch, global_step = state["epoch"], state["batch"], state["global_step"]
-        best_acc, elapsed = state["best_acc"], state["elapsed"]
+        best, elapsed = state.get("best_score", state.get("best_acc")), state["elapsed"]
+        best = None if best in (None, -math.inf) else best
         epoch_sums = state["epoch_sums"].to(device)
 
     if world.distributed:
@@ -133,7 +138,7 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
                 "model": raw_model.state_dict(), "model_config": _config_dict(raw_model),
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "ema": ema.state_dict() if ema else None, "epoch": next_epoch, "batch": next_batch,
-                "global_step": global_step, "best_acc": best_acc, "elapsed": clock.elapsed,
+                "global_step": global_step, "best_score": best, "elapsed": clock.elapsed,
                 "epoch_sums": epoch_sums.cpu(), "rng": rngs, "config": cfg.to_dict(), "world_size": world.size,
             }, is_best=is_best)
             log.flush()
@@ -152,13 +157,12 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
     # -------------------------------------------------------------------------------------- loop
     clock = Stopwatch(elapsed)
     epoch_times: list[float] = []
-    criterion = F.cross_entropy  # integer labels or soft (B, K) targets alike
     while epoch < cfg.epochs:
         model.train()
         progress.start_epoch(epoch, cfg.epochs, steps_per_epoch, batch // accum)
         lr = optimizer.param_groups[0]["lr"]
         epoch_start, epoch_cpu, window_start = time.perf_counter(), time.process_time(), time.perf_counter()
-        window = torch.zeros(3, dtype=torch.float64, device=device)
+        window = torch.zeros(num_stats, dtype=torch.float64, device=device)
         grad_norm = torch.zeros((), device=device)
         for batch, (images, targets) in enumerate(data.train.batches(epoch, batch), start=batch):
             if batch >= steps_per_epoch * accum:
@@ -166,22 +170,16 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
             boundary = (batch + 1) % accum == 0
             sync = contextlib.nullcontext() if boundary or not world.distributed else model.no_sync()
             with sync:
-                with autocast(cfg.precision, device):
-                    logits = model(images)
-                loss = criterion(logits.float(), targets)
+                loss, stats = task.train_step(model, images, targets)
                 scaler.scale(loss / accum).backward()
             with torch.no_grad():
-                labels = targets if targets.ndim == 1 else targets.argmax(dim=1)
-                n = labels.numel()
-                stats = torch.stack([loss.detach().double() * n, (logits.argmax(dim=1) == labels).sum().double(),
-                                     torch.tensor(float(n), dtype=torch.float64, device=device)])
                 window += stats
                 epoch_sums += stats
                 nonfinite += ~torch.isfinite(loss.detach())
             if not boundary:
                 continue
 
-            lr = lr_at(global_step, total_steps=total_steps, warmup_steps=warmup_steps, lr=cfg.optim.lr,
+            lr = lr_at(global_step, total_steps=total_steps, warmup_steps=warmup_steps, lr=top_lr,
                        min_lr=cfg.optim.min_lr)
             set_lr(optimizer, lr)
             if cfg.optim.clip_grad:
@@ -201,13 +199,12 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
                 check_finite()
                 sums = all_reduce_sum(window.clone(), world)
                 seconds = time.perf_counter() - window_start
-                metrics = dict(loss=float(sums[0] / sums[2]), acc=float(sums[1] / sums[2]), lr=lr,
-                               img_per_s=float(sums[2]) / max(seconds, 1e-9))
+                metrics = dict(_means(task, sums), lr=lr, img_per_s=float(sums[-1]) / max(seconds, 1e-9))
                 if cfg.optim.clip_grad:
                     metrics["grad_norm"] = float(grad_norm)
                 log.log("train", global_step, epoch=round(epoch + (batch + 1) / (steps_per_epoch * accum), 4),
                         **metrics)
-                progress.show((batch + 1) // accum, metrics["loss"], metrics["acc"], lr, metrics["img_per_s"])
+                progress.show((batch + 1) // accum, metrics["loss"], metrics.get("acc"), lr, metrics["img_per_s"])
                 window.zero_()
                 window_start = time.perf_counter()
             stop = any_process(signals.received is not None, world, device)
@@ -225,28 +222,26 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         # ----------------------------------------------------------------------------- epoch end
         check_finite()
         train_sums = all_reduce_sum(epoch_sums.clone(), world)
-        record: dict[str, Any] = dict(epoch=epoch + 1, train_loss=float(train_sums[0] / train_sums[2]),
-                                      train_acc=float(train_sums[1] / train_sums[2]), lr=lr)
+        record: dict[str, Any] = dict(epoch=epoch + 1)
+        record.update({f"train_{name}": value for name, value in _means(task, train_sums).items()}, lr=lr)
         is_best = False
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            val = evaluate(raw_model, data.val.batches(), data.num_classes, device=device,
-                           precision=cfg.precision, world=world, hflip_tta=cfg.eval_hflip_tta)
-            record.update(val_loss=val.loss, val_acc=val.top1, val_top5=val.top5)
-            score = val.top1
+            record.update(task.evaluate(raw_model))
+            score = record[task.best_metric]
             if ema is not None:
-                val_ema = evaluate(ema.module, data.val.batches(), data.num_classes, device=device,
-                                   precision=cfg.precision, world=world, hflip_tta=cfg.eval_hflip_tta)
-                record.update(val_loss_ema=val_ema.loss, val_acc_ema=val_ema.top1, val_top5_ema=val_ema.top5)
-                score = val_ema.top1
-            is_best = score > best_acc
-            best_acc = max(best_acc, score)
-            record["best_acc"] = best_acc
+                record.update({f"{key}_ema": value for key, value in task.evaluate(ema.module).items()})
+                score = record[f"{task.best_metric}_ema"]
+            is_best = best is None or (score > best if task.higher_is_better else score < best)
+            best = score if is_best else best
+            record[f"best_{task.best_metric.removeprefix('val_')}"] = best
+            if world.is_main:
+                log.figures(task.figures(ema.module if ema is not None else raw_model), global_step, epoch + 1)
         epoch_times.append(time.perf_counter() - epoch_start)
         record["epoch_time"] = epoch_times[-1]
         record["epoch_cpu_time"] = time.process_time() - epoch_cpu  # this process, all threads
         eta = sum(epoch_times) / len(epoch_times) * (cfg.epochs - epoch - 1)
         log.log("epoch", global_step, **record)
-        progress.print(_summary_line(record, cfg.epochs, eta, ema is not None))
+        progress.print(_summary_line(task, record, cfg.epochs, eta, ema is not None))
         epoch, batch = epoch + 1, 0
         epoch_sums.zero_()
         checkpoint(epoch, 0, is_best=is_best)
@@ -254,25 +249,36 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
     # ------------------------------------------------------------------------------------ finish
     if world.is_main:
         final = ema.module if ema is not None else raw_model
-        export_model(final, run_dir, best_acc=best_acc, total_time=clock.elapsed)
+        task.export(final, run_dir, best=best, train_seconds=clock.elapsed)
         log.close()
         from vitkit.train.plots import plot_curves
 
         plot_curves(run_dir)
-        progress.print(f"done in {format_duration(clock.elapsed)}: best val acc {100 * best_acc:.2f}%; "
-                       f"model in {run_dir / 'model'}")
+        shown = "never evaluated" if best is None else format_metric(task.best_metric, best, f"best {task.best_metric}")
+        progress.print(f"done in {format_duration(clock.elapsed)}: {shown}; model in {run_dir / 'model'}")
     return run_dir
 
 
-def _summary_line(record: dict[str, Any], epochs: int, eta: float, has_ema: bool) -> str:
-    parts = [f"epoch {record['epoch']}/{epochs}",
-             f"train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}%"]
-    if "val_acc" in record:
-        parts.append(f"val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}% "
-                     f"top5 {100 * record['val_top5']:.2f}%")
+def _means(task: Task, sums: torch.Tensor) -> dict[str, float]:
+    """The task's summed statistics divided by the number of samples (the last entry)."""
+    n = float(sums[-1])
+    return {name: float(sums[i]) / n if n else math.nan for i, name in enumerate(task.stat_names)}
+
+
+def _summary_line(task: Task, record: dict[str, Any], epochs: int, eta: float, has_ema: bool) -> str:
+    """``epoch 3/23 | train loss 1.2345 acc 55.10% | val loss ... acc ...% top5 ...% | ema acc ... | best ...``"""
+    def group(prefix: str) -> str:
+        keys = [k for k in record if k.startswith(prefix) and not k.endswith("_ema")]
+        return " ".join(format_metric(k.removeprefix(prefix), record[k]) for k in keys)
+
+    parts = [f"epoch {record['epoch']}/{epochs}", f"train {group('train_')}"]
+    best_key = f"best_{task.best_metric.removeprefix('val_')}"
+    if best_key in record:
+        parts.append(f"val {group('val_')}")
         if has_ema:
-            parts.append(f"ema acc {100 * record['val_acc_ema']:.2f}%")
-        parts.append(f"best {100 * record['best_acc']:.2f}%")
+            parts.append("ema " + format_metric(task.best_metric, record[f"{task.best_metric}_ema"],
+                                                task.best_metric.removeprefix("val_")))
+        parts.append(format_metric(task.best_metric, record[best_key], "best"))
     parts.append(f"{format_duration(record['epoch_time'])}/epoch, ETA {format_duration(eta)}")
     return " | ".join(parts)
 

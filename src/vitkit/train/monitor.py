@@ -46,6 +46,24 @@ class RunLog:
             if name not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
                 self._writer.add_scalar(f"{kind}/{name}", value, step)
 
+    def figures(self, figures: dict[str, Any], step: int, epoch: int) -> None:
+        """Save each matplotlib figure as ``NAME.png`` (the latest) and ``figures/NAME-epochNNN.png`` in the
+        run directory, and as an image in TensorBoard; then close it."""
+        if not figures:
+            return
+        import matplotlib.pyplot as plt
+
+        from vitkit.checkpoint import atomic_path
+
+        run_dir = self.path.parent
+        for name, fig in figures.items():
+            for path in (run_dir / f"{name}.png", run_dir / "figures" / f"{name}-epoch{epoch:03d}.png"):
+                with atomic_path(path) as tmp:
+                    fig.savefig(tmp, dpi=120, format="png")
+            if self.enabled:
+                self._writer.add_figure(name, fig, step, close=False)
+            plt.close(fig)
+
     def flush(self) -> None:
         if self.enabled:
             self._file.flush()
@@ -104,12 +122,14 @@ class Progress:
         if self._bar is not None:
             self._bar.update(n)
 
-    def show(self, step_in_epoch: int, loss: float, acc: float, lr: float, img_per_s: float) -> None:
+    def show(self, step_in_epoch: int, loss: float, acc: Optional[float], lr: float, img_per_s: float) -> None:
+        """The running metrics; ``acc`` is None for tasks without labels (MAE pre-training)."""
+        shown = [f"loss {loss:.4f}"] + ([f"acc {100 * acc:.2f}%"] if acc is not None else [])
+        shown += [f"lr {lr:.2e}", f"{img_per_s:,.0f} img/s"]
         if self._bar is not None:
-            self._bar.set_postfix_str(f"loss {loss:.4f} acc {100 * acc:.2f}% lr {lr:.2e} {img_per_s:,.0f} img/s")
+            self._bar.set_postfix_str(" ".join(shown))
         elif self.mode == "plain":
-            print(f"{self._epoch_label} step {step_in_epoch}/{self._total} | loss {loss:.4f} | "
-                  f"acc {100 * acc:.2f}% | lr {lr:.2e} | {img_per_s:,.0f} img/s", flush=True)
+            print(f"{self._epoch_label} step {step_in_epoch}/{self._total} | " + " | ".join(shown), flush=True)
 
     def end_epoch(self) -> None:
         if self._bar is not None:
