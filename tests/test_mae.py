@@ -161,3 +161,76 @@ def test_parity_with_huggingface_vitmae_given_the_same_noise(norm_pix_loss):
     torch.testing.assert_close(loss, out.loss, rtol=0, atol=2e-5)
     latent, _, _ = ours.forward_encoder(images, noise=noise)
     torch.testing.assert_close(latent, hf.vit(pixel_values=images, noise=noise).last_hidden_state, rtol=0, atol=2e-5)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def _same_outputs(a: MaskedAutoencoder, b: MaskedAutoencoder) -> None:
+    torch.manual_seed(5)
+    images, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    with torch.no_grad():
+        for x, y in zip(a(images, noise=noise), b(images, noise=noise)):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_official_checkpoints_load(tmp_path):
+    from vitkit import from_pretrained
+    from vitkit.models.vit import VisionTransformer
+
+    model = tiny_mae()
+    torch.save({"model": model.state_dict()}, tmp_path / "mae_visualize_tiny.pth")  # encoder + decoder
+    loaded = from_pretrained(tmp_path / "mae_visualize_tiny.pth", num_heads=2, decoder_num_heads=2)
+    assert isinstance(loaded, MaskedAutoencoder) and loaded.config.decoder_depth == 1
+    _same_outputs(model, loaded.eval())
+
+    torch.save({"model": model.encoder_state_dict()}, tmp_path / "mae_pretrain_tiny.pth")  # encoder only
+    encoder = from_pretrained(tmp_path / "mae_pretrain_tiny.pth", num_heads=2).eval()
+    assert isinstance(encoder, VisionTransformer) and encoder.config.num_classes == 0
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.forward_features(images), model.forward_features(images), rtol=0, atol=0)
+
+
+def test_huggingface_directories_load_and_export(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from vitkit import from_pretrained
+    from vitkit.convert import save_as
+
+    hf, ours = _hf_pair(norm_pix_loss=True)
+    hf.save_pretrained(tmp_path / "hf")  # ViTMAEForPreTraining
+    _same_outputs(ours, from_pretrained(tmp_path / "hf").eval())
+
+    save_as(ours, tmp_path / "exported", "hf")  # and back into transformers
+    back = transformers.ViTMAEForPreTraining.from_pretrained(tmp_path / "exported").eval()
+    images, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    with torch.no_grad():
+        loss, pred, _ = ours(images, noise=noise)
+        out = back(pixel_values=images, noise=noise)
+    torch.testing.assert_close(out.logits, pred, rtol=0, atol=2e-5)
+    torch.testing.assert_close(out.loss, loss, rtol=0, atol=2e-5)
+
+    hf.vit.config.mask_ratio = 0.0
+    hf.vit.save_pretrained(tmp_path / "hf_model")  # ViTMAEModel: the encoder alone, read as a ViT
+    encoder = from_pretrained(tmp_path / "hf_model").eval()
+    ordered = torch.arange(16.0).expand(2, 16)  # ascending noise keeps every patch in place
+    with torch.no_grad():
+        reference = hf.vit(pixel_values=images, noise=ordered).last_hidden_state
+        torch.testing.assert_close(encoder.forward_features(images), reference, rtol=0, atol=2e-5)
+
+
+def test_encoder_exports_as_a_plain_vit(tmp_path):
+    from vitkit import from_pretrained, load_model
+    from vitkit.convert import save_as
+
+    model = tiny_mae()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model.forward_features(images)
+    save_as(model, tmp_path / "encoder.safetensors", "timm")  # timm state dict of the encoder
+    vit = from_pretrained(tmp_path / "encoder.safetensors", num_heads=2).eval()
+    save_as(model.export_encoder(), tmp_path / "encoder_dir", "vitkit")  # a vitkit directory
+    for encoder in (vit, load_model(tmp_path / "encoder_dir").eval()):
+        with torch.no_grad():
+            torch.testing.assert_close(encoder.forward_features(images), reference, rtol=0, atol=0)
+    finetunable = model.export_encoder(num_classes=10, global_pool="avg")
+    assert finetunable.config.fc_norm and finetunable(images).shape == (2, 10)
+    assert torch.equal(finetunable.fc_norm.weight, torch.ones(32))  # fresh, as the official fine-tuning

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from vitkit.checkpoint import load_weights
+from vitkit.models.mae import MAEConfig, MaskedAutoencoder
 from vitkit.models.pos_embed import resample_pos_embed
 from vitkit.models.registry import build_model
 
@@ -56,6 +57,10 @@ def prepare_for_finetuning(model: nn.Module, num_classes: int, *, class_names: S
 
     fresh = new_model.state_dict()
     dropped = _HEAD_PREFIXES if not keep_representation else ("head.",)
+    if new_model.config.fc_norm and not old.fc_norm:
+        # Average pooling with its own norm (MAE's fine-tuning): the pre-trained final norm goes and a fresh
+        # fc_norm comes, as the official main_finetune.py does.
+        dropped = dropped + ("norm.", "fc_norm.")
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(dropped)}
     state.update({k: v for k, v in fresh.items() if k.startswith(dropped)})  # the new (zero) head
     if "pos_embed" in state:
@@ -108,6 +113,8 @@ def build_finetune_model(cfg: FinetuneConfig, *, num_classes: int, class_names: 
         for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             overrides.setdefault(key, 0.0)
     model = load_source(cfg.init)
+    if isinstance(model, MaskedAutoencoder):
+        model = model.export_encoder()  # the official encoder as a plain ViT; the decoder is not fine-tuned
     if model.config.in_chans != in_chans:
         raise ValueError(f"finetune.init {cfg.init} takes {model.config.in_chans}-channel images but the data set "
                          f"has {in_chans} channel(s)")
@@ -136,11 +143,15 @@ def finetune_config(init: str, dataset: str, *, img_size: int | None = None, con
 
     data: dict[str, Any] = _merge({}, FINETUNE_RECIPE)
     source = "fine-tuning recipe"
+    init_config = _vitkit_config(init)
+    if config is None and isinstance(init_config, MAEConfig):
+        # An MAE fine-tunes (or linear-probes, with a frozen backbone) by MAE's own recipe.
+        frozen = (expand_shortcuts(parse_overrides(overrides)).get("finetune") or {}).get("freeze_backbone")
+        config = "mae_linprobe" if frozen else "mae_finetune"
     if config is not None:
         path = find_config(config)
         data = _merge(data, read_yaml(path))
         source = f"{source} + {path}"
-    init_config = _vitkit_config(init)
     # The architecture comes from the SOURCE; the model section only names it and holds overrides
     # such as drop_path_rate (a from-scratch default section would describe another model).
     named: dict[str, Any] = {"finetune": {"init": str(init)}, "data": {"dataset": dataset},

@@ -24,7 +24,8 @@ from vitkit.models.mae import ENCODER_PREFIXES, MAEConfig
 _DECODER_DIRECT = {"decoder.decoder_embed": "decoder_embed", "decoder.mask_token": "mask_token",
                    "decoder.decoder_pos_embed": "decoder_pos_embed", "decoder.decoder_norm": "decoder_norm",
                    "decoder.decoder_pred": "decoder_pred"}
-_DECODER_LAYER = re.compile(r"decoder\.decoder_layers\.(\d+)\.(.+)")
+# Hub files name decoder layers decoder_layers.N; transformers 5 writes decoder_encoder.layer.N when it saves.
+_DECODER_LAYER = re.compile(r"decoder\.(?:decoder_layers|decoder_encoder\.layer)\.(\d+)\.(.+)")
 
 
 def is_huggingface_mae(keys: set[str]) -> bool:
@@ -33,8 +34,20 @@ def is_huggingface_mae(keys: set[str]) -> bool:
 
 
 def is_official_mae(keys: set[str]) -> bool:
-    """The official layout: timm's encoder keys, with or without the ``decoder_*`` keys."""
-    return "patch_embed.proj.weight" in keys and "cls_token" in keys and not any(k.startswith("head.") for k in keys)
+    """The official layout with its decoder: timm's encoder keys and ``decoder_embed`` / ``decoder_pred``."""
+    return "patch_embed.proj.weight" in keys and "decoder_embed.weight" in keys and "decoder_pred.weight" in keys
+
+
+def infer_mae_config(state_dict: dict[str, Tensor], encoder: ViTConfig, *,
+                     decoder_num_heads: int | None = None) -> MAEConfig:
+    """An MAEConfig from a state dict with a decoder (official or converted): the decoder's width, depth and
+    MLP size from the tensor shapes; its head count is not recorded, so the official 16 unless given."""
+    width = state_dict["decoder_embed.weight"].shape[0]
+    depth = len({k.split(".")[1] for k in state_dict if k.startswith("decoder_blocks.")})
+    mlp = state_dict["decoder_blocks.0.mlp.fc1.weight"].shape[0] if depth else 4 * width
+    heads = decoder_num_heads or (16 if width % 16 == 0 else max(1, width // 32))
+    return MAEConfig(encoder=encoder.replace(num_classes=0), decoder_embed_dim=width, decoder_depth=depth,
+                     decoder_num_heads=heads, decoder_mlp_dim=mlp)
 
 
 def hf_to_vitkit(state_dict: dict[str, Tensor], source: str) -> dict[str, Tensor]:

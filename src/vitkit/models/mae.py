@@ -288,6 +288,21 @@ class MaskedAutoencoder(nn.Module):
         pixels = self.unpatchify(hidden.expand_as(patches), grid)[:, :1]
         return masked, self.unpatchify(pred.to(patches.dtype), grid), pasted, pixels
 
+    # --------------------------------------------------------------------- features (no masking)
+    def forward_features(self, images: Tensor) -> Tensor:
+        """All tokens of the unmasked image after the encoder and its norm, (B, 1 + N, D): the features
+        the official linear probe reads (as a fine-tuned ViT's ``forward_features``)."""
+        tokens, _ = self.patch_embed(images)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+        return self.norm(self.blocks(torch.cat([cls, tokens + self.pos_embed[:, 1:]], dim=1)))
+
+    def forward_head(self, tokens: Tensor, pre_logits: bool = True) -> Tensor:
+        """The class token (MAE's linear-probe feature); an MAE has no classifier, so only ``pre_logits``."""
+        if not pre_logits:
+            raise ValueError("an MAE has no classification head; fine-tune it (vitkit finetune --init) or use "
+                             "export_encoder(num_classes=K)")
+        return tokens[:, 0]
+
     # ---------------------------------------------------------------------------------- export
     def encoder_state_dict(self) -> dict[str, Tensor]:
         """The encoder's weights under timm's ViT names (no decoder)."""
@@ -300,8 +315,8 @@ class MaskedAutoencoder(nn.Module):
         config = self.config.encoder.replace(num_classes=num_classes, extra=dict(self.config.extra), **changes)
         vit = VisionTransformer(config).to(self.pos_embed.device)
         state = self.encoder_state_dict()
-        if config.fc_norm:  # timm's avg-pool layout: the final norm moves after pooling (MAE fine-tuning)
-            state = {k.replace("norm.", "fc_norm.", 1) if k.startswith("norm.") else k: v for k, v in state.items()}
+        if config.fc_norm:  # the official fine-tuning layout: the encoder's norm is dropped, fc_norm starts fresh
+            state = {k: v for k, v in state.items() if not k.startswith("norm.")}
         own = vit.state_dict()
         missing = [k for k in own if k not in state and not k.startswith(("head.", "fc_norm.", "pre_logits."))]
         if missing:

@@ -87,6 +87,8 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         raise ValueError(f"the training set gives {len(data.train)} batch(es) per epoch, fewer than "
                          f"optim.accum_steps={accum}; lower data.batch_size or optim.accum_steps")
     total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:  # a step budget: the schedule spans it, the last (partial) epoch ends there
+        total_steps = min(total_steps, cfg.max_steps)
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
     top_lr = peak_lr(cfg.optim, cfg.data.batch_size * world.size * accum)
 
@@ -157,7 +159,7 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
     # -------------------------------------------------------------------------------------- loop
     clock = Stopwatch(elapsed)
     epoch_times: list[float] = []
-    while epoch < cfg.epochs:
+    while epoch < cfg.epochs and global_step < total_steps:
         model.train()
         progress.start_epoch(epoch, cfg.epochs, steps_per_epoch, batch // accum)
         lr = optimizer.param_groups[0]["lr"]
@@ -165,7 +167,7 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         window = torch.zeros(num_stats, dtype=torch.float64, device=device)
         grad_norm = torch.zeros((), device=device)
         for batch, (images, targets) in enumerate(data.train.batches(epoch, batch), start=batch):
-            if batch >= steps_per_epoch * accum:
+            if batch >= steps_per_epoch * accum or global_step >= total_steps:
                 break
             boundary = (batch + 1) % accum == 0
             sync = contextlib.nullcontext() if boundary or not world.distributed else model.no_sync()
@@ -225,7 +227,7 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         record: dict[str, Any] = dict(epoch=epoch + 1)
         record.update({f"train_{name}": value for name, value in _means(task, train_sums).items()}, lr=lr)
         is_best = False
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs or global_step >= total_steps:
             record.update(task.evaluate(raw_model))
             score = record[task.best_metric]
             if ema is not None:
