@@ -131,7 +131,7 @@ def main() -> None:
         shutil.rmtree(out)
     root = data_root(out)
     common = ["--data_dir", str(root), "--out_dir", str(out), "--progress", "plain", "--ckpt_every_steps", "0",
-              "--eval_batch_size", "500", "--batch_size", str(BATCH)]
+              "--eval_batch_size", "500", "--batch_size", str(BATCH), "--eval_every", "100000"]  # evaluate at the end
     log: list[dict[str, Any]] = []
     started = time.perf_counter()
 
@@ -166,7 +166,7 @@ def main() -> None:
              "--max_steps", str(finetune_steps), "--epochs", "100000", "--warmup_epochs", ft_warmup,
              "--log_every", "10", *fraction_args, *LIGHT_AUG, *common], log, f"finetune {tag}")
         run(["train", "--config", "cifar10_vit", "--model", ENCODER, "--model.global_pool", "avg", "--model.fc_norm", "true",
-             "--model.drop_path_rate", "0.1", "--dataset", "cifar10", "--run_name", f"scratch-{tag}",
+             "--model.drop_path_rate", "0.1", "--model.head_init", "zeros", "--dataset", "cifar10", "--run_name", f"scratch-{tag}",
              "--max_steps", str(scratch_steps), "--epochs", "100000", "--lr", "1e-3", "--weight_decay", "0.05",
              "--clip_grad", "1.0", "--warmup_epochs", f"{0.1 * scratch_steps / per_epoch:.4f}",
              "--log_every", "10", *fraction_args, *LIGHT_AUG, *common], log, f"scratch {tag}")

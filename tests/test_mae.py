@@ -4,6 +4,9 @@ pre-training through the training loop on real CIFAR-10; the MAE fine-tuning rec
 from __future__ import annotations
 
 import math
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,3 +237,140 @@ def test_encoder_exports_as_a_plain_vit(tmp_path):
     finetunable = model.export_encoder(num_classes=10, global_pool="avg")
     assert finetunable.config.fc_norm and finetunable(images).shape == (2, 10)
     assert torch.equal(finetunable.fc_norm.weight, torch.ones(32))  # fresh, as the official fine-tuning
+
+
+# ------------------------------------------------------------------------ pre-training in the loop
+TINY_MAE = ["--model", "mae_vit_mini_patch4_32", "--model.patch_size", "8", "--model.embed_dim", "32",
+            "--model.depth", "2", "--model.num_heads", "2", "--model.mlp_dim", "64", "--model.decoder_embed_dim", "32",
+            "--model.decoder_depth", "1", "--model.decoder_num_heads", "2", "--model.decoder_mlp_dim", "64"]
+
+
+@pytest.fixture(scope="module")
+def small_cifar(tmp_path_factory) -> Path:
+    """A data root with real CIFAR-10 images: 1,000 training images (100 per class) and 200 test images."""
+    import numpy as np
+
+    source = Path(os.environ.get("VITKIT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "cifar10"
+    root = tmp_path_factory.mktemp("data")
+    (root / "cifar10").mkdir()
+    for split, per_class in (("train", 100), ("test", 20)):
+        with np.load(source / f"{split}.npz") as data:
+            images, labels = data["images"], data["labels"]
+        keep = np.sort(np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in range(10)]))
+        np.savez(root / "cifar10" / f"{split}.npz", images=images[keep], labels=labels[keep])
+    shutil.copy(source / "meta.json", root / "cifar10" / "meta.json")
+    return root
+
+
+def _pretrain_args(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["--config", "mae_cifar10", *TINY_MAE, "--data_dir", str(root), "--out_dir", str(out),
+            "--batch_size", "50", "--eval_batch_size", "200", "--progress", "none", "--log_every", "1",
+            "--optim.blr", "1e-2", "--warmup_epochs", "0.2", *extra]
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(small_cifar, tmp_path_factory) -> Path:
+    from vitkit.cli import main
+
+    out = tmp_path_factory.mktemp("runs")
+    assert main(["pretrain", *_pretrain_args(small_cifar, out, "--epochs", "3", "--run_name", "mae",
+                                             "--ckpt_every_steps", "7", "--keep_last_k", "10")]) == 0
+    return out / "mae"
+
+
+def test_pretraining_steps_lower_the_loss_on_cifar10(pretrained_run):
+    from vitkit.train.monitor import read_metrics
+
+    records = read_metrics(pretrained_run)
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(losses) == 60  # 3 epochs x 1,000 images / 50
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3] and "train_acc" not in epochs[0]
+    assert epochs[-1]["val_loss"] < epochs[0]["val_loss"]  # the same masks at every evaluation
+    assert epochs[-1]["best_loss"] == min(r["val_loss"] for r in epochs)
+
+
+def test_a_run_writes_figures_model_encoder_and_curves(pretrained_run):
+    from vitkit import load_model
+    from vitkit.models.vit import VisionTransformer
+
+    assert (pretrained_run / "reconstruction.png").stat().st_size > 1000
+    assert sorted(p.name for p in (pretrained_run / "figures").iterdir()) == [
+        f"reconstruction-epoch00{i}.png" for i in (1, 2, 3)]
+    assert (pretrained_run / "curves.png").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(pretrained_run / "tensorboard")).Reload()
+    assert "reconstruction" in events.Tags()["images"] and "epoch/val_loss" in events.Tags()["scalars"]
+    mae, encoder = load_model(pretrained_run / "model"), load_model(pretrained_run / "encoder")
+    assert isinstance(mae, MaskedAutoencoder) and isinstance(encoder, VisionTransformer)
+    assert mae.config.extra["preprocess"]["dataset"] == "cifar10"
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.eval().forward_features(images), mae.eval().forward_features(images),
+                                   rtol=0, atol=0)
+
+
+def test_resume_is_exact(pretrained_run, small_cifar, tmp_path):
+    """Continuing from the mid-epoch checkpoint of step 14 ends with the weights and metrics of the run
+    that never stopped (same masks, data order and optimizer state)."""
+    from safetensors.torch import load_file
+    from vitkit.train import resume
+    from vitkit.train.monitor import read_metrics
+
+    copy = tmp_path / "copy"
+    shutil.copytree(pretrained_run, copy)
+    shutil.rmtree(copy / "model")
+    resume(copy / "checkpoints" / "step-00000014.pt")
+    straight = load_file(str(pretrained_run / "model" / "model.safetensors"))
+    resumed = load_file(str(copy / "model" / "model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    strip = ("img_per_s", "epoch_time", "epoch_cpu_time")
+    clean = lambda rs: [{k: v for k, v in r.items() if k not in strip} for r in rs]  # noqa: E731
+    assert clean(read_metrics(copy)) == clean(read_metrics(pretrained_run))
+
+
+def test_method_mae_wraps_any_vit_with_the_official_recipe():
+    from vitkit.train.mae import pretrain_config
+
+    cfg = pretrain_config(None, ["--model", "vit_tiny_patch4_32", "--model.mask_ratio", "0.6"])
+    assert cfg.task == "mae" and cfg.optim.betas == (0.9, 0.95) and cfg.optim.blr == 1.5e-4
+    assert cfg.optim.weight_decay == 0.05 and cfg.optim.clip_grad is None and cfg.optim.min_lr == 0
+    assert cfg.data.crop == "random_resized_crop" and cfg.data.rrc_scale == (0.2, 1.0) and cfg.data.hflip
+    from vitkit.train.mae import mae_model_config
+    from types import SimpleNamespace
+
+    config = mae_model_config(cfg.model, SimpleNamespace(in_chans=3, img_size=32))
+    assert config.encoder.embed_dim == 192 and config.mask_ratio == 0.6 and config.decoder_embed_dim == 192
+    with pytest.raises(ValueError, match="model.*depthh"):
+        mae_model_config({"name": "vit_tiny_patch4_32", "depthh": 3}, SimpleNamespace(in_chans=3, img_size=32))
+
+
+def test_finetune_and_linear_probe_of_an_mae_use_its_recipes(pretrained_run, small_cifar):
+    from vitkit.finetune import finetune_config
+    from vitkit.train.rundir import build_run_model
+    from vitkit.train.optim import build_optimizer
+    from vitkit.data import build_data
+
+    cfg = finetune_config(str(pretrained_run), "cifar10", overrides=["--data_dir", str(small_cifar)])
+    assert cfg.optim.layer_decay == 0.75 and cfg.optim.blr == 1e-3 and cfg.optim.weight_decay == 0.05
+    data = build_data(cfg.data)
+    model = build_run_model(cfg, data)
+    assert model.config.global_pool == "avg" and model.config.fc_norm and model.config.drop_path_rate == 0.1
+    assert torch.equal(model.fc_norm.weight, torch.ones(32))  # a fresh fc_norm; the pre-trained norm is dropped
+    mae = __import__("vitkit").load_model(pretrained_run / "model")
+    assert torch.equal(model.blocks[1].mlp.fc2.weight, mae.blocks[1].mlp.fc2.weight)
+    scales = {round(g["lr_scale"], 6) for g in build_optimizer(model, cfg.optim).param_groups}
+    assert scales == {round(0.75 ** k, 6) for k in range(0, 4)}  # head, 2 blocks, embeddings
+
+    probe = finetune_config(str(pretrained_run), "cifar10",
+                            overrides=["--data_dir", str(small_cifar), "--finetune.freeze_backbone"])
+    assert probe.optim.name == "sgd" and probe.optim.weight_decay == 0
+    model = build_run_model(probe, data)
+    assert isinstance(model.head[0], torch.nn.BatchNorm1d) and not model.head[0].affine
+    assert model.config.global_pool == "token"
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.1.weight", "head.1.bias"]

@@ -241,7 +241,8 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         epoch_times.append(time.perf_counter() - epoch_start)
         record["epoch_time"] = epoch_times[-1]
         record["epoch_cpu_time"] = time.process_time() - epoch_cpu  # this process, all threads
-        eta = sum(epoch_times) / len(epoch_times) * (cfg.epochs - epoch - 1)
+        planned_epochs = min(cfg.epochs, math.ceil(total_steps / steps_per_epoch))
+        eta = sum(epoch_times) / len(epoch_times) * (planned_epochs - epoch - 1)
         log.log("epoch", global_step, **record)
         progress.print(_summary_line(task, record, cfg.epochs, eta, ema is not None))
         epoch, batch = epoch + 1, 0
