@@ -146,8 +146,8 @@ def main() -> None:
     finetune_steps = max(5, round(pretrain_steps * ratio / 2))
     scratch_steps = finetune_steps + round(pretrain_steps * ratio)
     print(f"step times (median of 6, batch {BATCH}): MAE {step['mae']:.3f} s wall / {step['mae_cpu']:.3f} s CPU, "
-          f"supervised {step['supervised']:.3f} s / {step['supervised_cpu']:.3f} s (CPU ratio {ratio:.3f}); budget {args.budget_minutes} min -> pre-train {pretrain_steps} steps, fine-tune "
-          f"{finetune_steps}, scratch {scratch_steps} (load {os.getloadavg()[0]:.1f})", flush=True)
+          f"supervised {step['supervised']:.3f} s / {step['supervised_cpu']:.3f} s (CPU ratio {ratio:.3f}); "
+          f"budget {args.budget_minutes} min -> pre-train {pretrain_steps} steps, fine-tune {finetune_steps}, scratch {scratch_steps} (load {os.getloadavg()[0]:.1f})", flush=True)
 
     # 2. pre-train
     pre_dir = out / "pretrain"
@@ -167,8 +167,9 @@ def main() -> None:
         run(["finetune", "--init", str(pre_dir), "--dataset", "cifar10", "--run_name", f"finetune-{tag}",
              "--max_steps", str(finetune_steps), "--epochs", "100000", "--warmup_epochs", ft_warmup,
              "--log_every", "10", *fraction_args, *LIGHT_AUG, *common], log, f"finetune {tag}")
-        run(["train", "--config", "cifar10_vit", "--model", ENCODER, "--model.global_pool", "avg", "--model.fc_norm", "true",
-             "--model.drop_path_rate", "0.1", "--model.head_init", "zeros", "--dataset", "cifar10", "--run_name", f"scratch-{tag}",
+        run(["train", "--config", "cifar10_vit", "--model", ENCODER, "--model.global_pool", "avg",
+             "--model.fc_norm", "true", "--model.drop_path_rate", "0.1", "--model.head_init", "zeros",
+             "--dataset", "cifar10", "--run_name", f"scratch-{tag}",
              "--max_steps", str(scratch_steps), "--epochs", "100000", "--lr", "1e-3", "--weight_decay", "0.05",
              "--clip_grad", "1.0", "--warmup_epochs", f"{0.1 * scratch_steps / per_epoch:.4f}",
              "--log_every", "10", *fraction_args, *LIGHT_AUG, *common], log, f"scratch {tag}")

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from vitkit.models.mae import MAEConfig, MaskedAutoencoder, mae_config_for
+from vitkit.config import ViTConfig
+from vitkit.models.mae import MAEConfig, MaskedAutoencoder
 from vitkit.models.pos_embed import sincos_2d_pos_embed
 from vitkit.models.registry import create_model, get_model_config
-from vitkit.config import ViTConfig
 
 
 def tiny_mae(**changes) -> MaskedAutoencoder:
@@ -116,7 +116,8 @@ def test_official_models_parameter_counts_equal_the_reference():
         count = sum(p.numel() for p in ours.parameters())
         assert count == sum(p.numel() for p in reference.parameters()), name
         mapped = hf_to_vitkit(reference.state_dict(), name)
-        assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+        shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+        assert {k: tuple(v.shape) for k, v in mapped.items()} == shapes
     cfg = get_model_config("mae_vit_base_patch16")
     assert (cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads, cfg.encoder.norm_eps) == (512, 8, 16, 1e-6)
 
@@ -317,6 +318,7 @@ def test_resume_is_exact(pretrained_run, small_cifar, tmp_path):
     """Continuing from the mid-epoch checkpoint of step 14 ends with the weights and metrics of the run
     that never stopped (same masks, data order and optimizer state)."""
     from safetensors.torch import load_file
+
     from vitkit.train import resume
     from vitkit.train.monitor import read_metrics
 
@@ -341,8 +343,9 @@ def test_method_mae_wraps_any_vit_with_the_official_recipe():
     assert cfg.task == "mae" and cfg.optim.betas == (0.9, 0.95) and cfg.optim.blr == 1.5e-4
     assert cfg.optim.weight_decay == 0.05 and cfg.optim.clip_grad is None and cfg.optim.min_lr == 0
     assert cfg.data.crop == "random_resized_crop" and cfg.data.rrc_scale == (0.2, 1.0) and cfg.data.hflip
-    from vitkit.train.mae import mae_model_config
     from types import SimpleNamespace
+
+    from vitkit.train.mae import mae_model_config
 
     config = mae_model_config(cfg.model, SimpleNamespace(in_chans=3, img_size=32))
     assert config.encoder.embed_dim == 192 and config.mask_ratio == 0.6 and config.decoder_embed_dim == 192
@@ -351,10 +354,10 @@ def test_method_mae_wraps_any_vit_with_the_official_recipe():
 
 
 def test_finetune_and_linear_probe_of_an_mae_use_its_recipes(pretrained_run, small_cifar):
-    from vitkit.finetune import finetune_config
-    from vitkit.train.rundir import build_run_model
-    from vitkit.train.optim import build_optimizer
     from vitkit.data import build_data
+    from vitkit.finetune import finetune_config
+    from vitkit.train.optim import build_optimizer
+    from vitkit.train.rundir import build_run_model
 
     cfg = finetune_config(str(pretrained_run), "cifar10", overrides=["--data_dir", str(small_cifar)])
     assert cfg.optim.layer_decay == 0.75 and cfg.optim.blr == 1e-3 and cfg.optim.weight_decay == 0.05
@@ -374,3 +377,25 @@ def test_finetune_and_linear_probe_of_an_mae_use_its_recipes(pretrained_run, sma
     assert isinstance(model.head[0], torch.nn.BatchNorm1d) and not model.head[0].affine
     assert model.config.global_pool == "token"
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.1.weight", "head.1.bias"]
+
+
+def test_pretraining_under_torchrun_with_two_processes(small_cifar, tmp_path):
+    """DDP: two gloo processes pre-train one model (each draws its own masks), evaluate the whole
+    validation set together, and only rank 0 writes the run."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"), OMP_NUM_THREADS="1")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "vitkit",
+              "pretrain", *_pretrain_args(small_cifar, tmp_path, "--epochs", "1", "--run_name", "ddp",
+                                          "--batch_size", "25", "--device", "cpu")]
+    proc = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from vitkit.train.monitor import read_metrics
+
+    records = read_metrics(tmp_path / "ddp")
+    assert len([r for r in records if r["kind"] == "train"]) == 20  # 1,000 images / (2 x 25)
+    epoch = [r for r in records if r["kind"] == "epoch"][-1]
+    assert math.isfinite(epoch["val_loss"]) and epoch["train_loss"] > 0
+    assert (tmp_path / "ddp" / "model" / "model.safetensors").is_file()
+    assert len(list((tmp_path / "ddp" / "tensorboard").iterdir())) == 1  # only rank 0 writes

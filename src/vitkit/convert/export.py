@@ -7,8 +7,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from vitkit.checkpoint import atomic_torch_save, save_state_dict
-from vitkit.checkpoint import atomic_write_text
+from vitkit.checkpoint import atomic_torch_save, atomic_write_text, save_state_dict
 from vitkit.convert import huggingface, jax, mae, timm, torchvision
 from vitkit.convert.detect import normalise_format
 from vitkit.models.mae import MaskedAutoencoder

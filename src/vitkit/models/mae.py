@@ -92,7 +92,7 @@ class MAEConfig(ModelConfig):
     def class_names(self) -> None:  # type: ignore[override]
         return None
 
-    def replace(self, **changes: Any) -> "MAEConfig":
+    def replace(self, **changes: Any) -> MAEConfig:
         own = {f.name for f in dataclasses.fields(self)}
         mine = {k: v for k, v in changes.items() if k in own}
         theirs = {k: v for k, v in changes.items() if k not in own}
@@ -109,7 +109,7 @@ class MAEConfig(ModelConfig):
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "MAEConfig":
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> MAEConfig:
         return from_known_keys(cls, dict(data), f"{source}: MAEConfig")
 
 

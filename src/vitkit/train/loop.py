@@ -8,11 +8,10 @@ it. Under ``torchrun`` every process runs this same code on its own shard of eac
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
-
-import math
 
 import torch
 from torch import nn
@@ -22,8 +21,15 @@ from vitkit.checkpoint import CheckpointError, load_weights
 from vitkit.data import build_data
 from vitkit.train.checkpoints import CheckpointWriter, capture_rng, load_checkpoint, resolve_checkpoint, restore_rng
 from vitkit.train.config import TrainConfig, expand_shortcuts, merge_configs, parse_overrides
-from vitkit.train.distributed import (World, all_reduce_sum, any_process, broadcast_object, gather_objects,
-                                      init_world, shutdown)
+from vitkit.train.distributed import (
+    World,
+    all_reduce_sum,
+    any_process,
+    broadcast_object,
+    gather_objects,
+    init_world,
+    shutdown,
+)
 from vitkit.train.ema import ModelEMA
 from vitkit.train.monitor import Progress, RunLog, Stopwatch, format_duration
 from vitkit.train.optim import build_optimizer, lr_at, peak_lr, set_lr

@@ -8,8 +8,9 @@ the run exports (the MAE in ``model/``, its encoder as a plain ViT in ``encoder/
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn

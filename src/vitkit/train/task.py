@@ -17,8 +17,9 @@ A task is built once per run by :func:`build_task` from ``cfg.task``. The loop c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
