@@ -48,7 +48,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                             num_classes=args.num_classes, interpolation=args.interpolation, **stem)
     out = save_as(model, args.dst, args.to)
     cfg = getattr(model.config, "encoder", model.config)  # an MAE's encoder
-    print(f"{args.src} ({checkpoint.format}) -> {out} ({args.to}): ViT D={cfg.embed_dim} "
+    kind = "MAE, encoder" if cfg is not model.config else "ViT"
+    print(f"{args.src} ({checkpoint.format}) -> {out} ({args.to}): {kind} D={cfg.embed_dim} "
           f"depth={cfg.depth} heads={cfg.num_heads} patch={cfg.patch_size} img={cfg.img_size} "
           f"classes={cfg.num_classes}" + (f" stem={cfg.stem}" if cfg.stem else ""))
     return 0
