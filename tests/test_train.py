@@ -274,9 +274,9 @@ def _tiny_cfg(tmp_path: Path, *extra: str) -> TrainConfig:
 
 
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
-    import vitkit.train.loop as loop
+    import vitkit.train.task as task
 
-    build = loop.build_run_model
+    build = task.build_run_model
 
     def build_poisoned(cfg, data):  # the 4th training forward returns NaN logits
         model = build(cfg, data)
@@ -291,7 +291,7 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoin
         model.forward = poisoned
         return model
 
-    monkeypatch.setattr(loop, "build_run_model", build_poisoned)
+    monkeypatch.setattr(task, "build_run_model", build_poisoned)
     cfg = _tiny_cfg(tmp_path, "--ckpt_every_steps", "2", "--run_name", "nan")
     with pytest.raises(TrainingDiverged, match=r"non-finite loss .* step 4 .*last good checkpoint is .*last\.pt"):
         train(cfg)
