@@ -147,7 +147,8 @@ def main() -> None:
     scratch_steps = finetune_steps + round(pretrain_steps * ratio)
     print(f"step times (median of 6, batch {BATCH}): MAE {step['mae']:.3f} s wall / {step['mae_cpu']:.3f} s CPU, "
           f"supervised {step['supervised']:.3f} s / {step['supervised_cpu']:.3f} s (CPU ratio {ratio:.3f}); "
-          f"budget {args.budget_minutes} min -> pre-train {pretrain_steps} steps, fine-tune {finetune_steps}, scratch {scratch_steps} (load {os.getloadavg()[0]:.1f})", flush=True)
+          f"budget {args.budget_minutes} min -> pre-train {pretrain_steps} steps, fine-tune {finetune_steps}, "
+          f"scratch {scratch_steps} (load {os.getloadavg()[0]:.1f})", flush=True)
 
     # 2. pre-train
     pre_dir = out / "pretrain"

@@ -21,9 +21,10 @@ from typing import Any
 
 from torch import Tensor
 
-from vitkit.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_state_dict, read_config
+from vitkit.checkpoint import CheckpointError, load_state_dict, read_config
 from vitkit.config import ViTConfig
 from vitkit.convert import huggingface, jax, mae, timm, torchvision
+from vitkit.fileio import CONFIG_NAME, WEIGHTS_NAME
 from vitkit.models.mae import MAEConfig
 
 FORMATS = ("vitkit", "timm", "huggingface", "torchvision", "jax")

@@ -3,13 +3,14 @@ model's own, renamed, split or transposed, never recomputed."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from torch import Tensor, nn
 
-from vitkit.checkpoint import atomic_torch_save, atomic_write_text, save_state_dict
 from vitkit.convert import huggingface, jax, mae, timm, torchvision
 from vitkit.convert.detect import normalise_format
+from vitkit.fileio import atomic_torch_save, atomic_write_text, save_state_dict
 from vitkit.models.mae import MaskedAutoencoder
 
 STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -37,8 +38,6 @@ def to_huggingface(model: nn.Module, directory: str | Path) -> Path:
 
 def mae_to_huggingface(model: MaskedAutoencoder, directory: str | Path) -> Path:
     """A directory ``transformers.ViTMAEForPreTraining.from_pretrained`` loads (decoder included)."""
-    import json
-
     directory = Path(directory)
     save_state_dict(mae.vitkit_to_hf(_weights(model), model.config), directory / "model.safetensors",
                     metadata={"format": "pt"})

@@ -13,6 +13,7 @@ from vitkit.convert.detect import Checkpoint, read_checkpoint
 from vitkit.convert.infer import STEM_ASSUMED, infer_config, stem_spec
 from vitkit.convert.mae import infer_mae_config
 from vitkit.models.mae import ENCODER_PREFIXES, MAEConfig, MaskedAutoencoder
+from vitkit.models.registry import build_model, get_model_config
 
 # Fields the weights fix; a named model must agree with the checkpoint on them.
 _STRUCTURE = ("patch_size", "in_chans", "embed_dim", "depth", "mlp_dim", "qkv_bias", "class_token", "fc_norm")
@@ -48,7 +49,6 @@ def from_checkpoint(checkpoint: Checkpoint, *, img_size: int | tuple[int, int] |
                     model: str | ViTConfig | None = None,
                     interpolation: Literal["bicubic", "bilinear"] | None = None, **overrides: Any) -> nn.Module:
     """:func:`from_pretrained` for a checkpoint already read with :func:`read_checkpoint`."""
-    from vitkit.models.registry import build_model
 
     if checkpoint.architecture == "mae" or isinstance(checkpoint.config, MAEConfig):
         return _mae_from_checkpoint(checkpoint, img_size=img_size, num_classes=num_classes, num_heads=num_heads,
@@ -98,7 +98,6 @@ def _mae_from_checkpoint(checkpoint: Checkpoint, *, img_size: int | tuple[int, i
 def _as_config(model: str | ViTConfig) -> ViTConfig:
     if isinstance(model, ViTConfig):
         return model
-    from vitkit.models.registry import get_model_config
 
     return get_model_config(model)
 

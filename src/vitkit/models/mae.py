@@ -23,10 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from vitkit.config import ModelConfig, ViTConfig, from_known_keys
+from vitkit.fileio import write_model_dir
 from vitkit.models.layers import Block, PatchEmbed
 from vitkit.models.pos_embed import sincos_2d_pos_embed
-from vitkit.models.registry import SIZES, get_model_entry, register_architecture, register_model
+from vitkit.models.registry import config_record, get_model_entry, register_architecture, register_model
 from vitkit.models.vit import VisionTransformer
+from vitkit.models.zoo import SIZES
 
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 """State-dict keys of the encoder inside an MAE (everything else belongs to the decoder)."""
@@ -331,9 +333,7 @@ class MaskedAutoencoder(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``model.safetensors`` and ``config.json`` (architecture ``mae``) to ``directory``."""
-        from vitkit.checkpoint import save_pretrained
-
-        return save_pretrained(self, directory)
+        return write_model_dir(directory, self.state_dict(), config_record(self.config))
 
 
 register_architecture("mae", MAEConfig, MaskedAutoencoder)

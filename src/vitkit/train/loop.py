@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vitkit.checkpoint import CheckpointError, load_weights
 from vitkit.data import build_data
+from vitkit.models.registry import architecture_of
 from vitkit.train.checkpoints import CheckpointWriter, capture_rng, load_checkpoint, resolve_checkpoint, restore_rng
 from vitkit.train.config import TrainConfig, expand_shortcuts, merge_configs, parse_overrides
 from vitkit.train.distributed import (
@@ -33,6 +35,7 @@ from vitkit.train.distributed import (
 from vitkit.train.ema import ModelEMA
 from vitkit.train.monitor import Progress, RunLog, Stopwatch, format_duration
 from vitkit.train.optim import build_optimizer, lr_at, peak_lr, set_lr
+from vitkit.train.plots import plot_curves
 from vitkit.train.rundir import create_run_dir, write_config
 from vitkit.train.runtime import StopSignals, grad_scaler, resolve_device, seed_everything
 from vitkit.train.task import Task, build_task, format_metric
@@ -172,7 +175,8 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         epoch_start, epoch_cpu, window_start = time.perf_counter(), time.process_time(), time.perf_counter()
         window = torch.zeros(num_stats, dtype=torch.float64, device=device)
         grad_norm = torch.zeros((), device=device)
-        for batch, (images, targets) in enumerate(data.train.batches(epoch, batch), start=batch):
+        first_batch = batch
+        for batch, (images, targets) in enumerate(data.train.batches(epoch, first_batch), start=first_batch):
             if batch >= steps_per_epoch * accum or global_step >= total_steps:
                 break
             boundary = (batch + 1) % accum == 0
@@ -260,7 +264,6 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         final = ema.module if ema is not None else raw_model
         task.export(final, run_dir, best=best, train_seconds=clock.elapsed)
         log.close()
-        from vitkit.train.plots import plot_curves
 
         plot_curves(run_dir)
         shown = "never evaluated" if best is None else format_metric(task.best_metric, best, f"best {task.best_metric}")
@@ -293,6 +296,4 @@ def _summary_line(task: Task, record: dict[str, Any], epochs: int, eta: float, h
 
 
 def _config_dict(model: nn.Module) -> dict[str, Any]:
-    from vitkit.models.registry import architecture_of
-
     return {"architecture": architecture_of(model.config), **model.config.to_dict()}

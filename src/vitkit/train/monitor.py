@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from vitkit.checkpoint import atomic_write_text
+from tqdm import tqdm
+
+from vitkit.fileio import atomic_path, atomic_write_text
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -31,6 +33,7 @@ class RunLog:
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and _step_of(line) <= resume_step]
             atomic_write_text("".join(f"{line}\n" for line in kept), self.path)
+        # Imported here, not at the top: tensorboard's import takes seconds and only logging runs need it.
         from torch.utils.tensorboard import SummaryWriter
 
         purge = resume_step + 1 if resume_step is not None else None
@@ -52,8 +55,6 @@ class RunLog:
         if not figures:
             return
         import matplotlib.pyplot as plt
-
-        from vitkit.checkpoint import atomic_path
 
         run_dir = self.path.parent
         for name, fig in figures.items():
@@ -113,8 +114,6 @@ class Progress:
         self._epoch_label = f"epoch {epoch + 1}/{epochs}"
         self._total = total_steps
         if self.mode == "bar":
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total_steps, initial=done_steps, desc=self._epoch_label, unit="step",
                              dynamic_ncols=True, leave=True, file=sys.stderr)
 
