@@ -355,7 +355,7 @@ def test_method_mae_wraps_any_vit_with_the_official_recipe():
 
 def test_finetune_and_linear_probe_of_an_mae_use_its_recipes(pretrained_run, small_cifar):
     from vitkit.data import build_data
-    from vitkit.finetune import finetune_config
+    from vitkit.train.config import finetune_config
     from vitkit.train.optim import build_optimizer
     from vitkit.train.rundir import build_run_model
 
