@@ -113,7 +113,8 @@ def _config_for(checkpoint: Checkpoint, model: str | ViTConfig | None, num_heads
         return config if stem is None else config.replace(stem={**(config.stem or {}), **stem})
     if model is None:
         config = infer_config(checkpoint.state_dict, source=source, **known, stem=stem)
-        return config.replace(extra={**config.extra, "converted_from": checkpoint.format})
+        return config.replace(extra={**config.extra, "converted_from": checkpoint.format},
+                              preprocess=checkpoint.preprocess)
     target = _as_config(model)
     if stem is not None:
         target = target.replace(stem={**(target.stem or {}), **stem})
@@ -130,4 +131,5 @@ def _config_for(checkpoint: Checkpoint, model: str | ViTConfig | None, num_heads
         raise CheckpointError(f"{source} does not fit {name}: {'; '.join(misfits)}")
     # The checkpoint's head is loaded first; from_pretrained then resizes it to the model's.
     return target.replace(num_classes=found.num_classes, representation_size=found.representation_size,
-                          class_names=found.class_names, norm_eps=found.norm_eps)
+                          class_names=found.class_names, norm_eps=found.norm_eps,
+                          preprocess=checkpoint.preprocess or target.preprocess)

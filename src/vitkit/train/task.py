@@ -17,7 +17,7 @@ A task is built once per run by :func:`build_task` from ``cfg.task``. The loop c
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,16 +53,19 @@ class Task(Protocol):
         ``len(stat_names) + 1`` sums over the batch, the last one the number of samples)."""
         ...
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Metrics of ``model`` on the validation split (keys ``val_*``), the same on every process."""
+    def evaluate(self, model: nn.Module, batches: Iterable[Any] | None = None) -> dict[str, float]:
+        """Metrics of ``model`` on the validation split (keys ``val_*``), the same on every process;
+        ``batches`` replaces the split's own iterator (the loop wraps it to save on unreadable files)."""
         ...
 
     def figures(self, model: nn.Module) -> dict[str, Any]:
         """Matplotlib figures of ``model`` to keep after an evaluation, by name (may be empty)."""
         ...
 
-    def export(self, model: nn.Module, run_dir: Path, *, best: float | None, train_seconds: float) -> Path:
-        """Write the final model (``model`` is the EMA model when there is one) and return its directory."""
+    def export(self, model: nn.Module, run_dir: Path, *, best: float | None, train_seconds: float,
+               skipped_files: Sequence[str] = ()) -> Path:
+        """Write the final model (``model`` is the EMA model when there is one) and return its directory;
+        ``skipped_files`` are the unreadable files ``data.skip_corrupt`` left out."""
         ...
 
 
@@ -92,17 +95,18 @@ class ClassificationTask:
                                 torch.tensor(float(n), dtype=torch.float64, device=loss.device)])
         return loss, sums
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        result = evaluate(model, self.data.val.batches(), self.data.num_classes, device=self.device,
+    def evaluate(self, model: nn.Module, batches: Iterable[Any] | None = None) -> dict[str, float]:
+        result = evaluate(model, self.data.val.batches() if batches is None else batches, self.data.num_classes, device=self.device,
                           precision=self.cfg.precision, world=self.world, hflip_tta=self.cfg.eval_hflip_tta)
         return {"val_loss": result.loss, "val_acc": result.top1, "val_top5": result.top5}
 
     def figures(self, model: nn.Module) -> dict[str, Any]:
         return {}
 
-    def export(self, model: nn.Module, run_dir: Path, *, best: float | None, train_seconds: float) -> Path:
+    def export(self, model: nn.Module, run_dir: Path, *, best: float | None, train_seconds: float,
+               skipped_files: Sequence[str] = ()) -> Path:
         return export_model(model, run_dir, best_acc=float("-inf") if best is None else best,
-                            total_time=train_seconds)
+                            total_time=train_seconds, skipped_files=skipped_files)
 
 
 TaskFactory = Callable[..., Task]
