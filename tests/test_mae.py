@@ -307,7 +307,7 @@ def test_a_run_writes_figures_model_encoder_and_curves(pretrained_run):
     assert "reconstruction" in events.Tags()["images"] and "epoch/val_loss" in events.Tags()["scalars"]
     mae, encoder = load_model(pretrained_run / "model"), load_model(pretrained_run / "encoder")
     assert isinstance(mae, MaskedAutoencoder) and isinstance(encoder, VisionTransformer)
-    assert mae.config.extra["preprocess"]["dataset"] == "cifar10"
+    assert mae.config.preprocess == encoder.config.preprocess and mae.config.preprocess.mean[0] != 0.5
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(encoder.eval().forward_features(images), mae.eval().forward_features(images),

@@ -29,6 +29,7 @@ from vitkit.models.pos_embed import sincos_2d_pos_embed
 from vitkit.models.registry import config_record, get_model_entry, register_architecture, register_model
 from vitkit.models.vit import VisionTransformer
 from vitkit.models.zoo import SIZES
+from vitkit.preprocessing import Preprocessing
 
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 """State-dict keys of the encoder inside an MAE (everything else belongs to the decoder)."""
@@ -51,12 +52,15 @@ class MAEConfig(ModelConfig):
     """Fraction of the patches hidden from the encoder (the default of ``forward``)."""
     norm_pix_loss: bool = False
     """Regress each patch's pixels normalised by that patch's mean and std (the paper's better target)."""
+    preprocess: Optional[Preprocessing] = None
+    """How images are prepared for these weights (see :mod:`vitkit.preprocessing`); None = not recorded."""
     name: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):
             self.encoder = ViTConfig.from_dict(self.encoder, source="MAEConfig.encoder")
+        self._validate_common()
         enc = self.encoder
         if enc.stem is not None:
             raise ValueError("an MAE needs a plain-patch encoder (stem=None): masking drops patches, which a "
@@ -108,6 +112,7 @@ class MAEConfig(ModelConfig):
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["encoder"] = self.encoder.to_dict()
         d["extra"] = dict(self.extra)
+        d["preprocess"] = self.preprocess.to_dict() if self.preprocess is not None else None
         return d
 
     @classmethod
@@ -314,6 +319,7 @@ class MaskedAutoencoder(nn.Module):
         """A plain :class:`VisionTransformer` holding this encoder (position embeddings become learnable),
         with a fresh ``num_classes`` head; ``changes`` set other config fields, e.g. ``global_pool='avg'``."""
         changes.setdefault("fc_norm", changes.get("global_pool") == "avg")
+        changes.setdefault("preprocess", self.config.preprocess)
         config = self.config.encoder.replace(num_classes=num_classes, extra=dict(self.config.extra), **changes)
         vit = VisionTransformer(config).to(self.pos_embed.device)
         state = self.encoder_state_dict()

@@ -21,7 +21,7 @@ from vitkit.models.mae import MAEConfig, MaskedAutoencoder, mae_config_for
 from vitkit.models.registry import get_model_entry
 from vitkit.train.config import TrainConfig, expand_shortcuts, find_config, merge_configs, parse_overrides, read_yaml
 from vitkit.train.distributed import World, all_reduce_sum
-from vitkit.train.rundir import MODEL_DIR, preprocess_info
+from vitkit.train.rundir import MODEL_DIR
 from vitkit.train.runtime import autocast
 
 ENCODER_DIR = "encoder"
@@ -78,9 +78,7 @@ class MAEPretraining:
 
     def build_model(self) -> nn.Module:
         config = mae_model_config(self.cfg.model, self.data)
-        extra = dict(config.extra)
-        extra["preprocess"] = preprocess_info(self.cfg, self.data, config.img_size)
-        return MaskedAutoencoder(config.replace(extra=extra, name=self.cfg.model["name"]))
+        return MaskedAutoencoder(config.replace(preprocess=self.data.preprocessing, name=self.cfg.model["name"]))
 
     def train_step(self, model: nn.Module, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         with autocast(self.cfg.precision, self.device):

@@ -96,7 +96,8 @@ class ClassificationTask:
         return loss, sums
 
     def evaluate(self, model: nn.Module, batches: Iterable[Any] | None = None) -> dict[str, float]:
-        result = evaluate(model, self.data.val.batches() if batches is None else batches, self.data.num_classes, device=self.device,
+        batches = self.data.val.batches() if batches is None else batches
+        result = evaluate(model, batches, self.data.num_classes, device=self.device,
                           precision=self.cfg.precision, world=self.world, hflip_tta=self.cfg.eval_hflip_tta)
         return {"val_loss": result.loss, "val_acc": result.top1, "val_top5": result.top5}
 
