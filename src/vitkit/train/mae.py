@@ -8,7 +8,7 @@ the run exports (the MAE in ``model/``, its encoder as a plain ViT in ``encoder/
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,12 +93,12 @@ class MAEPretraining:
         return torch.rand(batch, patches, generator=generator).to(self.device)
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batches: Iterable[Any] | None = None) -> dict[str, float]:
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
         was_training = model.training
         model.eval()
         generator = torch.Generator().manual_seed(self.cfg.seed + 7919 * (self.world.rank + 1))
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for images, _ in self.data.val.batches() if batches is None else batches:
+        for images, _ in self.data.val.batches():
             images = images.to(self.device, non_blocking=True)
             with autocast(self.cfg.precision, self.device):
                 loss, _, _ = model(images, noise=self._fixed_noise(model, images.shape[0], generator))
@@ -124,8 +124,8 @@ class MAEPretraining:
         return {RECONSTRUCTION_NAME: reconstruction_figure(
             images, masked, reconstruction, pasted, hidden, mean=self.data.mean, std=self.data.std)}
 
-    def export(self, model: nn.Module, run_dir: Path, *, best: float | None, train_seconds: float,
-               skipped_files: Sequence[str] = ()) -> Path:
+    def export(self, model: nn.Module, run_dir: Path, *, best: float | None, train_seconds: float) -> Path:
+        skipped_files = self.data.skipped_files()
         extra = dict(model.config.extra)
         extra["training"] = {"run": str(run_dir), "best_val_loss": best, "train_seconds": round(train_seconds, 1)}
         if skipped_files:

@@ -1,6 +1,6 @@
 """What the training loop trains for: a :class:`Task` says what one batch costs and what an evaluation
 measures, so the same loop (checkpoints, resumption, signals, DDP, EMA, logging) serves classification
-and masked-autoencoder pre-training.
+and other objectives such as masked-autoencoder pre-training.
 
 A task is built once per run by :func:`build_task` from ``cfg.task``. The loop calls, in this order:
 
@@ -17,7 +17,7 @@ A task is built once per run by :func:`build_task` from ``cfg.task``. The loop c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -53,19 +53,16 @@ class Task(Protocol):
         ``len(stat_names) + 1`` sums over the batch, the last one the number of samples)."""
         ...
 
-    def evaluate(self, model: nn.Module, batches: Iterable[Any] | None = None) -> dict[str, float]:
-        """Metrics of ``model`` on the validation split (keys ``val_*``), the same on every process;
-        ``batches`` replaces the split's own iterator (the loop wraps it to save on unreadable files)."""
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Metrics of ``model`` on the validation split (keys ``val_*``), the same on every process."""
         ...
 
     def figures(self, model: nn.Module) -> dict[str, Any]:
         """Matplotlib figures of ``model`` to keep after an evaluation, by name (may be empty)."""
         ...
 
-    def export(self, model: nn.Module, run_dir: Path, *, best: float | None, train_seconds: float,
-               skipped_files: Sequence[str] = ()) -> Path:
-        """Write the final model (``model`` is the EMA model when there is one) and return its directory;
-        ``skipped_files`` are the unreadable files ``data.skip_corrupt`` left out."""
+    def export(self, model: nn.Module, run_dir: Path, *, best: float | None, train_seconds: float) -> Path:
+        """Write the final model (``model`` is the EMA model when there is one) and return its directory."""
         ...
 
 
@@ -95,19 +92,17 @@ class ClassificationTask:
                                 torch.tensor(float(n), dtype=torch.float64, device=loss.device)])
         return loss, sums
 
-    def evaluate(self, model: nn.Module, batches: Iterable[Any] | None = None) -> dict[str, float]:
-        batches = self.data.val.batches() if batches is None else batches
-        result = evaluate(model, batches, self.data.num_classes, device=self.device,
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        result = evaluate(model, self.data.val.batches(), self.data.num_classes, device=self.device,
                           precision=self.cfg.precision, world=self.world, hflip_tta=self.cfg.eval_hflip_tta)
         return {"val_loss": result.loss, "val_acc": result.top1, "val_top5": result.top5}
 
     def figures(self, model: nn.Module) -> dict[str, Any]:
         return {}
 
-    def export(self, model: nn.Module, run_dir: Path, *, best: float | None, train_seconds: float,
-               skipped_files: Sequence[str] = ()) -> Path:
+    def export(self, model: nn.Module, run_dir: Path, *, best: float | None, train_seconds: float) -> Path:
         return export_model(model, run_dir, best_acc=float("-inf") if best is None else best,
-                            total_time=train_seconds, skipped_files=skipped_files)
+                            total_time=train_seconds, skipped_files=self.data.skipped_files())
 
 
 TaskFactory = Callable[..., Task]
@@ -118,6 +113,11 @@ TASKS: dict[str, TaskFactory] = {"classification": ClassificationTask, "mae": MA
 def build_task(cfg: TrainConfig, data: Data, *, device: torch.device, world: World) -> Task:
     """The task ``cfg.task`` names (the config engine has already checked the name)."""
     return TASKS[cfg.task](cfg, data, device=device, world=world)
+
+
+def register_task(name: str, factory: TaskFactory) -> None:
+    """Add a task; its name must also be one of ``TaskName`` in :mod:`vitkit.train.config`."""
+    TASKS[name] = factory
 
 
 def format_metric(name: str, value: Any, label: str | None = None) -> str:
