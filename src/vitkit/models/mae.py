@@ -22,7 +22,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from vitkit.config import ModelConfig, ViTConfig, from_known_keys
+from vitkit.config import ModelConfig, ViTConfig
+from vitkit.config_engine import from_mapping
 from vitkit.fileio import write_model_dir
 from vitkit.models.layers import Block, PatchEmbed
 from vitkit.models.pos_embed import sincos_2d_pos_embed
@@ -117,7 +118,7 @@ class MAEConfig(ModelConfig):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> MAEConfig:
-        return from_known_keys(cls, dict(data), f"{source}: MAEConfig")
+        return from_mapping(cls, dict(data), source=source)
 
 
 def decoder_for(encoder: ViTConfig) -> dict[str, int]:

@@ -161,7 +161,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        self.model = check_model_section(self.model, fine_tuning=bool(self.finetune.init))
+        self.model = check_model_section(self.model, fine_tuning=bool(self.finetune.init), task=self.task)
         for key in ("epochs", "log_every", "eval_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -186,7 +186,8 @@ class TrainConfig:
         return from_mapping(cls, merge_configs(cls().to_dict(), data), source=source)
 
 
-def check_model_section(model: Mapping[str, Any], *, fine_tuning: bool = False) -> dict[str, Any]:
+def check_model_section(model: Mapping[str, Any], *, fine_tuning: bool = False,
+                        task: str = "classification") -> dict[str, Any]:
     """The ``model`` section: a registered ``name`` and overrides of that model's config fields, each
     checked against the field's type (e.g. ``model.depth: "six"`` is an error naming ``model.depth``).
     When fine-tuning, the architecture comes from ``finetune.init``, so only the types are known later."""
@@ -200,6 +201,9 @@ def check_model_section(model: Mapping[str, Any], *, fine_tuning: bool = False) 
             return dict(model)
         raise ConfigError(f"model.name: {e}") from None
     fields = field_types(type(entry.config))
+    if task == "mae" or isinstance(entry.config, MAEConfig):  # an MAE takes its encoder's fields and its own
+        fields = {**field_types(type(entry.config.encoder if isinstance(entry.config, MAEConfig) else entry.config)),
+                  **{k: v for k, v in field_types(MAEConfig).items() if k != "encoder"}}
     checked = {"name": name}
     for key, value in model.items():
         if key == "name":
