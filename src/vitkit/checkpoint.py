@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tempfile
@@ -86,11 +87,12 @@ def save_state_dict(state_dict: dict[str, Tensor], path: str | Path, metadata: d
 
 
 # ------------------------------------------------------------------------------- safe reading
-def load_state_dict(path: str | Path) -> dict[str, Tensor]:
+def load_state_dict(path: str | Path, *, prefer_ema: bool = False) -> dict[str, Tensor]:
     """Read a flat tensor dict from .safetensors, .pth/.pt/.bin/.ckpt (weights only) or .npz.
 
     Never executes code from the file. Nested ``{'state_dict': ...}`` / ``{'model': ...}`` wrappers
-    are unwrapped.
+    are unwrapped (a training checkpoint's raw weights before its ``state_dict_ema``, unless
+    ``prefer_ema``), and DataParallel's ``module.`` prefix is dropped.
     """
     path = Path(path)
     if not path.is_file():
@@ -104,16 +106,22 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as npz:
                 return {k: torch.from_numpy(np.array(npz[k])) for k in npz.files}
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # timm's training checkpoints (T2T-ViT's releases among them) keep their argparse.Namespace: a plain
+        # record of strings and numbers, safe to rebuild
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
     except Exception as e:  # truncated zip, bad header, forbidden pickle global, ...
         raise CheckpointError(f"{path}: cannot read checkpoint safely ({type(e).__name__}: {e})") from e
-    return _unwrap_state_dict(obj, path)
+    return _unwrap_state_dict(obj, path, prefer_ema)
 
 
-def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
-    for key in ("state_dict", "model", "model_state", "module"):
+def _unwrap_state_dict(obj: Any, path: Path, prefer_ema: bool = False) -> dict[str, Tensor]:
+    keys = ("state_dict", "state_dict_ema", "model", "model_state", "module")
+    if prefer_ema:
+        keys = ("state_dict_ema", *keys)
+    for key in keys:
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
             break
@@ -180,7 +188,10 @@ def load_weights(model: nn.Module, state_dict: dict[str, Tensor], *, source: str
     state_dict = dict(state_dict)
     own = model.state_dict()
     if "pos_embed" in state_dict and "pos_embed" in own and state_dict["pos_embed"].shape != own["pos_embed"].shape:
-        state_dict["pos_embed"] = _resample_for(model, state_dict["pos_embed"], source)
+        if getattr(model, "pos_embed_is_fixed", False):  # a fixed table (T2T's sinusoid): the model's own
+            state_dict["pos_embed"] = own["pos_embed"]
+        else:
+            state_dict["pos_embed"] = _resample_for(model, state_dict["pos_embed"], source)
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"

@@ -48,9 +48,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                             num_classes=args.num_classes, interpolation=args.interpolation, **stem)
     out = save_as(model, args.dst, args.to)
     cfg = model.config
+    tokens = f"patch={cfg.patch_size}" if hasattr(cfg, "patch_size") else f"T2T tokens={cfg.tokens_type}"
+    stem = getattr(cfg, "stem", None)
     print(f"{args.src} ({checkpoint.format}) -> {out} ({args.to}): ViT D={cfg.embed_dim} "
-          f"depth={cfg.depth} heads={cfg.num_heads} patch={cfg.patch_size} img={cfg.img_size} "
-          f"classes={cfg.num_classes}" + (f" stem={cfg.stem}" if cfg.stem else ""))
+          f"depth={cfg.depth} heads={cfg.num_heads} {tokens} img={cfg.img_size} "
+          f"classes={cfg.num_classes}" + (f" stem={stem}" if stem else ""))
     return 0
 
 
@@ -60,11 +62,12 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     formats = sorted(set(FORMATS) | set(ALIASES))
     p = sub.add_parser("convert", help="convert a checkpoint between vitkit, timm, Hugging Face, torchvision and npz",
                        description="Read SRC (format detected: vitkit or Hugging Face directory, timm / torchvision "
-                                   "state dict, Google .npz) and write DST in the format --to names.")
+                                   "state dict, Google .npz, official T2T-ViT .pth.tar) and write DST in the format "
+                                   "--to names.")
     p.add_argument("src", help="checkpoint file or directory to read")
     p.add_argument("dst", help="directory (vitkit, hf) or file (timm/torchvision: .safetensors/.pth; npz: .npz)")
     p.add_argument("--to", default="vitkit", choices=formats, metavar="FORMAT",
-                   help="output format: vitkit (default), timm, hf, torchvision, npz")
+                   help="output format: vitkit (default), timm, hf, torchvision, npz, t2t (official T2T-ViT)")
     p.add_argument("--from", dest="source_format", default=None, choices=formats, metavar="FORMAT",
                    help="input format, if detection should be skipped")
     p.add_argument("--img-size", type=int, default=None, help="resample the position embeddings to this resolution")

@@ -5,7 +5,8 @@
 - a timm Hub directory (``config.json`` with ``architecture`` and ``pretrained_cfg``);
 - a state-dict file (``.pth``/``.pt``/``.bin``/``.safetensors``), recognised by its key names as timm,
   torchvision or Hugging Face;
-- a Google ``.npz`` (vit_jax or big_vision layout).
+- a Google ``.npz`` (vit_jax or big_vision layout);
+- an official T2T-ViT ``.pth.tar`` (``tokens_to_token.*`` keys; its EMA weights when it holds them).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from torch import Tensor
 
 from vitkit.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_state_dict, read_config
 from vitkit.config import ViTConfig
-from vitkit.convert import huggingface, jax, timm, torchvision
+from vitkit.convert import huggingface, jax, t2t, timm, torchvision
 
-FORMATS = ("vitkit", "timm", "huggingface", "torchvision", "jax")
+FORMATS = ("vitkit", "timm", "huggingface", "torchvision", "jax", "t2t")
 ALIASES = {"hf": "huggingface", "transformers": "huggingface", "npz": "jax", "vit_jax": "jax", "big_vision": "jax"}
-_SOURCES = {m.FORMAT: m for m in (huggingface, torchvision, jax, timm)}  # detection order: timm last
+_SOURCES = {m.FORMAT: m for m in (t2t, huggingface, torchvision, jax, timm)}  # detection order: timm last
 
 
 @dataclass
@@ -69,6 +70,8 @@ def read_checkpoint(source: str | Path, format: str | None = None) -> Checkpoint
         return _read_directory(path.parent, "vitkit")  # the weights of a vitkit directory: use its config
     raw = load_state_dict(path)
     fmt = wanted or format_of_keys(set(raw), str(path))
+    if getattr(_SOURCES.get(fmt), "PREFERS_EMA", False):  # the official T2T-ViT evaluation reads the EMA
+        raw = load_state_dict(path, prefer_ema=True)
     if fmt == "vitkit":
         fmt = "timm"  # a bare vitkit state dict has timm's keys
     return _convert(fmt, raw, path, _sibling_hints(path, fmt))

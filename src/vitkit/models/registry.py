@@ -100,7 +100,7 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     return get_architecture(entry.architecture).build(config)
 
 
-_OPTIONAL_MODULES = ("vitkit.models.hybrid", "vitkit.models.resnet")
+_OPTIONAL_MODULES = ("vitkit.models.hybrid", "vitkit.models.resnet", "vitkit.models.t2t")
 _loaded_optional = False
 
 
