@@ -134,13 +134,13 @@ def _cmd_study(args: argparse.Namespace) -> int:
     epochs = args.epochs or ([10] if args.kind == "data" else [1, 2, 4])
     study(args.kind, models=args.models, dataset=args.dataset, fractions=args.fractions, epochs=epochs,
           fraction=args.fraction, out_dir=args.out, workers=args.workers, config=args.config,
-          overrides=getattr(args, "overrides", []))
+          overrides=getattr(args, "overrides", []), budget_seconds=args.budget_seconds)
     return 0
 
 
 def _add_study(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "study", help="accuracy vs. training-set size or compute for several models (ViT, hybrid, ResNet)",
+        "study", help="accuracy vs. training-set size or compute for several models (ViT, hybrid, T2T, ResNet)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train every model on every cell of a grid with the same pipeline, evaluate on the full "
                     "test set, and write results.csv and a plot. Finished cells are never run again.",
@@ -153,6 +153,9 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
                    help="data study: training-set fractions (stratified)")
     p.add_argument("--epochs", type=_csv(int), default=None, metavar="E[,E2,...]",
                    help="data: epochs of the full-data run (default 10); compute: epoch budgets (default 1,2,4)")
+    p.add_argument("--budget-seconds", type=float, default=None, metavar="S",
+                   help="data study at equal wall-clock budget: every cell trains for S seconds' worth of its "
+                        "model's steps (timed back to back first) instead of a fixed number of samples")
     p.add_argument("--fraction", type=float, default=1.0, help="compute study: training-set fraction")
     p.add_argument("--out", help="study directory (default: studies/<kind>-<dataset>)")
     p.add_argument("--workers", type=int, default=1, help="cells trained at once, each in its own process")

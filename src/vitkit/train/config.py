@@ -93,6 +93,9 @@ class TrainConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     """Start from pre-trained weights (``finetune.init``) instead of a fresh ``model.name``."""
     epochs: int = 30
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps, even within an epoch (the learning-rate schedule ends there);
+    ``vitkit study``'s equal wall-clock budgets use it."""
     ema_decay: Optional[float] = None
     """Keep an exponential moving average of the weights (e.g. 0.9998); it is evaluated and exported."""
     precision: Precision = "fp32"
@@ -126,6 +129,8 @@ class TrainConfig:
         for key in ("epochs", "log_every", "eval_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
         for key in ("ckpt_every_steps", "keep_last_k"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")

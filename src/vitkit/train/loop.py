@@ -85,6 +85,8 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         raise ValueError(f"the training set gives {len(data.train)} batch(es) per epoch, fewer than "
                          f"optim.accum_steps={accum}; lower data.batch_size or optim.accum_steps")
     total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:  # a step budget: the schedule ends there, in a partial last epoch
+        total_steps = min(total_steps, cfg.max_steps)
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
 
     epoch, batch, global_step, best_acc, elapsed = 0, 0, 0, float("-inf"), 0.0
@@ -153,7 +155,7 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
     clock = Stopwatch(elapsed)
     epoch_times: list[float] = []
     criterion = F.cross_entropy  # integer labels or soft (B, K) targets alike
-    while epoch < cfg.epochs:
+    while epoch < cfg.epochs and global_step < total_steps:
         model.train()
         progress.start_epoch(epoch, cfg.epochs, steps_per_epoch, batch // accum)
         lr = optimizer.param_groups[0]["lr"]
@@ -161,7 +163,7 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         window = torch.zeros(3, dtype=torch.float64, device=device)
         grad_norm = torch.zeros((), device=device)
         for batch, (images, targets) in enumerate(data.train.batches(epoch, batch), start=batch):
-            if batch >= steps_per_epoch * accum:
+            if batch >= steps_per_epoch * accum or global_step >= total_steps:
                 break
             boundary = (batch + 1) % accum == 0
             sync = contextlib.nullcontext() if boundary or not world.distributed else model.no_sync()
@@ -228,7 +230,8 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         record: dict[str, Any] = dict(epoch=epoch + 1, train_loss=float(train_sums[0] / train_sums[2]),
                                       train_acc=float(train_sums[1] / train_sums[2]), lr=lr)
         is_best = False
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        last_epoch = epoch + 1 == cfg.epochs or global_step >= total_steps
+        if (epoch + 1) % cfg.eval_every == 0 or last_epoch:
             val = evaluate(raw_model, data.val.batches(), data.num_classes, device=device,
                            precision=cfg.precision, world=world, hflip_tta=cfg.eval_hflip_tta)
             record.update(val_loss=val.loss, val_acc=val.top1, val_top5=val.top5)
