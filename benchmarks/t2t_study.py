@@ -42,13 +42,16 @@ def main() -> None:
     parser.add_argument("--out", default="studies/t2t")
     parser.add_argument("--budget-seconds", type=float, default=90.0)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--fractions", default=",".join(f"{f:g}" for f in FRACTIONS),
+                        help="training-set fractions (default: the data study's)")
     args = parser.parse_args()
+    fractions = [float(f) for f in args.fractions.split(",")]
 
     from vitkit.study import study
 
     load_before = os.getloadavg()
     start = time.time()
-    rows = study("data", models=MODELS, fractions=FRACTIONS, dataset="cifar10", out_dir=args.out,
+    rows = study("data", models=MODELS, fractions=fractions, dataset="cifar10", out_dir=args.out,
                  workers=args.workers, config="cifar10_convstem", overrides=OVERRIDES,
                  budget_seconds=args.budget_seconds)
     wall = time.time() - start
@@ -56,7 +59,7 @@ def main() -> None:
     by = {(r["model"], r["fraction"]): r for r in rows}
     lines = ["| training images | " + " | ".join(MODELS) + " | T2T - ViT | T2T - conv stem |",
              "|---" * (len(MODELS) + 3) + "|"]
-    for fraction in FRACTIONS:
+    for fraction in fractions:
         cells = [by.get((m, fraction)) for m in MODELS]
         if None in cells:
             continue
