@@ -72,7 +72,7 @@ def main() -> None:
     print("parameters: " + ", ".join(f"{m} {params.get(m, 0) / 1e6:.2f}M" for m in MODELS))
     print("seconds per step (batch 128, 1 thread, back to back): "
           + ", ".join(f"{m} {timed['seconds'][m]:.3f}" for m in MODELS))
-    print(f"training seconds per cell (measured): "
+    print("training seconds per cell (measured): "
           + ", ".join(f"{r['model']}@{r['fraction']:g} {r['train_seconds']:.0f}" for r in rows))
     print(f"wall {wall / 60:.1f} min; load average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}")
 

@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import vitkit
 from vitkit import cli
 from vitkit.checkpoint import CheckpointError
-from vitkit.models.t2t import SoftSplit, T2TConfig, T2TViT, TokenPerformer, TokenTransformer, sinusoid_table
+from vitkit.models.t2t import SoftSplit, T2TViT, TokenPerformer, TokenTransformer, sinusoid_table
 
 torch.backends.mkldnn.deterministic = True
 

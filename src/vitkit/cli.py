@@ -144,7 +144,8 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train every model on every cell of a grid with the same pipeline, evaluate on the full "
                     "test set, and write results.csv and a plot. Finished cells are never run again.",
-        epilog="data: every run sees the same number of samples (epochs x 1/fraction).\n"
+        epilog="data: every run sees the same number of samples (epochs x 1/fraction), or with --budget-seconds\n"
+               "the same training time (per-model step counts from step times measured back to back).\n"
                "Any training config key can follow, e.g. --batch_size 256 --lr 1e-3 (see vitkit train).")
     p.add_argument("kind", choices=["data", "compute"])
     p.add_argument("--models", type=_csv(str), required=True, metavar="M1,M2,...")

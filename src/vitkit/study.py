@@ -25,9 +25,9 @@ import itertools
 import json
 import math
 import os
+import shutil
 import statistics
 import time
-import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
