@@ -28,8 +28,9 @@ def _perturb(module: torch.nn.Module, seed: int = 0) -> None:
     with torch.no_grad():
         for name, p in module.named_parameters():
             if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.ndim > 1 else 0.5) + (name.endswith("norm1.weight")
-                                                                                            or name.endswith("norm2.weight")))
+                parts = name.split(".")
+                gain = len(parts) > 1 and parts[-2].startswith("norm") and parts[-1] == "weight"  # LayerNorm gains ~1
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.ndim > 1 else 0.5) + gain)
 
 
 def _ln(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:

@@ -18,9 +18,10 @@ from typing import Any
 
 from torch import Tensor
 
-from vitkit.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_state_dict, read_config
+from vitkit.checkpoint import CheckpointError, load_state_dict, read_config
 from vitkit.config import ViTConfig
 from vitkit.convert import huggingface, jax, t2t, timm, torchvision
+from vitkit.fileio import CONFIG_NAME, WEIGHTS_NAME
 
 FORMATS = ("vitkit", "timm", "huggingface", "torchvision", "jax", "t2t")
 ALIASES = {"hf": "huggingface", "transformers": "huggingface", "npz": "jax", "vit_jax": "jax", "big_vision": "jax"}

@@ -12,6 +12,7 @@ from vitkit.config import ViTConfig
 from vitkit.convert import t2t
 from vitkit.convert.detect import Checkpoint, read_checkpoint
 from vitkit.convert.infer import STEM_ASSUMED, infer_config, stem_spec
+from vitkit.models.registry import build_model, get_model_config
 from vitkit.models.t2t import T2TConfig
 
 # Fields the weights fix; a named model must agree with the checkpoint on them.
@@ -50,7 +51,6 @@ def from_checkpoint(checkpoint: Checkpoint, *, img_size: int | tuple[int, int] |
                     model: str | ViTConfig | T2TConfig | None = None,
                     interpolation: Literal["bicubic", "bilinear"] | None = None, **overrides: Any) -> nn.Module:
     """:func:`from_pretrained` for a checkpoint already read with :func:`read_checkpoint`."""
-    from vitkit.models.registry import build_model
 
     if checkpoint.format == "t2t":
         config = _t2t_config_for(checkpoint, model, num_heads)
@@ -91,8 +91,6 @@ def _t2t_config_for(checkpoint: Checkpoint, model: str | T2TConfig | None, num_h
 def _as_config(model: str | ViTConfig | T2TConfig) -> ViTConfig | T2TConfig:
     if isinstance(model, (ViTConfig, T2TConfig)):
         return model
-    from vitkit.models.registry import get_model_config
-
     return get_model_config(model)
 
 

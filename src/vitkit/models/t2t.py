@@ -18,8 +18,9 @@ the same quirks, each marked below where it happens. Official ``.pth.tar`` check
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -268,8 +269,8 @@ class T2TViT(VisionTransformer):
     """
 
     pos_embed_is_fixed = True
-    no_patch_filters_note = ("skipped: T2T-ViT has no linear patch projection: its tokens come from overlapping "
-                             "soft splits re-structurised by small transformers, so no weight is a filter in pixel space")
+    no_patch_filters_note = ("skipped: T2T-ViT has no linear patch projection: its tokens come from overlapping soft "
+                             "splits re-structurised by small transformers, so no weight is a filter in pixel space")
 
     def __init__(self, config: T2TConfig) -> None:
         nn.Module.__init__(self)  # VisionTransformer's constructor builds a patch embedding; T2T has its own
