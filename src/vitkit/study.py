@@ -295,7 +295,8 @@ def write_outputs(kind: StudyKind, cells: Sequence[Cell], out_dir: str | Path) -
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(buffer.getvalue(), out_dir / "results.csv")
-    plot_study(kind, rows, out_dir / f"accuracy_vs_{'data' if kind == 'data' else 'compute'}.png")
+    plot_study(kind, rows, out_dir / f"accuracy_vs_{'data' if kind == 'data' else 'compute'}.png",
+               equal_time=any(c.steps for c in cells))
     return rows
 
 
@@ -303,7 +304,7 @@ _FAMILY_STYLE = {"vit": ("tab:blue", "o"), "hybrid": ("tab:green", "s"), "resnet
                  "t2t": ("tab:purple", "D")}
 
 
-def plot_study(kind: StudyKind, rows: Sequence[dict[str, Any]], path: Path) -> Path:
+def plot_study(kind: StudyKind, rows: Sequence[dict[str, Any]], path: Path, *, equal_time: bool = False) -> Path:
     """Test accuracy against training-set size (data study) or training FLOPs (compute study), one line
     per model, coloured by family (ViT blue, hybrid green, ResNet red, T2T purple) as in the paper's Figures 3-5."""
     plt = pyplot()
@@ -322,7 +323,8 @@ def plot_study(kind: StudyKind, rows: Sequence[dict[str, Any]], path: Path) -> P
     ax.set_xscale("log")
     ax.set_xlabel("training images" if kind == "data" else "training FLOPs (forward + backward)")
     ax.set_ylabel("test accuracy (%)")
-    title = "Accuracy vs. training-set size (same samples seen per run)" if kind == "data" else \
+    budget = "same training time" if equal_time else "same samples seen"
+    title = f"Accuracy vs. training-set size ({budget} per run)" if kind == "data" else \
         "Accuracy vs. training compute"
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
