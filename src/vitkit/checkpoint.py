@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,36 +29,82 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt, unsafe, or does not fit the model."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A torch pickle that would import or call code to load; vitkit refuses it instead of running it."""
+
+
 # ------------------------------------------------------------------------------- safe reading
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def torch_load_safely(path: str | Path, *, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` with errors that say what is wrong with the file.
+
+    A pickle that names code (a class or function outside torch's allowlist) raises
+    :class:`UnsafeCheckpointError`; a truncated or garbled file raises :class:`CheckpointError`.
+    ``mmap=True`` maps the tensors instead of reading them (cheap peeks at large files).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        # timm's training checkpoints (T2T-ViT's releases among them) keep their argparse.Namespace: a plain
+        # record of strings and numbers, safe to rebuild
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        refused = _REFUSED_GLOBAL.search(str(e))
+        if refused is None:  # a garbled pickle stream: "Unsupported operand", "invalid load key", ...
+            raise CheckpointError(f"{path}: truncated or corrupt checkpoint, not a readable torch file "
+                                  f"({_first_line(e)})") from None
+        raise UnsafeCheckpointError(
+            f"{path}: refused for safety: the file holds pickle data that imports code ({refused.group(1)}), "
+            "and loading it could run that code. vitkit reads only tensors and plain values. If you trust "
+            "the file, re-save its tensors where they were made, e.g. "
+            "safetensors.torch.save_file(model.state_dict(), 'model.safetensors'), and pass that file") from None
+    except RuntimeError as e:
+        if mmap and "mmap" in str(e):  # the legacy (non-zip) format cannot be mapped
+            return torch_load_safely(path)
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint, not a readable torch file "
+                              f"({_first_line(e)})") from None
+    except Exception as e:  # garbage bytes fail anywhere in the unpickler: EOFError, IndexError, KeyError, ...
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint, not a readable torch file "
+                              f"({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    """The first sentence of an error message (torch appends long advice to its own)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text.split(". ")[0].rstrip(".")
+
+
 def load_state_dict(path: str | Path, *, prefer_ema: bool = False) -> dict[str, Tensor]:
     """Read a flat tensor dict from .safetensors, .pth/.pt/.bin/.ckpt (weights only) or .npz.
 
     Never executes code from the file. Nested ``{'state_dict': ...}`` / ``{'model': ...}`` wrappers
-    are unwrapped (a training checkpoint's raw weights before its ``state_dict_ema``, unless
-    ``prefer_ema``), and DataParallel's ``module.`` prefix is dropped.
+    are unwrapped.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     suffix = path.suffix.lower()
+    if suffix not in (".safetensors", ".npz"):
+        return unwrap_state_dict(torch_load_safely(path), path, prefer_ema)
     try:
         if suffix == ".safetensors":
             return load_safetensors(path)
-        if suffix == ".npz":
-            with np.load(path, allow_pickle=False) as npz:
-                return {k: torch.from_numpy(np.array(npz[k])) for k in npz.files}
-        # timm's training checkpoints (T2T-ViT's releases among them) keep their argparse.Namespace: a plain
-        # record of strings and numbers, safe to rebuild
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: torch.from_numpy(np.array(npz[k])) for k in npz.files}
     except CheckpointError:
         raise
-    except Exception as e:  # truncated zip, bad header, forbidden pickle global, ...
+    except Exception as e:  # truncated file, bad header, object arrays (pickles) in an .npz, ...
         raise CheckpointError(f"{path}: cannot read checkpoint safely ({type(e).__name__}: {e})") from e
-    return _unwrap_state_dict(obj, path, prefer_ema)
 
 
-def _unwrap_state_dict(obj: Any, path: Path, prefer_ema: bool = False) -> dict[str, Tensor]:
+def unwrap_state_dict(obj: Any, path: Path, prefer_ema: bool = False) -> dict[str, Tensor]:
+    """The flat tensor dict inside a loaded checkpoint (``{'state_dict': ...}``, ``{'model': ...}``, ...): a
+    training checkpoint's raw weights before its ``state_dict_ema``, unless ``prefer_ema``; DataParallel's
+    ``module.`` prefix dropped."""
     keys = ("state_dict", "state_dict_ema", "model", "model_state", "module")
     if prefer_ema:
         keys = ("state_dict_ema", *keys)

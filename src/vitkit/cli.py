@@ -3,26 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 
 from vitkit.analysis.report import analyze
 from vitkit.bench import BenchSettings, format_table, run_benchmark, save_json
 from vitkit.bench.harness import data_pipelines, load_pipelines
-from vitkit.convert import from_checkpoint, read_checkpoint, save_as
+from vitkit.convert import save_as
 from vitkit.convert.detect import ALIASES, FORMATS
+from vitkit.data import EvalTransform
 from vitkit.data.download import DownloadError, download
 from vitkit.data.summary import dataset_summary, format_summary
-from vitkit.evaluation import FeatureCache, Preprocess, linear_evaluation
+from vitkit.evaluation import FeatureCache, linear_evaluation
 from vitkit.fileio import atomic_write_text
 from vitkit.models.registry import create_model, get_model_entry, list_models
 from vitkit.predict import format_predictions, predict_files
-from vitkit.sources import load_source
+from vitkit.resolver import load_source, resolve_source
 from vitkit.study import study
 from vitkit.train import TrainingDiverged, TrainingInterrupted, load_config, resume, train
 from vitkit.train.config import finetune_config
 from vitkit.train.evaluate import evaluate_trained
+from vitkit.train.rundir import export_run
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -53,18 +57,23 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    checkpoint = read_checkpoint(args.src, args.source_format)
     stem = {"stem": args.stem} if args.stem is not None else {}
-    model = from_checkpoint(checkpoint, img_size=args.img_size, num_heads=args.num_heads,
-                            num_classes=args.num_classes, interpolation=args.interpolation, **stem)
-    out = save_as(model, args.dst, args.to)
-    cfg = model.config
+    resolved = load_source(args.src, format=args.source_format, checkpoint=args.checkpoint, img_size=args.img_size,
+                           num_heads=args.num_heads, num_classes=args.num_classes,
+                           interpolation=args.interpolation, **stem)
+    out = save_as(resolved.model, args.dst, args.to)
+    cfg = resolved.model.config
+    print(f"{resolved.description} -> {out} ({args.to}): {_describe_config(cfg)}")
+    return 0
+
+
+def _describe_config(cfg) -> str:
+    if not hasattr(cfg, "embed_dim"):
+        return f"{type(cfg).__name__} img={cfg.img_size} classes={cfg.num_classes}"
     tokens = f"patch={cfg.patch_size}" if hasattr(cfg, "patch_size") else f"T2T tokens={cfg.tokens_type}"
     stem = getattr(cfg, "stem", None)
-    print(f"{args.src} ({checkpoint.format}) -> {out} ({args.to}): ViT D={cfg.embed_dim} "
-          f"depth={cfg.depth} heads={cfg.num_heads} {tokens} img={cfg.img_size} "
-          f"classes={cfg.num_classes}" + (f" stem={stem}" if stem else ""))
-    return 0
+    return (f"ViT D={cfg.embed_dim} depth={cfg.depth} heads={cfg.num_heads} {tokens} "
+            f"img={cfg.img_size} classes={cfg.num_classes}" + (f" stem={stem}" if stem else ""))
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
@@ -73,12 +82,15 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                        description="Read SRC (format detected: vitkit or Hugging Face directory, timm / torchvision "
                                    "state dict, Google .npz, official T2T-ViT .pth.tar) and write DST in the format "
                                    "--to names.")
-    p.add_argument("src", help="checkpoint file or directory to read")
+    p.add_argument("src", help="checkpoint file or directory to read: any format, a vitkit model directory, a "
+                               "training run (its best state) or one of its checkpoints (best.pt, last.pt, step-N.pt)")
     p.add_argument("dst", help="directory (vitkit, hf) or file (timm/torchvision: .safetensors/.pth; npz: .npz)")
     p.add_argument("--to", default="vitkit", choices=formats, metavar="FORMAT",
                    help="output format: vitkit (default), timm, hf, torchvision, npz, t2t (official T2T-ViT)")
     p.add_argument("--from", dest="source_format", default=None, choices=formats, metavar="FORMAT",
                    help="input format, if detection should be skipped")
+    p.add_argument("--checkpoint", default=None, metavar="STATE",
+                   help="for a run directory: best (default), last, step-N or model")
     p.add_argument("--img-size", type=int, default=None, help="resample the position embeddings to this resolution")
     p.add_argument("--num-heads", type=int, default=None,
                    help="attention heads (needed for timm/torchvision files of non-standard width)")
@@ -101,7 +113,9 @@ def _json_object(text: str) -> dict:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    index = analyze(args.source, args.dataset, args.out, num_images=args.images, num_show=args.show,
+    resolved = load_source(args.source, checkpoint=args.checkpoint, random_init=args.random_init)
+    print(f"loaded: {resolved.description}", file=sys.stderr)
+    index = analyze(resolved, args.dataset, args.out, num_images=args.images, num_show=args.show,
                     batch_size=args.batch_size, data_dir=args.data_dir, device=args.device, seed=args.seed)
     print(f"report written: {index}")
     return 0
@@ -112,15 +126,21 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
                        description="Write the paper's Fig. 6/7 analyses of SOURCE as PNG figures, JSON/CSV numbers "
                                    "and an index.html report to DIR.")
     p.add_argument("source", metavar="SOURCE",
-                   help="a checkpoint (any format vitkit.from_pretrained reads), or a registry name (random weights)")
-    p.add_argument("--dataset", required=True, help="data set folder name under the data dir, e.g. cifar10")
+                   help="a run directory (its best state), a training checkpoint, a vitkit model directory, any "
+                        "checkpoint vitkit.from_pretrained reads, or a registry name with --random-init")
+    p.add_argument("--checkpoint", default=None, metavar="STATE",
+                   help="for a run directory: best (default), last, step-N or model")
+    p.add_argument("--random-init", action="store_true", help="SOURCE is a registry name; use random weights")
+    p.add_argument("--dataset", required=True, help="a named set (cifar10, ...), folder:PATH, or a data set "
+                                                    "directory under the data roots")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for the report")
     p.add_argument("--images", type=int, default=128, metavar="N",
                    help="images for the mean attention distance (default 128, as in the paper)")
     p.add_argument("--show", type=int, default=8, metavar="N", help="images shown in the attention maps (default 8)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--data-dir", default=None, metavar="D",
-                   help="folder holding the data sets (default $VITKIT_DATA or ../shared/data)")
+                   help="folder holding the data sets (default: $VITKIT_DATA, the user cache "
+                        "~/.cache/vitkit/data, ../shared/data)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the image sample (default 0)")
     p.set_defaults(func=_cmd_analyze)
@@ -195,7 +215,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     dl.add_argument("--force", action="store_true", help="download again even if a complete copy is there")
     info = actions.add_parser("info", help="show where a data set is, its classes and split sizes")
     info.add_argument("name", help="a named data set or folder:PATH")
-    info.add_argument("--data-dir", default=None, help="root holding NAME/ (default: search $VITKIT_DATA, ./data, "
+    info.add_argument("--data-dir", default=None, help="root holding NAME/ (default: search $VITKIT_DATA, "
                       "~/.cache/vitkit/data, <repo>/../shared/data)")
     for parser in (p, dl, info):
         parser.set_defaults(func=_cmd_data)
@@ -250,18 +270,24 @@ def _l2(text: str) -> float | str:
 
 
 def _cmd_fewshot(args: argparse.Namespace) -> int:
-
-
-    overrides = {"img_size": args.img_size} if args.img_size else {}
-    model = load_source(args.source, random_init=args.random_init, **overrides).to(args.device)
+    resolved = load_source(args.source, checkpoint=args.checkpoint, random_init=args.random_init,
+                           img_size=args.img_size)
+    print(f"loaded: {resolved.description}", file=sys.stderr)
+    model = resolved.model.to(args.device)
+    preprocessing = model.config.preprocessing()
+    if args.mean is not None or args.std is not None:
+        if args.mean is None or args.std is None:
+            raise ValueError("--mean and --std go together")
+        preprocessing = dataclasses.replace(preprocessing, mean=tuple(args.mean), std=tuple(args.std))
     report = linear_evaluation(
         model, args.dataset, shots=args.shots, seeds=args.seeds, l2=args.l2, probe=args.probe,
         probe_weight_decay=args.probe_wd, cache=FeatureCache(args.cache_dir),
-        preprocess=Preprocess.for_model(model, args.mean, args.std), batch_size=args.batch_size,
-        max_train=args.max_train, max_test=args.max_test, data_root=args.data_dir, device=args.device)
+        transform=EvalTransform(preprocessing, model.config.in_chans), batch_size=args.batch_size,
+        max_train=args.max_train, max_test=args.max_test, data_dir=args.data_dir, device=args.device)
     print(report.format_table())
     if args.json:
-        atomic_write_text(json.dumps({"source": str(args.source), **report.to_dict()}, indent=2) + "\n", args.json)
+        atomic_write_text(json.dumps({"source": str(args.source), "loaded": resolved.description,
+                                      **report.to_dict()}, indent=2) + "\n", args.json)
     return 0
 
 
@@ -269,12 +295,15 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fewshot", help="few-shot linear evaluation (and a full linear probe) of frozen features",
                        description="Frozen features -> closed-form ridge regression to {-1,+1} targets on "
                                    "K images per class, mean and std over seeds (paper Sec. 4.1).")
-    p.add_argument("source", help="vitkit model or run directory, a file/name vitkit.from_pretrained reads, "
-                                  "or a registry name with --random-init")
-    p.add_argument("--dataset", required=True, help="data set name under the data folder (cifar10, mnist, "
-                                                    "imagenette_subset, ...) or a path")
-    p.add_argument("--data-dir", default=None, help="folder holding the data sets (default: $VITKIT_DATA or "
-                                                    "../shared/data)")
+    p.add_argument("source", help="a run directory (its best state), a training checkpoint, a vitkit model "
+                                  "directory, a file vitkit.from_pretrained reads, or a registry name with "
+                                  "--random-init")
+    p.add_argument("--checkpoint", default=None, metavar="STATE",
+                   help="for a run directory: best (default), last, step-N or model")
+    p.add_argument("--dataset", required=True, help="a named set (cifar10, mnist, ...), folder:PATH, or a data "
+                                                    "set directory under the data roots (imagenette_subset)")
+    p.add_argument("--data-dir", default=None, help="folder holding the data sets (default: $VITKIT_DATA, the "
+                                                    "user cache ~/.cache/vitkit/data, ../shared/data)")
     p.add_argument("--shots", type=_int_list, default=[1, 5, 10, 25], help="comma-separated (default 1,5,10,25)")
     p.add_argument("--seeds", type=int, default=3, help="random draws of the shots per count (default 3)")
     p.add_argument("--l2", type=_l2, default=2.0 ** 10,
@@ -286,9 +315,9 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, default=None, help="run the model at this resolution "
                                                               "(position embeddings resampled)")
     p.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation mean (default: the "
-                                                                        "model's, else 0.5)")
+                                                                        "model's preprocessing record)")
     p.add_argument("--std", type=float, nargs="+", default=None, help="normalisation std (default: the "
-                                                                       "model's, else 0.5)")
+                                                                       "model's preprocessing record)")
     p.add_argument("--max-train", type=int, default=None, help="use a random subset of this many training images")
     p.add_argument("--max-test", type=int, default=None, help="use a random subset of this many test images")
     p.add_argument("--batch-size", type=int, default=256)
@@ -299,6 +328,7 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    print(f"initial weights: {resolve_source(args.init).label}", file=sys.stderr)
     cfg = finetune_config(args.init, args.dataset, img_size=args.img_size, config=args.config,
                           overrides=args.overrides)
     if args.print_config:
@@ -328,15 +358,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate_trained(args.source, dataset=args.dataset, data_dir=args.data_dir,
                               batch_size=args.batch_size, device=args.device, precision=args.precision,
-                              out_dir=args.out, hflip_tta=args.hflip_tta)
+                              out_dir=args.out, hflip_tta=args.hflip_tta, checkpoint=args.checkpoint)
     print(report.format())
     return 0
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="top-1/top-5, per-class accuracy and a confusion matrix of a trained model")
-    p.add_argument("source", metavar="RUN_OR_CHECKPOINT",
-                   help="a run directory, a training checkpoint (.pt) or a vitkit model directory")
+    p.add_argument("source", metavar="SOURCE",
+                   help="a run directory (its best state), a training checkpoint (.pt), a vitkit model directory or "
+                        "any checkpoint vitkit.from_pretrained reads")
+    p.add_argument("--checkpoint", default=None, metavar="STATE",
+                   help="for a run directory: best (default), last, step-N or model")
     p.add_argument("--dataset", help="data set to evaluate on (default: the one the model was trained on): "
                                      "a named set or folder:PATH")
     p.add_argument("--data-dir", help="where named data sets live (default: VITKIT_DATA, ../shared/data, ...)")
@@ -351,20 +384,42 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    results = predict_files(args.checkpoint, args.images, top_k=args.top_k, device=args.device)
+    resolved = load_source(args.source, checkpoint=args.checkpoint)
+    print(f"loaded: {resolved.description}", file=sys.stderr)
+    results = predict_files(resolved, args.images, top_k=args.top_k, device=args.device)
     print(format_predictions(results, as_json=args.json))
     return 0
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="top-k labels with probabilities for image files")
-    p.add_argument("checkpoint", metavar="CHECKPOINT",
-                   help="a vitkit model directory, a run directory or a training checkpoint (.pt)")
+    p.add_argument("source", metavar="SOURCE",
+                   help="a run directory (its best state), a training checkpoint (.pt), a vitkit model directory or "
+                        "any checkpoint vitkit.from_pretrained reads")
     p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--checkpoint", default=None, metavar="STATE",
+                   help="for a run directory: best (default), last, step-N or model")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    out, resolved = export_run(args.run, checkpoint=args.checkpoint, out_dir=args.out)
+    print(f"{resolved.description} -> {out}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a vitkit model directory from any state of a training run",
+                       description="Write RUN's best checkpoint (or another state) as a vitkit model directory "
+                                   "(model.safetensors + config.json), whether or not the run has finished.")
+    p.add_argument("run", metavar="RUN", help="a training run directory (or one of its checkpoint files)")
+    p.add_argument("--checkpoint", default=None, metavar="STATE",
+                   help="best (default), last, step-N (a kept step checkpoint) or model (the final export)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: RUN/export-STATE)")
+    p.set_defaults(func=_cmd_export)
 
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
@@ -375,8 +430,9 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
                     "recipe (SGD momentum 0.9, no weight decay, clipping at 1, warmup + cosine). Any training "
                     "config key can follow as --key value, e.g. --optim.lr 0.003 --optim.layer_decay 0.75 "
                     "--finetune.freeze_backbone --epochs 20.")
-    p.add_argument("--init", required=True, help="pre-trained SOURCE: vitkit model or run directory, or "
-                                                 "anything vitkit.from_pretrained reads")
+    p.add_argument("--init", required=True, help="pre-trained SOURCE: a run directory (its best state), a training "
+                                                 "checkpoint, a vitkit model directory, or anything "
+                                                 "vitkit.from_pretrained reads")
     p.add_argument("--dataset", required=True, help="named data set (cifar10, mnist, ...) or folder:PATH")
     p.add_argument("--img-size", type=int, default=None, help="fine-tuning resolution (default: the data set's)")
     p.add_argument("--config", default=None, help="YAML training config applied over the fine-tuning recipe")
@@ -395,8 +451,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         pipelines.update(data_pipelines(args.data.split(","), settings))
     result = run_benchmark(settings, pipelines or None, log=lambda m: print(m, file=sys.stderr))
     print(format_table(result))
+    label = re.sub(r"[^\w.-]+", "_", args.model.strip("/"))  # a SOURCE path becomes one file name
     compiled = "_compiled" if args.compile else ""
-    out = args.out or f"bench_{args.model}_b{args.batch_size}_{args.precision}{compiled}.json"
+    out = args.out or f"bench_{label}_b{args.batch_size}_{args.precision}{compiled}.json"
     print(f"results written to {save_json(result, out)}")
     return 0
 
@@ -404,7 +461,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure speed, FLOP/s, memory against timm's ViT of the same config")
     p.add_argument("model", nargs="?", default="vit_convstem_cifar_d4_32",
-                   help="registered model name (default: the CIFAR-10 recipe's)")
+                   help="registered model name (random weights; default: the CIFAR-10 recipe's), or any model "
+                        "SOURCE: a run directory, a training checkpoint, a model directory, a checkpoint file")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
@@ -429,7 +487,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 _PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_models, _add_convert, _add_data, _add_train, _add_finetune, _add_eval, _add_predict, _add_fewshot,
+    _add_models, _add_convert, _add_data, _add_train, _add_finetune, _add_export, _add_eval, _add_predict, _add_fewshot,
     _add_study, _add_analyze, _add_bench,
 ]
 

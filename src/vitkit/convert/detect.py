@@ -22,6 +22,7 @@ from vitkit.checkpoint import CheckpointError, load_state_dict, read_config
 from vitkit.config import ViTConfig
 from vitkit.convert import huggingface, jax, t2t, timm, torchvision
 from vitkit.fileio import CONFIG_NAME, WEIGHTS_NAME
+from vitkit.preprocessing import KNOWN_SOURCES, Preprocessing
 
 FORMATS = ("vitkit", "timm", "huggingface", "torchvision", "jax", "t2t")
 ALIASES = {"hf": "huggingface", "transformers": "huggingface", "npz": "jax", "vit_jax": "jax", "big_vision": "jax"}
@@ -39,6 +40,8 @@ class Checkpoint:
     """ViTConfig fields stated by the file's metadata (heads, LayerNorm eps, class names, ...)."""
     config: ViTConfig | None = None
     """The complete config, for vitkit's own directories."""
+    preprocess: Preprocessing | None = None
+    """How the source prepares images for these weights, where its files or its format say so."""
 
 
 def normalise_format(name: str) -> str:
@@ -55,8 +58,8 @@ def format_of_keys(keys: set[str], source: str) -> str:
         if module.matches(keys):
             return name
     sample = ", ".join(sorted(keys)[:6])
-    raise CheckpointError(f"{source}: not a ViT checkpoint vitkit recognises (timm, Hugging Face, torchvision or "
-                          f"Google .npz); first keys: {sample}")
+    raise CheckpointError(f"{source}: not a ViT checkpoint vitkit recognises (timm, Hugging Face, torchvision, "
+                          f"Google .npz or official T2T-ViT); first keys: {sample}")
 
 
 def read_checkpoint(source: str | Path, format: str | None = None) -> Checkpoint:
@@ -67,25 +70,34 @@ def read_checkpoint(source: str | Path, format: str | None = None) -> Checkpoint
         return _read_directory(path, wanted)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
-    if wanted is None and path.name == WEIGHTS_NAME and _is_vitkit_directory(path.parent):
+    if wanted is None and path.name == WEIGHTS_NAME and is_vitkit_directory(path.parent):
         return _read_directory(path.parent, "vitkit")  # the weights of a vitkit directory: use its config
     raw = load_state_dict(path)
     fmt = wanted or format_of_keys(set(raw), str(path))
     if getattr(_SOURCES.get(fmt), "PREFERS_EMA", False):  # the official T2T-ViT evaluation reads the EMA
         raw = load_state_dict(path, prefer_ema=True)
+    return checkpoint_from_tensors(raw, path, fmt)
+
+
+def checkpoint_from_tensors(raw: dict[str, Tensor], path: Path, format: str | None = None) -> Checkpoint:
+    """A :class:`Checkpoint` of tensors already read from the state-dict file ``path`` (format detected
+    from their key names unless ``format`` is given)."""
+    fmt = normalise_format(format) if format else format_of_keys(set(raw), str(path))
     if fmt == "vitkit":
         fmt = "timm"  # a bare vitkit state dict has timm's keys
-    return _convert(fmt, raw, path, _sibling_hints(path, fmt))
+    preprocess = huggingface.preprocessing_of(path.parent) if fmt == "huggingface" else None
+    return _convert(fmt, raw, path, _sibling_hints(path, fmt), preprocess)
 
 
-def _convert(fmt: str, raw: dict[str, Tensor], path: Path, hints: dict[str, Any]) -> Checkpoint:
+def _convert(fmt: str, raw: dict[str, Tensor], path: Path, hints: dict[str, Any],
+             preprocess: Preprocessing | None = None) -> Checkpoint:
     module = _SOURCES[fmt]
     if fmt == "jax":
         state_dict, found = module.to_vitkit(raw, str(path))
         hints = {**found, **hints}
     else:
         state_dict = module.to_vitkit(raw, str(path))
-    return Checkpoint(fmt, path, state_dict, hints)
+    return Checkpoint(fmt, path, state_dict, hints, preprocess=preprocess or KNOWN_SOURCES.get(fmt))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -110,9 +122,11 @@ def _read_directory(directory: Path, wanted: str | None) -> Checkpoint:
         return Checkpoint("vitkit", directory, load_state_dict(directory / WEIGHTS_NAME), config=config)
     if fmt == "huggingface":
         hints = huggingface.hints_from_config(data, str(config_path))
-        return _convert(fmt, huggingface.read_weights(directory), directory, hints)
+        return _convert(fmt, huggingface.read_weights(directory), directory, hints,
+                        huggingface.preprocessing_of(directory))
     if fmt == "timm":
-        return _convert(fmt, huggingface.read_weights(directory), directory, timm.hints_from_hub_config(data))
+        return _convert(fmt, huggingface.read_weights(directory), directory, timm.hints_from_hub_config(data),
+                        timm.preprocessing_from_hub_config(data, str(config_path)))
     raise CheckpointError(f"{directory}: a {fmt} checkpoint is a single file; pass the file itself")
 
 
@@ -120,7 +134,8 @@ def _is_vitkit_config(data: dict[str, Any]) -> bool:
     return "vitkit_version" in data or "embed_dim" in data
 
 
-def _is_vitkit_directory(directory: Path) -> bool:
+def is_vitkit_directory(directory: Path) -> bool:
+    """Whether ``directory`` holds a model saved by vitkit (its ``config.json`` is vitkit's)."""
     config_path = directory / CONFIG_NAME
     return config_path.is_file() and _is_vitkit_config(_read_json(config_path))
 

@@ -105,21 +105,34 @@ def _config_for(checkpoint: Checkpoint, model: str | ViTConfig | None, num_heads
         return config if stem is None else config.replace(stem={**(config.stem or {}), **stem})
     if model is None:
         config = infer_config(checkpoint.state_dict, source=source, **known, stem=stem)
-        return config.replace(extra={**config.extra, "converted_from": checkpoint.format})
+        return config.replace(extra={**config.extra, "converted_from": checkpoint.format},
+                              preprocess=checkpoint.preprocess)
     target = _as_config(model)
+    name = (target.name or "the given config") if isinstance(target, ViTConfig) else str(model)
+    if not isinstance(target, ViTConfig):
+        raise CheckpointError(f"{source} is a ViT checkpoint; {name} is a {type(target).__name__} model")
+    if num_heads is not None:
+        target = target.replace(num_heads=num_heads)
     if stem is not None:
         target = target.replace(stem={**(target.stem or {}), **stem})
+    # The heads the file states (its metadata or vitkit config), compared like any other field; the
+    # structure is read with one head, which fits any width, so that a misfit never hides behind a
+    # "not divisible by num_heads" error.
+    known.pop("num_heads", None)
+    stated_heads = checkpoint.hints.get("num_heads") or getattr(checkpoint.config, "num_heads", None)
     # the named model fixes what the weights cannot tell: the head count and the stem's strides and norms
     unrecorded = {k: v for k, v in (target.stem or {}).items() if k in STEM_ASSUMED}
-    found = infer_config(checkpoint.state_dict, source=source, **{"num_heads": target.num_heads, **known},
+    found = infer_config(checkpoint.state_dict, source=source, **known, num_heads=stated_heads or 1,
                          stem=unrecorded)
     misfits = [f"{f}: checkpoint {getattr(found, f)!r}, model {getattr(target, f)!r}"
                for f in _STRUCTURE if getattr(found, f) != getattr(target, f)]
+    if stated_heads is not None and stated_heads != target.num_heads:
+        misfits.append(f"num_heads: checkpoint {stated_heads!r}, model {target.num_heads!r}")
     if stem_spec(found.stem) != stem_spec(target.stem):
         misfits.append(f"stem: checkpoint {found.stem!r}, model {target.stem!r}")
     if misfits:
-        name = target.name or "the given config"
         raise CheckpointError(f"{source} does not fit {name}: {'; '.join(misfits)}")
     # The checkpoint's head is loaded first; from_pretrained then resizes it to the model's.
     return target.replace(num_classes=found.num_classes, representation_size=found.representation_size,
-                          class_names=found.class_names, norm_eps=found.norm_eps)
+                          class_names=found.class_names, norm_eps=found.norm_eps,
+                          preprocess=checkpoint.preprocess or target.preprocess)

@@ -20,10 +20,9 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from vitkit.checkpoint import read_config
 from vitkit.data import DataConfig
 from vitkit.models.transfer import PosEmbedInit
-from vitkit.sources import find_model_dir
+from vitkit.resolver import source_config
 
 Precision = Literal["fp32", "bf16", "fp16"]
 OptimizerName = Literal["adamw", "sgd"]
@@ -201,8 +200,7 @@ def finetune_config(init: str, dataset: str, *, img_size: int | None = None, con
         path = find_config(config)
         data = _merge(data, read_yaml(path))
         source = f"{source} + {path}"
-    model_dir = find_model_dir(init)
-    init_config = read_config(model_dir) if model_dir is not None else None
+    init_config = source_config(init)
     # The architecture comes from the SOURCE; the model section only names it and holds overrides
     # such as drop_path_rate (a from-scratch default section would describe another model).
     named: dict[str, Any] = {"finetune": {"init": str(init)}, "data": {"dataset": dataset},
@@ -210,10 +208,10 @@ def finetune_config(init: str, dataset: str, *, img_size: int | None = None, con
     if img_size is not None:
         named["data"]["img_size"] = img_size
     data = _merge(_merge(data, named), expand_shortcuts(parse_overrides(overrides)))
-    recorded = (getattr(init_config, "extra", None) or {}).get("preprocess") or {}
-    if data["data"].get("mean") is None and data["data"].get("std") is None and "mean" in recorded:
+    recorded = init_config.preprocessing() if init_config is not None else None
+    if data["data"].get("mean") is None and data["data"].get("std") is None and recorded is not None:
         # Normalise the new images as the pre-training images were.
-        data["data"]["mean"], data["data"]["std"] = list(recorded["mean"]), list(recorded["std"])
+        data["data"]["mean"], data["data"]["std"] = list(recorded.mean), list(recorded.std)
     return TrainConfig.from_dict(data, source=f"{source}{' + overrides' if overrides else ''}")
 
 
