@@ -277,6 +277,8 @@ def test_official_checkpoints_load_strictly_with_their_ema(tmp_path):
     model = vitkit.from_pretrained(both)
     assert isinstance(model, T2TViT) and model.config.depth == 7 and model.config.num_heads == 4
     assert model.config.extra["converted_from"] == "t2t" and model.config.img_size == 224
+    prep = model.config.preprocessing()  # the official default_cfgs: ImageNet statistics, crop 0.9, bicubic
+    assert (prep.mean, prep.crop_pct, prep.interpolation) == ((0.485, 0.456, 0.406), 0.9, "bicubic")
     assert same(model, ema)  # the EMA weights, as the official main.py --eval_checkpoint reads them
 
     raw_only = _official_file(tmp_path / "raw.pth.tar", reference, ema=None, raw=raw)

@@ -85,7 +85,8 @@ def _t2t_config_for(checkpoint: Checkpoint, model: str | T2TConfig | None, num_h
         if misfits:
             raise CheckpointError(f"{checkpoint.path} does not fit {reference.name or 'the given config'}: "
                                   + "; ".join(misfits))
-    return found.replace(extra={**found.extra, "converted_from": "t2t"})
+    return found.replace(extra={**found.extra, "converted_from": "t2t"},
+                         preprocess=checkpoint.preprocess or found.preprocess)
 
 
 def _as_config(model: str | ViTConfig | T2TConfig) -> ViTConfig | T2TConfig:

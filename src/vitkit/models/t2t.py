@@ -31,6 +31,7 @@ from vitkit.models.layers import Block, Mlp
 from vitkit.models.linear import Linear
 from vitkit.models.registry import register_architecture, register_model
 from vitkit.models.vit import VisionTransformer
+from vitkit.preprocessing import Preprocessing
 
 TokensType = Literal["performer", "transformer"]
 T2THeadInit = Literal["trunc_normal", "xavier", "zeros"]
@@ -70,6 +71,8 @@ class T2TConfig(ModelConfig):
     drop_path_rate: float = 0.0
     norm_eps: float = 1e-5
     """``nn.LayerNorm``'s default, which the official code uses everywhere."""
+    preprocess: Optional[Preprocessing] = None
+    """How images are prepared for these weights (see :mod:`vitkit.preprocessing`); None = not recorded."""
     head_init: T2THeadInit = "trunc_normal"
     """The official truncated normal (std 0.02), or ``zeros`` (uniform predictions at the start, for fine-tuning)."""
     class_names: Optional[list[str]] = None
