@@ -180,3 +180,34 @@ def test_cells_warm_up_over_the_same_number_of_samples(tmp_path):
     assert tenth.data.train_fraction == 0.1 and tenth.epochs == 20
     # never longer than the run itself
     assert cell_config(Cell("vit_mini_patch4_32", 0.1, 2), base, tmp_path).optim.warmup_epochs == 2.0
+
+
+def test_time_study_gives_every_model_the_same_wall_clock_budget():
+    steps = {1.0: 390, 0.1: 39}
+    cells = study_mod.plan_time_study(["fast", "slow"], [1.0, 0.1], 60.0, {"fast": 0.5, "slow": 2.0},
+                                      steps.__getitem__)
+    assert [(c.model, c.fraction, c.steps, c.epochs) for c in cells] == [
+        ("fast", 0.1, 120, 4), ("slow", 0.1, 30, 1), ("fast", 1.0, 120, 1), ("slow", 1.0, 30, 1)]
+    assert cells[0].key == "fast-f0.1-e4-s120"
+    with pytest.raises(ValueError, match="budget"):
+        study_mod.plan_time_study(["fast"], [1.0], 0.0, {"fast": 1.0}, steps.__getitem__)
+
+
+def test_time_study_cli_stops_each_cell_at_its_step_budget(tmp_path, base_config, monkeypatch, capsys):
+    """Step times measured back to back (kept for a resumed study), converted to per-model step counts;
+    a T2T-ViT takes part as its own family."""
+    register_model("study_tiny_t2t", vitkit.get_model_config("t2t_vit_mini_32").replace(
+        embed_dim=32, depth=1, num_heads=2, token_dim=8))
+    out = tmp_path / "study"
+    argv = ["study", "data", "--models", "study_tiny_vit,study_tiny_t2t", "--fractions", "1",
+            "--budget-seconds", "0.25", "--out", str(out), "--config", str(base_config)]
+    assert cli.main(argv) == 0
+    timed = __import__("json").loads((out / "step_seconds.json").read_text())["seconds"]
+    rows = {r["model"]: r for r in _rows(out / "results.csv")}
+    assert {r["family"] for r in rows.values()} == {"vit", "t2t"}
+    for model, row in rows.items():
+        budget = max(1, round(0.25 / timed[model]))
+        assert int(row["steps"]) == budget and int(row["epochs"]) == -(-budget // 6)  # 300 images / 50 a batch
+    capsys.readouterr()
+    assert cli.main(argv) == 0  # resumed: the same step times, so the same cells, nothing trained again
+    assert "2 already done, 0 to run" in capsys.readouterr().out

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import pickle
 import re
@@ -47,7 +48,10 @@ def torch_load_safely(path: str | Path, *, mmap: bool = False) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        # timm's training checkpoints (T2T-ViT's releases among them) keep their argparse.Namespace: a plain
+        # record of strings and numbers, safe to rebuild
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         refused = _REFUSED_GLOBAL.search(str(e))
         if refused is None:  # a garbled pickle stream: "Unsupported operand", "invalid load key", ...
@@ -74,7 +78,7 @@ def _first_line(error: BaseException) -> str:
     return text.split(". ")[0].rstrip(".")
 
 
-def load_state_dict(path: str | Path) -> dict[str, Tensor]:
+def load_state_dict(path: str | Path, *, prefer_ema: bool = False) -> dict[str, Tensor]:
     """Read a flat tensor dict from .safetensors, .pth/.pt/.bin/.ckpt (weights only) or .npz.
 
     Never executes code from the file. Nested ``{'state_dict': ...}`` / ``{'model': ...}`` wrappers
@@ -85,7 +89,7 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix not in (".safetensors", ".npz"):
-        return unwrap_state_dict(torch_load_safely(path), path)
+        return unwrap_state_dict(torch_load_safely(path), path, prefer_ema)
     try:
         if suffix == ".safetensors":
             return load_safetensors(path)
@@ -97,9 +101,14 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{path}: cannot read checkpoint safely ({type(e).__name__}: {e})") from e
 
 
-def unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
-    """The flat tensor dict inside a loaded checkpoint (``{'state_dict': ...}``, ``{'model': ...}``, ...)."""
-    for key in ("state_dict", "model", "model_state", "module"):
+def unwrap_state_dict(obj: Any, path: Path, prefer_ema: bool = False) -> dict[str, Tensor]:
+    """The flat tensor dict inside a loaded checkpoint (``{'state_dict': ...}``, ``{'model': ...}``, ...): a
+    training checkpoint's raw weights before its ``state_dict_ema``, unless ``prefer_ema``; DataParallel's
+    ``module.`` prefix dropped."""
+    keys = ("state_dict", "state_dict_ema", "model", "model_state", "module")
+    if prefer_ema:
+        keys = ("state_dict_ema", *keys)
+    for key in keys:
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
             break
@@ -151,7 +160,10 @@ def load_weights(model: nn.Module, state_dict: dict[str, Tensor], *, source: str
     state_dict = dict(state_dict)
     own = model.state_dict()
     if "pos_embed" in state_dict and "pos_embed" in own and state_dict["pos_embed"].shape != own["pos_embed"].shape:
-        state_dict["pos_embed"] = _resample_for(model, state_dict["pos_embed"], source)
+        if getattr(model, "pos_embed_is_fixed", False):  # a fixed table (T2T's sinusoid): the model's own
+            state_dict["pos_embed"] = own["pos_embed"]
+        else:
+            state_dict["pos_embed"] = _resample_for(model, state_dict["pos_embed"], source)
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"

@@ -72,20 +72,23 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _describe_config(cfg) -> str:
     if not hasattr(cfg, "embed_dim"):
         return f"{type(cfg).__name__} img={cfg.img_size} classes={cfg.num_classes}"
-    return (f"ViT D={cfg.embed_dim} depth={cfg.depth} heads={cfg.num_heads} patch={cfg.patch_size} "
-            f"img={cfg.img_size} classes={cfg.num_classes}" + (f" stem={cfg.stem.to_dict()}" if cfg.stem else ""))
+    tokens = f"patch={cfg.patch_size}" if hasattr(cfg, "patch_size") else f"T2T tokens={cfg.tokens_type}"
+    stem = getattr(cfg, "stem", None)
+    return (f"ViT D={cfg.embed_dim} depth={cfg.depth} heads={cfg.num_heads} {tokens} "
+            f"img={cfg.img_size} classes={cfg.num_classes}" + (f" stem={stem.to_dict()}" if stem else ""))
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
     formats = sorted(set(FORMATS) | set(ALIASES))
     p = sub.add_parser("convert", help="convert a checkpoint between vitkit, timm, Hugging Face, torchvision and npz",
                        description="Read SRC (format detected: vitkit or Hugging Face directory, timm / torchvision "
-                                   "state dict, Google .npz) and write DST in the format --to names.")
+                                   "state dict, Google .npz, official T2T-ViT .pth.tar) and write DST in the format "
+                                   "--to names.")
     p.add_argument("src", help="checkpoint file or directory to read: any format, a vitkit model directory, a "
                                "training run (its best state) or one of its checkpoints (best.pt, last.pt, step-N.pt)")
     p.add_argument("dst", help="directory (vitkit, hf) or file (timm/torchvision: .safetensors/.pth; npz: .npz)")
     p.add_argument("--to", default="vitkit", choices=formats, metavar="FORMAT",
-                   help="output format: vitkit (default), timm, hf, torchvision, npz")
+                   help="output format: vitkit (default), timm, hf, torchvision, npz, t2t (official T2T-ViT)")
     p.add_argument("--from", dest="source_format", default=None, choices=formats, metavar="FORMAT",
                    help="input format, if detection should be skipped")
     p.add_argument("--checkpoint", default=None, metavar="STATE",
@@ -159,17 +162,18 @@ def _cmd_study(args: argparse.Namespace) -> int:
     epochs = args.epochs or ([10] if args.kind == "data" else [1, 2, 4])
     study(args.kind, models=args.models, dataset=args.dataset, fractions=args.fractions, epochs=epochs,
           fraction=args.fraction, out_dir=args.out, workers=args.workers, config=args.config,
-          overrides=getattr(args, "overrides", []))
+          overrides=getattr(args, "overrides", []), budget_seconds=args.budget_seconds)
     return 0
 
 
 def _add_study(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "study", help="accuracy vs. training-set size or compute for several models (ViT, hybrid, ResNet)",
+        "study", help="accuracy vs. training-set size or compute for several models (ViT, hybrid, T2T, ResNet)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train every model on every cell of a grid with the same pipeline, evaluate on the full "
                     "test set, and write results.csv and a plot. Finished cells are never run again.",
-        epilog="data: every run sees the same number of samples (epochs x 1/fraction).\n"
+        epilog="data: every run sees the same number of samples (epochs x 1/fraction), or with --budget-seconds\n"
+               "the same training time (per-model step counts from step times measured back to back).\n"
                "Any training config key can follow, e.g. --batch_size 256 --lr 1e-3 (see vitkit train).")
     p.add_argument("kind", choices=["data", "compute"])
     p.add_argument("--models", type=_csv(str), required=True, metavar="M1,M2,...")
@@ -178,6 +182,9 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
                    help="data study: training-set fractions (stratified)")
     p.add_argument("--epochs", type=_csv(int), default=None, metavar="E[,E2,...]",
                    help="data: epochs of the full-data run (default 10); compute: epoch budgets (default 1,2,4)")
+    p.add_argument("--budget-seconds", type=float, default=None, metavar="S",
+                   help="data study at equal wall-clock budget: every cell trains for S seconds' worth of its "
+                        "model's steps (timed back to back first) instead of a fixed number of samples")
     p.add_argument("--fraction", type=float, default=1.0, help="compute study: training-set fraction")
     p.add_argument("--out", help="study directory (default: studies/<kind>-<dataset>)")
     p.add_argument("--workers", type=int, default=1, help="cells trained at once, each in its own process")

@@ -140,5 +140,7 @@ KNOWN_SOURCES: dict[str, Preprocessing] = {
     "jax": Preprocessing(mean=HALF, std=HALF, crop_pct=1.0, interpolation="bilinear"),
     # transformers' ViTImageProcessor defaults (image_mean = image_std = 0.5, resample bilinear).
     "huggingface": Preprocessing(mean=HALF, std=HALF, crop_pct=1.0, interpolation="bilinear"),
+    # The official T2T-ViT release (models/t2t_vit.py default_cfgs): ImageNet stats, crop 0.9, bicubic.
+    "t2t": Preprocessing(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.9, interpolation="bicubic"),
 }
 """What a checkpoint format implies when its files state nothing more (keyed by format name)."""

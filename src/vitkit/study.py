@@ -4,6 +4,10 @@
   test set. Compute rule: **every run sees the same number of training samples** (epochs scaled by
   1/fraction, rounded to whole epochs), so small subsets are repeated more often, not trained less.
 - ``compute``: each model for several epoch budgets on one subset; accuracy against training FLOPs.
+- ``data`` with ``budget_seconds``: the same subsets at **equal wall-clock budget** instead: each model's
+  seconds per training step are measured back to back (the models take turns, round after round, so a
+  change of machine load touches all alike), and the budget becomes a fixed step count per model
+  (``max_steps``), so load changes during the study do not bias it.
 
 A study is a grid of cells (model x fraction x epochs); each cell is an ordinary ``vitkit train`` run
 in ``<out>/runs/<cell>`` with the same pipeline for every model (data, augmentation, optimiser,
@@ -18,10 +22,14 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
+import math
 import multiprocessing
 import os
 import shutil
+import statistics
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -39,7 +47,9 @@ from vitkit.models.registry import architecture_of, get_model_entry
 from vitkit.train import resume, train
 from vitkit.train.checkpoints import CHECKPOINT_DIR, LAST
 from vitkit.train.config import TrainConfig, load_config, merge_configs
+from vitkit.train.optim import build_optimizer
 from vitkit.train.plots import pyplot
+from vitkit.train.rundir import build_run_model
 
 StudyKind = Literal["data", "compute"]
 RESULT_FIELDS = ["model", "family", "params", "fraction", "train_size", "epochs", "steps", "samples_seen",
@@ -53,10 +63,12 @@ class Cell:
     model: str
     fraction: float
     epochs: int
+    steps: int | None = None
+    """A step budget (equal wall-clock studies): training stops there, within the last epoch."""
 
     @property
     def key(self) -> str:
-        return f"{self.model}-f{self.fraction:g}-e{self.epochs}"
+        return f"{self.model}-f{self.fraction:g}-e{self.epochs}" + (f"-s{self.steps}" if self.steps else "")
 
 
 # ------------------------------------------------------------------------------------- planning
@@ -79,6 +91,58 @@ def plan_compute_study(models: Sequence[str], epochs: Sequence[int], fraction: f
     if not epochs or any(e < 1 for e in epochs):
         raise ValueError(f"--epochs must be positive integers, got {list(epochs)}")
     return [Cell(m, fraction, e) for e in sorted(epochs) for m in models]
+
+
+def plan_time_study(models: Sequence[str], fractions: Sequence[float], budget_seconds: float,
+                    step_seconds: dict[str, float], steps_per_epoch: Callable[[float], int]) -> list[Cell]:
+    """Cells for the data study at equal wall-clock budget: ``budget_seconds / step_seconds[model]``
+    optimiser steps for every model on every subset (as many epochs as that takes, the last one partial)."""
+    _check_fractions(fractions)
+    if budget_seconds <= 0:
+        raise ValueError(f"--budget-seconds must be positive, got {budget_seconds}")
+    cells = []
+    for fraction in sorted(fractions):
+        for model in models:
+            steps = max(1, round(budget_seconds / step_seconds[model]))
+            cells.append(Cell(model, fraction, math.ceil(steps / steps_per_epoch(fraction)), steps))
+    return cells
+
+
+def measure_step_seconds(models: Sequence[str], base: Any, *, threads: int, rounds: int = 3, steps: int = 2,
+                         log: Callable[[str], None] = print) -> dict[str, float]:
+    """Seconds per optimiser step of each model, measured back to back on the base config's data pipeline,
+    optimiser and batch size with ``threads`` threads (what each study worker gets).
+
+    The models take turns, ``steps`` steps each, for ``rounds`` rounds after one warm-up round, and each
+    keeps its median round: a change of machine load during the measurement touches every model alike.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cfgs = {m: TrainConfig.from_dict(merge_configs(base.to_dict(), {"model": {"name": m}})) for m in models}
+        data = build_data(cfgs[models[0]].data, device=torch.device("cpu"), seed=base.seed)
+        nets = {m: build_run_model(cfgs[m], data).train() for m in models}
+        optimizers = {m: build_optimizer(nets[m], cfgs[m].optim) for m in models}
+        batches = (batch for epoch in itertools.count() for batch in data.train.batches(epoch))
+        times: dict[str, list[float]] = {m: [] for m in models}
+        for round_ in range(rounds + 1):  # round 0 warms up (allocations, kernel selection) and is not kept
+            for m in models:
+                start = time.perf_counter()
+                for _ in range(steps):
+                    images, targets = next(batches)
+                    nn.functional.cross_entropy(nets[m](images).float(), targets).backward()
+                    if cfgs[m].optim.clip_grad:
+                        nn.utils.clip_grad_norm_(nets[m].parameters(), cfgs[m].optim.clip_grad)
+                    optimizers[m].step()
+                    optimizers[m].zero_grad(set_to_none=True)
+                if round_:
+                    times[m].append((time.perf_counter() - start) / steps)
+    finally:
+        torch.set_num_threads(previous)
+    seconds = {m: statistics.median(t) for m, t in times.items()}
+    for m in models:
+        log(f"  {m:28s} {seconds[m]:.3f} s/step (rounds: {', '.join(f'{t:.3f}' for t in times[m])})")
+    return seconds
 
 
 def _check_fractions(fractions: Sequence[float]) -> None:
@@ -136,6 +200,8 @@ def cell_config(cell: Cell, base: dict[str, Any], out_dir: Path) -> Any:
                "out_dir": str(out_dir / "runs"), "run_name": cell.key, "progress": "none",
                "data": {"train_fraction": None if cell.fraction == 1.0 else cell.fraction,
                         "samples_per_class": None}}
+    if cell.steps:
+        changes["max_steps"] = cell.steps
     cfg = TrainConfig.from_dict(merge_configs(base, changes), source=f"study cell {cell.key}")
     cfg.optim.warmup_epochs = min(cfg.optim.warmup_epochs / cell.fraction, float(cell.epochs))
     return cfg
@@ -174,7 +240,7 @@ def _result_of(cell: Cell, result: Any) -> dict[str, Any]:
 
 
 def model_family(config: Any) -> str:
-    """'resnet', 'hybrid' (a ViT with a CNN stem) or 'vit'."""
+    """'resnet', 'hybrid' (a ViT with a CNN stem), 't2t' (Tokens-to-Token ViT) or 'vit'."""
 
     arch = architecture_of(config)
     if arch == "vit":
@@ -219,16 +285,18 @@ def write_outputs(kind: StudyKind, cells: Sequence[Cell], out_dir: str | Path) -
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(buffer.getvalue(), out_dir / "results.csv")
-    plot_study(kind, rows, out_dir / f"accuracy_vs_{'data' if kind == 'data' else 'compute'}.png")
+    plot_study(kind, rows, out_dir / f"accuracy_vs_{'data' if kind == 'data' else 'compute'}.png",
+               equal_time=any(c.steps for c in cells))
     return rows
 
 
-_FAMILY_STYLE = {"vit": ("tab:blue", "o"), "hybrid": ("tab:green", "s"), "resnet": ("tab:red", "^")}
+_FAMILY_STYLE = {"vit": ("tab:blue", "o"), "hybrid": ("tab:green", "s"), "resnet": ("tab:red", "^"),
+                 "t2t": ("tab:purple", "D")}
 
 
-def plot_study(kind: StudyKind, rows: Sequence[dict[str, Any]], path: Path) -> Path:
+def plot_study(kind: StudyKind, rows: Sequence[dict[str, Any]], path: Path, *, equal_time: bool = False) -> Path:
     """Test accuracy against training-set size (data study) or training FLOPs (compute study), one line
-    per model, coloured by family (ViT blue, hybrid green, ResNet red) as in the paper's Figures 3-5."""
+    per model, coloured by family (ViT blue, hybrid green, ResNet red, T2T purple) as in the paper's Figures 3-5."""
     plt = pyplot()
     x_key = "train_size" if kind == "data" else "train_flops"
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
@@ -245,7 +313,8 @@ def plot_study(kind: StudyKind, rows: Sequence[dict[str, Any]], path: Path) -> P
     ax.set_xscale("log")
     ax.set_xlabel("training images" if kind == "data" else "training FLOPs (forward + backward)")
     ax.set_ylabel("test accuracy (%)")
-    title = "Accuracy vs. training-set size (same samples seen per run)" if kind == "data" else \
+    budget = "same training time" if equal_time else "same samples seen"
+    title = f"Accuracy vs. training-set size ({budget} per run)" if kind == "data" else \
         "Accuracy vs. training compute"
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
@@ -290,11 +359,13 @@ def data_steps_per_epoch(base: Any) -> Callable[[float], int]:
 
 def study(kind: StudyKind, *, models: Sequence[str], dataset: str | None = None, fractions: Sequence[float] = (),
           epochs: Sequence[int] = (), fraction: float = 1.0, out_dir: str | Path | None = None, workers: int = 1,
-          config: str | Path | None = None, overrides: Sequence[str] = (),
+          config: str | Path | None = None, overrides: Sequence[str] = (), budget_seconds: float | None = None,
           log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Plan and run a study from a base training config (``config`` + ``--key value`` ``overrides``).
 
-    ``data``: ``epochs`` is one number, the epochs of a full-data run; ``compute``: a list of budgets.
+    ``data``: ``epochs`` is one number, the epochs of a full-data run; or, with ``budget_seconds``, every
+    cell trains for that many seconds' worth of steps of its model (measured first, and kept in
+    ``<out>/step_seconds.json`` so that a resumed study plans the same cells); ``compute``: a list of budgets.
     """
 
     if not models:
@@ -302,7 +373,12 @@ def study(kind: StudyKind, *, models: Sequence[str], dataset: str | None = None,
     for name in models:
         get_model_entry(name)  # unknown names fail now, not an hour into the study
     base = load_config(config, [*overrides, *(["--data.dataset", dataset] if dataset else [])])
-    if kind == "data":
+    out_dir = Path(out_dir or Path("studies") / f"{kind}-{base.data.dataset.rsplit('/', 1)[-1]}")
+    if kind == "data" and budget_seconds is not None:
+        threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+        step_seconds = _step_seconds(models, base, out_dir, threads, log)
+        cells = plan_time_study(models, fractions, budget_seconds, step_seconds, data_steps_per_epoch(base))
+    elif kind == "data":
         if len(epochs) != 1:
             raise ValueError(f"--epochs: the data study takes one number (epochs on the full set), got {list(epochs)}")
         cells = plan_data_study(models, fractions, epochs[0], data_steps_per_epoch(base))
@@ -310,8 +386,26 @@ def study(kind: StudyKind, *, models: Sequence[str], dataset: str | None = None,
         cells = plan_compute_study(models, epochs, fraction)
     else:
         raise ValueError(f"study kind must be 'data' or 'compute', got {kind!r}")
-    out_dir = Path(out_dir or Path("studies") / f"{kind}-{base.data.dataset.rsplit('/', 1)[-1]}")
     rows = run_study(kind, cells, base, out_dir, workers=workers, log=log)
     log(format_table(rows))
     log(f"results: {out_dir / 'results.csv'}")
     return rows
+
+
+def _step_seconds(models: Sequence[str], base: Any, out_dir: Path, threads: int,
+                  log: Callable[[str], None]) -> dict[str, float]:
+    """The measured seconds per step of ``models``: read back from ``out_dir`` when a previous attempt of
+    the study measured them (its cells must stay the same), else measured now and written there."""
+    path = out_dir / "step_seconds.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    missing = [m for m in models if m not in known.get("seconds", {})]
+    if missing:
+        log(f"timing {len(missing)} model(s) back to back ({threads} thread(s) each, as every study worker)")
+        measured = measure_step_seconds(missing, base, threads=threads, log=log)
+        known = {"threads": threads, "batch_size": base.data.batch_size,
+                 "seconds": {**known.get("seconds", {}), **measured}}
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json.dumps(known, indent=2) + "\n", path)
+    else:
+        log(f"step times from {path}: " + ", ".join(f"{m} {known['seconds'][m]:.3f}s" for m in models))
+    return {m: float(known["seconds"][m]) for m in models}

@@ -94,8 +94,9 @@ def analyze_model(model: nn.Module, images: Tensor, *, num_show: int = 8, batch_
     weight = patch_projection_weight(model)
     filters = None
     if weight is None:
-        notes["filters"] = ("skipped: the patch embedding is not a plain linear patch projection (e.g. a hybrid's "
-                            "CNN stem), so its weights are not filters in pixel space")
+        notes["filters"] = getattr(model, "no_patch_filters_note", None) or (
+            "skipped: the patch embedding is not a plain linear patch projection (e.g. a hybrid's CNN stem), so "
+            "its weights are not filters in pixel space")
     else:
         filters = patch_embedding_pca(weight, num_components)
     pos_embed = getattr(model, "pos_embed", None)

@@ -10,6 +10,7 @@
   Hugging Face ``ViTMAEForPreTraining`` files and directories (``model_type: "vit_mae"``; a ``ViTMAEModel``
   directory holds the encoder alone and reads as a ViT). The official encoder-only ``mae_pretrain_vit_*.pth``
   files are timm ViTs without a head.
+- an official T2T-ViT ``.pth.tar`` (``tokens_to_token.*`` keys; its EMA weights when it holds them).
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from torch import Tensor
 
 from vitkit.checkpoint import CheckpointError, load_state_dict, read_config
 from vitkit.config import ViTConfig
-from vitkit.convert import huggingface, jax, mae, timm, torchvision
+from vitkit.convert import huggingface, jax, mae, t2t, timm, torchvision
 from vitkit.fileio import CONFIG_NAME, WEIGHTS_NAME
 from vitkit.models.mae import MAEConfig
 from vitkit.preprocessing import KNOWN_SOURCES, Preprocessing
 
-FORMATS = ("vitkit", "timm", "huggingface", "torchvision", "jax")
+FORMATS = ("vitkit", "timm", "huggingface", "torchvision", "jax", "t2t")
 ALIASES = {"hf": "huggingface", "transformers": "huggingface", "npz": "jax", "vit_jax": "jax", "big_vision": "jax"}
-_SOURCES = {m.FORMAT: m for m in (huggingface, torchvision, jax, timm)}  # detection order: timm last
+_SOURCES = {m.FORMAT: m for m in (t2t, huggingface, torchvision, jax, timm)}  # detection order: timm last
 
 
 @dataclass
@@ -64,8 +65,8 @@ def format_of_keys(keys: set[str], source: str) -> str:
         if module.matches(keys):
             return name
     sample = ", ".join(sorted(keys)[:6])
-    raise CheckpointError(f"{source}: not a ViT checkpoint vitkit recognises (timm, Hugging Face, torchvision or "
-                          f"Google .npz); first keys: {sample}")
+    raise CheckpointError(f"{source}: not a ViT checkpoint vitkit recognises (timm, Hugging Face, torchvision, "
+                          f"Google .npz or official T2T-ViT); first keys: {sample}")
 
 
 def read_checkpoint(source: str | Path, format: str | None = None) -> Checkpoint:
@@ -78,7 +79,11 @@ def read_checkpoint(source: str | Path, format: str | None = None) -> Checkpoint
         raise CheckpointError(f"{path}: no such file or directory")
     if wanted is None and path.name == WEIGHTS_NAME and is_vitkit_directory(path.parent):
         return _read_directory(path.parent, "vitkit")  # the weights of a vitkit directory: use its config
-    return checkpoint_from_tensors(load_state_dict(path), path, wanted)
+    raw = load_state_dict(path)
+    fmt = wanted or format_of_keys(set(raw), str(path))
+    if getattr(_SOURCES.get(fmt), "PREFERS_EMA", False):  # the official T2T-ViT evaluation reads the EMA
+        raw = load_state_dict(path, prefer_ema=True)
+    return checkpoint_from_tensors(raw, path, fmt)
 
 
 def checkpoint_from_tensors(raw: dict[str, Tensor], path: Path, format: str | None = None) -> Checkpoint:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from vitkit.convert import huggingface, jax, mae, timm, torchvision
+from vitkit.convert import huggingface, jax, mae, t2t, timm, torchvision
 from vitkit.convert.detect import normalise_format
 from vitkit.fileio import atomic_torch_save, atomic_write_text, save_state_dict
 from vitkit.models.mae import MaskedAutoencoder
@@ -79,5 +79,9 @@ def save_as(model: nn.Module, destination: str | Path, format: str = "vitkit") -
         if destination.suffix.lower() != ".npz":
             raise ValueError(f"{destination}: an npz export needs a .npz file name")
         return to_npz(model, destination)
+    if fmt == "t2t":  # the official release's layout: a torch file holding {'state_dict': ...}
+        weights = t2t.from_vitkit(_weights(model), model.config)
+        atomic_torch_save({"state_dict": {k: v.contiguous() for k, v in weights.items()}}, destination)
+        return destination
     state_dict = to_timm(model) if fmt == "timm" else to_torchvision(model)
     return save_state_dict_file(state_dict, destination)

@@ -9,11 +9,13 @@ from torch import nn
 
 from vitkit.checkpoint import CheckpointError, load_weights
 from vitkit.config import ViTConfig
+from vitkit.convert import t2t
 from vitkit.convert.detect import Checkpoint, read_checkpoint
 from vitkit.convert.infer import STEM_ASSUMED, infer_config, stem_spec
 from vitkit.convert.mae import infer_mae_config
 from vitkit.models.mae import ENCODER_PREFIXES, MAEConfig, MaskedAutoencoder
 from vitkit.models.registry import build_model, get_model_config
+from vitkit.models.t2t import T2TConfig
 
 # Fields the weights fix; a named model must agree with the checkpoint on them.
 _STRUCTURE = ("patch_size", "in_chans", "embed_dim", "depth", "mlp_dim", "qkv_bias", "class_token", "fc_norm")
@@ -27,7 +29,8 @@ def from_pretrained(source: str | Path, *, img_size: int | tuple[int, int] | Non
 
     Args:
         source: a vitkit or Hugging Face (or timm Hub) directory, a timm / torchvision / Hugging Face
-            state-dict file (.pth, .pt, .bin, .safetensors) or a Google .npz.
+            state-dict file (.pth, .pt, .bin, .safetensors), a Google .npz, or an official T2T-ViT
+            ``.pth.tar`` (its EMA weights when it holds them).
         img_size: build for this resolution; position embeddings are resampled in 2-D.
         num_classes: replace the classifier by a zero-initialised one of this size (dropping the
             representation layer, as in the paper's fine-tuning) if it differs; 0 removes it.
@@ -35,7 +38,8 @@ def from_pretrained(source: str | Path, *, img_size: int | tuple[int, int] | Non
             non-standard width.
         model: a registry name or ViTConfig to load into, instead of the config inferred from the file.
         format: skip detection ('vitkit', 'timm', 'huggingface'/'hf', 'torchvision', 'jax'/'npz').
-        interpolation: 'bicubic' (default) or 'bilinear' for resampling the position embeddings.
+        interpolation: 'bicubic' (default) or 'bilinear' for resampling the position embeddings (a T2T-ViT's
+            fixed sinusoid table is regenerated for the new token grid instead).
         overrides: other ViTConfig fields, e.g. ``drop_path_rate=0.1`` or ``global_pool='avg'``. For a
             hybrid, ``stem=`` gives the stem fields no tensor records (``stem_stride``, ``stem_pool``, ...;
             see :data:`vitkit.convert.infer.STEM_ASSUMED`), e.g. ``stem={"stem_stride": 1, "stem_pool": False}``.
@@ -46,19 +50,22 @@ def from_pretrained(source: str | Path, *, img_size: int | tuple[int, int] | Non
 
 def from_checkpoint(checkpoint: Checkpoint, *, img_size: int | tuple[int, int] | None = None,
                     num_classes: int | None = None, num_heads: int | None = None,
-                    model: str | ViTConfig | None = None,
+                    model: str | ViTConfig | T2TConfig | None = None,
                     interpolation: Literal["bicubic", "bilinear"] | None = None, **overrides: Any) -> nn.Module:
     """:func:`from_pretrained` for a checkpoint already read with :func:`read_checkpoint`."""
 
     if checkpoint.architecture == "mae" or isinstance(checkpoint.config, MAEConfig):
         return _mae_from_checkpoint(checkpoint, img_size=img_size, num_classes=num_classes, num_heads=num_heads,
                                     **overrides)
-    config = _config_for(checkpoint, model, num_heads, overrides.pop("stem", None))
+    if checkpoint.format == "t2t":
+        config = _t2t_config_for(checkpoint, model, num_heads)
+    else:
+        config = _config_for(checkpoint, model, num_heads, overrides.pop("stem", None))
     if model is not None and num_classes is None:
         num_classes = _as_config(model).num_classes
     if img_size is not None:
         overrides["img_size"] = img_size
-    if interpolation is not None:
+    if interpolation is not None and hasattr(config, "pos_embed_interpolation"):  # T2T: a fixed table, regenerated
         overrides["pos_embed_interpolation"] = interpolation
     if overrides:
         config = config.replace(**overrides)
@@ -95,10 +102,27 @@ def _mae_from_checkpoint(checkpoint: Checkpoint, *, img_size: int | tuple[int, i
     return net.export_encoder(num_classes) if num_classes is not None else net
 
 
-def _as_config(model: str | ViTConfig) -> ViTConfig:
-    if isinstance(model, ViTConfig):
-        return model
+def _t2t_config_for(checkpoint: Checkpoint, model: str | T2TConfig | None, num_heads: int | None) -> T2TConfig:
+    """An official T2T-ViT file: its config from the shapes, completed by ``model`` when one is named."""
+    reference = _as_config(model) if model is not None else None
+    if reference is not None and not isinstance(reference, T2TConfig):
+        raise CheckpointError(f"{checkpoint.path} is a T2T-ViT checkpoint; model={model!r} is not a T2T-ViT")
+    found = t2t.infer_config(checkpoint.state_dict, source=str(checkpoint.path), num_heads=num_heads,
+                             reference=reference)
+    if reference is not None:
+        fixed = ("in_chans", "tokens_type", "token_dim", "kernel_sizes", "embed_dim", "depth", "mlp_ratio", "qkv_bias")
+        misfits = [f"{f}: checkpoint {getattr(found, f)!r}, model {getattr(reference, f)!r}"
+                   for f in fixed if getattr(found, f) != getattr(reference, f)]
+        if misfits:
+            raise CheckpointError(f"{checkpoint.path} does not fit {reference.name or 'the given config'}: "
+                                  + "; ".join(misfits))
+    return found.replace(extra={**found.extra, "converted_from": "t2t"},
+                         preprocess=checkpoint.preprocess or found.preprocess)
 
+
+def _as_config(model: str | ViTConfig | T2TConfig) -> ViTConfig | T2TConfig:
+    if isinstance(model, (ViTConfig, T2TConfig)):
+        return model
     return get_model_config(model)
 
 

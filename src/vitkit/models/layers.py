@@ -35,11 +35,11 @@ class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (Eq. 5-8 of the paper's appendix)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0) -> None:
+                 proj_drop: float = 0.0, scale: float | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = scale if scale is not None else self.head_dim ** -0.5
         self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = Linear(dim, dim)
@@ -61,7 +61,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = self._split_heads(x)
         dropout = self.attn_drop if self.training else 0.0
-        return self._merge_heads(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout))
+        return self._merge_heads(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale))
 
     def forward_with_attention(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The same computation written out, also returning the attention probabilities (B, heads, N, N)."""
@@ -118,10 +118,11 @@ class Block(nn.Module):
     """A pre-norm transformer encoder layer (Eq. 2-3): x + MSA(LN(x)), then x + MLP(LN(x))."""
 
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, *, qkv_bias: bool = True, drop: float = 0.0,
-                 attn_drop: float = 0.0, drop_path: float = 0.0, norm_eps: float = 1e-6) -> None:
+                 attn_drop: float = 0.0, drop_path: float = 0.0, norm_eps: float = 1e-6,
+                 qk_scale: float | None = None) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop, scale=qk_scale)
         self.drop_path1 = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, mlp_dim, drop=drop)

@@ -43,7 +43,7 @@ def prepare_for_finetuning(model: nn.Module, num_classes: int, *, class_names: S
                    head_init="zeros" if zero_init_head else "xavier", **config_overrides)
     if img_size is not None:
         changes["img_size"] = img_size
-    if not keep_representation:
+    if not keep_representation and hasattr(old, "representation_size"):
         changes["representation_size"] = None
     new_model = build_model(old.replace(**changes))
 
@@ -56,7 +56,7 @@ def prepare_for_finetuning(model: nn.Module, num_classes: int, *, class_names: S
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(dropped)}
     state.update({k: v for k, v in fresh.items() if k.startswith(dropped)})  # the new (zero) head
     if "pos_embed" in state:
-        if pos_embed == "reinit":
+        if pos_embed == "reinit" or getattr(new_model, "pos_embed_is_fixed", False):  # T2T: a fixed sinusoid
             state["pos_embed"] = fresh["pos_embed"]
         else:
             state["pos_embed"] = resample_pos_embed(state["pos_embed"], new_model.grid_size, old_grid=model.grid_size,
