@@ -7,10 +7,14 @@ import json
 import sys
 from typing import Callable, Sequence
 
+from vitkit.hub.errors import DownloadError
+
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from vitkit.models.registry import get_model_entry, list_models
 
+    if args.pretrained:
+        return _list_pretrained(args.pattern)
     names = list_models(args.pattern)
     if not names:
         print(f"no model matches {args.pattern!r}", file=sys.stderr)
@@ -36,19 +40,84 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the registered models")
     p.add_argument("pattern", nargs="?", default=None, help="shell wildcard, e.g. 'vit_base*'")
     p.add_argument("--build", action="store_true", help="build each model and print its parameter count")
+    p.add_argument("--pretrained", action="store_true",
+                   help="list the catalog of released weights (arch.tag names) with their preprocessing, classes, "
+                        "reported top-1, licence, location and checksum; PATTERN filters them ('augreg', 'vit_b*')")
     p.set_defaults(func=_cmd_models)
 
 
-def _cmd_convert(args: argparse.Namespace) -> int:
-    from vitkit.convert import from_checkpoint, read_checkpoint, save_as
+def _list_pretrained(pattern: str | None) -> int:
+    from vitkit.hub import list_entries
 
-    checkpoint = read_checkpoint(args.src, args.source_format)
+    entries = list_entries(pattern)
+    if not entries:
+        print(f"no pretrained weights match {pattern!r}", file=sys.stderr)
+        return 1
+    print(f"{'name':54s} {'size':>4s} {'crop':>5s} {'interp':8s} {'mean/std':9s} {'classes':12s} {'top-1':>6s}  licence")
+    for e in entries:
+        pre = e.preprocessing
+        norm = {((0.5,) * 3, (0.5,) * 3): "0.5/0.5", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)): "imagenet"}.get(
+            (pre.mean, pre.std), "custom")
+        classes = e.classes or (f"{e.num_classes}" if e.num_classes else "features")
+        top1 = f"{e.top1:.2f}" if e.top1 is not None else "-"
+        default = " (default)" if e.default else ""
+        print(f"{e.name + default:54s} {pre.input_size:4d} {pre.crop_pct:5.3f} {pre.interpolation:8s} {norm:9s} "
+              f"{classes:12s} {top1:>6s}  {e.license or '-'}")
+        checksum = f"  [{e.checksum}]" if e.checksum else ""
+        aliases = f"  aka {', '.join(e.aliases)}" if e.aliases else ""
+        print(f"    {e.location}{checksum}{aliases}")
+    print(f"{len(entries)} entries; mean/std 0.5/0.5 = (x - 0.5) / 0.5, imagenet = (0.485, 0.456, 0.406) / "
+          "(0.229, 0.224, 0.225); top-1 as its publisher reports it ('vitkit download NAME' fetches ahead of time)")
+    return 0
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from vitkit.hub import DownloadError, fetch_source
+
+    failed = 0
+    for name in args.names:
+        try:
+            fetched = fetch_source(name, progress=not args.quiet)
+        except DownloadError as e:
+            print(f"vitkit download: error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        if fetched is None:
+            print(f"vitkit download: error: {name!r} is not a pretrained name, Hugging Face repo id or URL "
+                  "(see 'vitkit models --pretrained')", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{name}: {fetched.path}")
+    return 1 if failed else 0
+
+
+def _add_download(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("download", help="fetch pretrained weights ahead of time (for machines without internet)",
+                       description="Download and verify each NAME into the cache (Hugging Face repos: the Hugging Face "
+                                   "cache; URLs: $VITKIT_CACHE or the user cache directory), so that a later "
+                                   "run, or a machine the caches are copied to, loads it offline.")
+    p.add_argument("names", nargs="+", metavar="NAME",
+                   help="a pretrained name (see 'vitkit models --pretrained'), a Hugging Face repo id or a URL")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_download)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from vitkit.convert import from_checkpoint, from_pretrained, read_checkpoint, save_as
+
     stem = {"stem": args.stem} if args.stem is not None else {}
-    model = from_checkpoint(checkpoint, img_size=args.img_size, num_heads=args.num_heads,
-                            num_classes=args.num_classes, interpolation=args.interpolation, **stem)
+    options = dict(img_size=args.img_size, num_heads=args.num_heads, num_classes=args.num_classes,
+                   interpolation=args.interpolation, **stem)
+    if Path(args.src).exists():
+        checkpoint = read_checkpoint(args.src, args.source_format)
+        model, fmt = from_checkpoint(checkpoint, **options), checkpoint.format
+    else:  # a pretrained name, Hugging Face repo id or URL: fetched (or found in the cache) first
+        model, fmt = from_pretrained(args.src, format=args.source_format, **options), "pretrained"
     out = save_as(model, args.dst, args.to)
     cfg = model.config
-    print(f"{args.src} ({checkpoint.format}) -> {out} ({args.to}): ViT D={cfg.embed_dim} "
+    print(f"{args.src} ({fmt}) -> {out} ({args.to}): ViT D={cfg.embed_dim} "
           f"depth={cfg.depth} heads={cfg.num_heads} patch={cfg.patch_size} img={cfg.img_size} "
           f"classes={cfg.num_classes}" + (f" stem={cfg.stem}" if cfg.stem else ""))
     return 0
@@ -61,7 +130,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint between vitkit, timm, Hugging Face, torchvision and npz",
                        description="Read SRC (format detected: vitkit or Hugging Face directory, timm / torchvision "
                                    "state dict, Google .npz) and write DST in the format --to names.")
-    p.add_argument("src", help="checkpoint file or directory to read")
+    p.add_argument("src", help="checkpoint file or directory to read, or a pretrained name / Hugging Face repo id / URL")
     p.add_argument("dst", help="directory (vitkit, hf) or file (timm/torchvision: .safetensors/.pth; npz: .npz)")
     p.add_argument("--to", default="vitkit", choices=formats, metavar="FORMAT",
                    help="output format: vitkit (default), timm, hf, torchvision, npz")
@@ -436,7 +505,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 _PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_models, _add_convert, _add_data, _add_train, _add_finetune, _add_eval, _add_predict, _add_fewshot,
+    _add_models, _add_download, _add_convert, _add_data, _add_train, _add_finetune, _add_eval, _add_predict, _add_fewshot,
     _add_study, _add_analyze, _add_bench,
 ]
 
@@ -458,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError, DownloadError) as e:  # user errors: one clear line, no traceback
         print(f"vitkit {args.command}: error: {e}", file=sys.stderr)
         return 2
 

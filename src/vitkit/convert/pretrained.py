@@ -1,7 +1,9 @@
-"""``from_pretrained``: one entry point for every checkpoint format vitkit reads."""
+"""``from_pretrained``: one entry point for every checkpoint format vitkit reads, from a local path or,
+through :mod:`vitkit.hub`, a pretrained name, a Hugging Face repo id or a URL."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,6 +13,9 @@ from vitkit.checkpoint import CheckpointError, load_weights
 from vitkit.config import ViTConfig
 from vitkit.convert.detect import Checkpoint, read_checkpoint
 from vitkit.convert.infer import STEM_ASSUMED, infer_config, stem_spec
+from vitkit.hub import HubSource, fetch_source
+from vitkit.models.registry import build_model, get_model_config, list_models
+from vitkit.models.registry import create_model as create_registered_model
 
 # Fields the weights fix; a named model must agree with the checkpoint on them.
 _STRUCTURE = ("patch_size", "in_chans", "embed_dim", "depth", "mlp_dim", "qkv_bias", "class_token", "fc_norm")
@@ -24,7 +29,11 @@ def from_pretrained(source: str | Path, *, img_size: int | tuple[int, int] | Non
 
     Args:
         source: a vitkit or Hugging Face (or timm Hub) directory, a timm / torchvision / Hugging Face
-            state-dict file (.pth, .pt, .bin, .safetensors) or a Google .npz.
+            state-dict file (.pth, .pt, .bin, .safetensors) or a Google .npz; or, fetched through
+            :mod:`vitkit.hub` (cached, verified), a catalog name (``vit_base_patch16_224.augreg2_in21k_ft_in1k``;
+            a bare architecture takes its default weights), a Hugging Face repo id (``google/vit-base-patch16-224``,
+            ``hf-hub:timm/vit_small_patch16_224.augreg_in21k``) or an https URL of such a file. Fetched
+            weights carry their class names and preprocessing (``config.extra['preprocess']``).
         img_size: build for this resolution; position embeddings are resampled in 2-D.
         num_classes: replace the classifier by a zero-initialised one of this size (dropping the
             representation layer, as in the paper's fine-tuning) if it differs; 0 removes it.
@@ -37,8 +46,73 @@ def from_pretrained(source: str | Path, *, img_size: int | tuple[int, int] | Non
             hybrid, ``stem=`` gives the stem fields no tensor records (``stem_stride``, ``stem_pool``, ...;
             see :data:`vitkit.convert.infer.STEM_ASSUMED`), e.g. ``stem={"stem_stride": 1, "stem_pool": False}``.
     """
+    fetched = fetch_source(str(source)) if not Path(source).exists() else None
+    if fetched is not None:
+        return from_hub_source(fetched, img_size=img_size, num_classes=num_classes, num_heads=num_heads, model=model,
+                               format=format, interpolation=interpolation, **overrides)
+    if not Path(source).exists() and str(source) in list_models():
+        raise CheckpointError(f"{source}: a registered architecture with no weights in vitkit's catalog (see "
+                              "'vitkit models --pretrained'); for random weights use vitkit.create_model")
     return from_checkpoint(read_checkpoint(source, format), img_size=img_size, num_classes=num_classes,
                            num_heads=num_heads, model=model, interpolation=interpolation, **overrides)
+
+
+def from_hub_source(fetched: HubSource, *, img_size: int | tuple[int, int] | None = None,
+                    num_classes: int | None = None, num_heads: int | None = None,
+                    model: str | ViTConfig | None = None, format: str | None = None,
+                    interpolation: Literal["bicubic", "bilinear"] | None = None, **overrides: Any) -> nn.Module:
+    """:func:`from_pretrained` for weights :func:`vitkit.hub.fetch_source` fetched: built as the registered
+    architecture they belong to (at their native resolution, with their head), then given their class names
+    and preprocessing."""
+    checkpoint = read_checkpoint(fetched.path, format or fetched.format)
+    native_classes = fetched.entry.num_classes if fetched.entry else None
+    if model is None and checkpoint.config is None and fetched.architecture in list_models():
+        target = get_model_config(fetched.architecture).replace(**fetched.config)
+        if fetched.preprocessing is not None:
+            target = target.replace(img_size=fetched.preprocessing.input_size)
+        if native_classes is not None:
+            target = target.replace(num_classes=native_classes)
+        else:
+            found = infer_config(checkpoint.state_dict, source=str(checkpoint.path), num_heads=target.num_heads,
+                                 stem={k: v for k, v in (target.stem or {}).items() if k in STEM_ASSUMED})
+            target = target.replace(num_classes=found.num_classes)
+        model = target
+    net = from_checkpoint(checkpoint, img_size=img_size, num_classes=num_classes, num_heads=num_heads, model=model,
+                          interpolation=interpolation, **overrides)
+    return _with_publisher_facts(net, fetched)
+
+
+def _with_publisher_facts(net: nn.Module, fetched: HubSource) -> nn.Module:
+    """Give a fetched model its class names (when its head is still the publisher's) and preprocessing."""
+    config = net.config
+    changes: dict[str, Any] = {}
+    names = fetched.class_names
+    if names and config.class_names is None and len(names) == config.num_classes:
+        changes["class_names"] = list(names)
+    extra = dict(getattr(config, "extra", None) or {})
+    if fetched.preprocessing is not None and "extra" in {f.name for f in dataclasses.fields(config)}:
+        preprocess = fetched.preprocessing.as_dict()
+        height, width = config.image_hw
+        preprocess["img_size"] = height if height == width else [height, width]
+        extra["preprocess"] = preprocess
+        entry = fetched.entry
+        extra["pretrained"] = {"source": fetched.source, **({"name": entry.name, "license": entry.license,
+                                                              "location": str(entry.location)} if entry else {})}
+        changes["extra"] = extra
+    if changes:
+        net.config = config.replace(**changes)
+    return net
+
+
+def create_model(name: str, *, pretrained: bool = False, **overrides: Any) -> nn.Module:
+    """Build a registered model, e.g. ``create_model('vit_base_patch16_224', num_classes=10)``; with
+    ``pretrained=True``, ``name`` may carry a timm-style tag (``vit_base_patch16_224.augreg2_in21k_ft_in1k``;
+    a bare architecture takes its default weights) and the weights are fetched, cached and loaded, as
+    ``timm.create_model(name, pretrained=True)`` does. ``overrides`` (``num_classes``, ``img_size``, ...)
+    adapt the pretrained model as :func:`from_pretrained` does."""
+    if not pretrained:
+        return create_registered_model(name, **overrides)
+    return from_pretrained(name, **overrides)
 
 
 def from_checkpoint(checkpoint: Checkpoint, *, img_size: int | tuple[int, int] | None = None,
@@ -46,8 +120,6 @@ def from_checkpoint(checkpoint: Checkpoint, *, img_size: int | tuple[int, int] |
                     model: str | ViTConfig | None = None,
                     interpolation: Literal["bicubic", "bilinear"] | None = None, **overrides: Any) -> nn.Module:
     """:func:`from_pretrained` for a checkpoint already read with :func:`read_checkpoint`."""
-    from vitkit.models.registry import build_model
-
     config = _config_for(checkpoint, model, num_heads, overrides.pop("stem", None))
     if model is not None and num_classes is None:
         num_classes = _as_config(model).num_classes
@@ -65,10 +137,8 @@ def from_checkpoint(checkpoint: Checkpoint, *, img_size: int | tuple[int, int] |
 
 
 def _as_config(model: str | ViTConfig) -> ViTConfig:
-    if isinstance(model, ViTConfig):
+    if not isinstance(model, str):
         return model
-    from vitkit.models.registry import get_model_config
-
     return get_model_config(model)
 
 
