@@ -462,8 +462,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from vitkit.bench import BenchSettings, format_table, run_benchmark, save_json
     from vitkit.bench.harness import data_pipelines, load_pipelines
 
+    model_name, img_size = args.model, args.img_size
+    if "." in model_name:  # a pretrained name: speed depends on the architecture and input size, not the weights
+        from vitkit.hub import get_entry
+
+        entry = get_entry(model_name)
+        model_name, img_size = entry.architecture, img_size or entry.preprocessing.input_size
+        print(f"benchmarking {model_name} at {img_size}px, the architecture of {entry.name} (weights not needed)",
+              file=sys.stderr)
     settings = BenchSettings(
-        model=args.model, batch_size=args.batch_size, img_size=args.img_size, precision=args.precision,
+        model=model_name, batch_size=args.batch_size, img_size=img_size, precision=args.precision,
         compile=args.compile, device=args.device, modes=tuple(args.modes.split(",")), warmup=args.warmup,
         repeats=args.repeats, reference=not args.no_reference, threads=args.threads,
         tune_allocator=not args.no_tune_allocator, matmul_size=args.matmul_size, profile=args.profile)
@@ -472,7 +480,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         pipelines.update(data_pipelines(args.data.split(","), settings))
     result = run_benchmark(settings, pipelines or None, log=lambda m: print(m, file=sys.stderr))
     print(format_table(result))
-    out = args.out or f"bench_{args.model}_b{args.batch_size}_{args.precision}{'_compiled' if args.compile else ''}.json"
+    out = args.out or f"bench_{model_name}_b{args.batch_size}_{args.precision}{'_compiled' if args.compile else ''}.json"
     print(f"results written to {save_json(result, out)}")
     return 0
 
@@ -480,7 +488,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure speed, FLOP/s, memory against timm's ViT of the same config")
     p.add_argument("model", nargs="?", default="vit_convstem_cifar_d4_32",
-                   help="registered model name (default: the CIFAR-10 recipe's)")
+                   help="registered model name, or a pretrained name arch.tag (its architecture and input size; "
+                        "default: the CIFAR-10 recipe's)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",

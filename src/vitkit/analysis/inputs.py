@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitkit.hub import find_entry, is_hub_source
+
 """Normalisation used when a model's config does not carry its own (the paper's (x - 0.5) / 0.5)."""
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -34,8 +36,11 @@ def _load_source(source: str) -> tuple[nn.Module, str]:
         return from_pretrained(source), f"checkpoint {source}"
     if source in list_models():
         return create_model(source), f"registry model {source} with RANDOM weights (not trained)"
+    if is_hub_source(source) or find_entry(source) is not None or "/" in source:
+        return from_pretrained(source), f"pretrained {source}"
     raise ValueError(f"SOURCE {source!r} is neither a checkpoint (vitkit/Hugging Face directory, timm/torchvision "
-                     "state dict, Google .npz) nor a registered model name (see `vitkit models`)")
+                     "state dict, Google .npz), a pretrained name (see `vitkit models --pretrained`), a Hugging Face "
+                     "repo id or URL, nor a registered model name (see `vitkit models`)")
 
 
 def input_normalisation(config) -> tuple[tuple[float, ...], tuple[float, ...]]:

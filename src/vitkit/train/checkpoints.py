@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from vitkit.checkpoint import CheckpointError, atomic_torch_save
+from vitkit.convert.pretrained import from_hub_source
+from vitkit.hub import fetch_source
 
 FORMAT = "vitkit-train-checkpoint"
 VERSION = 1
@@ -157,7 +159,8 @@ def model_from_checkpoint(state: dict[str, Any], *, use_ema: bool = True) -> tor
 
 
 def load_trained(source: str | Path) -> tuple[torch.nn.Module, dict[str, Any] | None, Path | None]:
-    """A trained model from a run directory, a training checkpoint or a vitkit model directory.
+    """A trained model from a run directory, a training checkpoint or a vitkit model directory, or pretrained
+    weights fetched through :mod:`vitkit.hub` (a pretrained name, Hugging Face repo id or URL).
 
     Returns ``(model, training_config_dict_or_None, run_dir_or_None)``. A run directory gives its exported
     ``model/`` when training finished, else ``best.pt``, else ``last.pt``.
@@ -166,7 +169,11 @@ def load_trained(source: str | Path) -> tuple[torch.nn.Module, dict[str, Any] | 
 
     path = Path(source)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such run directory, checkpoint or model directory")
+        fetched = fetch_source(str(source))  # a pretrained name, Hugging Face repo id or URL
+        if fetched is None:
+            raise CheckpointError(f"{path}: no such run directory, checkpoint or model directory (nor a pretrained "
+                                  "name, Hugging Face repo id or URL)")
+        return from_hub_source(fetched), None, None
     if path.is_file():
         state = load_checkpoint(path)
         run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else None
