@@ -27,10 +27,12 @@ import vitkit
 from vitkit.cli import main as cli_main
 from vitkit.convert import save_as
 from vitkit.convert.pretrained import from_hub_source
+from vitkit.finetune import finetune_config
 from vitkit.hub import (ChecksumError, DownloadError, OfflineError, class_names, download_url, fetch_entry,
                         fetch_source, get_entry, list_entries, load_catalog, url_cache_path)
 from vitkit.hub.catalog import CatalogError, parse_entry
 from vitkit.models.registry import create_model as create_registered, list_models
+from vitkit.sources import load_source
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -141,7 +143,8 @@ def test_timm_repo_from_hf_cache_offline(tmp_path, caches, monkeypatch):
     by_repo = vitkit.from_pretrained("timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k").eval()
     by_name = vitkit.create_model("vit_tiny_patch16_224.augreg_in21k_ft_in1k", pretrained=True).eval()
     by_arch = vitkit.create_model("vit_tiny_patch16_224", pretrained=True).eval()  # its default tag: the same weights
-    for model in (by_repo, by_name, by_arch):
+    by_command = load_source("vit_tiny_patch16_224.augreg_in21k_ft_in1k").eval()  # what fewshot/finetune load
+    for model in (by_repo, by_name, by_arch, by_command):
         with torch.no_grad():
             torch.testing.assert_close(model(x), expected, atol=2e-5, rtol=1e-4)
         assert model.config.class_names[281] == "tabby, tabby cat"
@@ -149,6 +152,9 @@ def test_timm_repo_from_hf_cache_offline(tmp_path, caches, monkeypatch):
         assert (pre["img_size"], pre["crop_pct"], pre["interpolation"]) == (224, 0.9, "bicubic")
         assert pre["mean"] == [0.5, 0.5, 0.5]
     assert by_name.config.extra["pretrained"]["license"] == "apache-2.0"
+    # fine-tuning normalises the new images as the weights' publisher did
+    cfg = finetune_config("vit_tiny_patch16_224.augreg_in21k_ft_in1k", "cifar10")
+    assert (list(cfg.data.mean), list(cfg.data.std)) == ([0.5] * 3, [0.5] * 3)
     # overrides adapt the pretrained model as from_pretrained does: a new zero head drops the class names
     small = vitkit.create_model("vit_tiny_patch16_224.augreg_in21k_ft_in1k", pretrained=True, num_classes=10)
     assert small.config.num_classes == 10 and small.config.class_names is None

@@ -14,12 +14,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
 import torch
 from torch import nn
 
 from vitkit.checkpoint import load_weights
+from vitkit.hub import fetch_source
 from vitkit.models.pos_embed import resample_pos_embed
 from vitkit.models.registry import build_model
 
@@ -149,6 +151,9 @@ def finetune_config(init: str, dataset: str, *, img_size: int | None = None, con
         named["data"]["img_size"] = img_size
     data = _merge(_merge(data, named), expand_shortcuts(parse_overrides(overrides)))
     recorded = (getattr(init_config, "extra", None) or {}).get("preprocess") or {}
+    if init_config is None and not Path(init).exists():  # pretrained weights: their publisher's normalisation
+        fetched = fetch_source(str(init))
+        recorded = fetched.preprocessing.as_dict() if fetched is not None and fetched.preprocessing else {}
     if data["data"].get("mean") is None and data["data"].get("std") is None and "mean" in recorded:
         # Normalise the new images as the pre-training images were.
         data["data"]["mean"], data["data"]["std"] = list(recorded["mean"]), list(recorded["std"])
