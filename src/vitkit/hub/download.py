@@ -236,7 +236,8 @@ def _verify(part: Path, checksum: Checksum | None, what: str, url: str) -> None:
 @contextmanager
 def _lock(dest: Path) -> Iterator[None]:
     """An exclusive lock per destination, so that two processes do not write one ``.part`` file."""
-    lock_path = dest.with_name(dest.name + ".lock")
+    lock_path = cache_dir() / ".locks" / (dest.name + ".lock")  # kept apart: files/ holds verified files only
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+") as handle:
         if fcntl is None:  # concurrent downloads of one file are then the user's risk
             yield
