@@ -4,6 +4,7 @@ and of ``vitkit bench`` whose JSON must be complete and self-consistent."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -156,3 +157,55 @@ def test_configure_cpu_sets_threads_and_allocator():
         assert configure_cpu()["threads"] == physical_cores() >= 1
     finally:
         torch.set_num_threads(before)
+
+
+class _SlowedReference(torch.nn.Module):
+    """timm's twin behind a fixed 30 ms delay per forward: a reference known to be slower than vitkit."""
+
+    def __init__(self, twin: torch.nn.Module) -> None:
+        super().__init__()
+        self.twin = twin
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.03)
+        return self.twin(images)
+
+
+def test_ratio_is_reference_time_over_vitkit_time_so_above_one_means_vitkit_is_faster(monkeypatch):
+    import vitkit.bench.harness as harness
+    import vitkit.bench.reference as reference
+
+    real_twin = reference.reference_twin
+    slowed = lambda model: _SlowedReference(real_twin(model))  # noqa: E731
+    monkeypatch.setattr(reference, "reference_twin", slowed)
+    if hasattr(harness, "reference_twin"):
+        monkeypatch.setattr(harness, "reference_twin", slowed)
+
+    settings = BenchSettings(model="vit_tiny_patch4_32", batch_size=2, img_size=16, warmup=1, repeats=3,
+                             overrides=dict(depth=1, embed_dim=32, num_heads=4, mlp_dim=64, num_classes=5),
+                             matmul_size=128)
+    result = run_benchmark(settings)
+    for mode in ("train", "infer"):
+        vitkit_s = result["runs"]["vitkit"][mode]["step_seconds"]["median"]
+        timm_s = result["runs"]["timm"][mode]["step_seconds"]["median"]
+        assert timm_s >= 0.03 > vitkit_s, (mode, timm_s, vitkit_s)
+        ratio = result["ratio_vitkit_over_timm"][mode]
+        assert ratio["min"] > 1.0, (mode, ratio)  # every paired round: vitkit faster, so above 1
+        assert ratio["median"] == pytest.approx(timm_s / vitkit_s, rel=0.5)
+
+
+def test_step_memory_sees_a_known_allocation():
+    from vitkit.bench.memory import step_peak_memory
+
+    size = 256 * 2**20
+
+    def step():
+        block = torch.ones(size // 4, dtype=torch.float32)  # touched: resident, not just reserved
+        time.sleep(0.05)  # the sampler runs every 0.5 ms
+        return block.sum()
+
+    peak, source = step_peak_memory(step, torch.device("cpu"))
+    assert source == "cpu_rss"
+    assert 0.9 * size <= peak <= 1.5 * size, peak / 2**20
+    small, _ = step_peak_memory(lambda: torch.ones(1024).sum(), torch.device("cpu"))
+    assert small < 0.1 * size
