@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hub_layout import write_hf_cache
 
 import vitkit
 from vitkit.cli import main as cli_main
@@ -33,9 +34,6 @@ from vitkit.hub import (ChecksumError, DownloadError, OfflineError, class_names,
 from vitkit.hub.catalog import CatalogError, parse_entry
 from vitkit.models.registry import create_model as create_registered, list_models
 from vitkit.sources import load_source
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
 
 # ------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(autouse=True)
@@ -61,23 +59,6 @@ def caches(tmp_path, monkeypatch):
     for name in ("HF_HUB_OFFLINE", "VITKIT_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
     return vitkit_cache, hf_cache
-
-
-def write_hf_cache(hf_cache: Path, repo_id: str, files: dict[str, Path]) -> Path:
-    """Put ``files`` (name -> local file) into ``hf_cache`` exactly as huggingface_hub lays out a download:
-    content-addressed blobs, a snapshot folder of symlinks for one commit, and refs/main naming it."""
-    repo_dir = hf_cache / f"models--{repo_id.replace('/', '--')}"
-    (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
-    snapshot = repo_dir / "snapshots" / COMMIT
-    snapshot.mkdir(parents=True, exist_ok=True)
-    for name, source in files.items():
-        data = source.read_bytes()
-        blob = repo_dir / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        (snapshot / name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
-    (repo_dir / "refs").mkdir(exist_ok=True)
-    (repo_dir / "refs" / "main").write_text(COMMIT)
-    return snapshot
 
 
 # ----------------------------------------------------------------------- Hugging Face cache
