@@ -15,25 +15,37 @@ from __future__ import annotations
 
 import hashlib
 import http.server
-import json
 import socket
 import threading
 from pathlib import Path
 
 import pytest
 import torch
-from hub_layout import write_hf_cache
 
 import vitkit
+from hub_layout import write_hf_cache
 from vitkit.cli import main as cli_main
 from vitkit.convert import save_as
 from vitkit.convert.pretrained import from_hub_source
 from vitkit.finetune import finetune_config
-from vitkit.hub import (ChecksumError, DownloadError, OfflineError, class_names, download_url, fetch_entry,
-                        fetch_source, get_entry, list_entries, load_catalog, url_cache_path)
+from vitkit.hub import (
+    ChecksumError,
+    DownloadError,
+    OfflineError,
+    class_names,
+    download_url,
+    fetch_entry,
+    fetch_source,
+    get_entry,
+    list_entries,
+    load_catalog,
+    url_cache_path,
+)
 from vitkit.hub.catalog import CatalogError, parse_entry
-from vitkit.models.registry import create_model as create_registered, list_models
+from vitkit.models.registry import create_model as create_registered
+from vitkit.models.registry import list_models
 from vitkit.sources import load_source
+
 
 # ------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(autouse=True)

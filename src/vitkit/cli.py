@@ -480,7 +480,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         pipelines.update(data_pipelines(args.data.split(","), settings))
     result = run_benchmark(settings, pipelines or None, log=lambda m: print(m, file=sys.stderr))
     print(format_table(result))
-    out = args.out or f"bench_{model_name}_b{args.batch_size}_{args.precision}{'_compiled' if args.compile else ''}.json"
+    compiled = "_compiled" if args.compile else ""
+    out = args.out or f"bench_{model_name}_b{args.batch_size}_{args.precision}{compiled}.json"
     print(f"results written to {save_json(result, out)}")
     return 0
 
@@ -514,8 +515,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 _PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_models, _add_download, _add_convert, _add_data, _add_train, _add_finetune, _add_eval, _add_predict, _add_fewshot,
-    _add_study, _add_analyze, _add_bench,
+    _add_models, _add_download, _add_convert, _add_data, _add_train, _add_finetune, _add_eval, _add_predict,
+    _add_fewshot, _add_study, _add_analyze, _add_bench,
 ]
 
 

@@ -5,12 +5,28 @@ This package only fetches and describes files; turning them into models is the c
 local path.
 """
 
-from vitkit.hub.catalog import (CatalogEntry, CatalogError, Checksum, Location, Preprocessing, find_entry,
-                                get_entry, list_entries, load_catalog)
+from vitkit.hub.catalog import (
+                                CatalogEntry,
+                                CatalogError,
+                                Checksum,
+                                Location,
+                                Preprocessing,
+                                find_entry,
+                                get_entry,
+                                list_entries,
+                                load_catalog,
+)
 from vitkit.hub.classes import class_names
+from vitkit.hub.download import (
+                                cache_dir,
+                                download_hub_file,
+                                download_hub_repo,
+                                download_url,
+                                hf_cache_dir,
+                                is_offline,
+                                url_cache_path,
+)
 from vitkit.hub.errors import ChecksumError, DownloadError, OfflineError
-from vitkit.hub.download import (cache_dir, download_hub_file,
-                                 download_hub_repo, download_url, hf_cache_dir, is_offline, url_cache_path)
 from vitkit.hub.resolve import HubSource, fetch_entry, fetch_hub_repo, fetch_source, fetch_url, is_hub_source
 
 __all__ = [

@@ -15,13 +15,13 @@ from importlib import resources
 CLASS_SETS = {"imagenet-1k": ("data/imagenet-1k.json", 1000), "imagenet-21k": ("data/imagenet-21k.json.gz", 21843)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def class_names(class_set: str) -> tuple[str, ...]:
     """The names of ``class_set`` ('imagenet-1k' or 'imagenet-21k'), index = class id."""
     return tuple(_read(class_set)["names"])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def synsets(class_set: str) -> tuple[str, ...]:
     """The WordNet ids (``n02123045``) of ``class_set``, index = class id."""
     return tuple(_read(class_set)["synsets"])
