@@ -53,7 +53,8 @@ def _list_pretrained(pattern: str | None) -> int:
     if not entries:
         print(f"no pretrained weights match {pattern!r}", file=sys.stderr)
         return 1
-    print(f"{'name':54s} {'size':>4s} {'crop':>5s} {'interp':8s} {'mean/std':9s} {'classes':12s} {'top-1':>6s}  licence")
+    header = f"{'name':54s} {'size':>4s} {'crop':>5s} {'interp':8s} {'mean/std':9s} {'classes':12s} {'top-1':>6s}"
+    print(f"{header}  licence")
     for e in entries:
         pre = e.preprocessing
         norm = {((0.5,) * 3, (0.5,) * 3): "0.5/0.5", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)): "imagenet"}.get(
@@ -130,7 +131,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint between vitkit, timm, Hugging Face, torchvision and npz",
                        description="Read SRC (format detected: vitkit or Hugging Face directory, timm / torchvision "
                                    "state dict, Google .npz) and write DST in the format --to names.")
-    p.add_argument("src", help="checkpoint file or directory to read, or a pretrained name / Hugging Face repo id / URL")
+    p.add_argument("src", help="checkpoint file or directory to read, or a pretrained name, Hugging Face repo id or URL")
     p.add_argument("dst", help="directory (vitkit, hf) or file (timm/torchvision: .safetensors/.pth; npz: .npz)")
     p.add_argument("--to", default="vitkit", choices=formats, metavar="FORMAT",
                    help="output format: vitkit (default), timm, hf, torchvision, npz")
