@@ -131,7 +131,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint between vitkit, timm, Hugging Face, torchvision and npz",
                        description="Read SRC (format detected: vitkit or Hugging Face directory, timm / torchvision "
                                    "state dict, Google .npz) and write DST in the format --to names.")
-    p.add_argument("src", help="checkpoint file or directory to read, or a pretrained name, Hugging Face repo id or URL")
+    p.add_argument("src", help="checkpoint file or directory, or a pretrained name, Hugging Face repo id or URL")
     p.add_argument("dst", help="directory (vitkit, hf) or file (timm/torchvision: .safetensors/.pth; npz: .npz)")
     p.add_argument("--to", default="vitkit", choices=formats, metavar="FORMAT",
                    help="output format: vitkit (default), timm, hf, torchvision, npz")
