@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 Interpolation = Literal["bicubic", "bilinear", "nearest"]
 ClassSet = Literal["imagenet-1k", "imagenet-21k"]
-FORMATS = ("timm", "huggingface", "torchvision", "jax", "vitkit")
+FORMATS = ("timm", "huggingface", "torchvision", "jax", "vitkit", "t2t")
+"""Checkpoint formats an entry may name (``null``: detected from the file, as for any local file)."""
 CHECKSUM_ALGORITHMS = ("sha256", "md5")
 
 
@@ -91,7 +92,7 @@ class CatalogEntry:
     name: str
     architecture: str
     location: Location
-    format: str
+    format: str | None
     license: str | None
     preprocessing: Preprocessing
     num_classes: int
@@ -122,8 +123,8 @@ class CatalogEntry:
 _KEYS = {"name", "architecture", "default", "aliases", "location", "origin", "format", "checksum", "license",
          "input_size", "mean", "std", "crop_pct", "interpolation", "num_classes", "classes", "config", "top1",
          "top1_source", "publisher", "paper", "notes"}
-_REQUIRED = ("name", "architecture", "location", "format", "input_size", "mean", "std", "crop_pct",
-             "interpolation", "num_classes")
+_REQUIRED = ("name", "architecture", "location", "input_size", "mean", "std", "crop_pct", "interpolation",
+             "num_classes")
 
 
 def parse_entry(data: dict[str, Any], where: str = "catalog") -> CatalogEntry:
@@ -145,7 +146,7 @@ def parse_entry(data: dict[str, Any], where: str = "catalog") -> CatalogEntry:
         raise CatalogError(f"{what}: location must be {{'hf_hub': repo, 'file': name}} or {{'url': URL}}, got {loc!r}")
     if loc.get("url") and not str(loc["url"]).startswith("https://"):
         raise CatalogError(f"{what}: location url must be https, got {loc['url']!r}")
-    if data["format"] not in FORMATS:
+    if data.get("format") is not None and data["format"] not in FORMATS:
         raise CatalogError(f"{what}: format {data['format']!r} is not one of {', '.join(FORMATS)}")
     checksum = None
     if data.get("checksum"):
@@ -161,7 +162,7 @@ def parse_entry(data: dict[str, Any], where: str = "catalog") -> CatalogEntry:
     except ValueError as e:
         raise CatalogError(f"{what}: {e}") from None
     return CatalogEntry(
-        name=name, architecture=data["architecture"], location=Location(**loc), format=data["format"],
+        name=name, architecture=data["architecture"], location=Location(**loc), format=data.get("format"),
         license=data.get("license"), preprocessing=preprocessing, num_classes=int(data["num_classes"]),
         classes=data.get("classes"), checksum=checksum, default=bool(data.get("default", False)),
         aliases=tuple(data.get("aliases", ())), config=dict(data.get("config") or {}), top1=data.get("top1"),
