@@ -23,6 +23,7 @@ from typing import Any
 from vitkit.hub.catalog import CatalogEntry, Preprocessing, find_entry, load_catalog
 from vitkit.hub.classes import class_names as bundled_class_names
 from vitkit.hub.download import download_hub_file, download_hub_repo, download_url
+from vitkit.hub.errors import DownloadError
 
 HF_PREFIXES = ("hf-hub:", "hf_hub:", "hf:")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
@@ -70,8 +71,13 @@ def fetch_source(source: str, *, progress: bool = True) -> HubSource | None:
     entry = find_entry(text)
     if entry is not None:
         return fetch_entry(entry, source=text, progress=progress)
-    if _REPO_ID.fullmatch(text):
-        return fetch_hub_repo(text, source=text)
+    if _REPO_ID.fullmatch(text) and not Path(text).parent.is_dir():  # 'runs/x' with a local runs/: a path
+        try:
+            return fetch_hub_repo(text, source=text)
+        except DownloadError as e:  # it may also be a mistyped local path: say both
+            detail = str(e).removeprefix(f"{text}: ")
+            raise type(e)(f"{text}: no such file or directory, nor a Hugging Face repo vitkit can use: {detail}") \
+                from None
     return None
 
 
