@@ -375,6 +375,13 @@ def test_catalog_covers_the_papers_releases_and_resolves_names():
     assert class_names("imagenet-21k")[0] and len(class_names("imagenet-21k")) == 21843
 
 
+def test_tagged_name_without_weights_is_the_architecture_shaped_as_the_weights():
+    model = vitkit.create_model("vit_base_patch16_224.augreg_in21k")  # no download: random weights
+    assert model.config.num_classes == 21843 and model.config.image_hw == (224, 224)
+    model = vitkit.create_model("vit_base_patch16_384.augreg_in21k_ft_in1k", num_classes=5)
+    assert model.config.num_classes == 5 and model.config.image_hw == (384, 384)
+
+
 def test_catalog_entry_errors_name_the_key():
     good = {"name": "vit_tiny_patch16_224.x", "architecture": "vit_tiny_patch16_224", "format": "timm",
             "location": {"hf_hub": "a/b", "file": "model.safetensors"}, "input_size": 224, "mean": [0.5] * 3,

@@ -13,7 +13,7 @@ from vitkit.checkpoint import CheckpointError, load_weights
 from vitkit.config import ViTConfig
 from vitkit.convert.detect import Checkpoint, read_checkpoint
 from vitkit.convert.infer import STEM_ASSUMED, infer_config, stem_spec
-from vitkit.hub import HubSource, fetch_source
+from vitkit.hub import HubSource, fetch_source, find_entry
 from vitkit.models.registry import build_model, get_model_config, list_models
 from vitkit.models.registry import create_model as create_registered_model
 
@@ -111,7 +111,12 @@ def create_model(name: str, *, pretrained: bool = False, **overrides: Any) -> nn
     ``timm.create_model(name, pretrained=True)`` does. ``overrides`` (``num_classes``, ``img_size``, ...)
     adapt the pretrained model as :func:`from_pretrained` does."""
     if not pretrained:
-        return create_registered_model(name, **overrides)
+        entry = find_entry(name) if "." in name else None
+        if entry is None:
+            return create_registered_model(name, **overrides)
+        # timm's convention: arch.tag without weights is the architecture shaped as those weights are
+        shape = {"num_classes": entry.num_classes, "img_size": entry.preprocessing.input_size, **entry.config}
+        return create_registered_model(entry.architecture, **{**shape, **overrides})
     return from_pretrained(name, **overrides)
 
 
