@@ -48,8 +48,9 @@ def from_pretrained(source: str | Path, *, img_size: int | tuple[int, int] | Non
     """
     fetched = fetch_source(str(source)) if not Path(source).exists() else None
     if fetched is not None:
-        return from_hub_source(fetched, img_size=img_size, num_classes=num_classes, num_heads=num_heads, model=model,
-                               format=format, interpolation=interpolation, **overrides)
+        given = dict(img_size=img_size, num_classes=num_classes, num_heads=num_heads, model=model, format=format,
+                     interpolation=interpolation)
+        return from_hub_source(fetched, **{k: v for k, v in given.items() if v is not None}, **overrides)
     if not Path(source).exists() and str(source) in list_models():
         raise CheckpointError(f"{source}: a registered architecture with no weights in vitkit's catalog (see "
                               "'vitkit models --pretrained'); for random weights use vitkit.create_model")
@@ -57,51 +58,39 @@ def from_pretrained(source: str | Path, *, img_size: int | tuple[int, int] | Non
                            num_heads=num_heads, model=model, interpolation=interpolation, **overrides)
 
 
-def from_hub_source(fetched: HubSource, *, img_size: int | tuple[int, int] | None = None,
-                    num_classes: int | None = None, num_heads: int | None = None,
-                    model: str | ViTConfig | None = None, format: str | None = None,
-                    interpolation: Literal["bicubic", "bilinear"] | None = None, **overrides: Any) -> nn.Module:
-    """:func:`from_pretrained` for weights :func:`vitkit.hub.fetch_source` fetched: built as the registered
-    architecture they belong to (at their native resolution, with their head), then given their class names
-    and preprocessing."""
-    checkpoint = read_checkpoint(fetched.path, format or fetched.format)
-    native_classes = fetched.entry.num_classes if fetched.entry else None
-    if model is None and checkpoint.config is None and fetched.architecture in list_models():
-        target = get_model_config(fetched.architecture).replace(**fetched.config)
+def from_hub_source(fetched: HubSource, **options: Any) -> nn.Module:
+    """:func:`from_pretrained` for weights :func:`vitkit.hub.fetch_source` fetched, with the facts their
+    publisher gives (:func:`hub_load_options`); ``options`` as for :func:`from_pretrained` win over them."""
+    checkpoint = read_checkpoint(fetched.path, options.pop("format", None) or fetched.format)
+    return from_checkpoint(checkpoint, **{**hub_load_options(fetched), **options})
+
+
+def hub_load_options(fetched: HubSource) -> dict[str, Any]:
+    """:func:`from_checkpoint` options for fetched weights, read from their metadata, not their tensors: the
+    registered architecture they belong to (at their native resolution, with their head, checked field by
+    field against the file), their class names, and their publisher's preprocessing and provenance
+    (``config.extra['preprocess']`` / ``['pretrained']``)."""
+    extra: dict[str, Any] = {}
+    if fetched.preprocessing is not None:
+        extra["preprocess"] = fetched.preprocessing.as_dict()
+    if fetched.entry is not None:
+        entry = fetched.entry
+        extra["pretrained"] = {"name": entry.name, "license": entry.license, "location": str(entry.location)}
+    elif extra:
+        extra["pretrained"] = {"source": fetched.source}
+    options: dict[str, Any] = {}
+    if fetched.architecture in list_models() and fetched.num_classes is not None:
+        target = get_model_config(fetched.architecture).replace(**fetched.config, num_classes=fetched.num_classes)
         if fetched.preprocessing is not None:
             target = target.replace(img_size=fetched.preprocessing.input_size)
-        if native_classes is not None:
-            target = target.replace(num_classes=native_classes)
-        else:
-            found = infer_config(checkpoint.state_dict, source=str(checkpoint.path), num_heads=target.num_heads,
-                                 stem={k: v for k, v in (target.stem or {}).items() if k in STEM_ASSUMED})
-            target = target.replace(num_classes=found.num_classes)
-        model = target
-    net = from_checkpoint(checkpoint, img_size=img_size, num_classes=num_classes, num_heads=num_heads, model=model,
-                          interpolation=interpolation, **overrides)
-    return _with_publisher_facts(net, fetched)
-
-
-def _with_publisher_facts(net: nn.Module, fetched: HubSource) -> nn.Module:
-    """Give a fetched model its class names (when its head is still the publisher's) and preprocessing."""
-    config = net.config
-    changes: dict[str, Any] = {}
-    names = fetched.class_names
-    if names and config.class_names is None and len(names) == config.num_classes:
-        changes["class_names"] = list(names)
-    extra = dict(getattr(config, "extra", None) or {})
-    if fetched.preprocessing is not None and "extra" in {f.name for f in dataclasses.fields(config)}:
-        preprocess = fetched.preprocessing.as_dict()
-        height, width = config.image_hw
-        preprocess["img_size"] = height if height == width else [height, width]
-        extra["preprocess"] = preprocess
-        entry = fetched.entry
-        extra["pretrained"] = {"source": fetched.source, **({"name": entry.name, "license": entry.license,
-                                                              "location": str(entry.location)} if entry else {})}
-        changes["extra"] = extra
-    if changes:
-        net.config = config.replace(**changes)
-    return net
+        if extra and "extra" in {f.name for f in dataclasses.fields(target)}:
+            target = target.replace(extra={**target.extra, **extra})
+        options["model"] = target
+    elif extra:
+        options["extra"] = {**({"converted_from": fetched.format} if fetched.format else {}), **extra}
+    if fetched.class_names:
+        options["class_names"] = list(fetched.class_names)
+    return options
 
 
 def create_model(name: str, *, pretrained: bool = False, **overrides: Any) -> nn.Module:

@@ -46,6 +46,8 @@ class HubSource:
     """The registered architecture the weights belong to, when known."""
     config: dict[str, Any] = field(default_factory=dict)
     """Model config fields the weights need beyond the architecture's."""
+    num_classes: int | None = None
+    """The size of the publisher's classifier (0: none), when the metadata states it."""
     preprocessing: Preprocessing | None = None
     class_names: tuple[str, ...] | None = None
 
@@ -90,7 +92,7 @@ def fetch_entry(entry: CatalogEntry, *, source: str | None = None, progress: boo
     assert path is not None
     names = bundled_class_names(entry.classes) if entry.classes else None
     return HubSource(source or entry.name, path, entry.format, entry, entry.architecture, dict(entry.config),
-                     entry.preprocessing, names)
+                     entry.num_classes, entry.preprocessing, names)
 
 
 def fetch_url(url: str, *, progress: bool = True) -> HubSource:
@@ -106,8 +108,8 @@ def fetch_hub_repo(repo: str, *, source: str | None = None) -> HubSource:
     """A Hugging Face model repo (transformers or timm layout) as a local snapshot directory."""
     repo_id, _, revision = repo.partition("@")
     directory = download_hub_repo(repo_id, revision=revision or None, name=source or repo)
-    preprocessing, names, arch = _directory_facts(directory)
-    return HubSource(source or repo, directory, None, None, arch, {}, preprocessing, names)
+    fmt, arch, num_classes, preprocessing, names = _directory_facts(directory)
+    return HubSource(source or repo, directory, fmt, None, arch, {}, num_classes, preprocessing, names)
 
 
 # --------------------------------------------------------------------------- repo metadata
@@ -119,17 +121,20 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _directory_facts(directory: Path) -> tuple[Preprocessing | None, tuple[str, ...] | None, str | None]:
-    """Preprocessing, class names and architecture stated by a Hub snapshot's metadata files."""
+def _directory_facts(directory: Path) -> tuple[str, str | None, int | None, Preprocessing | None,
+                                               tuple[str, ...] | None]:
+    """Format, architecture, classifier size, preprocessing and class names a Hub snapshot's metadata states."""
     config = _read_json(directory / "config.json")
     if "pretrained_cfg" in config or "architecture" in config:
-        return _timm_facts(config)
-    return _transformers_preprocessing(_read_json(directory / "preprocessor_config.json"), config), None, None
+        return ("timm", *_timm_facts(config))
+    return "huggingface", None, None, _transformers_preprocessing(_read_json(directory / "preprocessor_config.json"),
+                                                                  config), None
 
 
-def _timm_facts(config: dict[str, Any]) -> tuple[Preprocessing | None, tuple[str, ...] | None, str | None]:
+def _timm_facts(config: dict[str, Any]) -> tuple[str | None, int | None, Preprocessing | None,
+                                                 tuple[str, ...] | None]:
     cfg = config.get("pretrained_cfg") or {}
-    arch = str(config.get("architecture", "")) or None
+    arch = str(config.get("architecture", "")).split(".")[0] or None
     preprocessing = None
     try:
         size = cfg["input_size"][-1]
@@ -138,6 +143,7 @@ def _timm_facts(config: dict[str, Any]) -> tuple[Preprocessing | None, tuple[str
     except (KeyError, TypeError, ValueError, IndexError):
         pass
     num_classes = config.get("num_classes", cfg.get("num_classes"))
+    num_classes = int(num_classes) if isinstance(num_classes, int) else None
     labels = config.get("label_names") or cfg.get("label_names")
     names = tuple(labels) if labels and len(labels) == num_classes else None
     tag = str(cfg.get("tag", ""))
@@ -145,7 +151,7 @@ def _timm_facts(config: dict[str, Any]) -> tuple[Preprocessing | None, tuple[str
         names = bundled_class_names("imagenet-1k")
     elif names is None and num_classes == 21843 and tag.endswith("in21k"):
         names = bundled_class_names("imagenet-21k")
-    return preprocessing, names, arch
+    return arch, num_classes, preprocessing, names
 
 
 def _transformers_preprocessing(processor: dict[str, Any], config: dict[str, Any]) -> Preprocessing | None:
