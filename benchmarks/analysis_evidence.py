@@ -81,7 +81,8 @@ def train(images: torch.Tensor, labels: torch.Tensor, steps: int, *, batch_size:
         for first in range(0, len(order) - batch_size + 1, batch_size):
             if step >= steps or (seconds is not None and time.perf_counter() - start >= seconds):
                 break
-            scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+            cosine = 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+            scale = (step + 1) / warmup if step < warmup else cosine
             for group in optimizer.param_groups:
                 group["lr"] = lr * scale
             index = order[first:first + batch_size]
@@ -183,7 +184,8 @@ def main() -> None:
     print("\nloaded shared CPU machine; model: ViT D64, depth 6, 8 heads, patch 4, 32px; distances in pixels "
           f"(uniform attention = {rows[0][5]['uniform']:.1f} px)")
     header = (f"{'model':14s} {'train imgs':>10s} {'steps':>6s} {'train s':>7s} {'test acc':>8s} {'L1 min':>7s} "
-              f"{'L1 max':>7s} {'L1 med':>7s} {'L6 med':>7s} {'pos d=1':>7s} {'pos d>=4':>8s} {'PCA28':>6s} {'analyze s':>9s}")
+              f"{'L1 max':>7s} {'L1 med':>7s} {'L6 med':>7s} {'pos d=1':>7s} {'pos d>=4':>8s} {'PCA28':>6s} "
+              f"{'analyze s':>9s}")
     print(header)
     for name, train_images, done, seconds, acc, s in rows:
         print(f"{name:14s} {train_images:10d} {done:6d} {seconds:7.0f} {acc:8.3f} {s['layer1_min']:7.2f} "

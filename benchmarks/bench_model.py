@@ -39,7 +39,8 @@ def main() -> int:
             settings = BenchSettings(model=model, batch_size=batch_size, precision=args.precision,
                                      compile=args.compile, device=args.device, threads=args.threads,
                                      warmup=args.warmup, repeats=args.repeats)
-            result = run_benchmark(settings, log=lambda m: print(f"[{model} b{batch_size}] {m}", file=sys.stderr))
+            tag = f"[{model} b{batch_size}]"
+            result = run_benchmark(settings, log=lambda m, tag=tag: print(f"{tag} {m}", file=sys.stderr))
             records.append(result)
             if args.verbose:
                 print(format_table(result), "\n")
@@ -56,7 +57,8 @@ def main() -> int:
     print(f"{'model':24s} {'batch':>5s} {'fwd vitkit':>10s} {'fwd timm':>9s} {'train vitkit':>12s} "
           f"{'train timm':>10s} {'fwd ratio':>9s} {'train ratio':>11s} {'train %peak':>11s}")
     for model, bs, fv, ft, tv, tt, rf, rt, frac in rows:
-        print(f"{model:24s} {bs:5d} {fv:10.1f} {ft:9.1f} {tv:12.1f} {tt:10.1f} {rf:8.2f}x {rt:10.2f}x {100 * frac:10.1f}%")
+        print(f"{model:24s} {bs:5d} {fv:10.1f} {ft:9.1f} {tv:12.1f} {tt:10.1f} {rf:8.2f}x {rt:10.2f}x "
+              f"{100 * frac:10.1f}%")
     Path(args.out).write_text(json.dumps(records, indent=2) + "\n")
     print(f"full records: {args.out}")
     return 0

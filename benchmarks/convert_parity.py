@@ -22,7 +22,7 @@ import torch
 import vitkit
 from vitkit.convert import to_npz
 from vitkit.convert.export import save_state_dict_file
-from vitkit.models.registry import SIZES
+from vitkit.models.zoo import SIZES
 
 
 def perturb(module: torch.nn.Module) -> torch.nn.Module:

@@ -94,7 +94,8 @@ def report(name: str, run_dir: Path, throughput: dict | None) -> dict:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     epochs = [r for r in records if r["kind"] == "epoch"]
     elapsed, cpu, rows, reached = 0.0, 0.0, [], {}
-    targets = sorted({recipe["target"], recipe.get("stretch", recipe["target"])} | ({0.94} if name == "cifar10" else set()))
+    targets = {recipe["target"], recipe.get("stretch", recipe["target"])} | ({0.94} if name == "cifar10" else set())
+    targets = sorted(targets)
     for r in epochs:
         elapsed += r["epoch_time"]
         cpu += r.get("epoch_cpu_time", float("nan"))
@@ -141,7 +142,8 @@ def main() -> None:
     cfg = load_config(config, extra)
     throughput = None
     if not args.skip_reference:
-        throughput = compare_with_timm(cfg.model | {"num_classes": 10}, cfg.data.batch_size, resolve_device(args.device))
+        throughput = compare_with_timm(cfg.model | {"num_classes": 10}, cfg.data.batch_size,
+                                       resolve_device(args.device))
     run_dir = run_recipe(args.recipe, config, args.out_dir, args.device, extra)
     result = report(args.recipe, run_dir, throughput)
     if args.json:

@@ -100,7 +100,8 @@ def main() -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     common = ["--device", args.device, "--progress", "plain", "--out_dir", str(out),
-              "--data.num_workers", str(profile["num_workers"]), "--data.batch_size", str(profile["batch_size"]), "--optim.warmup_epochs", str(profile["warmup"])]
+              "--data.num_workers", str(profile["num_workers"]), "--data.batch_size", str(profile["batch_size"]),
+              "--optim.warmup_epochs", str(profile["warmup"])]
     rows: list[Row] = []
 
     def attempt(row: Row, argv: list[str], accuracy) -> None:

@@ -15,9 +15,19 @@ import torch
 from torch import nn
 
 from vitkit import ViTConfig, build_model
-from vitkit.analysis import (analyze_model, attention_rollout, class_attention, grid_mean_distance,
-                             mean_attention_distance, patch_embedding_pca, patch_projection_weight,
-                             position_embedding_similarity, rollout_matrix, similarity_by_distance, write_report)
+from vitkit.analysis import (
+    analyze_model,
+    attention_rollout,
+    class_attention,
+    grid_mean_distance,
+    mean_attention_distance,
+    patch_embedding_pca,
+    patch_projection_weight,
+    position_embedding_similarity,
+    rollout_matrix,
+    similarity_by_distance,
+    write_report,
+)
 from vitkit.analysis.inputs import input_normalisation, load_images, prepare_images
 from vitkit.cli import main
 
@@ -332,8 +342,8 @@ def test_load_images_draws_a_seeded_sample_of_cifar():
 def test_cli_analyze_on_real_cifar_images(tmp_path, capsys):
     _need_cifar()
     torch.manual_seed(0)
-    model_dir = build_model(TINY.replace(extra={"preprocess": {"mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}})) \
-        .save_pretrained(tmp_path / "model")
+    preprocess = {"mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26]}
+    model_dir = build_model(TINY.replace(extra={"preprocess": preprocess})).save_pretrained(tmp_path / "model")
     out = tmp_path / "report"
     rc = main(["analyze", str(model_dir), "--dataset", "cifar10", "--out", str(out), "--images", "12",
                "--show", "4", "--data-dir", str(DATA_DIR)])

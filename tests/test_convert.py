@@ -112,7 +112,8 @@ def test_timm_hub_directory(tmp_path):
 
 def test_timm_resolution_change_matches_timm_resampling(tmp_path):
     """Loading at 64 px a checkpoint trained at 32 px: vitkit's 2-D resampling equals timm's own."""
-    from timm.models.vision_transformer import VisionTransformer as TimmViT, checkpoint_filter_fn
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+    from timm.models.vision_transformer import checkpoint_filter_fn
 
     kwargs = dict(patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=6)
     small = perturb(TimmViT(img_size=32, **kwargs))
@@ -148,7 +149,8 @@ HF_CASES = {
 
 @pytest.mark.parametrize("case", list(HF_CASES))
 def test_transformers_classifier_parity(tmp_path, case):
-    from transformers import ViTConfig as HFConfig, ViTForImageClassification
+    from transformers import ViTConfig as HFConfig
+    from transformers import ViTForImageClassification
 
     cfg = HF_CASES[case]
     reference = perturb(ViTForImageClassification(HFConfig(**cfg)))
@@ -176,7 +178,8 @@ def test_transformers_classifier_parity(tmp_path, case):
 
 
 def test_transformers_vitmodel_pooler_is_the_representation_layer(tmp_path):
-    from transformers import ViTConfig as HFConfig, ViTModel
+    from transformers import ViTConfig as HFConfig
+    from transformers import ViTModel
 
     reference = perturb(ViTModel(HFConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                           intermediate_size=128, image_size=32, patch_size=8)))

@@ -13,23 +13,21 @@ from functools import partial
 
 import numpy as np
 import pytest
+import timm
 import torch
+from timm.layers import HybridEmbed, StdConv2dSame
+from timm.models.resnetv2 import ResNetV2
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
-from jax_layout import transformer_npz
-
 import vitkit
+from jax_layout import transformer_npz
 from vitkit import ViTConfig, build_model
 from vitkit.checkpoint import CheckpointError
 from vitkit.cli import main as cli_main
 from vitkit.convert import read_checkpoint, save_as, to_huggingface, to_npz, to_timm, to_torchvision
 from vitkit.convert.export import save_state_dict_file
 from vitkit.convert.infer import stem_spec
-
-import timm  # noqa: E402
-from timm.layers import HybridEmbed, StdConv2dSame  # noqa: E402
-from timm.models.resnetv2 import ResNetV2  # noqa: E402
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn  # noqa: E402
 
 TOL = 1e-5  # float32, max abs logit difference
 
@@ -75,7 +73,8 @@ TIMM_CASES = {
     "custom_resnetv2_pth": (custom_timm_hybrid, "hybrid.pth", 4,
                             {"layers": [1, 2], "widths": [128, 256], "stem_width": 32}),
     "r50_s16_safetensors": (lambda: timm.create_model("vit_base_r50_s16_224", img_size=64, depth=1, embed_dim=192,
-                                              num_heads=3, num_classes=5), "r50.safetensors", None, {"layers": [3, 4, 9]}),
+                                                      num_heads=3, num_classes=5),
+                            "r50.safetensors", None, {"layers": [3, 4, 9]}),
     "r_ti_root_only_p8": (lambda: timm.create_model("vit_tiny_r_s16_p8_224", img_size=64, depth=2, num_classes=10),
                           "rti.bin", None, {"layers": []}),
 }

@@ -102,7 +102,8 @@ def test_stratified_subset_counts_per_class():
     keep = stratified_subset(labels, fraction=0.01, seed=3)
     assert np.bincount(labels[keep], minlength=10).tolist() == np.round(per_class * 0.01).astype(int).tolist()
     # seeded: same seed same subset, another seed another; growing per_class nests the subsets
-    assert np.array_equal(stratified_subset(labels, per_class=5, seed=1), stratified_subset(labels, per_class=5, seed=1))
+    assert np.array_equal(stratified_subset(labels, per_class=5, seed=1),
+                          stratified_subset(labels, per_class=5, seed=1))
     assert not np.array_equal(stratified_subset(labels, per_class=5, seed=1),
                               stratified_subset(labels, per_class=5, seed=2))
     assert set(stratified_subset(labels, per_class=5, seed=1)) <= set(stratified_subset(labels, per_class=9, seed=1))
@@ -161,7 +162,7 @@ def test_two_ranks_cover_each_index_once_and_match_one_process_with_the_global_b
     seen = np.concatenate([r.train.indices(0, s) for s in range(10) for r in ranks])
     assert sorted(seen.tolist()) == list(range(100))
     # the augmented batch of rank r is rows [5r, 5r+5) of the single-process batch
-    for step, ((x, y), (x0, y0), (x1, y1)) in enumerate(zip(single.train.batches(0), *(r.train.batches(0) for r in ranks))):
+    for (x, y), (x0, y0), (x1, y1) in zip(single.train.batches(0), *(r.train.batches(0) for r in ranks)):
         assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
     # validation shards: disjoint, complete, nothing dropped
     counts = [sum(len(y) for _, y in r.val.batches()) for r in ranks]
@@ -391,8 +392,10 @@ def test_vectorised_autoaugment_ops_match_torchvision():
         x = torch.from_numpy(npz["images"][:12]).permute(0, 3, 1, 2).contiguous()
     nearest = dict(interpolation=InterpolationMode.NEAREST)
     cases = [
-        ("brightness", 0.6, lambda t: TF.adjust_brightness(t, 1.6)), ("color", -0.8, lambda t: TF.adjust_saturation(t, 0.2)),
-        ("contrast", 0.7, lambda t: TF.adjust_contrast(t, 1.7)), ("sharpness", 0.9, lambda t: TF.adjust_sharpness(t, 1.9)),
+        ("brightness", 0.6, lambda t: TF.adjust_brightness(t, 1.6)),
+        ("color", -0.8, lambda t: TF.adjust_saturation(t, 0.2)),
+        ("contrast", 0.7, lambda t: TF.adjust_contrast(t, 1.7)),
+        ("sharpness", 0.9, lambda t: TF.adjust_sharpness(t, 1.9)),
         ("posterize", 3, lambda t: TF.posterize(t, 3)), ("solarize", 100, lambda t: TF.solarize(t, 100)),
         ("autocontrast", 0, TF.autocontrast), ("equalize", 0, TF.equalize),
     ]

@@ -28,7 +28,6 @@ from vitkit.cli import main as cli_main
 from vitkit.convert import save_as
 from vitkit.convert.detect import FORMATS as CONVERTER_FORMATS
 from vitkit.convert.pretrained import from_hub_source
-from vitkit.finetune import finetune_config
 from vitkit.hub import (
     ChecksumError,
     DownloadError,
@@ -46,6 +45,7 @@ from vitkit.hub.catalog import CatalogError, parse_entry
 from vitkit.models.registry import create_model as create_registered
 from vitkit.models.registry import list_models
 from vitkit.sources import load_source
+from vitkit.train.config import finetune_config
 
 
 # ------------------------------------------------------------------------------------ fixtures

@@ -8,19 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
-from jax_layout import transformer_npz
-
 import vitkit
+from jax_layout import transformer_npz
 from vitkit.checkpoint import load_weights
-from vitkit.models.hybrid import hybrid_npz_to_state_dict, state_dict_to_hybrid_npz
+from vitkit.convert.jax_hybrid import hybrid_npz_to_state_dict, state_dict_to_hybrid_npz
 from vitkit.models.resnet import ResNet, ResNetConfig
-
-import timm  # noqa: E402
-import torchvision  # noqa: E402
 
 DATA = Path(os.environ.get("VITKIT_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 TIMM_HYBRIDS = ["vit_tiny_r_s16_p8_224", "vit_tiny_r_s16_p8_384", "vit_small_r26_s32_224", "vit_small_r26_s32_384",

@@ -14,7 +14,8 @@ import vitkit
 from vitkit import ViTConfig, create_model
 from vitkit.checkpoint import CheckpointError
 from vitkit.models import PatchEmbed
-from vitkit.models.registry import SIZES, get_model_config
+from vitkit.models.registry import get_model_config
+from vitkit.models.zoo import SIZES
 
 TINY = dict(img_size=32, patch_size=8, num_classes=7, embed_dim=48, depth=3, num_heads=4, mlp_dim=96)
 
@@ -260,7 +261,8 @@ def test_load_errors_name_the_fault(tmp_path):
     model = tiny()
     model.save_pretrained(tmp_path / "m")
     state = model.state_dict()
-    from vitkit.checkpoint import load_weights, save_state_dict
+    from vitkit.checkpoint import load_weights
+    from vitkit.fileio import save_state_dict
 
     bad = dict(state)
     bad["blocks.0.mlp.fc1.weight"] = torch.zeros(5, 48)

@@ -98,7 +98,8 @@ def test_data_study_cli_writes_table_and_plot_and_skips_finished_cells(tmp_path,
         assert (int(half["train_size"]), int(full["train_size"])) == (150, 300)  # stratified subsets
         assert (int(half["epochs"]), int(full["epochs"])) == (2, 1)
         assert half["samples_seen"] == full["samples_seen"] == "300"  # the same number of samples
-        assert float(half["train_flops"]) == pytest.approx(float(full["train_flops"])) and float(full["train_flops"]) > 0
+        assert float(half["train_flops"]) == pytest.approx(float(full["train_flops"]))
+        assert float(full["train_flops"]) > 0
         assert 0.0 <= float(full["test_acc"]) <= 1.0
     # the study's test accuracy is the run's own final evaluation on the full (100-image) test set
     first = rows[0]
@@ -109,8 +110,8 @@ def test_data_study_cli_writes_table_and_plot_and_skips_finished_cells(tmp_path,
     def no_training(*args, **kwargs):
         raise AssertionError("a finished cell was trained again")
 
-    monkeypatch.setattr("vitkit.train.train", no_training)
-    monkeypatch.setattr("vitkit.train.resume", no_training)
+    monkeypatch.setattr(study_mod, "train", no_training)
+    monkeypatch.setattr(study_mod, "resume", no_training)
     capsys.readouterr()
     assert cli.main(argv) == 0
     assert "6 already done, 0 to run" in capsys.readouterr().out
@@ -128,11 +129,9 @@ def test_interrupted_cell_resumes_from_its_checkpoint(tmp_path, base_config, mon
     # as if killed after the last checkpoint but before the result was written
     (out / "cells" / f"{cells[0].key}.json").unlink()
     calls = []
-    import vitkit.train as train_pkg
-
-    real_resume = train_pkg.resume
-    monkeypatch.setattr(train_pkg, "train", lambda cfg: calls.append("train"))
-    monkeypatch.setattr(train_pkg, "resume", lambda run, *a: calls.append("resume") or real_resume(run, *a))
+    real_resume = study_mod.resume
+    monkeypatch.setattr(study_mod, "train", lambda cfg: calls.append("train"))
+    monkeypatch.setattr(study_mod, "resume", lambda run, *a: calls.append("resume") or real_resume(run, *a))
     study_mod.run_study("compute", cells, base, out, log=lambda s: None)
     assert calls == ["resume"]
     again = _rows(out / "results.csv")[0]

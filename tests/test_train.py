@@ -397,9 +397,9 @@ def test_cli_exit_code_of_a_diverged_or_interrupted_run(monkeypatch, capsys):
     def interrupt(cfg):
         raise TrainingInterrupted("stopped by SIGTERM", signal.SIGTERM)
 
-    monkeypatch.setattr("vitkit.train.train", diverge)
+    monkeypatch.setattr("vitkit.cli.train", diverge)
     assert cli_main(["train", "--config", "smoke"]) == 3
     assert "vitkit train: error: non-finite loss at step 4" in capsys.readouterr().err
-    monkeypatch.setattr("vitkit.train.train", interrupt)
+    monkeypatch.setattr("vitkit.cli.train", interrupt)
     assert cli_main(["train", "--config", "smoke"]) == 128 + signal.SIGTERM
     assert "vitkit train: stopped by SIGTERM" in capsys.readouterr().err

@@ -119,7 +119,7 @@ def test_parse_overrides_flags_and_nesting():
 def test_no_weight_decay_on_norms_biases_pos_embed_and_cls_token():
     model = vitkit.create_model("vit_tiny_patch4_32", depth=2)
     no_decay = set(no_decay_names(model))
-    for name, param in model.named_parameters():
+    for name, _ in model.named_parameters():
         module = name.rsplit(".", 2)[-2] if "." in name else ""
         expected = name.endswith(".bias") or "norm" in module or name in ("pos_embed", "cls_token")
         assert (name in no_decay) == expected, name

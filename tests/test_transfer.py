@@ -17,10 +17,22 @@ import torch.nn.functional as F
 import vitkit
 from vitkit import ViTConfig
 from vitkit.cli import main
-from vitkit.evaluation import (FeatureCache, LabeledImages, Preprocess, RidgeSolver, extract_features,
-                               fewshot_evaluate, fit_logistic, fit_ridge, linear_probe, load_split)
+from vitkit.evaluation import (
+    FeatureCache,
+    LabeledImages,
+    Preprocess,
+    RidgeSolver,
+    extract_features,
+    fewshot_evaluate,
+    fit_logistic,
+    fit_ridge,
+    linear_probe,
+    load_split,
+)
 from vitkit.evaluation.fewshot import BIAS_CONSTANT
-from vitkit.finetune import build_optimizer, freeze_backbone, param_groups, prepare_for_finetuning
+from vitkit.models.transfer import freeze_backbone, prepare_for_finetuning
+from vitkit.train.config import OptimConfig, finetune_config
+from vitkit.train.optim import build_optimizer, param_groups
 
 TINY = dict(img_size=32, patch_size=4, num_classes=10, embed_dim=32, depth=2, num_heads=2, mlp_dim=64)
 
@@ -146,7 +158,7 @@ def test_layer_decay_groups_and_weight_decay_exclusions():
     for name in ("pos_embed", "cls_token", "blocks.1.mlp.fc1.bias", "blocks.1.norm1.weight", "norm.bias"):
         assert wd_of[name] == 0.0, name
     assert sorted(scale_of) == sorted(n for n, _ in model.named_parameters())
-    optimizer = build_optimizer(model, "sgd", 0.1, layer_decay=0.5)
+    optimizer = build_optimizer(model, OptimConfig(name="sgd", lr=0.1, layer_decay=0.5))
     assert sorted(g["lr"] for g in optimizer.param_groups)[0] == pytest.approx(0.1 * 0.5 ** 4)
     assert optimizer.defaults["momentum"] == 0.9
 
@@ -156,7 +168,7 @@ def test_frozen_backbone_trains_only_the_head(cifar_images):
     trainable = freeze_backbone(model)
     assert trainable == TINY["embed_dim"] * 10 + 10
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = build_optimizer(model, "sgd", 0.5)
+    optimizer = build_optimizer(model, OptimConfig(name="sgd", lr=0.5, weight_decay=0.0))
     model.train()
     F.cross_entropy(model(cifar_images), torch.arange(len(cifar_images))).backward()
     optimizer.step()
@@ -324,8 +336,6 @@ def _image_folder(root: Path, data_root: Path, classes: int = 3, train: int = 10
 
 
 def test_finetune_config_layers_recipe_file_and_overrides(tmp_path):
-    from vitkit.finetune import finetune_config
-
     model = tiny()
     model.config = model.config.replace(extra={"preprocess": {"mean": [0.4, 0.4, 0.4], "std": [0.2, 0.2, 0.2]}})
     model.save_pretrained(tmp_path / "run" / "model")

@@ -1,88 +1,29 @@
-"""Everything that reads or writes weights on disk, in one place.
+"""Reading weights from disk, safely, into models.
 
-- vitkit's own format: a directory with ``model.safetensors`` and ``config.json``.
+- vitkit's own format: a directory with ``model.safetensors`` and ``config.json`` (written by a model's
+  ``save_pretrained``, through :mod:`vitkit.fileio`).
 - Safe reading of foreign files: safetensors, or ``torch.load(weights_only=True)`` which refuses
   pickles that would run code; ``.npz`` is read with ``allow_pickle=False``.
-- Atomic writes (temporary file, fsync, rename), so a crash never leaves a half-written file.
+- Strict loading into a model that names every missing, unexpected or mis-shaped key.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
+from vitkit.fileio import CONFIG_NAME, WEIGHTS_NAME, load_safetensors
+from vitkit.models.pos_embed import grid_of, resample_pos_embed
+from vitkit.models.registry import build_model, get_architecture
 
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt, unsafe, or does not fit the model."""
-
-
-# ------------------------------------------------------------------------------ atomic writing
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success fsync it and rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp_path, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def atomic_write_text(text: str, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-def save_state_dict(state_dict: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write tensors as safetensors, atomically."""
-    from safetensors.torch import save_file
-
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
 
 
 # ------------------------------------------------------------------------------- safe reading
@@ -98,9 +39,7 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
+            return load_safetensors(path)
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as npz:
                 return {k: torch.from_numpy(np.array(npz[k])) for k in npz.files}
@@ -123,23 +62,8 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
 
 
 # ----------------------------------------------------------------------------- vitkit's format
-def save_pretrained(model: nn.Module, directory: str | Path) -> Path:
-    """Save ``model`` (anything built from a registered config) as safetensors + config.json."""
-    from vitkit.models.registry import architecture_of
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    payload = {"architecture": architecture_of(config), **config.to_dict(), "vitkit_version": _version()}
-    save_state_dict(model.state_dict(), directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    atomic_write_text(json.dumps(payload, indent=2) + "\n", directory / CONFIG_NAME)
-    return directory
-
-
 def read_config(directory: str | Path) -> Any:
     """The model config stored in a vitkit directory's ``config.json``."""
-    from vitkit.models.registry import get_architecture
-
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file (a vitkit model directory holds {CONFIG_NAME} and {WEIGHTS_NAME})")
@@ -157,13 +81,11 @@ def read_config(directory: str | Path) -> Any:
 
 def load_model(directory: str | Path, *, img_size: int | tuple[int, int] | None = None,
                map_location: str | torch.device = "cpu", **overrides: Any) -> nn.Module:
-    """Load a directory written by :func:`save_pretrained`.
+    """Load a directory written by a model's ``save_pretrained``.
 
     ``img_size`` builds the model for another resolution and resamples the position embeddings in
     2-D; other ``overrides`` replace config fields (e.g. ``drop_path_rate``).
     """
-    from vitkit.models.registry import build_model
-
     directory = Path(directory)
     config = read_config(directory)
     state_dict = load_state_dict(directory / WEIGHTS_NAME)
@@ -198,8 +120,6 @@ def load_weights(model: nn.Module, state_dict: dict[str, Tensor], *, source: str
 
 
 def _resample_for(model: nn.Module, pos_embed: Tensor, source: str) -> Tensor:
-    from vitkit.models.pos_embed import grid_of, resample_pos_embed
-
     prefix = getattr(model, "num_prefix_tokens", 1)
     try:
         old_grid = grid_of(pos_embed.shape[1] - prefix)
@@ -208,8 +128,3 @@ def _resample_for(model: nn.Module, pos_embed: Tensor, source: str) -> Tensor:
     return resample_pos_embed(pos_embed, model.grid_size, old_grid=old_grid, num_prefix_tokens=prefix,
                               mode=model.config.pos_embed_interpolation)
 
-
-def _version() -> str:
-    from vitkit import __version__
-
-    return __version__

@@ -5,14 +5,30 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from vitkit.hub.errors import DownloadError
+from vitkit.analysis.report import analyze
+from vitkit.bench import BenchSettings, format_table, run_benchmark, save_json
+from vitkit.bench.harness import data_pipelines, load_pipelines
+from vitkit.convert import from_checkpoint, from_pretrained, read_checkpoint, save_as
+from vitkit.convert.detect import ALIASES, FORMATS
+from vitkit.data.download import DownloadError, download
+from vitkit.data.summary import dataset_summary, format_summary
+from vitkit.evaluation import FeatureCache, Preprocess, linear_evaluation
+from vitkit.fileio import atomic_write_text
+from vitkit.hub import DownloadError as WeightsDownloadError
+from vitkit.hub import fetch_source, find_entry, list_entries
+from vitkit.models.registry import create_model, get_model_entry, list_models
+from vitkit.predict import format_predictions, predict_files
+from vitkit.sources import load_source
+from vitkit.study import study
+from vitkit.train import TrainingDiverged, TrainingInterrupted, load_config, resume, train
+from vitkit.train.config import finetune_config
+from vitkit.train.evaluate import evaluate_trained
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from vitkit.models.registry import get_model_entry, list_models
-
     if args.pretrained:
         return _list_pretrained(args.pattern)
     names = list_models(args.pattern)
@@ -20,8 +36,6 @@ def _cmd_models(args: argparse.Namespace) -> int:
         print(f"no model matches {args.pattern!r}", file=sys.stderr)
         return 1
     if args.build:
-        from vitkit.models.registry import create_model
-
         print(f"{'model':34s} {'params':>13s} {'img':>5s} {'patch':>5s}  description")
     for name in names:
         entry = get_model_entry(name)
@@ -47,8 +61,6 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _list_pretrained(pattern: str | None) -> int:
-    from vitkit.hub import list_entries
-
     entries = list_entries(pattern)
     if not entries:
         print(f"no pretrained weights match {pattern!r}", file=sys.stderr)
@@ -73,13 +85,11 @@ def _list_pretrained(pattern: str | None) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from vitkit.hub import DownloadError, fetch_source
-
     failed = 0
     for name in args.names:
         try:
             fetched = fetch_source(name, progress=not args.quiet)
-        except DownloadError as e:
+        except WeightsDownloadError as e:
             print(f"vitkit download: error: {e}", file=sys.stderr)
             failed += 1
             continue
@@ -104,10 +114,6 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from vitkit.convert import from_checkpoint, from_pretrained, read_checkpoint, save_as
-
     stem = {"stem": args.stem} if args.stem is not None else {}
     options = dict(img_size=args.img_size, num_heads=args.num_heads, num_classes=args.num_classes,
                    interpolation=args.interpolation, **stem)
@@ -125,8 +131,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
-    from vitkit.convert.detect import ALIASES, FORMATS
-
     formats = sorted(set(FORMATS) | set(ALIASES))
     p = sub.add_parser("convert", help="convert a checkpoint between vitkit, timm, Hugging Face, torchvision and npz",
                        description="Read SRC (format detected: vitkit or Hugging Face directory, timm / torchvision "
@@ -159,8 +163,6 @@ def _json_object(text: str) -> dict:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from vitkit.analysis.report import analyze
-
     index = analyze(args.source, args.dataset, args.out, num_images=args.images, num_show=args.show,
                     batch_size=args.batch_size, data_dir=args.data_dir, device=args.device, seed=args.seed)
     print(f"report written: {index}")
@@ -191,13 +193,12 @@ def _csv(kind: type) -> Callable[[str], list]:
         try:
             return [kind(part) for part in text.split(",") if part.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}s, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {kind.__name__}s, got {text!r}") from None
     return parse
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from vitkit.study import study
-
     epochs = args.epochs or ([10] if args.kind == "data" else [1, 2, 4])
     study(args.kind, models=args.models, dataset=args.dataset, fractions=args.fractions, epochs=epochs,
           fraction=args.fraction, out_dir=args.out, workers=args.workers, config=args.config,
@@ -229,8 +230,6 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_data(args: argparse.Namespace) -> int:
     if args.data_command == "download":
-        from vitkit.data.download import DownloadError, download
-
         try:
             directory = download(args.name, args.data_dir, keep_raw=args.keep_raw, force=args.force)
             print(f"{args.name} is in {directory}")
@@ -238,7 +237,6 @@ def _cmd_data(args: argparse.Namespace) -> int:
             print(f"vitkit data download: error: {e}", file=sys.stderr)
             return 1
         return 0
-    from vitkit.data.summary import dataset_summary, format_summary
 
     print(format_summary(dataset_summary(args.name, args.data_dir)))
     return 0
@@ -262,8 +260,6 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from vitkit.train import load_config, resume, train
-
     if args.resume:
         if args.config:
             raise ValueError("--resume continues a run with its own config; give overrides, not --config")
@@ -277,7 +273,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _run_training(command: str, run: Callable[[], object]) -> int:
     """Run a training job; a signal or a diverged loss becomes a message and an exit code."""
-    from vitkit.train import TrainingDiverged, TrainingInterrupted
 
     try:
         run()
@@ -313,10 +308,7 @@ def _l2(text: str) -> float | str:
 
 
 def _cmd_fewshot(args: argparse.Namespace) -> int:
-    import json
 
-    from vitkit.evaluation import FeatureCache, Preprocess, linear_evaluation
-    from vitkit.sources import load_source
 
     overrides = {"img_size": args.img_size} if args.img_size else {}
     model = load_source(args.source, random_init=args.random_init, **overrides).to(args.device)
@@ -327,8 +319,6 @@ def _cmd_fewshot(args: argparse.Namespace) -> int:
         max_train=args.max_train, max_test=args.max_test, data_root=args.data_dir, device=args.device)
     print(report.format_table())
     if args.json:
-        from vitkit.checkpoint import atomic_write_text
-
         atomic_write_text(json.dumps({"source": str(args.source), **report.to_dict()}, indent=2) + "\n", args.json)
     return 0
 
@@ -367,9 +357,6 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from vitkit.finetune import finetune_config
-    from vitkit.train import train
-
     cfg = finetune_config(args.init, args.dataset, img_size=args.img_size, config=args.config,
                           overrides=args.overrides)
     if args.print_config:
@@ -397,8 +384,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from vitkit.train.evaluate import evaluate_trained
-
     report = evaluate_trained(args.source, dataset=args.dataset, data_dir=args.data_dir,
                               batch_size=args.batch_size, device=args.device, precision=args.precision,
                               out_dir=args.out, hflip_tta=args.hflip_tta)
@@ -424,8 +409,6 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from vitkit.predict import format_predictions, predict_files
-
     results = predict_files(args.checkpoint, args.images, top_k=args.top_k, device=args.device)
     print(format_predictions(results, as_json=args.json))
     return 0
@@ -460,14 +443,9 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from vitkit.bench import BenchSettings, format_table, run_benchmark, save_json
-    from vitkit.bench.harness import data_pipelines, load_pipelines
-
     model_name, img_size = args.model, args.img_size
-    if "." in model_name:  # a pretrained name: speed depends on the architecture and input size, not the weights
-        from vitkit.hub import get_entry
-
-        entry = get_entry(model_name)
+    entry = find_entry(model_name) if "." in model_name and not Path(model_name).exists() else None
+    if entry is not None:  # a pretrained name: speed depends on the architecture and input size, not the weights
         model_name, img_size = entry.architecture, img_size or entry.preprocessing.input_size
         print(f"benchmarking {model_name} at {img_size}px, the architecture of {entry.name} (weights not needed)",
               file=sys.stderr)
@@ -538,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, DownloadError) as e:  # user errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError, WeightsDownloadError) as e:  # user errors: one clear line, no traceback
         print(f"vitkit {args.command}: error: {e}", file=sys.stderr)
         return 2
 

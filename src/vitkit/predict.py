@@ -9,14 +9,16 @@ record get ImageNet's normalisation and a 0.875 center crop.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from vitkit.data import load_eval_image
 from vitkit.data.sources import IMAGENET_MEAN, IMAGENET_STD
+from vitkit.train.checkpoints import load_trained
 
 DEFAULT_CROP_PCT = 0.875
 """For models that do not record their preprocessing (e.g. converted ones): the usual ImageNet crop."""
@@ -32,7 +34,6 @@ class Prediction:
 def preprocess(path: str | Path, config) -> Tensor:
     """One image file -> the normalised (C, H, W) tensor the model saw at evaluation (the data module's
     evaluation transform, with the training run's size, crop and normalisation)."""
-    from vitkit.data import load_eval_image
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such image file")
@@ -69,7 +70,6 @@ def predict(model: nn.Module, images: Sequence[str | Path], *, top_k: int = 5, d
 def predict_files(source: str | Path, images: Sequence[str | Path], *, top_k: int = 5,
                   device: str = "cpu") -> list[Prediction]:
     """Load a trained model (model directory, run directory or training checkpoint) and predict."""
-    from vitkit.train.checkpoints import load_trained
 
     model, _, _ = load_trained(source)
     return predict(model, images, top_k=top_k, device=device)

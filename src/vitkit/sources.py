@@ -13,7 +13,10 @@ from typing import Any
 
 from torch import nn
 
-from vitkit.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from vitkit.checkpoint import load_model
+from vitkit.convert import from_pretrained
+from vitkit.fileio import CONFIG_NAME, WEIGHTS_NAME
+from vitkit.models.registry import create_model
 
 # Where a training run keeps a model in vitkit's format, best first.
 RUN_MODEL_DIRS = ("model", "best", "export", "last")
@@ -21,21 +24,11 @@ RUN_MODEL_DIRS = ("model", "best", "export", "last")
 
 def load_source(source: str | Path, *, random_init: bool = False, **overrides: Any) -> nn.Module:
     """Build the model ``source`` names; ``overrides`` (e.g. ``img_size``) change its config."""
-    from vitkit.checkpoint import load_model
-    from vitkit.models.registry import create_model
-
     if random_init:
         return create_model(str(source), **overrides)
     model_dir = find_model_dir(source)
     if model_dir is not None:
         return load_model(model_dir, **overrides)
-    try:
-        from vitkit.convert import from_pretrained
-    except ImportError:
-        raise FileNotFoundError(
-            f"{source}: not a vitkit model directory ({CONFIG_NAME} + {WEIGHTS_NAME}) or training run "
-            "(this build of vitkit has no converters for other formats); for random weights pass a "
-            "registry name with --random-init") from None
     return from_pretrained(str(source), **overrides)
 
 

@@ -17,18 +17,30 @@ products are counted (the fused CPU kernel is invisible to the counter).
 from __future__ import annotations
 
 import csv
+import io
 import json
+import multiprocessing
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
-from vitkit.checkpoint import atomic_write_text
+from vitkit.checkpoint import load_model
+from vitkit.data import build_data
+from vitkit.fileio import atomic_write_text
+from vitkit.models.registry import architecture_of, get_model_entry
+from vitkit.train import resume, train
+from vitkit.train.checkpoints import CHECKPOINT_DIR, LAST
+from vitkit.train.config import TrainConfig, load_config, merge_configs
+from vitkit.train.plots import pyplot
 
 StudyKind = Literal["data", "compute"]
 RESULT_FIELDS = ["model", "family", "params", "fraction", "train_size", "epochs", "steps", "samples_seen",
@@ -94,7 +106,6 @@ def run_study(kind: StudyKind, cells: Sequence[Cell], base: Any, out_dir: str | 
             write_outputs(kind, cells, out_dir)
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
-        import multiprocessing
 
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=torch.set_num_threads, initargs=(threads,)) as pool:
@@ -121,7 +132,6 @@ def cell_config(cell: Cell, base: dict[str, Any], out_dir: Path) -> Any:
 
     The base config's ``optim.warmup_epochs`` counts epochs of the *full* training set, so that every
     cell warms up over the same number of samples (on a 10% subset: 10x as many subset epochs)."""
-    from vitkit.train.config import TrainConfig, merge_configs
 
     changes = {"model": {"name": cell.model}, "epochs": cell.epochs, "eval_every": cell.epochs,
                "out_dir": str(out_dir / "runs"), "run_name": cell.key, "progress": "none",
@@ -134,8 +144,6 @@ def cell_config(cell: Cell, base: dict[str, Any], out_dir: Path) -> Any:
 
 def run_cell(cell: Cell, base: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     """Train one cell (or finish it, if a previous attempt was interrupted) and record its result."""
-    from vitkit.train import resume, train
-    from vitkit.train.checkpoints import CHECKPOINT_DIR, LAST
 
     out_dir = Path(out_dir)
     cfg = cell_config(cell, base, out_dir)
@@ -152,18 +160,14 @@ def run_cell(cell: Cell, base: dict[str, Any], out_dir: str | Path) -> dict[str,
 
 
 def _train_size(cfg: Any) -> int:
-    from vitkit.data import build_data
-
     return build_data(cfg.data, device=torch.device("cpu"), seed=cfg.seed).train.num_samples
 
 
 def _result_of(cell: Cell, cfg: Any, run_dir: Path, train_size: int) -> dict[str, Any]:
-    import vitkit
-
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     final = [r for r in records if r["kind"] == "epoch" and "val_acc" in r][-1]
     state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
-    model = vitkit.load_model(run_dir / "model")
+    model = load_model(run_dir / "model")
     steps = int(state["global_step"])
     samples = steps * cfg.data.batch_size * cfg.optim.accum_steps
     per_sample = training_flops_per_sample(model)
@@ -179,7 +183,6 @@ def _result_of(cell: Cell, cfg: Any, run_dir: Path, train_size: int) -> dict[str
 
 def model_family(config: Any) -> str:
     """'resnet', 'hybrid' (a ViT with a CNN stem) or 'vit'."""
-    from vitkit.models.registry import architecture_of
 
     arch = architecture_of(config)
     if arch == "vit":
@@ -189,8 +192,6 @@ def model_family(config: Any) -> str:
 
 def training_flops_per_sample(model: nn.Module) -> float:
     """FLOPs of one training step per image (forward + backward), attention included."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
 
     config = model.config
     h, w = config.image_hw
@@ -222,7 +223,6 @@ def write_outputs(kind: StudyKind, cells: Sequence[Cell], out_dir: str | Path) -
     rows = read_results(cells, out_dir)
     if not rows:
         return rows
-    import io
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=RESULT_FIELDS, extrasaction="ignore")
@@ -239,11 +239,7 @@ _FAMILY_STYLE = {"vit": ("tab:blue", "o"), "hybrid": ("tab:green", "s"), "resnet
 def plot_study(kind: StudyKind, rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Test accuracy against training-set size (data study) or training FLOPs (compute study), one line
     per model, coloured by family (ViT blue, hybrid green, ResNet red) as in the paper's Figures 3-5."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     x_key = "train_size" if kind == "data" else "train_flops"
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     markers = ["o", "s", "^", "D", "v", "P", "X"]
@@ -287,8 +283,6 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 def data_steps_per_epoch(base: Any) -> Callable[[float], int]:
     """``fraction -> optimiser steps per epoch`` for the base config's data set, read from the data
     pipeline itself (so the samples-matched rule uses the real subset sizes)."""
-    from vitkit.data import build_data
-    from vitkit.train.config import TrainConfig, merge_configs
 
     cache: dict[float, int] = {}
 
@@ -312,8 +306,6 @@ def study(kind: StudyKind, *, models: Sequence[str], dataset: str | None = None,
 
     ``data``: ``epochs`` is one number, the epochs of a full-data run; ``compute``: a list of budgets.
     """
-    from vitkit.models.registry import get_model_entry
-    from vitkit.train.config import load_config
 
     if not models:
         raise ValueError("--models: give at least one registered model name")

@@ -8,7 +8,8 @@ rows, and multiply the per-layer matrices from the first layer to the last.
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import torch

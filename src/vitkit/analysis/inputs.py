@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
+from vitkit.convert import from_pretrained
 from vitkit.hub import find_entry, is_hub_source
+from vitkit.models.registry import create_model, list_models
 
 """Normalisation used when a model's config does not carry its own (the paper's (x - 0.5) / 0.5)."""
 
@@ -30,7 +34,6 @@ def _load_source(source: str) -> tuple[nn.Module, str]:
 
     Returns the model and a one-line description of what was loaded.
     """
-    from vitkit import create_model, from_pretrained, list_models
 
     if Path(source).exists():
         return from_pretrained(source), f"checkpoint {source}"
@@ -127,8 +130,6 @@ def _sample_npz(path: Path, num_images: int, seed: int, class_names: Optional[li
 
 def _sample_folder(split: Path, num_images: int, seed: int, class_names: Optional[list[str]],
                    image_size: tuple[int, int] | None) -> ImageSample:
-    from PIL import Image
-
     classes = sorted(p.name for p in split.iterdir() if p.is_dir())
     files = [(f, label) for label, c in enumerate(classes) for f in sorted((split / c).iterdir())
              if f.suffix.lower() in _IMAGE_SUFFIXES]
@@ -147,8 +148,6 @@ def _sample_folder(split: Path, num_images: int, seed: int, class_names: Optiona
 
 
 def _resize_centre_crop(image, size: tuple[int, int]):
-    from PIL import Image
-
     height, width = size
     scale = max(height / image.height, width / image.width)
     resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),

@@ -74,11 +74,13 @@ def analyze_model(model: nn.Module, images: Tensor, *, num_show: int = 8, batch_
     ``num_show`` only.
     """
     if not hasattr(model, "attention_maps"):
-        raise ValueError(f"{type(model).__name__} has no attention_maps(images): only Vision Transformers can be analysed")
+        raise ValueError(f"{type(model).__name__} has no attention_maps(images): "
+                         "only Vision Transformers can be analysed")
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"images: expected a non-empty (B, C, H, W) batch, got shape {tuple(images.shape)}")
     if num_show < 1 or batch_size < 1:
-        raise ValueError(f"num_show (--show) and batch_size (--batch-size) must be at least 1, got {num_show} and {batch_size}")
+        raise ValueError("num_show (--show) and batch_size (--batch-size) must be at least 1, "
+                         f"got {num_show} and {batch_size}")
     model.eval()
     device = next(model.parameters()).device
     grid = tuple(model.grid_size)

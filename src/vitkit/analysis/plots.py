@@ -6,8 +6,9 @@ touches a global backend or opens a window; ``save_png`` renders them with Agg.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import matplotlib
 import numpy as np
@@ -16,11 +17,11 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from vitkit.analysis.filters import FilterPCA
+from vitkit.fileio import atomic_path
 
 
 def save_png(figure: Figure, path: str | Path, dpi: int = 110) -> Path:
     """Render ``figure`` to a PNG atomically (a crash never leaves half a file)."""
-    from vitkit.checkpoint import atomic_path
 
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
@@ -62,9 +63,11 @@ def plot_position_similarity(similarity: np.ndarray) -> Figure:
     ax = figure.subplots()
     image = ax.imshow(mosaic, cmap="viridis", vmin=-1, vmax=1, interpolation="nearest")
     step = max(1, rows // 8)
-    ax.set_yticks([r * (rows + 1) + (rows - 1) / 2 for r in range(0, rows, step)], [str(r + 1) for r in range(0, rows, step)])
+    shown_rows = range(0, rows, step)
+    ax.set_yticks([r * (rows + 1) + (rows - 1) / 2 for r in shown_rows], [str(r + 1) for r in shown_rows])
     step = max(1, cols // 8)
-    ax.set_xticks([c * (cols + 1) + (cols - 1) / 2 for c in range(0, cols, step)], [str(c + 1) for c in range(0, cols, step)])
+    shown_cols = range(0, cols, step)
+    ax.set_xticks([c * (cols + 1) + (cols - 1) / 2 for c in shown_cols], [str(c + 1) for c in shown_cols])
     ax.set_xlabel("input patch column")
     ax.set_ylabel("input patch row")
     ax.set_title("Position embedding similarity", fontsize=10)

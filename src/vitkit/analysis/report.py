@@ -10,12 +10,24 @@ import io
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
-from vitkit.analysis.pipeline import ModelAnalysis
+from vitkit.analysis.inputs import _load_source, describe_labels, input_normalisation, load_images, prepare_images
+from vitkit.analysis.pipeline import ModelAnalysis, analyze_model
+from vitkit.analysis.plots import (
+    plot_attention_distance,
+    plot_filters,
+    plot_head_attention,
+    plot_position_similarity,
+    plot_rollout,
+    save_png,
+)
+from vitkit.analysis.position import similarity_by_distance
+from vitkit.fileio import atomic_write_text
 
 FILES = {
     "filters_png": "patch_embedding_pca.png",
@@ -37,8 +49,6 @@ def analyze(source: str, dataset: str, out_dir: str | Path, *, num_images: int =
             device: str = "cpu", seed: int = 0) -> Path:
     """Load ``source``, analyse it on ``num_images`` images of ``dataset`` and write the report to
     ``out_dir``. Returns the path of ``index.html``."""
-    from vitkit.analysis.inputs import _load_source, describe_labels, input_normalisation, load_images, prepare_images
-    from vitkit.analysis.pipeline import analyze_model
 
     start = time.perf_counter()
     model, description = _load_source(source)
@@ -109,14 +119,10 @@ class _Report:
         self.sections: list[str] = []
 
     def text(self, content: str, name: str) -> None:
-        from vitkit.checkpoint import atomic_write_text
-
         atomic_write_text(content, self.out / name)
         self.written.append(_readable(self.out / name))
 
     def figure(self, figure, name: str) -> None:
-        from vitkit.analysis.plots import save_png
-
         self.written.append(_readable(save_png(figure, self.out / name)))
 
     def section(self, title: str, image: str, data: Sequence[str], explanation: str) -> None:
@@ -131,8 +137,6 @@ class _Report:
 
 
 def _filters_section(report: _Report, analysis: ModelAnalysis) -> None:
-    from vitkit.analysis.plots import plot_filters
-
     title = "Patch-embedding filters"
     pca = analysis.filters
     if pca is None:
@@ -153,9 +157,6 @@ def _filters_section(report: _Report, analysis: ModelAnalysis) -> None:
 
 
 def _position_section(report: _Report, analysis: ModelAnalysis) -> Optional[list[dict[str, float]]]:
-    from vitkit.analysis.plots import plot_position_similarity
-    from vitkit.analysis.position import similarity_by_distance
-
     title = "Position-embedding similarity"
     similarity = analysis.position_similarity
     if similarity is None:
@@ -175,8 +176,6 @@ def _position_section(report: _Report, analysis: ModelAnalysis) -> Optional[list
 
 
 def _distance_section(report: _Report, analysis: ModelAnalysis, image_size: int) -> None:
-    from vitkit.analysis.plots import plot_attention_distance
-
     report.figure(plot_attention_distance(analysis.mean_distance, analysis.uniform_distance, image_size),
                   FILES["distance_png"])
     report.text(_distance_csv(analysis), FILES["distance_csv"])
@@ -194,8 +193,6 @@ def _distance_section(report: _Report, analysis: ModelAnalysis, image_size: int)
 def _attention_sections(report: _Report, analysis: ModelAnalysis, display_images: np.ndarray,
                         titles: Optional[Sequence[str]], num_head_rows: int,
                         image_indices: Optional[Sequence[int]]) -> None:
-    from vitkit.analysis.plots import plot_head_attention, plot_rollout
-
     shown = len(analysis.rollout)
     depth = analysis.mean_distance.shape[0]
     rows = min(num_head_rows, shown)
@@ -221,7 +218,8 @@ def _attention_sections(report: _Report, analysis: ModelAnalysis, display_images
         "Attention rollout (Abnar &amp; Zuidema, 2020), the method behind the paper's Fig. 6: the attention of "
         "each layer is averaged over heads, the identity is added for the residual connection, rows are "
         "renormalised, and the matrices are multiplied through all layers; "
-        f"{query_note}, laid out on the patch grid, shows which input regions reach the representation used for classification. Middle "
+        f"{query_note}, laid out on the patch grid, shows which input regions reach the representation used "
+        "for classification. Middle "
         "row: the map over the input; bottom row: the input multiplied by the map, as in the paper. Each map "
         "is scaled to its own maximum.")
     report.section(
@@ -309,7 +307,8 @@ section {{ margin-bottom: 2.5em; }}
 <body>
 <h1>{html.escape(title)}</h1>
 <p>What this Vision Transformer learned, after the analyses of Dosovitskiy et al. (2020), Sec. 4.5
-"Inspecting Vision Transformer". Summary of all numbers: <a href="{FILES['summary_json']}">{FILES['summary_json']}</a>.</p>
+"Inspecting Vision Transformer".
+Summary of all numbers: <a href="{FILES['summary_json']}">{FILES['summary_json']}</a>.</p>
 <table>
 {rows}
 </table>

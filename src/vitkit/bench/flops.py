@@ -8,7 +8,8 @@ one multiply-add = 2 FLOPs, as in PyTorch's counter and the MFU literature.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import importlib
 import json
 import os
 import platform
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +27,15 @@ from torch import Tensor, nn
 from vitkit.bench.flops import count_flops
 from vitkit.bench.memory import step_peak_memory
 from vitkit.bench.peak import MatmulPeak
+from vitkit.bench.profile import format_profile, top_operators
+from vitkit.bench.reference import ReferenceUnavailable, reference_twin
 from vitkit.bench.timing import Stats, time_round_robin
+from vitkit.data import DataConfig
+from vitkit.data.throughput import pipeline_throughput
+from vitkit.fileio import atomic_write_text
+from vitkit.models.registry import create_model, get_model_config
+from vitkit.runtime import configure_cpu, physical_cores
+from vitkit.version import __version__
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("train", "infer")
@@ -165,9 +175,6 @@ def _time_pipeline(factory: PipelineFactory, batches: int, repeats: int) -> Stat
 def data_pipelines(datasets: Iterable[str], settings: BenchSettings) -> dict[str, PipelineFactory]:
     """vitkit's own input pipelines (``vitkit.data``) for the named data sets, at the model's input size
     and the benchmark's batch size, with the default training augmentation."""
-    from vitkit.data import DataConfig
-    from vitkit.data.throughput import pipeline_throughput
-    from vitkit.models.registry import get_model_config
 
     img_size = settings.img_size or get_model_config(settings.model).image_hw[0]
     pipelines: dict[str, PipelineFactory] = {}
@@ -179,7 +186,6 @@ def data_pipelines(datasets: Iterable[str], settings: BenchSettings) -> dict[str
 
 def load_pipelines(spec: str, settings: BenchSettings) -> Mapping[str, PipelineFactory]:
     """Resolve ``"package.module:function"`` and call it with the settings; it returns named factories."""
-    import importlib
 
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
@@ -197,7 +203,6 @@ def load_pipelines(spec: str, settings: BenchSettings) -> Mapping[str, PipelineF
 def machine_description(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "torch": torch.__version__, "cpus": None, "processor": platform.processor()}
-    from vitkit.runtime import physical_cores
 
     info["cpus"] = physical_cores()
     try:
@@ -216,8 +221,6 @@ def machine_description(device: torch.device) -> dict[str, Any]:
 def run_benchmark(settings: BenchSettings, pipelines: Mapping[str, PipelineFactory] | None = None,
                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure ``settings.model`` (and timm's twin) and return the JSON-ready result."""
-    from vitkit.models.registry import create_model
-    from vitkit.runtime import configure_cpu
 
     say = log or (lambda message: None)
     load_before = _load_average()
@@ -236,11 +239,9 @@ def run_benchmark(settings: BenchSettings, pipelines: Mapping[str, PipelineFacto
     impls: dict[str, nn.Module] = {"vitkit": model}
     reference_note, timm_version, parity = None, None, None
     if settings.reference:
-        from vitkit.bench.reference import ReferenceUnavailable, reference_twin
-
         try:
             impls["timm"] = reference_twin(model).to(device)
-            import timm
+            import timm  # the optional reference (the test extra); reference_twin has just imported it
 
             timm_version = timm.__version__
             parity = _parity(model, impls["timm"], images[:4])
@@ -283,8 +284,6 @@ def run_benchmark(settings: BenchSettings, pipelines: Mapping[str, PipelineFacto
 
     profiles = {}
     if settings.profile:
-        from vitkit.bench.profile import top_operators
-
         for mode in settings.modes:
             say(f"profiling one vitkit {mode} call")
             profiles[mode] = top_operators(workloads["vitkit"].step(mode), device)
@@ -342,8 +341,6 @@ def _load_average() -> float | None:
 
 
 def _vitkit_version() -> str:
-    from vitkit import __version__
-
     return __version__
 
 
@@ -358,7 +355,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"load {_fmt_load(result['machine']['load_average_1min'])})",
         f"FLOPs/image: forward {result['flops_per_image']['forward'] / 1e6:.1f} M, "
         f"train step {result['flops_per_image']['train'] / 1e6:.1f} M;  "
-        f"matmul peak {peak['flops_per_s']['median'] / 1e9:.0f} GFLOP/s ({peak['n']}^3 {peak['dtype']}, {peak['backend']})",
+        f"matmul peak {peak['flops_per_s']['median'] / 1e9:.0f} GFLOP/s "
+        f"({peak['n']}^3 {peak['dtype']}, {peak['backend']})",
         "",
         f"{'impl':8s} {'mode':6s} {'img/s min':>10s} {'median':>9s} {'max':>9s} {'GFLOP/s':>9s} "
         f"{'% peak':>7s} {'MiB/img':>8s}",
@@ -383,8 +381,6 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"pipeline {name}: {p['images_per_s']['median']:.0f} img/s"
                      + (f" ({vs:.1f}x the model's training throughput)" if vs else ""))
     for mode, table in result.get("profile_vitkit", {}).items():
-        from vitkit.bench.profile import format_profile
-
         lines += ["", f"vitkit {mode}: top operators of one profiled call", format_profile(table)]
     return "\n".join(lines)
 
@@ -397,7 +393,6 @@ def _fmt_load(load: dict[str, float | None]) -> str:
 
 def save_json(result: dict[str, Any], path: str | Path) -> Path:
     """Write the result atomically (a crash never leaves half a file)."""
-    from vitkit.checkpoint import atomic_write_text
 
     atomic_write_text(json.dumps(result, indent=2) + "\n", path)
     return Path(path)

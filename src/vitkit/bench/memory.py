@@ -11,7 +11,7 @@ import ctypes
 import ctypes.util
 import os
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

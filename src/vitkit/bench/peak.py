@@ -8,7 +8,7 @@ peak must be the best the hardware gives, not what one library gives.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

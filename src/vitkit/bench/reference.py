@@ -15,6 +15,7 @@ from functools import partial
 from torch import Tensor, nn
 
 from vitkit.config import ViTConfig
+from vitkit.models.hybrid import ConvStemEmbed, build_stem
 
 
 class ReferenceUnavailable(RuntimeError):
@@ -23,7 +24,7 @@ class ReferenceUnavailable(RuntimeError):
 
 def timm_vision_transformer(config: ViTConfig) -> nn.Module:
     """timm's ``VisionTransformer`` with the hyper-parameters of ``config``."""
-    try:
+    try:  # timm is optional (the test extra): imported only when a reference is asked for
         from timm.layers import HybridEmbed
         from timm.models.vision_transformer import VisionTransformer
     except ImportError as e:
@@ -47,7 +48,6 @@ def timm_vision_transformer(config: ViTConfig) -> nn.Module:
 def _cnn_of(config: ViTConfig) -> nn.Module:
     """The CNN of a hybrid's stem (conv layers or BiT ResNet), without its projection to D: the
     ``backbone`` that timm's own ``HybridEmbed`` runs before its projection."""
-    from vitkit.models.hybrid import ConvStemEmbed, build_stem
 
     stem = build_stem(config)
     return stem.stem if isinstance(stem, ConvStemEmbed) else stem.backbone

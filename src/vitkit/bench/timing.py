@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Callable, Mapping
 
 import torch
 
@@ -20,12 +20,12 @@ class Stats:
     max: float
 
     @classmethod
-    def of(cls, values: list[float]) -> "Stats":
+    def of(cls, values: list[float]) -> Stats:
         if not values:
             raise ValueError("no measurements")
         return cls(min(values), statistics.median(values), max(values))
 
-    def scaled(self, factor: float) -> "Stats":
+    def scaled(self, factor: float) -> Stats:
         return Stats(self.min * factor, self.median * factor, self.max * factor)
 
     def to_dict(self) -> dict[str, float]:
@@ -38,13 +38,13 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_round_robin(candidates: Mapping[str, Callable[[], object]], *, warmup: int, repeats: int,
-                     calls_per_repeat: int = 1, device: torch.device = torch.device("cpu"),
-                     ) -> dict[str, list[float]]:
+                     calls_per_repeat: int = 1, device: torch.device | None = None) -> dict[str, list[float]]:
     """Seconds per call of each candidate, ``repeats`` times, after ``warmup`` untimed calls each.
 
     Each repeat runs every candidate once, alternating the order between repeats, so vitkit and its
-    reference see the same machine state.
+    reference see the same machine state. ``device`` (default: the CPU) is synchronised around each timing.
     """
+    device = device if device is not None else torch.device("cpu")
     for fn in candidates.values():
         for _ in range(warmup):
             fn()

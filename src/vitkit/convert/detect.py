@@ -17,9 +17,10 @@ from typing import Any
 
 from torch import Tensor
 
-from vitkit.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, load_state_dict, read_config
+from vitkit.checkpoint import CheckpointError, load_state_dict, read_config
 from vitkit.config import ViTConfig
 from vitkit.convert import huggingface, jax, timm, torchvision
+from vitkit.fileio import CONFIG_NAME, WEIGHTS_NAME
 
 FORMATS = ("vitkit", "timm", "huggingface", "torchvision", "jax")
 ALIASES = {"hf": "huggingface", "transformers": "huggingface", "npz": "jax", "vit_jax": "jax", "big_vision": "jax"}

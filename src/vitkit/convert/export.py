@@ -7,9 +7,9 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from vitkit.checkpoint import atomic_torch_save, save_state_dict
 from vitkit.convert import huggingface, jax, timm, torchvision
 from vitkit.convert.detect import normalise_format
+from vitkit.fileio import atomic_torch_save, save_state_dict
 
 STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 

@@ -22,9 +22,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vitkit.checkpoint import CheckpointError, atomic_write_text, load_state_dict, save_state_dict
+from vitkit.checkpoint import CheckpointError, load_state_dict
 from vitkit.config import ViTConfig
 from vitkit.convert.keymap import KeyMap
+from vitkit.fileio import atomic_write_text, save_state_dict
 
 FORMAT = "huggingface"
 

@@ -24,7 +24,7 @@ Both have ``embedding``, ``cls`` (class-token models only), ``Transformer/encode
 
 Hybrids (vit_jax's ``R50+ViT-B_16``, augreg's ``R_Ti_16``, ``R26_S_32``, ...) add a BiT ResNet at the
 top level (``conv_root``, ``gn_root``, ``block{i}/unit{j}/{conv,gn}{1,2,3,_proj}``), and ``embedding``
-then projects its feature map; :mod:`vitkit.models.hybrid` maps those keys.
+then projects its feature map; :mod:`vitkit.convert.jax_hybrid` maps those keys.
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vitkit.checkpoint import CheckpointError, atomic_path
+from vitkit.checkpoint import CheckpointError
 from vitkit.config import ViTConfig
 from vitkit.convert.infer import STEM_ASSUMED, unrecorded_stem_fields
-from vitkit.models.hybrid import hybrid_npz_to_state_dict, is_hybrid_npz, state_dict_to_hybrid_npz
+from vitkit.convert.jax_hybrid import hybrid_npz_to_state_dict, is_hybrid_npz, state_dict_to_hybrid_npz
+from vitkit.fileio import atomic_path
 
 FORMAT = "jax"
 _PREFIXES = ("opt/target/", "params/")

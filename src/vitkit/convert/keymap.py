@@ -8,7 +8,7 @@ suffix (``.weight``, ``.bias``) is carried over unchanged.
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def _compile(template: str) -> re.Pattern[str]:

@@ -17,6 +17,7 @@ from torch import Tensor
 from vitkit.checkpoint import CheckpointError
 from vitkit.config import ViTConfig
 from vitkit.convert.infer import STEM_ASSUMED, unrecorded_stem_fields
+from vitkit.models.registry import get_model_config, list_models
 
 FORMAT = "timm"
 
@@ -69,7 +70,6 @@ def hints_from_hub_config(data: dict[str, Any]) -> dict[str, Any]:
 
     timm's architecture names are vitkit's registry names, so the registry supplies the head count.
     """
-    from vitkit.models.registry import list_models, get_model_config
 
     hints: dict[str, Any] = {}
     arch = str(data.get("architecture", "")).split(".")[0]

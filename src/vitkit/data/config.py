@@ -156,6 +156,6 @@ class DataConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "DataConfig":
+    def from_dict(cls, values: dict[str, Any]) -> DataConfig:
         """Build from a mapping; an unknown key is an error that names it."""
         return from_known_keys(cls, values, "data config")

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+import torchvision
+import torchvision.datasets as tv_datasets
 
-from vitkit.checkpoint import atomic_path, atomic_write_text
 from vitkit.data.sources import DatasetSpec, channel_stats, default_download_root, named_spec
+from vitkit.fileio import atomic_path, atomic_write_text
+
 
 class DownloadError(RuntimeError):
     """Fetching a data set failed (network, checksum, disk); the message says what and where."""
@@ -38,7 +42,8 @@ def convert_torchvision_dataset(dataset: Any, spec: DatasetSpec) -> tuple[np.nda
         images = images[..., None]
     expected = (spec.img_size, spec.img_size, spec.in_chans)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
-        raise ValueError(f"{name}: images are {images.dtype} {images.shape}, expected uint8 (N, {', '.join(map(str, expected))})")
+        raise ValueError(f"{name}: images are {images.dtype} {images.shape}, "
+                         f"expected uint8 (N, {', '.join(map(str, expected))})")
     if labels.shape != (len(images),):
         raise ValueError(f"{name}: {len(labels)} targets for {len(images)} images")
     if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):
@@ -89,8 +94,6 @@ def download(name: str, data_dir: str | Path | None = None, *, keep_raw: bool = 
     A complete copy already there is kept unless ``force``. The raw files go to ``DATA_DIR/name/raw``
     and are removed after a successful conversion unless ``keep_raw``; a failed run can be repeated.
     """
-    import torchvision
-    import torchvision.datasets as tv_datasets
 
     spec = named_spec(name)
     directory = default_download_root(data_dir) / name

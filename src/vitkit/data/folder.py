@@ -8,10 +8,10 @@ DataLoader's worker processes. The random crop of an image is seeded by ``(seed,
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch

@@ -11,8 +11,8 @@ decoded and cropped by DataLoader workers, then finished by the same batched aug
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -23,8 +23,7 @@ from vitkit.data import sources
 from vitkit.data.augment import BatchAugmenter
 from vitkit.data.config import DataConfig
 from vitkit.data.folder import FolderImages, FolderSplit, collate, find_split_dir, list_classes, scan_split
-from vitkit.data.sampling import (batch_positions, epoch_order, eval_shard, steps_per_epoch, stratified_subset,
-                                  to_device)
+from vitkit.data.sampling import batch_positions, epoch_order, eval_shard, steps_per_epoch, stratified_subset, to_device
 
 Batch = tuple[Tensor, Tensor]
 
@@ -154,7 +153,8 @@ class FolderTrainStream(_TrainOrder):
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         order = epoch_order(self.num_samples, self.seed, epoch)
         steps = range(start_step, len(self))
-        keys = [[(int(order[p]), epoch, int(p)) for p in batch_positions(s, self.batch_size, self.rank, self.world_size)]
+        keys = [[(int(order[p]), epoch, int(p))
+                 for p in batch_positions(s, self.batch_size, self.rank, self.world_size)]
                 for s in steps]
         global_size = self.batch_size * self.world_size
         all_rows = np.arange(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)

@@ -42,7 +42,8 @@ def dataset_summary(dataset: str, data_dir: str | Path | None = None) -> dict[st
                 labels = npz["labels"]
             splits[split] = np.bincount(labels, minlength=spec.num_classes).tolist()
             shape = shape or _npz_shape(path, "images")[1:]
-    return {"dataset": dataset, "location": str(directory), "classes": sources.class_names_of(directory, spec.num_classes),
+    return {"dataset": dataset, "location": str(directory),
+            "classes": sources.class_names_of(directory, spec.num_classes),
             "image_shape": "x".join(map(str, shape)) if shape else "?", "splits": splits,
             "mean": list(spec.mean), "std": list(spec.std)}
 

@@ -2,8 +2,15 @@
 
 from vitkit.evaluation.datasets import LabeledImages, load_split
 from vitkit.evaluation.features import FeatureCache, Preprocess, extract_features
-from vitkit.evaluation.fewshot import (DEFAULT_L2, L2_GRID, FewShotResult, RidgeClassifier, RidgeSolver,
-                                       fewshot_evaluate, fit_ridge)
+from vitkit.evaluation.fewshot import (
+    DEFAULT_L2,
+    L2_GRID,
+    FewShotResult,
+    RidgeClassifier,
+    RidgeSolver,
+    fewshot_evaluate,
+    fit_ridge,
+)
 from vitkit.evaluation.linear_eval import LinearEvalReport, linear_evaluation
 from vitkit.evaluation.linear_probe import ProbeResult, fit_logistic, linear_probe
 

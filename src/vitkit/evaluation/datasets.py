@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -84,8 +85,6 @@ def _class_names(directory: Path) -> list[str] | None:
 
 
 def _read_image_folder(folder: Path, directory: Path, image_size: int | None) -> LabeledImages:
-    from PIL import Image
-
     class_dirs = sorted(p for p in folder.iterdir() if p.is_dir())
     if not class_dirs:
         raise FileNotFoundError(f"{folder}: no class folders")

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitkit.checkpoint import load_state_dict
 from vitkit.evaluation.datasets import LabeledImages
+from vitkit.fileio import save_state_dict
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class Preprocess:
 
     @classmethod
     def for_model(cls, model: nn.Module, mean: Sequence[float] | None = None,
-                  std: Sequence[float] | None = None) -> "Preprocess":
+                  std: Sequence[float] | None = None) -> Preprocess:
         """The model's input size and channels; normalisation from the arguments, else what the model was
         trained with (``config.extra['preprocess']``, written by ``vitkit train``), else the paper's
         [-1, 1] scaling (mean = std = 0.5)."""
@@ -103,16 +105,12 @@ class FeatureCache:
             return self._memory[key]
         path = self.directory / f"features-{key}.safetensors" if self.directory is not None else None
         if path is not None and path.is_file():
-            from vitkit.checkpoint import load_state_dict
-
             feats = load_state_dict(path)["features"]
             self.hits += 1
         else:
             feats = extract_features(model, data, preprocess=preprocess, batch_size=batch_size, device=device)
             self.misses += 1
             if path is not None:
-                from vitkit.checkpoint import save_state_dict
-
                 save_state_dict({"features": feats}, path, metadata={"data": data.name})
         self._memory[key] = feats
         return feats

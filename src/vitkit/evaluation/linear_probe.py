@@ -7,8 +7,9 @@ L-BFGS converges to the optimum without a learning-rate schedule.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch

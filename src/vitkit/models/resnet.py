@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.config import ModelConfig, from_known_keys
+from vitkit.fileio import write_model_dir
 from vitkit.models.layers import DropPath
-from vitkit.models.registry import register_architecture, register_model
+from vitkit.models.registry import config_record, register_architecture, register_model
 
 # ============================================================================ BiT ResNet (GN + WS)
 
@@ -126,7 +128,7 @@ class BiTSpec:
             raise ValueError(f"stem: every stage needs at least one unit, got layers={list(self.layers)}")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "BiTSpec":
+    def from_dict(cls, data: dict[str, Any]) -> BiTSpec:
         return from_known_keys(cls, data, "stem")
 
     @property
@@ -439,9 +441,7 @@ class ResNet(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``model.safetensors`` and ``config.json`` to ``directory`` (atomically)."""
-        from vitkit.checkpoint import save_pretrained
-
-        return save_pretrained(self, directory)
+        return write_model_dir(directory, self.state_dict(), config_record(self.config))
 
 
 register_architecture("resnet", ResNetConfig, ResNet)

@@ -5,17 +5,21 @@
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from vitkit.config import ViTConfig
+from vitkit.fileio import write_model_dir
+from vitkit.models.hybrid import build_stem
+from vitkit.models.init import lecun_normal_
 from vitkit.models.layers import Block, PatchEmbed
 from vitkit.models.pos_embed import resample_pos_embed
+from vitkit.models.registry import config_record
 
 
 class VisionTransformer(nn.Module):
@@ -58,14 +62,14 @@ class VisionTransformer(nn.Module):
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
         if isinstance(self.patch_embed, PatchEmbed):
-            _lecun_normal_(self.patch_embed.proj.weight)
+            lecun_normal_(self.patch_embed.proj.weight)
             nn.init.zeros_(self.patch_embed.proj.bias)
         for name, module in self.named_modules():
             if name.startswith(("head", "patch_embed")):
                 continue
             if isinstance(module, nn.Linear):
                 if name.startswith("pre_logits"):
-                    _lecun_normal_(module.weight)
+                    lecun_normal_(module.weight)
                 else:
                     nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
@@ -241,17 +245,13 @@ class VisionTransformer(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``model.safetensors`` and ``config.json`` to ``directory`` (atomically)."""
-        from vitkit.checkpoint import save_pretrained
-
-        return save_pretrained(self, directory)
+        return write_model_dir(directory, self.state_dict(), config_record(self.config))
 
 
 def build_patch_embed(config: ViTConfig) -> nn.Module:
     """The module that turns images into the token sequence: patches, or a CNN's feature map."""
     if config.stem is None:
         return PatchEmbed(config.patch_size, config.in_chans, config.embed_dim)
-    from vitkit.models.hybrid import build_stem  # imported lazily: only hybrids need it
-
     return build_stem(config)
 
 
@@ -261,9 +261,3 @@ def _representation_layer(dim: int, width: int | None) -> nn.Module:
         return nn.Identity()
     return nn.Sequential(OrderedDict(fc=nn.Linear(dim, width), act=nn.Tanh()))
 
-
-def _lecun_normal_(weight: Tensor) -> None:
-    """JAX's lecun_normal: a normal truncated at two standard deviations, rescaled to variance 1/fan_in."""
-    fan_in = weight[0].numel()
-    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # std of a unit normal truncated to [-2, 2]
-    nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)

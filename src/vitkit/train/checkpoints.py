@@ -16,10 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
-from vitkit.checkpoint import CheckpointError, atomic_torch_save
+from vitkit.checkpoint import CheckpointError, load_model, load_weights
 from vitkit.convert.pretrained import from_hub_source
+from vitkit.fileio import CONFIG_NAME, atomic_torch_save
 from vitkit.hub import fetch_source
+from vitkit.models.registry import build_model, get_architecture
 
 FORMAT = "vitkit-train-checkpoint"
 VERSION = 1
@@ -147,8 +150,6 @@ def _alternatives(path: Path) -> str:
 # ------------------------------------------------------------------------- trained models
 def model_from_checkpoint(state: dict[str, Any], *, use_ema: bool = True) -> torch.nn.Module:
     """The model a training checkpoint holds: its EMA weights when it has them (what a run exports)."""
-    from vitkit.checkpoint import load_weights
-    from vitkit.models.registry import build_model, get_architecture
 
     config_dict = dict(state["model_config"])
     arch = get_architecture(config_dict.pop("architecture", "vit"))
@@ -165,7 +166,6 @@ def load_trained(source: str | Path) -> tuple[torch.nn.Module, dict[str, Any] | 
     Returns ``(model, training_config_dict_or_None, run_dir_or_None)``. A run directory gives its exported
     ``model/`` when training finished, else ``best.pt``, else ``last.pt``.
     """
-    from vitkit.checkpoint import CONFIG_NAME, load_model
 
     path = Path(source)
     if not path.exists():
@@ -192,8 +192,6 @@ def load_trained(source: str | Path) -> tuple[torch.nn.Module, dict[str, Any] | 
 
 
 def _run_config(run_dir: Path | None) -> dict[str, Any] | None:
-    import yaml
-
     if run_dir is None or not (run_dir / "config.yaml").is_file():
         return None
     return yaml.safe_load((run_dir / "config.yaml").read_text())

@@ -12,15 +12,19 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from vitkit.checkpoint import read_config
 from vitkit.data import DataConfig
-from vitkit.finetune import FinetuneConfig
+from vitkit.hub import fetch_source
+from vitkit.models.transfer import PosEmbedInit
+from vitkit.sources import find_model_dir
 
 Precision = Literal["fp32", "bf16", "fp16"]
 OptimizerName = Literal["adamw", "sgd"]
@@ -28,6 +32,8 @@ Progress = Literal["auto", "bar", "plain", "none"]
 
 DEFAULT_CONFIG = "cifar10_convstem"
 """The bundled config that ``vitkit train`` runs when given none: the README's main job."""
+FINETUNE_RECIPE = "finetune"
+"""The bundled config under every ``vitkit finetune``: the paper's fine-tuning recipe."""
 
 
 @dataclass
@@ -74,6 +80,26 @@ class OptimConfig:
             raise ValueError(f"optim.momentum must be in [0, 1), got {self.momentum}")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise ValueError(f"optim.layer_decay must be in (0, 1] or null, got {self.layer_decay}")
+
+
+@dataclass
+class FinetuneConfig:
+    """The ``finetune`` section of a training config. With ``init`` unset, training starts from scratch."""
+
+    init: Optional[str] = None
+    """SOURCE of the pre-trained weights: a vitkit model or run directory, or anything
+    ``vitkit.from_pretrained`` reads."""
+    pos_embed: PosEmbedInit = "interpolate"
+    """At a new resolution: ``interpolate`` the pre-trained position embeddings in 2-D, or ``reinit`` them."""
+    freeze_backbone: bool = False
+    """Train the new head only (a linear probe)."""
+    zero_init_head: bool = True
+    keep_representation: bool = False
+    """Keep the pre-training representation (pre-logits) layer; the paper removes it."""
+
+    def __post_init__(self) -> None:
+        if self.pos_embed not in ("interpolate", "reinit"):
+            raise ValueError(f"finetune.pos_embed must be 'interpolate' or 'reinit', got {self.pos_embed!r}")
 
 
 @dataclass
@@ -142,7 +168,7 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> "TrainConfig":
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> TrainConfig:
         """Keys given in ``data`` replace the defaults'; sections are merged key by key."""
         return _build(cls, merge_configs(cls().to_dict(), data), source, prefix="")
 
@@ -158,6 +184,36 @@ def load_config(config: str | Path | None = None, overrides: Sequence[str] = ())
     override_dict = expand_shortcuts(parse_overrides(overrides))
     merged = merge_configs(data, override_dict)
     return TrainConfig.from_dict(merged, source=source if not override_dict else f"{source} + overrides")
+
+
+def finetune_config(init: str, dataset: str, *, img_size: int | None = None, config: str | None = None,
+                    overrides: Sequence[str] = ()) -> TrainConfig:
+    """The training config of ``vitkit finetune``: the bundled fine-tuning recipe, then the ``config`` file,
+    then ``init``/``dataset``/``img_size``, then ``--key value`` overrides (later ones win)."""
+    recipe = find_config(FINETUNE_RECIPE)
+    data = read_yaml(recipe)
+    source = f"fine-tuning recipe {recipe.name}"
+    if config is not None:
+        path = find_config(config)
+        data = _merge(data, read_yaml(path))
+        source = f"{source} + {path}"
+    model_dir = find_model_dir(init)
+    init_config = read_config(model_dir) if model_dir is not None else None
+    # The architecture comes from the SOURCE; the model section only names it and holds overrides
+    # such as drop_path_rate (a from-scratch default section would describe another model).
+    named: dict[str, Any] = {"finetune": {"init": str(init)}, "data": {"dataset": dataset},
+                             "model": {"name": getattr(init_config, "name", None) or "pretrained"}}
+    if img_size is not None:
+        named["data"]["img_size"] = img_size
+    data = _merge(_merge(data, named), expand_shortcuts(parse_overrides(overrides)))
+    recorded = (getattr(init_config, "extra", None) or {}).get("preprocess") or {}
+    if init_config is None and not Path(init).exists():  # pretrained weights: their publisher's normalisation
+        fetched = fetch_source(str(init))
+        recorded = fetched.preprocessing.as_dict() if fetched is not None and fetched.preprocessing else {}
+    if data["data"].get("mean") is None and data["data"].get("std") is None and "mean" in recorded:
+        # Normalise the new images as the pre-training images were.
+        data["data"]["mean"], data["data"]["std"] = list(recorded["mean"]), list(recorded["std"])
+    return TrainConfig.from_dict(data, source=f"{source}{' + overrides' if overrides else ''}")
 
 
 def bundled_configs() -> list[str]:

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkit.checkpoint import atomic_write_text
+from vitkit.data import DataConfig, build_data
+from vitkit.fileio import atomic_write_text
+from vitkit.train.checkpoints import load_trained
 from vitkit.train.distributed import World, all_reduce_sum
-from vitkit.train.runtime import autocast
+from vitkit.train.plots import plot_confusion
+from vitkit.train.runtime import autocast, resolve_device
 
 
 @dataclass
@@ -118,10 +122,6 @@ def evaluate_trained(source: str | Path, *, dataset: Optional[str] = None, data_
                      out_dir: Optional[str | Path] = None, hflip_tta: bool = False) -> EvalReport:
     """Evaluate a run, training checkpoint or model directory on a data set's evaluation split (by default
     the one it was trained on, with its training normalisation); write ``eval.json`` and ``confusion.png``."""
-    from vitkit.data import DataConfig, build_data
-    from vitkit.train.checkpoints import load_trained
-    from vitkit.train.plots import plot_confusion
-    from vitkit.train.runtime import resolve_device
 
     model, train_cfg, run_dir = load_trained(source)
     config = model.config

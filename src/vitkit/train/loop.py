@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,14 +20,23 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vitkit.checkpoint import CheckpointError, load_weights
 from vitkit.data import build_data
-from vitkit.train.evaluate import evaluate
+from vitkit.models.registry import architecture_of
 from vitkit.train.checkpoints import CheckpointWriter, capture_rng, load_checkpoint, resolve_checkpoint, restore_rng
 from vitkit.train.config import TrainConfig, expand_shortcuts, merge_configs, parse_overrides
-from vitkit.train.distributed import (World, all_reduce_sum, any_process, broadcast_object, gather_objects,
-                                      init_world, shutdown)
+from vitkit.train.distributed import (
+    World,
+    all_reduce_sum,
+    any_process,
+    broadcast_object,
+    gather_objects,
+    init_world,
+    shutdown,
+)
 from vitkit.train.ema import ModelEMA
+from vitkit.train.evaluate import evaluate
 from vitkit.train.monitor import Progress, RunLog, Stopwatch, format_duration
 from vitkit.train.optim import build_optimizer, lr_at, set_lr
+from vitkit.train.plots import plot_curves
 from vitkit.train.rundir import build_run_model, create_run_dir, export_model, write_config
 from vitkit.train.runtime import StopSignals, autocast, grad_scaler, resolve_device, seed_everything
 
@@ -160,7 +170,8 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         epoch_start, epoch_cpu, window_start = time.perf_counter(), time.process_time(), time.perf_counter()
         window = torch.zeros(3, dtype=torch.float64, device=device)
         grad_norm = torch.zeros((), device=device)
-        for batch, (images, targets) in enumerate(data.train.batches(epoch, batch), start=batch):
+        first_batch = batch
+        for batch, (images, targets) in enumerate(data.train.batches(epoch, first_batch), start=first_batch):
             if batch >= steps_per_epoch * accum:
                 break
             boundary = (batch + 1) % accum == 0
@@ -256,7 +267,6 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         final = ema.module if ema is not None else raw_model
         export_model(final, run_dir, best_acc=best_acc, total_time=clock.elapsed)
         log.close()
-        from vitkit.train.plots import plot_curves
 
         plot_curves(run_dir)
         progress.print(f"done in {format_duration(clock.elapsed)}: best val acc {100 * best_acc:.2f}%; "
@@ -278,6 +288,4 @@ def _summary_line(record: dict[str, Any], epochs: int, eta: float, has_ema: bool
 
 
 def _config_dict(model: nn.Module) -> dict[str, Any]:
-    from vitkit.models.registry import architecture_of
-
     return {"architecture": architecture_of(model.config), **model.config.to_dict()}

@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from vitkit.checkpoint import atomic_write_text
+from tqdm import tqdm
+
+from vitkit.fileio import atomic_write_text
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -31,6 +33,7 @@ class RunLog:
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and _step_of(line) <= resume_step]
             atomic_write_text("".join(f"{line}\n" for line in kept), self.path)
+        # Imported here, not at the top: tensorboard's import takes seconds and only logging runs need it.
         from torch.utils.tensorboard import SummaryWriter
 
         purge = resume_step + 1 if resume_step is not None else None
@@ -95,8 +98,6 @@ class Progress:
         self._epoch_label = f"epoch {epoch + 1}/{epochs}"
         self._total = total_steps
         if self.mode == "bar":
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total_steps, initial=done_steps, desc=self._epoch_label, unit="step",
                              dynamic_ncols=True, leave=True, file=sys.stderr)
 

@@ -1,20 +1,59 @@
-"""AdamW with the usual ViT exclusions from weight decay, and the warmup + cosine learning rate."""
+"""The optimizer's view of a model and the learning-rate schedule.
+
+- :func:`param_groups`: weight decay only on weight matrices, and optional layer-wise learning-rate
+  decay (each group carries an ``lr_scale`` that the scheduler multiplies in).
+- :func:`build_optimizer`: AdamW, or SGD with momentum (the paper's fine-tuning optimizer), over them.
+- :func:`lr_at`: linear warmup then cosine decay, per optimizer step.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
-from vitkit.finetune import param_groups as _param_groups
 from vitkit.train.config import OptimConfig
 
+_EMBEDDING_PREFIXES = ("patch_embed.", "cls_token", "pos_embed", "reg_token")
 
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
-    """Parameter groups without weight decay for norms, biases, position embeddings and the class token,
-    and with an ``lr_scale`` per layer when ``layer_decay`` is set (see :func:`vitkit.finetune.param_groups`)."""
-    return _param_groups(model, weight_decay=weight_decay, layer_decay=layer_decay)
+
+def layer_id(name: str, depth: int) -> int:
+    """The depth of a parameter for layer-wise decay: embeddings 0, block i is i + 1, the rest depth + 1."""
+    if name.startswith(_EMBEDDING_PREFIXES):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float = 0.0,
+                 layer_decay: float | None = None) -> list[dict[str, Any]]:
+    """Optimizer parameter groups of the trainable parameters.
+
+    Weight decay applies to weight matrices only: never to biases, norms, the class token or the
+    position embeddings. With ``layer_decay`` (e.g. 0.65-0.75 for fine-tuning, as in BEiT/MAE), the
+    learning rate of layer ``l`` of ``L + 1`` is scaled by ``layer_decay ** (L + 1 - l)``: the head
+    trains at the full rate, the embeddings at the smallest. Every group has ``lr_scale``, which a
+    scheduler must multiply into the learning rate it sets.
+    """
+    if layer_decay is not None and not 0 < layer_decay <= 1:
+        raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
+    depth = len(getattr(model, "blocks", ()))
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = weight_decay > 0 and param.ndim > 1 and name not in skip and name.rsplit(".", 1)[-1] not in skip
+        layer = layer_id(name, depth) if layer_decay is not None else depth + 1
+        scale = layer_decay ** (depth + 1 - layer) if layer_decay is not None else 1.0
+        group = groups.setdefault((layer, decay), {"params": [], "param_names": [], "lr_scale": scale,
+                                                   "weight_decay": weight_decay if decay else 0.0})
+        group["params"].append(param)
+        group["param_names"].append(name)
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]  # per layer: decayed first
 
 
 def no_decay_names(model: nn.Module) -> list[str]:
@@ -23,6 +62,8 @@ def no_decay_names(model: nn.Module) -> list[str]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """``cfg.name`` (AdamW or SGD with momentum) over :func:`param_groups`; each group's initial ``lr`` is
+    ``cfg.lr * lr_scale``."""
     device = next(model.parameters()).device
     groups = param_groups(model, cfg.weight_decay, cfg.layer_decay)
     for group in groups:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from torch import Tensor
 
@@ -12,7 +13,9 @@ from vitkit.train.monitor import read_metrics
 CURVES_NAME = "curves.png"
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend. Imported on first use, not with vitkit, so that
+    importing vitkit neither pays for pyplot nor switches the backend of a user's notebook."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: works without a display
@@ -23,7 +26,7 @@ def _pyplot():
 
 def plot_curves(run_dir: str | Path, path: Optional[str | Path] = None) -> Path:
     """Training loss and accuracy per logging step, validation per epoch, against the optimizer step."""
-    plt = _pyplot()
+    plt = pyplot()
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     train = [r for r in records if r["kind"] == "train"]
@@ -57,7 +60,7 @@ def plot_curves(run_dir: str | Path, path: Optional[str | Path] = None) -> Path:
 def plot_confusion(confusion: Tensor, class_names: Sequence[str], path: str | Path, title: str = "") -> Path:
     """A row-normalised confusion matrix (rows: true class, columns: predicted), counts in the cells
     when there are few classes."""
-    plt = _pyplot()
+    plt = pyplot()
     counts = confusion.double()
     rates = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
     k = len(class_names)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from vitkit.checkpoint import atomic_write_text
-from vitkit.train.config import TrainConfig
+from vitkit.fileio import atomic_write_text
+from vitkit.models.registry import build_model, get_model_entry
+from vitkit.models.transfer import freeze_backbone, prepare_for_finetuning
+from vitkit.sources import load_source
+from vitkit.train.config import FinetuneConfig, TrainConfig
 
 CONFIG_NAME = "config.yaml"
 MODEL_DIR = "model"
@@ -52,8 +56,6 @@ def build_run_model(cfg: TrainConfig, data: Any) -> nn.Module:
     """The registered model ``cfg.model['name']`` with the config's overrides; the number of classes,
     channels, image size and class names default to the data set's, and the preprocessing travels in
     ``config.extra`` so that ``vitkit predict`` can reproduce it."""
-    from vitkit.models.registry import build_model, get_model_entry
-
     if cfg.finetune.init:
         return _build_finetune_model(cfg, data)
     spec = dict(cfg.model)
@@ -86,8 +88,6 @@ def build_run_model(cfg: TrainConfig, data: Any) -> nn.Module:
 
 def _build_finetune_model(cfg: TrainConfig, data: Any) -> nn.Module:
     """The pre-trained ``finetune.init`` with a new zero head for the data set's classes, at its image size."""
-    from vitkit.finetune import build_finetune_model
-
     model = build_finetune_model(cfg.finetune, num_classes=data.num_classes, class_names=list(data.class_names),
                                  in_chans=data.in_chans, img_size=cfg.model.get("img_size", data.img_size),
                                  model_overrides=cfg.model)
@@ -95,6 +95,34 @@ def _build_finetune_model(cfg: TrainConfig, data: Any) -> nn.Module:
     extra["preprocess"] = preprocess_info(cfg, data, model.config.img_size)
     extra["finetuned_from"] = cfg.finetune.init
     model.config = model.config.replace(extra=extra)
+    return model
+
+
+def build_finetune_model(cfg: FinetuneConfig, *, num_classes: int, class_names: Sequence[str] | None,
+                         in_chans: int, img_size: int | tuple[int, int] | None,
+                         model_overrides: dict[str, Any] | None = None) -> nn.Module:
+    """Load ``cfg.init`` and prepare it for a data set with ``num_classes`` classes at ``img_size``.
+
+    ``model_overrides`` are config fields to change (e.g. ``drop_path_rate``); a ``name`` key (the
+    registry name of a from-scratch run) is ignored, since the architecture comes from the SOURCE.
+    """
+    if not cfg.init:
+        raise ValueError("finetune.init is not set: name the pre-trained SOURCE to start from")
+    overrides = {k: v for k, v in (model_overrides or {}).items() if k != "name"}
+    for key in ("num_classes", "class_names", "img_size", "representation_size", "head_init"):
+        overrides.pop(key, None)  # decided by the data set and by fine-tuning itself
+    if cfg.freeze_backbone:  # a frozen backbone is a fixed feature extractor: no dropout or drop-path in it
+        for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            overrides.setdefault(key, 0.0)
+    model = load_source(cfg.init)
+    if model.config.in_chans != in_chans:
+        raise ValueError(f"finetune.init {cfg.init} takes {model.config.in_chans}-channel images but the data set "
+                         f"has {in_chans} channel(s)")
+    model = prepare_for_finetuning(model, num_classes, class_names=class_names, img_size=img_size,
+                                   zero_init_head=cfg.zero_init_head, keep_representation=cfg.keep_representation,
+                                   pos_embed=cfg.pos_embed, **overrides)
+    if cfg.freeze_backbone:
+        freeze_backbone(model)
     return model
 
 

@@ -6,7 +6,8 @@ import contextlib
 import os
 import random
 import signal
-from typing import ContextManager, Optional
+from contextlib import AbstractContextManager as ContextManager
+from typing import Optional
 
 import numpy as np
 import torch
@@ -70,7 +71,7 @@ class StopSignals:
         self.received: Optional[int] = None
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
