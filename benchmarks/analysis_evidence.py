@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from vitkit import ViTConfig, build_model
 from vitkit.analysis import analyze
-from vitkit.analysis.inputs import default_data_dir
+from vitkit.data.sources import locate_named
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -137,7 +137,7 @@ def main() -> None:
                         help="torch threads (1: on an oversubscribed shared machine more threads only contend)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    data_dir = locate_named("cifar10", args.data_dir).parent  # the data roots every command uses
     out = Path(args.out)
     train_x, train_y = load_split(data_dir, "train")
     test_x, test_y = load_split(data_dir, "test")

@@ -47,8 +47,8 @@ def main() -> None:
     total, seconds = best
 
     model = create_model(args.model).eval()
-    sample = load_images(args.dataset, args.images, data_dir=args.data_dir, image_size=model.config.image_hw)
-    inputs, _ = prepare_images(sample.images, model)
+    sample = load_images(args.dataset, args.images, data_dir=args.data_dir)
+    inputs, _ = prepare_images(sample, model)
     forward = float("inf")
     with torch.inference_mode():
         for _ in range(args.repeats):

@@ -28,7 +28,7 @@ from vitkit.analysis import (
     similarity_by_distance,
     write_report,
 )
-from vitkit.analysis.inputs import input_normalisation, load_images, prepare_images
+from vitkit.analysis.inputs import load_images, prepare_images
 from vitkit.cli import main
 
 DATA_DIR = Path(os.environ.get("VITKIT_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
@@ -292,30 +292,39 @@ def test_report_references_every_file_it_writes(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- inputs
-def test_prepare_images_resizes_and_normalises():
+def _pets(root: Path, val_sizes=((40, 20), (16, 16))) -> Path:
+    from PIL import Image
+
+    for split, sizes in (("train", ((8, 8), (8, 8))), ("val", val_sizes)):
+        for cls, size, colour in zip(("cat", "dog"), sizes, ((255, 0, 0), (0, 0, 255))):
+            (root / "pets" / split / cls).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", size, colour).save(root / "pets" / split / cls / "a.png")
+    return root / "pets"
+
+
+def test_prepare_images_resizes_and_normalises(tmp_path):
+    _pets(tmp_path, val_sizes=((32, 32), (32, 32)))
+    sample = load_images("pets", 2, data_dir=tmp_path)
     model = build_model(TINY.replace(img_size=48, patch_size=8))
-    images = np.zeros((2, 32, 32, 1), dtype=np.uint8)
-    images[1] = 255
-    inputs, display = prepare_images(images, model)
+    inputs, display = prepare_images(sample, model)
     assert inputs.shape == (2, 3, 48, 48) and display.shape == (2, 48, 48, 3)
-    np.testing.assert_allclose(inputs[0], -1.0)  # default (x - 0.5) / 0.5
-    np.testing.assert_allclose(inputs[1], 1.0, atol=1e-6)
+    np.testing.assert_allclose(inputs[0, 0], 1.0, atol=1e-6)  # red, default (x - 0.5) / 0.5
+    np.testing.assert_allclose(inputs[0, 1:], -1.0)
     custom = build_model(TINY.replace(extra={"preprocess": {"mean": [0.25, 0.5, 0.75], "std": [0.5, 0.5, 0.5]}}))
-    assert input_normalisation(custom.config) == ((0.25, 0.5, 0.75), (0.5, 0.5, 0.5))
-    inputs, _ = prepare_images(np.zeros((1, 32, 32, 3), dtype=np.uint8), custom)
-    np.testing.assert_allclose(inputs[0, :, 0, 0], [-0.5, -1.0, -1.5])
+    assert (custom.config.preprocessing().mean, custom.config.preprocessing().std) == ((0.25, 0.5, 0.75),
+                                                                                       (0.5, 0.5, 0.5))
+    inputs, _ = prepare_images(sample, custom)
+    np.testing.assert_allclose(inputs[1, :, 0, 0], [-0.5, -1.0, 0.5])  # blue
 
 
 def test_load_images_from_class_folders_resizes_and_crops(tmp_path):
-    from PIL import Image
-
-    for cls, size, colour in (("cat", (40, 20), (255, 0, 0)), ("dog", (16, 16), (0, 0, 255))):
-        (tmp_path / "pets" / "val" / cls).mkdir(parents=True)
-        Image.new("RGB", size, colour).save(tmp_path / "pets" / "val" / cls / "a.png")
-    sample = load_images("pets", 5, data_dir=tmp_path, image_size=(8, 8))
-    assert sample.images.shape == (2, 8, 8, 3) and sample.class_names == ["cat", "dog"]
+    _pets(tmp_path)
+    sample = load_images("pets", 5, data_dir=tmp_path)
+    assert len(sample.split) == 2 and sample.class_names == ["cat", "dog"]
     assert sample.labels.tolist() == [0, 1]
-    assert tuple(sample.images[0, 4, 4]) == (255, 0, 0) and tuple(sample.images[1, 4, 4]) == (0, 0, 255)
+    _, display = prepare_images(sample, build_model(TINY.replace(img_size=8, patch_size=4)))
+    assert display.shape == (2, 8, 8, 3)
+    assert tuple(display[0, 4, 4]) == (255, 0, 0) and tuple(display[1, 4, 4]) == (0, 0, 255)
 
 
 def _cifar_classes() -> list[str]:
@@ -331,11 +340,11 @@ def test_load_images_draws_a_seeded_sample_of_cifar():
     _need_cifar()
     a = load_images("cifar10", 10, data_dir=DATA_DIR, seed=3)
     b = load_images("cifar10", 10, data_dir=DATA_DIR, seed=3)
-    assert a.images.shape == (10, 32, 32, 3) and a.images.dtype == np.uint8
+    assert a.split.images.shape == (10, 32, 32, 3) and a.split.images.dtype == np.uint8
     np.testing.assert_array_equal(a.indices, b.indices)
     assert a.class_names[:2] == ["airplane", "automobile"]
     with np.load(DATA_DIR / "cifar10" / "test.npz") as data:
-        np.testing.assert_array_equal(a.images, data["images"][a.indices])
+        np.testing.assert_array_equal(a.split.images, data["images"][a.indices])
         np.testing.assert_array_equal(a.labels, data["labels"][a.indices])
 
 

@@ -16,6 +16,7 @@ from vitkit.data import CorruptImageError, DataConfig, DatasetNotFoundError, bui
 from vitkit.data.augment import BatchAugmenter
 from vitkit.data.folder import FolderImages, find_split_dir, list_classes, scan_split
 from vitkit.data.sampling import epoch_order, stratified_subset
+from vitkit.preprocessing import Preprocessing
 
 DATA = Path(os.environ.get("VITKIT_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 IMAGENETTE = DATA / "imagenette_subset"
@@ -73,7 +74,11 @@ def test_missing_set_error_names_where_it_looked_and_how_to_get_it(tmp_path, mon
     with pytest.raises(DatasetNotFoundError) as err:
         build_data(DataConfig("cifar100"), device="cpu")
     message = str(err.value)
-    for place in (tmp_path / "env", tmp_path / "data", Path("~/.cache/vitkit/data").expanduser()):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(DatasetNotFoundError) as err:
+        build_data(DataConfig("cifar100"), device="cpu")
+    message = str(err.value)
+    for place in (tmp_path / "env", tmp_path / "cache" / "vitkit" / "data"):  # VITKIT_DATA, then the user cache
         assert str(place / "cifar100" / "train.npz") in message
 
 
@@ -235,8 +240,9 @@ def test_imagenette_folder_with_grayscale_files():
     # a grayscale JPEG comes out as RGB with three equal channels
     split = scan_split(find_split_dir(IMAGENETTE, "train"), wnids)
     gray = next(i for i, f in enumerate(split.files) if Image.open(f).mode == "L")
-    image, _, ok = FolderImages(split, 64, "resize_center")[gray]
-    assert ok and image.shape == (3, 64, 64) and torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
+    image, _, error, _ = FolderImages(split, 64, "resize_center")[gray]
+    assert not error and image.shape == (3, 64, 64)
+    assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
     # resume works through the DataLoader workers too
     full = train_batches(data, 1)
     assert_same_batches(train_batches(data, 1, start=15), full[15:])
@@ -289,16 +295,41 @@ def test_corrupt_file_is_named_or_skipped_and_counted(odd_tree):
     with pytest.raises(CorruptImageError, match="garbage.png"):
         build_data(DataConfig(f"folder:{odd_tree}", batch_size=2, num_workers=0), device="cpu")
     garbage.unlink()
-    data = build_data(DataConfig(f"folder:{odd_tree}", img_size=16, batch_size=7, num_workers=0), device="cpu")
-    with pytest.raises(CorruptImageError, match="truncated.jpg"):
-        list(data.train.batches(0))  # the header is fine, the pixels are not: found when decoding
+    # issue 16 item 6: a truncated JPEG has a valid header; the up-front scan finds it by its missing end marker
+    with pytest.raises(CorruptImageError, match=r"truncated\.jpg: truncated JPEG") as err:
+        build_data(DataConfig(f"folder:{odd_tree}", img_size=16, batch_size=7, num_workers=0), device="cpu")
+    assert err.value.path == truncated
 
     garbage.write_bytes(b"this is not a png")
-    data = build_data(DataConfig(f"folder:{odd_tree}", img_size=16, batch_size=7, num_workers=0, skip_corrupt=True),
+    data = build_data(DataConfig(f"folder:{odd_tree}", img_size=16, batch_size=6, num_workers=0, skip_corrupt=True),
                       device="cpu")
-    assert data.scan_skipped == [str(garbage)]
+    assert data.scan_skipped == [str(garbage), str(truncated)]
+    assert data.skipped_files() == [str(garbage), str(truncated)]
+
+
+def _break_after_scan(odd_tree: Path, skip_corrupt: bool, num_workers: int):
+    """A data set whose file passes the scan (a valid header and end marker) but cannot be decoded."""
+    data = build_data(DataConfig(f"folder:{odd_tree}", img_size=16, batch_size=6, num_workers=num_workers,
+                                 skip_corrupt=skip_corrupt), device="cpu")
+    bad = odd_tree / "train" / "dog" / "plain.JPEG"
+    blob = bytearray(bad.read_bytes())
+    start = blob.index(b"\xff\xda")  # start of scan: wreck the entropy-coded data, keep header and end marker
+    blob[start + 20:len(blob) - 2] = bytes(len(blob) - 2 - start - 20)
+    blob[start + 2:start + 4] = b"\x00\x01"  # an impossible scan header length
+    bad.write_bytes(bytes(blob))
+    return data, bad
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_undecodable_file_is_one_clean_error_from_the_workers_or_skipped(odd_tree, num_workers):
+    data, bad = _break_after_scan(odd_tree, skip_corrupt=False, num_workers=num_workers)
+    with pytest.raises(CorruptImageError) as err:
+        list(data.train.batches(0))
+    assert err.value.path == bad and "\n" not in str(err.value) and "Traceback" not in str(err.value)
+    data, bad = _break_after_scan(odd_tree, skip_corrupt=True, num_workers=num_workers)
     batches = list(data.train.batches(0))
-    assert data.train.skipped == 1 and len(batches) == 1 and batches[0][0].shape[0] == 6
+    assert data.train.skipped == [str(bad)] and sum(len(b[1]) for b in batches) == 5
+    assert data.skipped_files() == [str(bad)]
 
 
 def test_empty_class_folder_is_an_error(odd_tree):
@@ -432,16 +463,17 @@ def test_autoaugment_changes_images_deterministically():
         assert not changed[identity].any() and changed.float().mean() > 0.75
 
 
-def test_load_eval_image_matches_the_validation_stream(odd_tree):
-    from vitkit.data import load_eval_image
+def test_the_eval_transform_matches_the_validation_stream(odd_tree):
+    from vitkit.data import EvalTransform
 
     data = build_data(DataConfig(f"folder:{odd_tree}", img_size=16, batch_size=2, num_workers=0), device="cpu")
     images, _ = next(iter(data.val.batches()))
-    single = load_eval_image(odd_tree / "val" / "cat" / "a.png", img_size=16, mean=data.mean, std=data.std,
-                             crop_pct=0.875)
-    assert torch.allclose(single, images[0], atol=1e-5)
-    gray = load_eval_image(odd_tree / "train" / "cat" / "palette.png", img_size=12, mean=(0.5,), std=(0.5,))
-    assert gray.shape == (1, 12, 12) and -1.0 <= gray.min() and gray.max() <= 1.0
+    transform = EvalTransform(data.preprocessing, 3)
+    single = transform.normalize(transform.load(odd_tree / "val" / "cat" / "a.png"))
+    assert torch.equal(single, images[0])
+    gray = EvalTransform(Preprocessing(size=12, mean=(0.5,), std=(0.5,)), 1)
+    image = gray.normalize(gray.load(odd_tree / "train" / "cat" / "palette.png"))
+    assert image.shape == (1, 12, 12) and -1.0 <= image.min() and image.max() <= 1.0
 
 
 def test_pipeline_throughput_reports_one_rate_per_repeat():

@@ -105,9 +105,9 @@ def test_transformers_repo_from_hf_cache_offline(tmp_path, caches, monkeypatch):
             got = model(x)
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
         assert model.config.class_names == ["ant", "bee", "cat", "dog"]
-        pre = model.config.extra["preprocess"]
-        assert pre["mean"] == [0.5, 0.4, 0.3] and pre["std"] == [0.2, 0.25, 0.3]
-        assert pre["img_size"] == 32 and pre["crop_pct"] == 1.0 and pre["interpolation"] == "bicubic"
+        pre = model.config.preprocess
+        assert pre.mean == (0.5, 0.4, 0.3) and pre.std == (0.2, 0.25, 0.3)
+        assert pre.size == (32, 32) and pre.crop_pct == 1.0 and pre.interpolation == "bicubic"
 
 
 def _timm_repo(tmp_path: Path, tag: str = "augreg_in21k_ft_in1k"):
@@ -142,9 +142,8 @@ def test_timm_repo_from_hf_cache_offline(tmp_path, caches, monkeypatch):
         with torch.no_grad():
             torch.testing.assert_close(model(x), expected, atol=2e-5, rtol=1e-4)
         assert model.config.class_names[281] == "tabby, tabby cat"
-        pre = model.config.extra["preprocess"]
-        assert (pre["img_size"], pre["crop_pct"], pre["interpolation"]) == (224, 0.9, "bicubic")
-        assert pre["mean"] == [0.5, 0.5, 0.5]
+        pre = model.config.preprocess
+        assert (pre.size, pre.crop_pct, pre.interpolation, pre.mean) == ((224, 224), 0.9, "bicubic", (0.5,) * 3)
     assert by_name.config.extra["pretrained"]["license"] == "apache-2.0"
     # fine-tuning normalises the new images as the weights' publisher did
     cfg = finetune_config("vit_tiny_patch16_224.augreg_in21k_ft_in1k", "cifar10")
@@ -329,7 +328,7 @@ def test_catalog_entry_checksum_prefix_from_url(weights, caches):
         assert _cache_files(vitkit_cache) == []
         fetched = fetch_entry(good, progress=False)
     net = from_hub_source(fetched).eval()
-    assert net.config.extra["preprocess"]["interpolation"] == "bilinear"
+    assert net.config.preprocess.interpolation == "bilinear"
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(net(x), model(x), atol=0, rtol=0)
@@ -346,7 +345,7 @@ def test_catalog_every_entry_parses_names_a_registered_architecture_and_builds()
         assert entry.location.hf_hub or entry.location.url.startswith("https://"), entry.name
         if entry.classes:
             assert len(class_names(entry.classes)) == entry.num_classes, entry.name
-        size = entry.preprocessing.input_size
+        size = entry.input_size
         with torch.device("meta"):  # real shapes, no memory, no download
             net = create_registered(entry.architecture, num_classes=entry.num_classes, img_size=size, **entry.config)
             out = net(torch.empty(2, 3, size, size))

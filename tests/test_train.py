@@ -105,7 +105,7 @@ def test_cli_run_writes_every_artifact(trained_run: Path):
     assert (state["epoch"], state["batch"], state["global_step"]) == (3, 0, 30)
     model = vitkit.load_model(run / "model")
     assert model.config.class_names == [str(i) for i in range(10)] or len(model.config.class_names) == 10
-    assert model.config.extra["preprocess"]["mean"] == [0.1307]
+    assert model.config.preprocess.mean == (0.1307,)
     for key, value in model.state_dict().items():
         assert torch.equal(value, state["model"][key]), key
 

@@ -17,20 +17,19 @@ import torch.nn.functional as F
 import vitkit
 from vitkit import ViTConfig
 from vitkit.cli import main
+from vitkit.data import DatasetNotFoundError, EvalTransform, load_split
 from vitkit.evaluation import (
     FeatureCache,
-    LabeledImages,
-    Preprocess,
     RidgeSolver,
     extract_features,
     fewshot_evaluate,
     fit_logistic,
     fit_ridge,
     linear_probe,
-    load_split,
 )
 from vitkit.evaluation.fewshot import BIAS_CONSTANT
 from vitkit.models.transfer import freeze_backbone, prepare_for_finetuning
+from vitkit.preprocessing import Preprocessing
 from vitkit.train.config import OptimConfig, finetune_config
 from vitkit.train.optim import build_optimizer, param_groups
 
@@ -49,7 +48,7 @@ def data_root() -> Path:
 def cifar_images(data_root) -> torch.Tensor:
     with np.load(data_root / "cifar10" / "test.npz") as f:
         images = torch.from_numpy(f["images"][:6])
-    return Preprocess((32, 32), 3)(images)
+    return EvalTransform(Preprocessing(size=32), 3)(images.permute(0, 3, 1, 2))
 
 
 @pytest.fixture(autouse=True)
@@ -257,11 +256,10 @@ def test_fewshot_draws_differ_by_seed_and_fail_clearly():
 # ---------------------------------------------------------------------------------- features
 def test_features_are_the_head_input_and_are_cached(data_root):
     model = tiny(representation_size=24)
-    data = load_split("cifar10", "test", root=data_root)
-    data = LabeledImages(data.images[:40], data.labels[:40], data.class_names, "cifar10/test[:40]")
+    data = load_split("cifar10", "test", data_dir=data_root).subset(range(40), ":40")
     feats = extract_features(model, data, batch_size=16)
     with torch.no_grad():
-        x = Preprocess.for_model(model)(torch.from_numpy(data.images))
+        x = EvalTransform(Preprocessing(size=32), 3)(torch.from_numpy(data.images).permute(0, 3, 1, 2))
         expected = model.forward_head(model.forward_features(x), pre_logits=True)
     assert feats.shape == (40, 24)
     torch.testing.assert_close(feats, expected)
@@ -273,13 +271,13 @@ def test_features_are_the_head_input_and_are_cached(data_root):
     assert not torch.allclose(cache.features(model, data), feats) and cache.misses == 2
 
 
-def test_preprocess_adapts_channels_and_size():
-    grey = torch.randint(0, 256, (2, 28, 28, 1), dtype=torch.uint8)
-    x = Preprocess((32, 32), 3)(grey)
+def test_eval_transform_adapts_channels_and_size():
+    grey = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    x = EvalTransform(Preprocessing(size=32), 3)(grey)
     assert x.shape == (2, 3, 32, 32) and torch.equal(x[:, 0], x[:, 2])
-    assert Preprocess((28, 28), 1, (0.5,), (0.5,))(grey).abs().max() <= 1.0
-    with pytest.raises(FileNotFoundError, match="no_such_set"):
-        load_split("no_such_set", "train", root="/nonexistent")
+    assert EvalTransform(Preprocessing(size=28, mean=(0.5,), std=(0.5,)), 1)(grey).abs().max() <= 1.0
+    with pytest.raises(DatasetNotFoundError, match="no_such_set"):
+        load_split("no_such_set", "train", data_dir="/nonexistent")
 
 
 # ------------------------------------------------------------------------------------- CLI
@@ -384,13 +382,15 @@ def test_cli_finetune_at_a_new_resolution_with_a_frozen_backbone(tmp_path, data_
     assert torch.count_nonzero(finetuned.head.weight) > 0  # the head did train
 
 
-def test_load_split_reads_image_folders_and_resizes(tmp_path, data_root):
+def test_load_split_reads_image_folders_through_the_eval_transform(tmp_path, data_root):
     folder = _image_folder(tmp_path / "folder", data_root, classes=2, train=3, val=2)
-    train = load_split(folder, "train", image_size=16)
-    test = load_split(folder, "test")  # no test split: falls back to val/
-    assert train.images.shape == (6, 16, 16, 3) and train.images.dtype == np.uint8
+    train = load_split(str(folder), "train")
+    test = load_split(f"folder:{folder}", "test")  # no test split: the val/ folder is the evaluation split
+    assert len(train) == 6 and train.files is not None
     assert train.labels.tolist() == [0, 0, 0, 1, 1, 1] and train.class_names == ["class0", "class1"]
-    assert test.images.shape == (4, 32, 32, 3) and test.name == "folder/val"
+    assert len(test) == 4 and test.name.endswith("/val")
+    assert train.resized(EvalTransform(Preprocessing(size=16), 3)).shape == (6, 3, 16, 16)
     with np.load(data_root / "cifar10" / "test.npz") as f:  # pixels survive the PNG round trip
         first = f["images"][np.flatnonzero(f["labels"][:600] == 0)[0]]
-    assert any(np.array_equal(image, first) for image in load_split(folder, "train").images)
+    native = train.resized(EvalTransform(Preprocessing(size=32), 3)).permute(0, 2, 3, 1).numpy()
+    assert any(np.array_equal(image, first) for image in native)

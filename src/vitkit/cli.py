@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -13,9 +14,10 @@ from vitkit.bench import BenchSettings, format_table, run_benchmark, save_json
 from vitkit.bench.harness import data_pipelines, load_pipelines
 from vitkit.convert import from_checkpoint, from_pretrained, read_checkpoint, save_as
 from vitkit.convert.detect import ALIASES, FORMATS
+from vitkit.data import EvalTransform
 from vitkit.data.download import DownloadError, download
 from vitkit.data.summary import dataset_summary, format_summary
-from vitkit.evaluation import FeatureCache, Preprocess, linear_evaluation
+from vitkit.evaluation import FeatureCache, linear_evaluation
 from vitkit.fileio import atomic_write_text
 from vitkit.hub import DownloadError as WeightsDownloadError
 from vitkit.hub import fetch_source, find_entry, list_entries
@@ -74,7 +76,7 @@ def _list_pretrained(pattern: str | None) -> int:
         classes = e.classes or (f"{e.num_classes}" if e.num_classes else "features")
         top1 = f"{e.top1:.2f}" if e.top1 is not None else "-"
         default = " (default)" if e.default else ""
-        print(f"{e.name + default:54s} {pre.input_size:4d} {pre.crop_pct:5.3f} {pre.interpolation:8s} {norm:9s} "
+        print(f"{e.name + default:54s} {e.input_size:4d} {pre.crop_pct:5.3f} {pre.interpolation:8s} {norm:9s} "
               f"{classes:12s} {top1:>6s}  {e.license or '-'}")
         checksum = f"  [{e.checksum}]" if e.checksum else ""
         aliases = f"  aka {', '.join(e.aliases)}" if e.aliases else ""
@@ -175,14 +177,16 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
                                    "and an index.html report to DIR.")
     p.add_argument("source", metavar="SOURCE",
                    help="a checkpoint (any format vitkit.from_pretrained reads), or a registry name (random weights)")
-    p.add_argument("--dataset", required=True, help="data set folder name under the data dir, e.g. cifar10")
+    p.add_argument("--dataset", required=True, help="a named set (cifar10, ...), folder:PATH, or a data set "
+                                                    "directory under the data roots")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for the report")
     p.add_argument("--images", type=int, default=128, metavar="N",
                    help="images for the mean attention distance (default 128, as in the paper)")
     p.add_argument("--show", type=int, default=8, metavar="N", help="images shown in the attention maps (default 8)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--data-dir", default=None, metavar="D",
-                   help="folder holding the data sets (default $VITKIT_DATA or ../shared/data)")
+                   help="folder holding the data sets (default: $VITKIT_DATA, the user cache "
+                        "~/.cache/vitkit/data, ../shared/data)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the image sample (default 0)")
     p.set_defaults(func=_cmd_analyze)
@@ -253,7 +257,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     dl.add_argument("--force", action="store_true", help="download again even if a complete copy is there")
     info = actions.add_parser("info", help="show where a data set is, its classes and split sizes")
     info.add_argument("name", help="a named data set or folder:PATH")
-    info.add_argument("--data-dir", default=None, help="root holding NAME/ (default: search $VITKIT_DATA, ./data, "
+    info.add_argument("--data-dir", default=None, help="root holding NAME/ (default: search $VITKIT_DATA, "
                       "~/.cache/vitkit/data, <repo>/../shared/data)")
     for parser in (p, dl, info):
         parser.set_defaults(func=_cmd_data)
@@ -308,15 +312,18 @@ def _l2(text: str) -> float | str:
 
 
 def _cmd_fewshot(args: argparse.Namespace) -> int:
-
-
     overrides = {"img_size": args.img_size} if args.img_size else {}
     model = load_source(args.source, random_init=args.random_init, **overrides).to(args.device)
+    preprocessing = model.config.preprocessing()
+    if args.mean is not None or args.std is not None:
+        if args.mean is None or args.std is None:
+            raise ValueError("--mean and --std go together")
+        preprocessing = dataclasses.replace(preprocessing, mean=tuple(args.mean), std=tuple(args.std))
     report = linear_evaluation(
         model, args.dataset, shots=args.shots, seeds=args.seeds, l2=args.l2, probe=args.probe,
         probe_weight_decay=args.probe_wd, cache=FeatureCache(args.cache_dir),
-        preprocess=Preprocess.for_model(model, args.mean, args.std), batch_size=args.batch_size,
-        max_train=args.max_train, max_test=args.max_test, data_root=args.data_dir, device=args.device)
+        transform=EvalTransform(preprocessing, model.config.in_chans), batch_size=args.batch_size,
+        max_train=args.max_train, max_test=args.max_test, data_dir=args.data_dir, device=args.device)
     print(report.format_table())
     if args.json:
         atomic_write_text(json.dumps({"source": str(args.source), **report.to_dict()}, indent=2) + "\n", args.json)
@@ -329,10 +336,10 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
                                    "K images per class, mean and std over seeds (paper Sec. 4.1).")
     p.add_argument("source", help="vitkit model or run directory, a file/name vitkit.from_pretrained reads, "
                                   "or a registry name with --random-init")
-    p.add_argument("--dataset", required=True, help="data set name under the data folder (cifar10, mnist, "
-                                                    "imagenette_subset, ...) or a path")
-    p.add_argument("--data-dir", default=None, help="folder holding the data sets (default: $VITKIT_DATA or "
-                                                    "../shared/data)")
+    p.add_argument("--dataset", required=True, help="a named set (cifar10, mnist, ...), folder:PATH, or a data "
+                                                    "set directory under the data roots (imagenette_subset)")
+    p.add_argument("--data-dir", default=None, help="folder holding the data sets (default: $VITKIT_DATA, the "
+                                                    "user cache ~/.cache/vitkit/data, ../shared/data)")
     p.add_argument("--shots", type=_int_list, default=[1, 5, 10, 25], help="comma-separated (default 1,5,10,25)")
     p.add_argument("--seeds", type=int, default=3, help="random draws of the shots per count (default 3)")
     p.add_argument("--l2", type=_l2, default=2.0 ** 10,
@@ -344,9 +351,9 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, default=None, help="run the model at this resolution "
                                                               "(position embeddings resampled)")
     p.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation mean (default: the "
-                                                                        "model's, else 0.5)")
+                                                                        "model's preprocessing record)")
     p.add_argument("--std", type=float, nargs="+", default=None, help="normalisation std (default: the "
-                                                                       "model's, else 0.5)")
+                                                                       "model's preprocessing record)")
     p.add_argument("--max-train", type=int, default=None, help="use a random subset of this many training images")
     p.add_argument("--max-test", type=int, default=None, help="use a random subset of this many test images")
     p.add_argument("--batch-size", type=int, default=256)
@@ -446,7 +453,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     model_name, img_size = args.model, args.img_size
     entry = find_entry(model_name) if "." in model_name and not Path(model_name).exists() else None
     if entry is not None:  # a pretrained name: speed depends on the architecture and input size, not the weights
-        model_name, img_size = entry.architecture, img_size or entry.preprocessing.input_size
+        model_name, img_size = entry.architecture, img_size or entry.input_size
         print(f"benchmarking {model_name} at {img_size}px, the architecture of {entry.name} (weights not needed)",
               file=sys.stderr)
     settings = BenchSettings(

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar
 
+from vitkit.preprocessing import DEFAULT_PREPROCESSING, KNOWN_SOURCES, Preprocessing
+
 C = TypeVar("C", bound="ModelConfig")
 T = TypeVar("T")
 Pooling = Literal["token", "avg"]
@@ -21,9 +23,11 @@ class ModelConfig:
     in_chans: int
     num_classes: int
     class_names: Optional[list[str]]
+    preprocess: Optional[Preprocessing]
 
     def _validate_common(self) -> None:
-        """Normalise JSON's lists back to tuples and check the class names against the head."""
+        """Normalise JSON's lists back to tuples, check the class names against the head, and type the
+        preprocessing record (also reading the untyped ``extra["preprocess"]`` of older files)."""
         if isinstance(self.img_size, list):
             self.img_size = tuple(self.img_size)
         if self.class_names is not None:
@@ -32,18 +36,25 @@ class ModelConfig:
                 raise ValueError(
                     f"class_names has {len(self.class_names)} entries but num_classes is {self.num_classes}"
                 )
+        extra = getattr(self, "extra", None)
+        if self.preprocess is None and isinstance(extra, dict) and "preprocess" in extra:
+            extra = dict(extra)
+            self.preprocess = extra.pop("preprocess")
+            self.extra = extra
+        if self.preprocess is not None:
+            record = Preprocessing.from_dict(self.preprocess, source="config: preprocess")
+            # the record describes this model's input: its size is the model's own
+            self.preprocess = dataclasses.replace(record, size=self.image_hw)
 
-    def input_normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """Per-channel (mean, std) the model's [0, 1] inputs are normalised with: what it was trained with
-        (``extra['preprocess']``, written by ``vitkit train``), else the paper's [-1, 1] scaling."""
-        recorded = (getattr(self, "extra", None) or {}).get("preprocess") or {}
-        mean, std = recorded.get("mean", (0.5,)), recorded.get("std", (0.5,))
-        channels = self.in_chans
-        if len(mean) == 1:
-            mean = tuple(mean) * channels
-        if len(std) == 1:
-            std = tuple(std) * channels
-        return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    def preprocessing(self) -> Preprocessing:
+        """How to prepare images for this model: its recorded preprocessing, else what its checkpoint
+        format implies (``extra["converted_from"]``), else :data:`DEFAULT_PREPROCESSING`; at the model's
+        input size, with one mean/std value per input channel."""
+        record = self.preprocess
+        if record is None:
+            converted_from = (getattr(self, "extra", None) or {}).get("converted_from")
+            record = KNOWN_SOURCES.get(converted_from, DEFAULT_PREPROCESSING)
+        return record.for_model(self.image_hw, self.in_chans)
 
     @property
     def image_hw(self) -> tuple[int, int]:
@@ -61,6 +72,7 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         if isinstance(d["img_size"], tuple):
             d["img_size"] = list(d["img_size"])
+        d["preprocess"] = self.preprocess.to_dict() if self.preprocess is not None else None
         return d
 
     @classmethod
@@ -125,6 +137,8 @@ class ViTConfig(ModelConfig):
     stem: Optional[dict[str, Any]] = None
     """A convolutional backbone whose feature map replaces the patch projection (hybrid ViT)."""
     class_names: Optional[list[str]] = None
+    preprocess: Optional[Preprocessing] = None
+    """How images are prepared for these weights (see :mod:`vitkit.preprocessing`); None = not recorded."""
     name: Optional[str] = None
     """Registry name the config came from, if any (informational)."""
     extra: dict[str, Any] = field(default_factory=dict)

@@ -1,9 +1,8 @@
 """``vitkit predict``: the top-k classes of image files, with probabilities, from a trained model.
 
-Images are prepared as the model's evaluation images were (its ``config.extra['preprocess']``, written by
-``vitkit train``): converted to RGB or grayscale, the shorter side resized to ``img_size / crop_pct``,
-center-cropped, scaled to [0, 1] and normalised with the training mean and std. Models without that
-record get ImageNet's normalisation and a 0.875 center crop.
+Images are prepared by the model's one eval transform (:func:`vitkit.data.eval_transform`, from the
+:class:`~vitkit.preprocessing.Preprocessing` record in its config: size, crop, interpolation, mean, std),
+exactly as ``vitkit eval``, ``fewshot`` and ``analyze`` prepare them.
 """
 
 from __future__ import annotations
@@ -16,12 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from vitkit.data import load_eval_image
-from vitkit.data.sources import IMAGENET_MEAN, IMAGENET_STD
+from vitkit.data.transforms import EvalTransform, eval_transform
 from vitkit.train.checkpoints import load_trained
-
-DEFAULT_CROP_PCT = 0.875
-"""For models that do not record their preprocessing (e.g. converted ones): the usual ImageNet crop."""
 
 
 @dataclass
@@ -31,21 +26,12 @@ class Prediction:
     probabilities: list[float]
 
 
-def preprocess(path: str | Path, config) -> Tensor:
-    """One image file -> the normalised (C, H, W) tensor the model saw at evaluation (the data module's
-    evaluation transform, with the training run's size, crop and normalisation)."""
-
+def preprocess(path: str | Path, config, transform: EvalTransform | None = None) -> Tensor:
+    """One image file -> the normalised (C, H, W) tensor the model sees (its eval transform)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such image file")
-    info = config.extra.get("preprocess", {})
-    height, width = config.image_hw
-    if height != width:
-        raise ValueError(f"vitkit predict needs a square model input, this model takes {height}x{width}")
-    rgb = config.in_chans == 3
-    mean = info.get("mean") or (IMAGENET_MEAN if rgb else (0.5,))
-    std = info.get("std") or (IMAGENET_STD if rgb else (0.5,))
-    return load_eval_image(path, img_size=height, mean=tuple(mean), std=tuple(std),
-                           crop_pct=float(info.get("crop_pct", DEFAULT_CROP_PCT)))
+    transform = transform or eval_transform(config)
+    return transform.normalize(transform.load(path))
 
 
 @torch.no_grad()
@@ -56,10 +42,11 @@ def predict(model: nn.Module, images: Sequence[str | Path], *, top_k: int = 5, d
     names = config.class_names or [str(i) for i in range(config.num_classes)]
     k = max(1, min(top_k, config.num_classes))
     model = model.to(device).eval()
+    transform = eval_transform(config)
     results = []
     for start in range(0, len(images), batch_size):
         chunk = list(images[start:start + batch_size])
-        batch = torch.stack([preprocess(p, config) for p in chunk]).to(device)
+        batch = torch.stack([preprocess(p, config, transform) for p in chunk]).to(device)
         probs = model(batch).float().softmax(dim=-1)
         top = probs.topk(k, dim=-1)
         for path, values, indices in zip(chunk, top.values.tolist(), top.indices.tolist()):

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from vitkit.analysis.inputs import _load_source, describe_labels, input_normalisation, load_images, prepare_images
+from vitkit.analysis.inputs import _load_source, describe_labels, load_images, prepare_images
 from vitkit.analysis.pipeline import ModelAnalysis, analyze_model
 from vitkit.analysis.plots import (
     plot_attention_distance,
@@ -53,20 +53,21 @@ def analyze(source: str, dataset: str, out_dir: str | Path, *, num_images: int =
     start = time.perf_counter()
     model, description = _load_source(source)
     model = model.to(device)
-    sample = load_images(dataset, num_images, data_dir=data_dir, seed=seed, image_size=model.config.image_hw)
-    inputs, display = prepare_images(sample.images, model)
+    sample = load_images(dataset, num_images, data_dir=data_dir, seed=seed)
+    inputs, display = prepare_images(sample, model)
     loaded = time.perf_counter() - start
     analysis = analyze_model(model, inputs, num_show=num_show, batch_size=batch_size)
     analysis.seconds["load"] = loaded
     config = model.config
-    mean, std = input_normalisation(config)
+    preprocessing = config.preprocessing()
     shown = min(num_show, len(display))
     info = {
         "source": source, "loaded": description, "model_name": getattr(config, "name", None),
         "config": {k: getattr(config, k, None) for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads",
                                                     "num_classes", "class_token", "global_pool")},
         "dataset": dataset, "data_source": sample.source, "image_indices": sample.indices.tolist(),
-        "normalisation": {"mean": mean, "std": std}, "device": device,
+        "normalisation": {"mean": list(preprocessing.mean), "std": list(preprocessing.std)},
+        "preprocessing": preprocessing.to_dict(), "device": device,
     }
     titles = describe_labels(sample.labels[:shown], sample.class_names)
     paths = write_report(analysis, out_dir, display_images=display[:shown], titles=titles, info=info,

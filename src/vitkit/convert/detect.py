@@ -21,6 +21,7 @@ from vitkit.checkpoint import CheckpointError, load_state_dict, read_config
 from vitkit.config import ViTConfig
 from vitkit.convert import huggingface, jax, timm, torchvision
 from vitkit.fileio import CONFIG_NAME, WEIGHTS_NAME
+from vitkit.preprocessing import KNOWN_SOURCES, Preprocessing
 
 FORMATS = ("vitkit", "timm", "huggingface", "torchvision", "jax")
 ALIASES = {"hf": "huggingface", "transformers": "huggingface", "npz": "jax", "vit_jax": "jax", "big_vision": "jax"}
@@ -38,6 +39,8 @@ class Checkpoint:
     """ViTConfig fields stated by the file's metadata (heads, LayerNorm eps, class names, ...)."""
     config: ViTConfig | None = None
     """The complete config, for vitkit's own directories."""
+    preprocess: Preprocessing | None = None
+    """How the source prepares images for these weights, where its files or its format say so."""
 
 
 def normalise_format(name: str) -> str:
@@ -72,17 +75,19 @@ def read_checkpoint(source: str | Path, format: str | None = None) -> Checkpoint
     fmt = wanted or format_of_keys(set(raw), str(path))
     if fmt == "vitkit":
         fmt = "timm"  # a bare vitkit state dict has timm's keys
-    return _convert(fmt, raw, path, _sibling_hints(path, fmt))
+    preprocess = huggingface.preprocessing_of(path.parent) if fmt == "huggingface" else None
+    return _convert(fmt, raw, path, _sibling_hints(path, fmt), preprocess)
 
 
-def _convert(fmt: str, raw: dict[str, Tensor], path: Path, hints: dict[str, Any]) -> Checkpoint:
+def _convert(fmt: str, raw: dict[str, Tensor], path: Path, hints: dict[str, Any],
+             preprocess: Preprocessing | None = None) -> Checkpoint:
     module = _SOURCES[fmt]
     if fmt == "jax":
         state_dict, found = module.to_vitkit(raw, str(path))
         hints = {**found, **hints}
     else:
         state_dict = module.to_vitkit(raw, str(path))
-    return Checkpoint(fmt, path, state_dict, hints)
+    return Checkpoint(fmt, path, state_dict, hints, preprocess=preprocess or KNOWN_SOURCES.get(fmt))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -107,9 +112,11 @@ def _read_directory(directory: Path, wanted: str | None) -> Checkpoint:
         return Checkpoint("vitkit", directory, load_state_dict(directory / WEIGHTS_NAME), config=config)
     if fmt == "huggingface":
         hints = huggingface.hints_from_config(data, str(config_path))
-        return _convert(fmt, huggingface.read_weights(directory), directory, hints)
+        return _convert(fmt, huggingface.read_weights(directory), directory, hints,
+                        huggingface.preprocessing_of(directory))
     if fmt == "timm":
-        return _convert(fmt, huggingface.read_weights(directory), directory, timm.hints_from_hub_config(data))
+        return _convert(fmt, huggingface.read_weights(directory), directory, timm.hints_from_hub_config(data),
+                        timm.preprocessing_from_hub_config(data, str(config_path)))
     raise CheckpointError(f"{directory}: a {fmt} checkpoint is a single file; pass the file itself")
 
 

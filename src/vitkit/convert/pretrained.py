@@ -33,7 +33,7 @@ def from_pretrained(source: str | Path, *, img_size: int | tuple[int, int] | Non
             :mod:`vitkit.hub` (cached, verified), a catalog name (``vit_base_patch16_224.augreg2_in21k_ft_in1k``;
             a bare architecture takes its default weights), a Hugging Face repo id (``google/vit-base-patch16-224``,
             ``hf-hub:timm/vit_small_patch16_224.augreg_in21k``) or an https URL of such a file. Fetched
-            weights carry their class names and preprocessing (``config.extra['preprocess']``).
+            weights carry their class names and preprocessing (``config.preprocess``).
         img_size: build for this resolution; position embeddings are resampled in 2-D.
         num_classes: replace the classifier by a zero-initialised one of this size (dropping the
             representation layer, as in the paper's fine-tuning) if it differs; 0 removes it.
@@ -68,26 +68,22 @@ def from_hub_source(fetched: HubSource, **options: Any) -> nn.Module:
 def hub_load_options(fetched: HubSource) -> dict[str, Any]:
     """:func:`from_checkpoint` options for fetched weights, read from their metadata, not their tensors: the
     registered architecture they belong to (at their native resolution, with their head, checked field by
-    field against the file), their class names, and their publisher's preprocessing and provenance
-    (``config.extra['preprocess']`` / ``['pretrained']``)."""
-    extra: dict[str, Any] = {}
-    if fetched.preprocessing is not None:
-        extra["preprocess"] = fetched.preprocessing.as_dict()
-    if fetched.entry is not None:
-        entry = fetched.entry
-        extra["pretrained"] = {"name": entry.name, "license": entry.license, "location": str(entry.location)}
-    elif extra:
-        extra["pretrained"] = {"source": fetched.source}
+    field against the file), their class names, their publisher's preprocessing (``config.preprocess``) and,
+    for catalog entries, their provenance (``config.extra['pretrained']``: name, licence, location)."""
+    pre = fetched.preprocessing
     options: dict[str, Any] = {}
     if fetched.architecture in list_models() and fetched.num_classes is not None:
         target = get_model_config(fetched.architecture).replace(**fetched.config, num_classes=fetched.num_classes)
-        if fetched.preprocessing is not None:
-            target = target.replace(img_size=fetched.preprocessing.input_size)
-        if extra and "extra" in {f.name for f in dataclasses.fields(target)}:
-            target = target.replace(extra={**target.extra, **extra})
+        if pre is not None:
+            height, width = pre.size
+            target = target.replace(img_size=height if height == width else (height, width), preprocess=pre)
+        if fetched.entry is not None and "extra" in {f.name for f in dataclasses.fields(target)}:
+            entry = fetched.entry
+            provenance = {"name": entry.name, "license": entry.license, "location": str(entry.location)}
+            target = target.replace(extra={**target.extra, "pretrained": provenance})
         options["model"] = target
-    elif extra:
-        options["extra"] = {**({"converted_from": fetched.format} if fetched.format else {}), **extra}
+    elif pre is not None:
+        options["preprocess"] = pre
     if fetched.class_names:
         options["class_names"] = list(fetched.class_names)
     return options
@@ -104,7 +100,7 @@ def create_model(name: str, *, pretrained: bool = False, **overrides: Any) -> nn
         if entry is None:
             return create_registered_model(name, **overrides)
         # timm's convention: arch.tag without weights is the architecture shaped as those weights are
-        shape = {"num_classes": entry.num_classes, "img_size": entry.preprocessing.input_size, **entry.config}
+        shape = {"num_classes": entry.num_classes, "img_size": entry.input_size, **entry.config}
         return create_registered_model(entry.architecture, **{**shape, **overrides})
     return from_pretrained(name, **overrides)
 
@@ -147,7 +143,8 @@ def _config_for(checkpoint: Checkpoint, model: str | ViTConfig | None, num_heads
         return config if stem is None else config.replace(stem={**(config.stem or {}), **stem})
     if model is None:
         config = infer_config(checkpoint.state_dict, source=source, **known, stem=stem)
-        return config.replace(extra={**config.extra, "converted_from": checkpoint.format})
+        return config.replace(extra={**config.extra, "converted_from": checkpoint.format},
+                              preprocess=checkpoint.preprocess)
     target = _as_config(model)
     if stem is not None:
         target = target.replace(stem={**(target.stem or {}), **stem})
@@ -164,4 +161,5 @@ def _config_for(checkpoint: Checkpoint, model: str | ViTConfig | None, num_heads
         raise CheckpointError(f"{source} does not fit {name}: {'; '.join(misfits)}")
     # The checkpoint's head is loaded first; from_pretrained then resizes it to the model's.
     return target.replace(num_classes=found.num_classes, representation_size=found.representation_size,
-                          class_names=found.class_names, norm_eps=found.norm_eps)
+                          class_names=found.class_names, norm_eps=found.norm_eps,
+                          preprocess=checkpoint.preprocess or target.preprocess)

@@ -18,6 +18,7 @@ from vitkit.checkpoint import CheckpointError
 from vitkit.config import ViTConfig
 from vitkit.convert.infer import STEM_ASSUMED, unrecorded_stem_fields
 from vitkit.models.registry import get_model_config, list_models
+from vitkit.preprocessing import Preprocessing
 
 FORMAT = "timm"
 
@@ -80,3 +81,19 @@ def hints_from_hub_config(data: dict[str, Any]) -> dict[str, Any]:
     if labels and len(labels) == data.get("num_classes"):
         hints["class_names"] = list(labels)
     return hints
+
+
+def preprocessing_from_hub_config(data: dict[str, Any], source: str) -> Preprocessing | None:
+    """The eval preprocessing a timm Hub ``config.json`` states (``pretrained_cfg``: ``mean``, ``std``,
+    ``crop_pct``, ``interpolation``); None when it states no mean/std."""
+    cfg = data.get("pretrained_cfg") or {}
+    if "mean" not in cfg or "std" not in cfg:
+        return None
+    interpolation = cfg.get("interpolation", "bicubic")
+    if interpolation not in ("bilinear", "bicubic", "nearest"):
+        interpolation = "bicubic"  # timm's "random" or "lanczos" have no v2 counterpart here; bicubic is timm's default
+    try:
+        return Preprocessing(mean=cfg["mean"], std=cfg["std"], crop_pct=cfg.get("crop_pct", 0.875),
+                             interpolation=interpolation)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: pretrained_cfg {e}") from None

@@ -204,10 +204,6 @@ class BatchAugmenter:
             x = x.repeat(1, self.out_chans, 1, 1)
         return (x.to(torch.float32) - self.shift).mul_(self.scale)
 
-    def eval(self, x: Tensor) -> Tensor:
-        """Evaluation transform of an in-memory batch: resize to ``img_size`` if needed, normalise."""
-        return self.normalize(resize(x, self.img_size))
-
     def train(self, x: Tensor, labels: Tensor, *, epoch: int, step: int, rows: np.ndarray, global_size: int,
               rank: int = 0) -> tuple[Tensor, Tensor]:
         """Augment this rank's ``x`` (uint8), whose images are rows ``rows`` of the step's global batch."""

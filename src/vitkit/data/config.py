@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 from vitkit.config import from_known_keys
+from vitkit.preprocessing import Interpolation
 
 CropMode = Literal["random_crop", "random_resized_crop", "none"]
 AutoAugment = Literal["randaugment", "trivialaugment"]
@@ -27,8 +28,8 @@ class DataConfig:
 
     dataset: str = "cifar10"
     data_dir: Optional[str] = None
-    """Root holding ``NAME/train.npz``; else env ``VITKIT_DATA``, ``./data``, ``~/.cache/vitkit/data``,
-    ``<repo>/../shared/data``."""
+    """Root holding ``NAME/train.npz``; else env ``VITKIT_DATA``, the user cache (``~/.cache/vitkit/data``,
+    where ``vitkit data download`` writes), ``<repo>/../shared/data`` (:func:`vitkit.data.data_roots`)."""
     img_size: Optional[int] = None
     """Side of the square training/eval images; None = the data set's native size (224 for folders)."""
     in_chans: Optional[int] = None
@@ -48,6 +49,8 @@ class DataConfig:
     """Skip (and count) unreadable images instead of raising an error that names the file."""
     eval_crop_pct: float = 0.875
     """Folder data sets: resize the shorter side to ``img_size / eval_crop_pct``, then center-crop."""
+    eval_interpolation: Interpolation = "bilinear"
+    """Resize interpolation of the evaluation transform (``bilinear``, ``bicubic`` or ``nearest``)."""
 
     crop: CropMode = "random_crop"
     """``random_crop`` (pad by ``crop_padding`` then crop), ``random_resized_crop``, or ``none``."""
@@ -109,6 +112,8 @@ class DataConfig:
             bad("num_workers", "must be >= 0")
         if not 0.0 < self.eval_crop_pct <= 1.0:
             bad("eval_crop_pct", "must be in (0, 1]")
+        if self.eval_interpolation not in get_args(Interpolation):
+            bad("eval_interpolation", f"choose one of {', '.join(get_args(Interpolation))}")
         if self.crop not in _CROPS:
             bad("crop", f"choose one of {', '.join(_CROPS)}")
         if self.crop_padding < 0:

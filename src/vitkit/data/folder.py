@@ -1,14 +1,16 @@
 """Class-folder data sets (``PATH/train/<class>/*.jpg``): scanning, robust decoding, worker-side crops.
 
-Every image is converted to RGB (grayscale, palette, CMYK, RGBA, 16-bit), decoded at a reduced JPEG
-scale when that is enough for the output size, and cropped/resized to a square uint8 tensor in the
-DataLoader's worker processes. The random crop of an image is seeded by ``(seed, epoch, position)``.
+The one image reader of vitkit (:func:`read_image`, and the training crops): any mode (grayscale,
+palette, CMYK, RGBA, 16-bit, 32-bit float) to 8-bit RGB (or grayscale, kept one channel for the eval
+transform), decoded at a reduced JPEG scale when that is enough for the output size, in the DataLoader's
+worker processes. The random crop of an image is seeded by ``(seed, epoch, position)``. A file that
+cannot be decoded is reported by name (:class:`CorruptImageError`), never by a worker traceback.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +25,27 @@ from vitkit.data.augment import sample_boxes
 from vitkit.data.sampling import SAMPLE, rng
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+"""The one list of image file suffixes vitkit reads (any case)."""
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "validation", "test")}
 
 
 class CorruptImageError(ValueError):
-    """An image file cannot be decoded; the message names it."""
+    """An image file cannot be decoded (or holds pixels vitkit refuses); ``path`` names it.
+
+    Raised by the data layer in the main process, with a one-line message, so that a caller (the
+    training loop) can catch it by type, save its state and stop cleanly."""
+
+    def __init__(self, path: str | Path, reason: str = "not a readable image") -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+
+    def __reduce__(self):  # picklable across DataLoader workers
+        return type(self), (self.path, self.reason)
+
+
+class ClassMismatchError(ValueError):
+    """A split's classes differ from the one class list its labels must come from; the message names them."""
 
 
 @dataclass
@@ -56,27 +74,43 @@ def list_classes(split_dir: Path) -> list[str]:
     return classes
 
 
-def _header_ok(path: Path) -> bool:
-    """Cheap check that ``path`` starts like an image PIL can read (the full decode happens later)."""
+def header_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable image, found cheaply (no pixel decoding), or None.
+
+    PIL parses the header; a JPEG must end with its end-of-image marker and a PNG with its IEND
+    chunk, which catches files cut short by an interrupted copy or download."""
     try:
         with Image.open(path) as img:
+            fmt = img.format
             img.size  # noqa: B018 - parsing the header is the check
-        return True
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        return False
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        return f"not a readable image ({type(e).__name__}: {e})"
+    if fmt in ("JPEG", "PNG"):
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 1024))
+            tail = f.read()
+        if fmt == "JPEG" and b"\xff\xd9" not in tail:
+            return "truncated JPEG (no end-of-image marker)"
+        if fmt == "PNG" and b"IEND" not in tail:
+            return "truncated PNG (no IEND chunk)"
+    return None
 
 
 def scan_split(split_dir: Path, classes: list[str], *, skip_corrupt: bool = False,
                check_headers: bool = True) -> FolderSplit:
-    """List image files per class folder. An empty class folder or an unreadable header is an error
-    (or, for unreadable files with ``skip_corrupt``, skipped and recorded)."""
+    """List image files per class folder, labelled by their position in ``classes`` (the one class
+    list, e.g. the training split's). A class folder not in ``classes`` is an error naming it; an
+    empty class folder or an unreadable file is an error (or, for unreadable files with ``skip_corrupt``,
+    skipped and recorded in ``skipped``)."""
     files: list[Path] = []
     labels: list[int] = []
     skipped: list[Path] = []
     present = {e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")}
     unknown = sorted(present - set(classes))
     if unknown:
-        raise ValueError(f"{split_dir}: class folder(s) {', '.join(unknown)} are not in the training classes")
+        raise ClassMismatchError(f"{split_dir}: class folder(s) {', '.join(unknown)} are not among the {len(classes)} "
+                         f"training classes ({', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''})")
     for label, name in enumerate(classes):
         class_dir = split_dir / name
         if not class_dir.is_dir():
@@ -85,9 +119,10 @@ def scan_split(split_dir: Path, classes: list[str], *, skip_corrupt: bool = Fals
         if not found:
             raise ValueError(f"{class_dir}: empty class folder (no {'/'.join(IMG_EXTENSIONS)} files)")
         for path in found:
-            if check_headers and not _header_ok(path):
+            problem = header_problem(path) if check_headers else None
+            if problem is not None:
                 if not skip_corrupt:
-                    raise CorruptImageError(f"{path}: not a readable image (pass skip_corrupt to skip such files)")
+                    raise CorruptImageError(path, f"{problem} (set skip_corrupt to skip such files)")
                 skipped.append(path)
                 continue
             files.append(path)
@@ -95,14 +130,42 @@ def scan_split(split_dir: Path, classes: list[str], *, skip_corrupt: bool = Fals
     return FolderSplit(split_dir, files, np.asarray(labels, dtype=np.int64), classes, skipped)
 
 
+def _float_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """A floating-point image to uint8: [0, 1] data scaled by 255, [0, 255] data kept; anything else
+    (NaN, negative or larger values) is refused, since no scale is safe to guess."""
+    if not np.isfinite(arr).all():
+        raise ValueError("floating-point image with NaN or infinite values; convert it to 8-bit first")
+    low, high = float(arr.min()), float(arr.max())
+    if low >= 0.0 and high <= 1.0:
+        arr = arr * 255.0
+    elif not (low >= 0.0 and high <= 255.0):
+        raise ValueError(f"floating-point image with values in [{low:g}, {high:g}]; vitkit reads float images "
+                         "in [0, 1] or [0, 255] only: convert it to 8-bit first")
+    return np.clip(np.round(arr), 0, 255).astype(np.uint8)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB: palette via RGBA (keeps its transparency info), 16-bit scaled to 8-bit."""
-    if img.mode == "RGB":
+    """Any PIL mode to RGB: palette via RGBA (keeps its transparency info), 16-bit scaled to 8-bit,
+    32-bit float converted from [0, 1] or [0, 255] (else refused with ``ValueError``)."""
+    return to_8bit(img).convert("RGB")
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """8-bit RGB or grayscale ("L") for any PIL mode: 16-bit and 32-bit float grayscale become "L"
+    (scaled as :func:`to_rgb` says), palette and other modes RGB."""
+    if img.mode in ("RGB", "L"):
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        bits = (getattr(img, "tag_v2", None) or {}).get(258, (None,))[0] if img.format == "TIFF" else None
+        peak = 65535.0 if img.mode.startswith("I;16") or bits == 16 or arr.max() > 255 else 255.0
+        if bits == 32 and arr.max() > 65535:
+            peak = float(2 ** 32 - 1)
         img = Image.fromarray(np.clip(np.round(arr * (255.0 / peak)), 0, 255).astype(np.uint8))
+    elif img.mode == "F":
+        img = Image.fromarray(_float_to_uint8(np.asarray(img, dtype=np.float64)))
+    if img.mode == "L":
+        return img
     if img.mode == "P":
         img = img.convert("RGBA")
     return img.convert("RGB")
@@ -116,69 +179,63 @@ def decoding(path: Path) -> Iterator[None]:
     """Turn any decoder failure inside the block into a :class:`CorruptImageError` naming ``path``."""
     try:
         yield
+    except CorruptImageError:
+        raise
     except _DECODE_ERRORS as e:
-        raise CorruptImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+        raise CorruptImageError(path, f"cannot decode image ({type(e).__name__}: {e})") from e
 
 
-def load_rgb(path: Path, draft_size: tuple[int, int] | None = None) -> Image.Image:
-    """Decode ``path`` to an RGB image, optionally at a reduced JPEG scale no smaller than ``draft_size``."""
+def read_image(path: str | Path, min_side: int | None = None) -> Tensor:
+    """An image file as a uint8 tensor (C, H, W): C = 1 for grayscale files (8- or 16-bit, float), else
+    3 (RGB); the eval transform turns it into the model's channels. With ``min_side``, a large JPEG is decoded at a
+    reduced scale (1/2, 1/4, 1/8) whose shorter side is still at least ``min_side`` (the size the
+    later resize produces): several times faster, and the same for every caller."""
+    path = Path(path)
     with decoding(path), Image.open(path) as img:
-        if draft_size is not None and img.format == "JPEG":
-            img.draft("RGB", draft_size)
+        if min_side is not None and img.format == "JPEG":
+            width, height = img.size
+            shrink = min(width, height) / min_side
+            if shrink >= 2:
+                img.draft("RGB", (int(width / shrink) + 1, int(height / shrink) + 1))
         img.load()
-        return to_rgb(img)
+        img = to_8bit(img)
+    return _to_tensor(img)
 
 
 def _to_tensor(img: Image.Image) -> Tensor:
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
-def resize_center_crop(img: Image.Image, size: int, crop_pct: float = 1.0) -> Image.Image:
-    """Resize the shorter side to ``size / crop_pct`` and take the central ``size`` x ``size`` square."""
-    scale = (size / crop_pct) / min(img.width, img.height)
-    crop = size / scale
-    left, top = (img.width - crop) / 2, (img.height - crop) / 2
-    return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + crop, top + crop))
-
-
-def load_eval_image(path: str | Path, *, img_size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                    crop_pct: float = 1.0) -> Tensor:
-    """One image file as the model sees it at evaluation: float (C, H, W), normalised, ``len(mean)``
-    channels (1 = grayscale, 3 = RGB). For ``vitkit predict`` and notebooks."""
-    img = resize_center_crop(load_rgb(Path(path)), img_size, crop_pct)
-    if len(mean) == 1:
-        img = img.convert("L")
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).view(img_size, img_size, -1).permute(2, 0, 1)
-    return (x / 255.0 - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
+    array = np.asarray(img, dtype=np.uint8).copy()
+    return torch.from_numpy(array[..., None] if array.ndim == 2 else array).permute(2, 0, 1)
 
 
 class FolderImages(Dataset):
-    """Map-style dataset over ``(index, position)`` keys, yielding ``(uint8 CHW, label, ok)``.
+    """Map-style dataset over ``(index, epoch, position)`` keys, yielding ``(uint8 CHW, label, error, index)``.
 
-    ``mode`` is ``random_resized_crop`` (box seeded by ``(seed, epoch, position)``), ``resize_crop``
-    (shorter side to ``size / crop_pct``, then center crop) or ``resize_center`` (crop_pct = 1).
-    ``ok`` is False (and the image zeros) for an undecodable file when ``skip_corrupt`` is set.
+    Training modes: ``random_resized_crop`` (box seeded by ``(seed, epoch, position)``) and
+    ``resize_center`` (the central square, resized). Evaluation: pass ``eval_resize``, the
+    geometry of the one eval transform (:class:`vitkit.data.transforms.EvalTransform`).
+    ``error`` is "" for a decoded image; for an undecodable file it says why (and the image is zeros),
+    so the main process raises or skips it, naming the file, instead of a worker dying.
     """
 
-    def __init__(self, split: FolderSplit, size: int, mode: str, *, seed: int = 0, crop_pct: float = 1.0,
+    def __init__(self, split: FolderSplit, size: int, mode: str = "eval", *, seed: int = 0,
                  scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 skip_corrupt: bool = False) -> None:
+                 eval_resize: Callable[[str | Path], Tensor] | None = None) -> None:
+        if mode == "eval" and eval_resize is None:
+            raise ValueError("FolderImages in eval mode needs eval_resize (an EvalTransform's load)")
         self.split, self.size, self.mode, self.seed = split, size, mode, seed
-        self.crop_pct, self.scale, self.ratio, self.skip_corrupt = crop_pct, scale, ratio, skip_corrupt
+        self.scale, self.ratio, self.eval_resize = scale, ratio, eval_resize
 
     def __len__(self) -> int:
         return len(self.split.files)
 
-    def __getitem__(self, key: tuple[int, int, int] | int) -> tuple[Tensor, int, bool]:
+    def __getitem__(self, key: tuple[int, int, int] | int) -> tuple[Tensor, int, str, int]:
         index, epoch, position = key if isinstance(key, tuple) else (key, 0, key)
         path, label = self.split.files[index], int(self.split.labels[index])
         try:
-            img = self._crop(path, epoch, position)
-        except CorruptImageError:
-            if not self.skip_corrupt:
-                raise
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), label, False
-        return _to_tensor(img), label, True
+            image = self.eval_resize(path) if self.mode == "eval" else _to_tensor(self._crop(path, epoch, position))
+        except CorruptImageError as e:
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), label, e.reason, index
+        return image, label, "", index
 
     def _crop(self, path: Path, epoch: int, position: int) -> Image.Image:
         size = self.size
@@ -189,21 +246,23 @@ class FolderImages(Dataset):
                                                self.scale, self.ratio)[0]
                 shrink = min(w, h) / size
             else:
-                shrink = min(width, height) * self.crop_pct / size
+                shrink = min(width, height) / size
             if shrink >= 2 and img.format == "JPEG":
                 img.draft("RGB", (int(width / shrink) + 1, int(height / shrink) + 1))
             img.load()
             img = to_rgb(img)
-        if self.mode != "random_resized_crop":
-            return resize_center_crop(img, size, self.crop_pct)
+        if self.mode != "random_resized_crop":  # the central square, resized
+            side = min(img.width, img.height)
+            left, top = (img.width - side) / 2, (img.height - side) / 2
+            return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
         sx, sy = img.width / width, img.height / height  # draft decoding may have reduced the scale
         box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
         return img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
 
 
-def collate(batch: list[tuple[Tensor, int, bool]]) -> tuple[Tensor, Tensor, Tensor]:
-    """Stack images and labels; the ``ok`` flags travel along so skipped images can be dropped."""
+def collate(batch: list[tuple[Tensor, int, str, int]]) -> tuple[Tensor, Tensor, list[str], Tensor]:
+    """Stack images and labels; the error strings and data set indices travel along so that failed
+    images can be named (or dropped, with ``skip_corrupt``)."""
     images = torch.stack([b[0] for b in batch])
     labels = torch.tensor([b[1] for b in batch], dtype=torch.int64)
-    ok = torch.tensor([b[2] for b in batch], dtype=torch.bool)
-    return images, labels, ok
+    return images, labels, [b[2] for b in batch], torch.tensor([b[3] for b in batch], dtype=torch.int64)

@@ -22,8 +22,18 @@ from torch.utils.data import DataLoader
 from vitkit.data import sources
 from vitkit.data.augment import BatchAugmenter
 from vitkit.data.config import DataConfig
-from vitkit.data.folder import FolderImages, FolderSplit, collate, find_split_dir, list_classes, scan_split
+from vitkit.data.folder import (
+    CorruptImageError,
+    FolderImages,
+    FolderSplit,
+    collate,
+    find_split_dir,
+    list_classes,
+    scan_split,
+)
 from vitkit.data.sampling import batch_positions, epoch_order, eval_shard, steps_per_epoch, stratified_subset, to_device
+from vitkit.data.transforms import EvalTransform
+from vitkit.preprocessing import Preprocessing
 
 Batch = tuple[Tensor, Tensor]
 
@@ -54,7 +64,7 @@ class TensorTrainStream(_TrainOrder):
                  rank: int, world_size: int) -> None:
         self.images, self.labels, self.augmenter = images, labels, augmenter
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
-        self.skipped = 0
+        self.skipped: list[str] = []
 
     @property
     def num_samples(self) -> int:
@@ -88,16 +98,16 @@ class _ValShard:
 class TensorValStream(_ValShard):
     """Evaluation batches of this rank's contiguous shard of an in-memory data set."""
 
-    def __init__(self, images: Tensor, labels: Tensor, augmenter: BatchAugmenter, *, batch_size: int, rank: int,
+    def __init__(self, images: Tensor, labels: Tensor, transform: EvalTransform, *, batch_size: int, rank: int,
                  world_size: int) -> None:
-        self.images, self.labels, self.augmenter, self.batch_size = images, labels, augmenter, batch_size
+        self.images, self.labels, self.transform, self.batch_size = images, labels, transform, batch_size
         self.shard = eval_shard(images.shape[0], rank, world_size)
-        self.skipped = 0
+        self.skipped: list[str] = []
 
     def batches(self) -> Iterator[Batch]:
         for start in range(0, len(self.shard), self.batch_size):
             index = to_device(self.shard[start:start + self.batch_size], self.images.device)
-            yield self.augmenter.eval(self.images[index]), self.labels[index]
+            yield self.transform(self.images[index]), self.labels[index]
 
     __iter__ = batches
 
@@ -126,7 +136,7 @@ class _WorkerPool:
                                  pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
                                  persistent_workers=num_workers > 0)
 
-    def run(self, batches: list[list]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    def run(self, batches: list[list]) -> Iterator[tuple[Tensor, Tensor, list[str], Tensor]]:
         self.keys.batches = batches
         return iter(self.loader)
 
@@ -134,17 +144,19 @@ class _WorkerPool:
 class FolderTrainStream(_TrainOrder):
     """Training batches of a class-folder data set, decoded and cropped by DataLoader workers.
 
-    ``skipped`` counts the undecodable images dropped so far (``skip_corrupt``); a batch that lost
-    images is simply smaller.
+    ``skipped`` lists the undecodable files dropped so far (``skip_corrupt``); a batch that lost
+    images is simply smaller. Without ``skip_corrupt`` an undecodable file raises
+    :class:`~vitkit.data.CorruptImageError` here, in the main process, naming the file.
     """
 
     def __init__(self, dataset: FolderImages, augmenter: BatchAugmenter, *, batch_size: int, seed: int, rank: int,
-                 world_size: int, num_workers: int, device: torch.device) -> None:
+                 world_size: int, num_workers: int, device: torch.device, skip_corrupt: bool = False) -> None:
         self.dataset, self.augmenter = dataset, augmenter
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.device = device
         self.pool = _WorkerPool(dataset, num_workers, device)
-        self.skipped = 0
+        self.skip_corrupt = skip_corrupt
+        self.skipped: list[str] = []
 
     @property
     def num_samples(self) -> int:
@@ -158,10 +170,10 @@ class FolderTrainStream(_TrainOrder):
                 for s in steps]
         global_size = self.batch_size * self.world_size
         all_rows = np.arange(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        for step, (images, labels, ok) in zip(steps, self.pool.run(keys)):
+        for step, (images, labels, errors, indices) in zip(steps, self.pool.run(keys)):
             rows = all_rows
-            if not bool(ok.all()):
-                self.skipped += int((~ok).sum())
+            ok = _check_decoded(self.dataset, errors, indices, self.skip_corrupt, self.skipped)
+            if ok is not None:
                 images, labels, rows = images[ok], labels[ok], all_rows[ok.numpy()]
                 if len(rows) == 0:
                     continue
@@ -174,25 +186,40 @@ class FolderTrainStream(_TrainOrder):
 class FolderValStream(_ValShard):
     """Evaluation batches (resize, center crop) of this rank's shard of a folder data set."""
 
-    def __init__(self, dataset: FolderImages, augmenter: BatchAugmenter, *, batch_size: int, rank: int,
-                 world_size: int, num_workers: int, device: torch.device) -> None:
-        self.dataset, self.augmenter, self.batch_size = dataset, augmenter, batch_size
+    def __init__(self, dataset: FolderImages, transform: EvalTransform, *, batch_size: int, rank: int,
+                 world_size: int, num_workers: int, device: torch.device, skip_corrupt: bool = False) -> None:
+        self.dataset, self.transform, self.batch_size = dataset, transform, batch_size
         self.shard = eval_shard(len(dataset), rank, world_size)
         self.device = device
         self.pool = _WorkerPool(dataset, num_workers, device)
-        self.skipped = 0
+        self.skip_corrupt = skip_corrupt
+        self.skipped: list[str] = []
 
     def batches(self) -> Iterator[Batch]:
         keys = [[(int(i), 0, int(i)) for i in self.shard[s:s + self.batch_size]]
                 for s in range(0, len(self.shard), self.batch_size)]
-        for images, labels, ok in self.pool.run(keys):
-            if not bool(ok.all()):
-                self.skipped += int((~ok).sum())
+        for images, labels, errors, indices in self.pool.run(keys):
+            ok = _check_decoded(self.dataset, errors, indices, self.skip_corrupt, self.skipped)
+            if ok is not None:
                 images, labels = images[ok], labels[ok]
             images = images.to(self.device, non_blocking=True)
-            yield self.augmenter.normalize(images), labels.to(self.device, non_blocking=True)
+            yield self.transform.normalize(images), labels.to(self.device, non_blocking=True)
 
     __iter__ = batches
+
+
+def _check_decoded(dataset: FolderImages, errors: list[str], indices: Tensor, skip_corrupt: bool,
+                   skipped: list[str]) -> Tensor | None:
+    """None when every image of the batch decoded; else raise :class:`CorruptImageError` for the first
+    bad file or, with ``skip_corrupt``, record the bad files in ``skipped`` and return the keep mask."""
+    bad = [(int(i), why) for i, why in zip(indices.tolist(), errors) if why]
+    if not bad:
+        return None
+    if not skip_corrupt:
+        index, why = bad[0]
+        raise CorruptImageError(dataset.split.files[index], why)
+    skipped.extend(str(dataset.split.files[i]) for i, _ in bad)
+    return torch.tensor([not why for why in errors], dtype=torch.bool)
 
 
 # ------------------------------------------------------------------------------ assembly
@@ -214,6 +241,13 @@ class Data:
     location: str
     scan_skipped: list[str]
     """Files left out while scanning a folder data set (unreadable headers, ``skip_corrupt``)."""
+    preprocessing: Preprocessing
+    """How evaluation images are prepared (size, mean, std, crop, interpolation): what a model trained
+    on this data records in its config, and what ``vitkit predict`` and ``vitkit eval`` reapply."""
+
+    def skipped_files(self) -> list[str]:
+        """Every unreadable file left out so far (``skip_corrupt``): at the scan, and when decoding."""
+        return list(dict.fromkeys(self.scan_skipped + self.train.skipped + self.val.skipped))
 
     def describe(self) -> str:
         return (f"{self.dataset} ({self.location}): {self.train.num_samples} train / {self.val.num_samples} val "
@@ -281,10 +315,12 @@ def _build_named(cfg: DataConfig, device: torch.device, seed: int, rank: int, wo
 
     train = TensorTrainStream(*to_device(train_x, train_y), augmenter, batch_size=cfg.batch_size, seed=seed,
                               rank=rank, world_size=world_size)
-    val = TensorValStream(*to_device(val_x, val_y), augmenter, batch_size=cfg.eval_batch_size, rank=rank,
-                          world_size=world_size)
+    preprocessing = Preprocessing(size=img_size, mean=mean, std=std, crop_pct=1.0,
+                                  interpolation=cfg.eval_interpolation, dataset=cfg.dataset)
+    val = TensorValStream(*to_device(val_x, val_y), EvalTransform(preprocessing, in_chans),
+                          batch_size=cfg.eval_batch_size, rank=rank, world_size=world_size)
     return Data(train, val, num_classes, sources.class_names_of(directory, num_classes), in_chans, img_size,
-                tuple(mean), tuple(std), cfg.soft_targets, cfg.dataset, str(directory), [])
+                tuple(mean), tuple(std), cfg.soft_targets, cfg.dataset, str(directory), [], preprocessing)
 
 
 def _luma(images: np.ndarray) -> np.ndarray:
@@ -316,16 +352,19 @@ def _build_folder(cfg: DataConfig, device: torch.device, seed: int, rank: int, w
                                seed=seed, crop_on_device=False)
     train_mode = "random_resized_crop" if cfg.crop == "random_resized_crop" else "resize_center"
     train_images = FolderImages(train_split, img_size, train_mode, seed=seed, scale=cfg.rrc_scale,
-                                ratio=cfg.rrc_ratio, skip_corrupt=cfg.skip_corrupt)
-    val_images = FolderImages(val_split, img_size, "resize_crop", crop_pct=cfg.eval_crop_pct,
-                              skip_corrupt=cfg.skip_corrupt)
+                                ratio=cfg.rrc_ratio)
+    preprocessing = Preprocessing(size=img_size, mean=mean, std=std, crop_pct=cfg.eval_crop_pct,
+                                  interpolation=cfg.eval_interpolation, dataset=cfg.dataset)
+    transform = EvalTransform(preprocessing, 3)
+    val_images = FolderImages(val_split, img_size, "eval", eval_resize=transform.load)
     train = FolderTrainStream(train_images, augmenter, batch_size=cfg.batch_size, seed=seed, rank=rank,
-                              world_size=world_size, num_workers=cfg.num_workers, device=device)
-    val = FolderValStream(val_images, augmenter, batch_size=cfg.eval_batch_size, rank=rank, world_size=world_size,
-                          num_workers=cfg.num_workers, device=device)
+                              world_size=world_size, num_workers=cfg.num_workers, device=device,
+                              skip_corrupt=cfg.skip_corrupt)
+    val = FolderValStream(val_images, transform, batch_size=cfg.eval_batch_size, rank=rank, world_size=world_size,
+                          num_workers=cfg.num_workers, device=device, skip_corrupt=cfg.skip_corrupt)
     skipped = [str(p) for p in train_split.skipped + val_split.skipped]
     return Data(train, val, len(classes), classes, 3, img_size, tuple(mean), tuple(std), cfg.soft_targets,
-                cfg.dataset, str(root), skipped)
+                cfg.dataset, str(root), skipped, preprocessing)
 
 
 def _check_channels(mean: tuple[float, ...], in_chans: int) -> None:

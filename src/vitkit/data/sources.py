@@ -14,11 +14,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from vitkit.preprocessing import IMAGENET_MEAN as IMAGENET_MEAN  # re-exported
+from vitkit.preprocessing import IMAGENET_STD as IMAGENET_STD
+
 FOLDER_PREFIX = "folder:"
 
 
@@ -53,19 +55,29 @@ class DatasetNotFoundError(FileNotFoundError):
     """A data set is not where vitkit looked; the message lists the places and how to get it."""
 
 
-def _repo_shared_data() -> Path:
-    # src/vitkit/data/sources.py -> repository root is three levels above the package.
+def user_cache_dir() -> Path:
+    """Where ``vitkit data download`` writes by default: ``$XDG_CACHE_HOME/vitkit/data``, else
+    ``~/.cache/vitkit/data``."""
+    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(base).expanduser() / "vitkit" / "data"
+
+
+def shared_data_dir() -> Path:
+    """The project's shared data: ``shared/data`` beside the source checkout (``<repo>/../shared/data``)."""
+    # src/vitkit/data/sources.py -> the repository root is three levels above the package.
     return Path(__file__).resolve().parents[3].parent / "shared" / "data"
 
 
 def data_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """The directories searched for data sets, in order. An explicit ``data_dir`` is the only one."""
+    """The directories searched for data sets, in order: an explicit ``data_dir`` (``--data-dir``) is
+    the only one; else ``$VITKIT_DATA``, the user cache (where ``vitkit data download`` writes), and the
+    project's shared data. Every command resolves data through this one list."""
     if data_dir is not None:
         return [Path(data_dir).expanduser()]
     roots = []
     if os.environ.get("VITKIT_DATA"):
         roots.append(Path(os.environ["VITKIT_DATA"]).expanduser())
-    roots += [Path("data"), Path("~/.cache/vitkit/data").expanduser(), _repo_shared_data()]
+    roots += [user_cache_dir(), shared_data_dir()]
     return roots
 
 
@@ -75,7 +87,7 @@ def default_download_root(data_dir: str | os.PathLike | None = None) -> Path:
         return Path(data_dir).expanduser()
     if os.environ.get("VITKIT_DATA"):
         return Path(os.environ["VITKIT_DATA"]).expanduser()
-    return Path("~/.cache/vitkit/data").expanduser()
+    return user_cache_dir()
 
 
 def is_folder_dataset(dataset: str) -> bool:
@@ -117,6 +129,36 @@ def locate_folder(dataset: str, data_dir: str | os.PathLike | None = None) -> Pa
     looked = "\n".join(f"  {(c / 'train').resolve()}" for c in candidates)
     raise DatasetNotFoundError(f"folder data set {raw!r} not found: no train/ directory at\n{looked}\n"
                                f"a folder data set is PATH/train/<class>/*.jpg|png and PATH/val/<class>/...")
+
+
+@dataclass(frozen=True)
+class DatasetLocation:
+    """Where a data set named on the command line lives and in which layout."""
+
+    dataset: str
+    layout: Literal["npz", "folder"]
+    path: Path
+
+
+def locate(dataset: str, data_dir: str | os.PathLike | None = None) -> DatasetLocation:
+    """Resolve what the user named: a named set (``cifar10``), ``folder:PATH``, or (as the evaluation
+    commands always accepted) a directory, given as a path or a name under a data root, that holds
+    ``train.npz`` or a ``train/`` class-folder tree."""
+    if is_folder_dataset(dataset):
+        return DatasetLocation(dataset, "folder", locate_folder(dataset, data_dir))
+    if dataset in NAMED_DATASETS:
+        return DatasetLocation(dataset, "npz", locate_named(dataset, data_dir))
+    path = Path(dataset).expanduser()
+    candidates = [path] + ([root / dataset for root in data_roots(data_dir)] if not path.is_absolute() else [])
+    for candidate in candidates:
+        if (candidate / "train.npz").is_file():
+            return DatasetLocation(dataset, "npz", candidate)
+        if (candidate / "train").is_dir():
+            return DatasetLocation(dataset, "folder", candidate)
+    looked = "\n".join(f"  {c.resolve()}" for c in candidates)
+    raise DatasetNotFoundError(
+        f"data set {dataset!r} not found: not a named set ({', '.join(NAMED_DATASETS)}), and no train.npz or "
+        f"train/ class folders at\n{looked}\nuse a named set, folder:PATH, or --data-dir / VITKIT_DATA")
 
 
 def read_meta(directory: Path) -> dict:

@@ -1,4 +1,5 @@
-"""``vitkit data info NAME``: where a data set is and what it holds, without decoding its images."""
+"""``vitkit data info NAME``: where a data set is and what it holds, without decoding its pixels (a
+folder set's files get the cheap header check of training: unreadable ones are listed, not counted)."""
 
 from __future__ import annotations
 
@@ -26,12 +27,15 @@ def dataset_summary(dataset: str, data_dir: str | Path | None = None) -> dict[st
     if sources.is_folder_dataset(dataset):
         root = sources.locate_folder(dataset, data_dir)
         classes = list_classes(find_split_dir(root, "train"))
-        splits = {}
+        splits, unreadable = {}, {}
         for split in ("train", "val"):
-            found = scan_split(find_split_dir(root, split), classes, check_headers=False)
+            # the cheap header check of training, so unreadable files are counted as such, not as images
+            found = scan_split(find_split_dir(root, split), classes, skip_corrupt=True)
             splits[split] = np.bincount(found.labels, minlength=len(classes)).tolist()
+            unreadable[split] = [str(p) for p in found.skipped]
         return {"dataset": dataset, "location": str(root), "classes": classes, "image_shape": "any (resized)",
-                "splits": splits, "mean": list(sources.IMAGENET_MEAN), "std": list(sources.IMAGENET_STD)}
+                "splits": splits, "unreadable": unreadable,
+                "mean": list(sources.IMAGENET_MEAN), "std": list(sources.IMAGENET_STD)}
     spec = sources.named_spec(dataset)
     directory = sources.locate_named(dataset, data_dir)
     splits, shape = {}, None
@@ -59,4 +63,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"  {'class':{width}s}" + "".join(f"{split:>8s}" for split in splits))
     for i, name in enumerate(classes):
         lines.append(f"  {name:{width}s}" + "".join(f"{counts[i]:8d}" for counts in splits.values()))
+    for split, files in (summary.get("unreadable") or {}).items():
+        if files:
+            shown = ", ".join(files[:5]) + (", ..." if len(files) > 5 else "")
+            lines.append(f"  {split}: {len(files)} unreadable file(s), not counted above: {shown}")
     return "\n".join(lines)

@@ -9,76 +9,91 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+import sys
+import time
 from pathlib import Path
+from typing import TextIO
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from vitkit.checkpoint import load_state_dict
-from vitkit.evaluation.datasets import LabeledImages
+from vitkit.data.splits import Split
+from vitkit.data.transforms import EvalTransform, eval_transform
 from vitkit.fileio import save_state_dict
 
 
-@dataclass(frozen=True)
-class Preprocess:
-    """uint8 (N, H, W, C) images -> normalised float (N, C, H, W) at the model's input size."""
+class ExtractionProgress:
+    """Progress of a feature-extraction job (possibly several splits): a tqdm bar on a terminal, else a
+    line every ``interval`` seconds; after the first batch, an estimate of the whole job's time."""
 
-    image_size: tuple[int, int]
-    in_chans: int
-    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    def __init__(self, total: int, *, stream: TextIO | None = None, interval: float = 30.0,
+                 enabled: bool = True) -> None:
+        self.total, self.done, self.interval, self.enabled = total, 0, interval, enabled
+        self.stream = stream if stream is not None else sys.stderr
+        self.start = self.last = time.perf_counter()
+        terminal = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.bar = tqdm(total=total, unit="img", desc="features", file=self.stream) if terminal else None
 
-    def __call__(self, images: Tensor) -> Tensor:
-        x = images.permute(0, 3, 1, 2).float() / 255.0
-        if x.shape[1] != self.in_chans:
-            if x.shape[1] == 1:
-                x = x.expand(-1, self.in_chans, -1, -1)  # grey -> RGB
-            elif self.in_chans == 1:
-                x = x.mean(dim=1, keepdim=True)
-            else:
-                raise ValueError(f"cannot feed {x.shape[1]}-channel images to a {self.in_chans}-channel model")
-        if tuple(x.shape[-2:]) != self.image_size:
-            x = F.interpolate(x, size=self.image_size, mode="bilinear", align_corners=False, antialias=True)
-        mean = torch.tensor(self.mean[: self.in_chans] if len(self.mean) > 1 else self.mean * self.in_chans)
-        std = torch.tensor(self.std[: self.in_chans] if len(self.std) > 1 else self.std * self.in_chans)
-        return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    def _say(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=self.stream, flush=True)
 
-    @classmethod
-    def for_model(cls, model: nn.Module, mean: Sequence[float] | None = None,
-                  std: Sequence[float] | None = None) -> Preprocess:
-        """The model's input size and channels; normalisation from the arguments, else what the model was
-        trained with (``config.extra['preprocess']``, written by ``vitkit train``), else the paper's
-        [-1, 1] scaling (mean = std = 0.5)."""
-        config = model.config
-        recorded_mean, recorded_std = config.input_normalisation()
-        mean = tuple(float(v) for v in (mean if mean is not None else recorded_mean))
-        std = tuple(float(v) for v in (std if std is not None else recorded_std))
-        if len(mean) != len(std):
-            raise ValueError(f"normalisation mean {mean} and std {std} have different lengths")
-        return cls(tuple(config.image_hw), config.in_chans, mean, std)
+    def update(self, count: int) -> None:
+        first = self.done == 0
+        self.done += count
+        now = time.perf_counter()
+        rate = self.done / max(now - self.start, 1e-9)
+        if first:
+            self._say(f"features: {self.total} images to extract, about {_duration(self.total / rate)} "
+                      f"({rate:.0f} images/s on the first batch)")
+        if self.bar is not None:
+            self.bar.update(count)
+        elif now - self.last >= self.interval and self.done < self.total:
+            self.last = now
+            self._say(f"features: {self.done}/{self.total} images, {rate:.0f} images/s, "
+                      f"{_duration((self.total - self.done) / rate)} left")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.done:
+            self._say(f"features: {self.done} images in {_duration(time.perf_counter() - self.start)}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @torch.inference_mode()
-def extract_features(model: nn.Module, data: LabeledImages, *, preprocess: Preprocess | None = None,
-                     batch_size: int = 256, device: str | torch.device | None = None) -> Tensor:
-    """(N, F) float32 features of every image in ``data``, in order, with the model in eval mode."""
-    preprocess = preprocess or Preprocess.for_model(model)
+def extract_features(model: nn.Module, data: Split, *, transform: EvalTransform | None = None,
+                     batch_size: int = 256, device: str | torch.device | None = None,
+                     progress: ExtractionProgress | None = None) -> Tensor:
+    """(N, F) float32 features of every image in ``data``, in order, with the model in eval mode;
+    images go through ``transform`` (default: the model's eval transform)."""
+    transform = transform or eval_transform(model.config)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    images = torch.from_numpy(data.images)
     chunks = []
     try:
-        for start in range(0, len(images), batch_size):
-            x = preprocess(images[start:start + batch_size]).to(device)
-            chunks.append(model.forward_head(model.forward_features(x), pre_logits=True).float().cpu())
+        for x in data.batches(transform, batch_size):
+            chunks.append(features_of(model, x.to(device)).float().cpu())
+            if progress is not None:
+                progress.update(len(x))
     finally:
         model.train(was_training)
     return torch.cat(chunks)
+
+
+def features_of(model: nn.Module, inputs: Tensor) -> Tensor:
+    """What the classifier head sees: ``forward_head(forward_features(x), pre_logits=True)``."""
+    return model.forward_head(model.forward_features(inputs), pre_logits=True)
 
 
 class FeatureCache:
@@ -95,11 +110,21 @@ class FeatureCache:
         self.hits = 0
         self.misses = 0
 
-    def features(self, model: nn.Module, data: LabeledImages, *, preprocess: Preprocess | None = None,
-                 batch_size: int = 256, device: str | torch.device | None = None) -> Tensor:
-        preprocess = preprocess or Preprocess.for_model(model)
-        key = hashlib.sha256("|".join([model_fingerprint(model), data_fingerprint(data),
-                                       repr(preprocess)]).encode()).hexdigest()[:32]
+    def key(self, model: nn.Module, data: Split, transform: EvalTransform) -> str:
+        return hashlib.sha256("|".join([model_fingerprint(model), data.fingerprint(),
+                                        repr(transform)]).encode()).hexdigest()[:32]
+
+    def cached(self, model: nn.Module, data: Split, transform: EvalTransform) -> bool:
+        """Whether :meth:`features` would be served without running the model."""
+        key = self.key(model, data, transform)
+        return key in self._memory or (self.directory is not None
+                                       and (self.directory / f"features-{key}.safetensors").is_file())
+
+    def features(self, model: nn.Module, data: Split, *, transform: EvalTransform | None = None,
+                 batch_size: int = 256, device: str | torch.device | None = None,
+                 progress: ExtractionProgress | None = None) -> Tensor:
+        transform = transform or eval_transform(model.config)
+        key = self.key(model, data, transform)
         if key in self._memory:
             self.hits += 1
             return self._memory[key]
@@ -108,7 +133,8 @@ class FeatureCache:
             feats = load_state_dict(path)["features"]
             self.hits += 1
         else:
-            feats = extract_features(model, data, preprocess=preprocess, batch_size=batch_size, device=device)
+            feats = extract_features(model, data, transform=transform, batch_size=batch_size, device=device,
+                                     progress=progress)
             self.misses += 1
             if path is not None:
                 save_state_dict({"features": feats}, path, metadata={"data": data.name})
@@ -126,12 +152,4 @@ def model_fingerprint(model: nn.Module) -> str:
         h.update(name.encode())
         h.update(str(tensor.dtype).encode())
         h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def data_fingerprint(data: LabeledImages) -> str:
-    h = hashlib.sha256(data.name.encode())
-    h.update(str(data.images.shape).encode())
-    h.update(np.ascontiguousarray(data.images).tobytes())
-    h.update(np.ascontiguousarray(data.labels).tobytes())
     return h.hexdigest()

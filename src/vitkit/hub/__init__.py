@@ -10,8 +10,7 @@ from vitkit.hub.catalog import (
                                 CatalogError,
                                 Checksum,
                                 Location,
-                                Preprocessing,
-                                find_entry,
+                                                            find_entry,
                                 get_entry,
                                 list_entries,
                                 load_catalog,
@@ -31,7 +30,7 @@ from vitkit.hub.resolve import HubSource, fetch_entry, fetch_hub_repo, fetch_sou
 
 __all__ = [
     "CatalogEntry", "CatalogError", "Checksum", "ChecksumError", "DownloadError", "HubSource", "Location",
-    "OfflineError", "Preprocessing", "cache_dir", "class_names", "download_hub_file", "download_hub_repo",
+    "OfflineError", "cache_dir", "class_names", "download_hub_file", "download_hub_repo",
     "download_url", "fetch_entry", "fetch_hub_repo", "fetch_source", "fetch_url", "find_entry", "get_entry",
     "hf_cache_dir", "is_hub_source", "is_offline", "list_entries", "load_catalog", "url_cache_path",
 ]

@@ -4,7 +4,8 @@ Each entry is a timm-style name, ``architecture.tag`` (``vit_base_patch16_224.au
 where ``architecture`` is a registered vitkit model, and records where the weights live (a Hugging Face
 Hub repo and file, or a URL), the checksum its publisher gives (sha256, torchvision's sha256 prefix, or
 MAE's md5 prefix), the licence, the preprocessing the weights expect, the classifier's size and class
-names, and the ImageNet-1k top-1 its publisher reports. The facts come from timm's pretrained configs,
+names, and the ImageNet-1k top-1 its publisher reports. Preprocessing is :class:`vitkit.preprocessing.Preprocessing`, the
+record a model config carries, so that it travels with the weights. The facts come from timm's pretrained configs,
 torchvision's weight enums and the publishers' READMEs; nothing here runs code from them.
 """
 
@@ -18,7 +19,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
-Interpolation = Literal["bicubic", "bilinear", "nearest"]
+from vitkit.preprocessing import Preprocessing
+
 ClassSet = Literal["imagenet-1k", "imagenet-21k"]
 FORMATS = ("timm", "huggingface", "torchvision", "jax", "vitkit", "t2t")
 """Checkpoint formats an entry may name (``null``: detected from the file, as for any local file)."""
@@ -27,37 +29,6 @@ CHECKSUM_ALGORITHMS = ("sha256", "md5")
 
 class CatalogError(ValueError):
     """A catalog entry is malformed, or a name is not in the catalog."""
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How images must be prepared for a set of weights (torchvision's ``weights.transforms()`` facts):
-    resize the shorter side to ``input_size / crop_pct`` with ``interpolation``, center-crop
-    ``input_size``, scale to [0, 1], normalise with ``mean`` and ``std``."""
-
-    input_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    crop_pct: float
-    interpolation: Interpolation
-
-    def __post_init__(self) -> None:
-        if self.input_size <= 0 or not 0 < self.crop_pct <= 1:
-            raise ValueError(f"preprocessing: bad input_size {self.input_size} or crop_pct {self.crop_pct}")
-        if len(self.mean) != len(self.std):
-            raise ValueError("preprocessing: mean and std differ in length")
-        if self.interpolation not in ("bicubic", "bilinear", "nearest"):
-            raise ValueError(f"preprocessing: unknown interpolation {self.interpolation!r}")
-
-    @property
-    def resize_size(self) -> int:
-        """The shorter side before the center crop (torchvision's ``resize_size``)."""
-        return int(round(self.input_size / self.crop_pct))
-
-    def as_dict(self) -> dict[str, Any]:
-        """The record as a model config's ``extra['preprocess']`` stores it."""
-        return {"img_size": self.input_size, "mean": list(self.mean), "std": list(self.std),
-                "crop_pct": self.crop_pct, "interpolation": self.interpolation}
 
 
 @dataclass(frozen=True)
@@ -111,6 +82,11 @@ class CatalogEntry:
     notes: str = ""
 
     @property
+    def input_size(self) -> int:
+        """The (square) input size the weights were made for."""
+        return self.preprocessing.size[0]
+
+    @property
     def tag(self) -> str:
         return self.name.partition(".")[2]
 
@@ -157,9 +133,9 @@ def parse_entry(data: dict[str, Any], where: str = "catalog") -> CatalogEntry:
     if data.get("classes") not in (None, "imagenet-1k", "imagenet-21k"):
         raise CatalogError(f"{what}: classes {data['classes']!r} is not imagenet-1k, imagenet-21k or null")
     try:
-        preprocessing = Preprocessing(int(data["input_size"]), tuple(map(float, data["mean"])),
-                                      tuple(map(float, data["std"])), float(data["crop_pct"]), data["interpolation"])
-    except ValueError as e:
+        preprocessing = Preprocessing(size=int(data["input_size"]), mean=data["mean"], std=data["std"],
+                                      crop_pct=data["crop_pct"], interpolation=data["interpolation"])
+    except (TypeError, ValueError) as e:
         raise CatalogError(f"{what}: {e}") from None
     return CatalogEntry(
         name=name, architecture=data["architecture"], location=Location(**loc), format=data.get("format"),

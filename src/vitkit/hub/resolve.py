@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vitkit.hub.catalog import CatalogEntry, Preprocessing, find_entry, load_catalog
+from vitkit.hub.catalog import CatalogEntry, find_entry, load_catalog
 from vitkit.hub.classes import class_names as bundled_class_names
 from vitkit.hub.download import download_hub_file, download_hub_repo, download_url
 from vitkit.hub.errors import DownloadError
+from vitkit.preprocessing import Preprocessing
 
 HF_PREFIXES = ("hf-hub:", "hf_hub:", "hf:")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
@@ -137,9 +138,9 @@ def _timm_facts(config: dict[str, Any]) -> tuple[str | None, int | None, Preproc
     arch = str(config.get("architecture", "")).split(".")[0] or None
     preprocessing = None
     try:
-        size = cfg["input_size"][-1]
-        preprocessing = Preprocessing(int(size), tuple(cfg["mean"]), tuple(cfg["std"]), float(cfg.get("crop_pct", 1.0)),
-                                      cfg.get("interpolation", "bicubic"))
+        size = (int(cfg["input_size"][-2]), int(cfg["input_size"][-1]))
+        preprocessing = Preprocessing(size=size, mean=cfg["mean"], std=cfg["std"], crop_pct=cfg.get("crop_pct", 1.0),
+                                      interpolation=cfg.get("interpolation", "bicubic"))
     except (KeyError, TypeError, ValueError, IndexError):
         pass
     num_classes = config.get("num_classes", cfg.get("num_classes"))
@@ -170,7 +171,7 @@ def _transformers_preprocessing(processor: dict[str, Any], config: dict[str, Any
         crop = crop.get("height") if isinstance(crop, dict) else crop
         crop_pct, size = float(crop) / float(size), crop
     try:
-        return Preprocessing(int(size), tuple(mean), tuple(std), crop_pct,
-                             _PIL_RESAMPLE.get(processor.get("resample", 2), "bilinear"))  # type: ignore[arg-type]
+        return Preprocessing(size=int(size), mean=mean, std=std, crop_pct=crop_pct,
+                             interpolation=_PIL_RESAMPLE.get(processor.get("resample", 2), "bilinear"))
     except ValueError:
         return None

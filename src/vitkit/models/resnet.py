@@ -29,6 +29,7 @@ from vitkit.config import ModelConfig, from_known_keys
 from vitkit.fileio import write_model_dir
 from vitkit.models.layers import DropPath
 from vitkit.models.registry import config_record, register_architecture, register_model
+from vitkit.preprocessing import Preprocessing
 
 # ============================================================================ BiT ResNet (GN + WS)
 
@@ -264,6 +265,8 @@ class ResNetConfig(ModelConfig):
     """Start every block's last BatchNorm at zero (Goyal et al., 2017), so blocks begin as identities."""
     head_init: Literal["default", "zeros"] = "default"
     class_names: Optional[list[str]] = None
+    preprocess: Optional[Preprocessing] = None
+    """How images are prepared for these weights (see :mod:`vitkit.preprocessing`); None = not recorded."""
     name: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -206,13 +206,13 @@ def finetune_config(init: str, dataset: str, *, img_size: int | None = None, con
     if img_size is not None:
         named["data"]["img_size"] = img_size
     data = _merge(_merge(data, named), expand_shortcuts(parse_overrides(overrides)))
-    recorded = (getattr(init_config, "extra", None) or {}).get("preprocess") or {}
+    recorded = init_config.preprocessing() if init_config is not None else None
     if init_config is None and not Path(init).exists():  # pretrained weights: their publisher's normalisation
         fetched = fetch_source(str(init))
-        recorded = fetched.preprocessing.as_dict() if fetched is not None and fetched.preprocessing else {}
-    if data["data"].get("mean") is None and data["data"].get("std") is None and "mean" in recorded:
+        recorded = fetched.preprocessing if fetched is not None else None
+    if data["data"].get("mean") is None and data["data"].get("std") is None and recorded is not None:
         # Normalise the new images as the pre-training images were.
-        data["data"]["mean"], data["data"]["std"] = list(recorded["mean"]), list(recorded["std"])
+        data["data"]["mean"], data["data"]["std"] = list(recorded.mean), list(recorded.std)
     return TrainConfig.from_dict(data, source=f"{source}{' + overrides' if overrides else ''}")
 
 

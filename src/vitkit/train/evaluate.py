@@ -125,9 +125,9 @@ def evaluate_trained(source: str | Path, *, dataset: Optional[str] = None, data_
 
     model, train_cfg, run_dir = load_trained(source)
     config = model.config
-    preprocess = config.extra.get("preprocess", {})
+    preprocessing = config.preprocessing()
     trained_on = (train_cfg or {}).get("data", {})
-    dataset = dataset or trained_on.get("dataset") or preprocess.get("dataset")
+    dataset = dataset or trained_on.get("dataset") or preprocessing.dataset
     if not dataset:
         raise ValueError(f"{source}: the model does not record its training data set; pass --dataset")
     if data_dir is None and dataset == trained_on.get("dataset"):
@@ -136,8 +136,9 @@ def evaluate_trained(source: str | Path, *, dataset: Optional[str] = None, data_
     if height != width:
         raise ValueError(f"{source}: non-square models ({height}x{width}) are not supported by vitkit eval")
     data_cfg = DataConfig(dataset=dataset, data_dir=data_dir, img_size=height, batch_size=1,
-                          eval_batch_size=batch_size, mean=preprocess.get("mean"), std=preprocess.get("std"),
-                          eval_crop_pct=preprocess.get("crop_pct", 0.875) if dataset.startswith("folder:") else 0.875)
+                          eval_batch_size=batch_size, mean=preprocessing.mean, std=preprocessing.std,
+                          eval_crop_pct=preprocessing.crop_pct, eval_interpolation=preprocessing.interpolation,
+                          in_chans=config.in_chans)
     device_ = resolve_device(device)
     data = build_data(data_cfg, device=device_)
     if data.num_classes != config.num_classes:

@@ -8,8 +8,9 @@ it. Under ``torchrun`` every process runs this same code on its own shard of eac
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,7 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from vitkit.checkpoint import CheckpointError, load_weights
-from vitkit.data import build_data
+from vitkit.data import CorruptImageError, build_data
 from vitkit.models.registry import architecture_of
 from vitkit.train.checkpoints import CheckpointWriter, capture_rng, load_checkpoint, resolve_checkpoint, restore_rng
 from vitkit.train.config import TrainConfig, expand_shortcuts, merge_configs, parse_overrides
@@ -129,6 +130,22 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
                        f"{steps_per_epoch} steps/epoch, global batch {cfg.data.batch_size * world.size * accum}")
         if state:
             progress.print(f"from epoch {epoch + 1}, batch {batch}, optimizer step {global_step}")
+    reported_skips: set[str] = set()
+
+    def report_skipped() -> int:
+        """Print and log unreadable files left out (``skip_corrupt``) since the last report; their total."""
+        skipped = data.skipped_files()
+        new = [f for f in skipped if f not in reported_skips]
+        if new and world.is_main:
+            reported_skips.update(new)
+            shown = ", ".join(new[:5]) + (f", ... ({len(new) - 5} more in metrics.jsonl)" if len(new) > 5 else "")
+            # a warning, on stderr whatever the progress mode
+            print(f"vitkit: skip_corrupt: left out {len(new)} unreadable file(s) ({len(skipped)} in all): {shown}",
+                  file=sys.stderr, flush=True)
+            log.log("skipped", global_step, count=len(skipped), files=new)
+        return len(skipped)
+
+    report_skipped()
 
     if state is not None and len(state["rng"]) == world.size:
         restore_rng(state["rng"][world.rank])
@@ -170,8 +187,11 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         epoch_start, epoch_cpu, window_start = time.perf_counter(), time.process_time(), time.perf_counter()
         window = torch.zeros(3, dtype=torch.float64, device=device)
         grad_norm = torch.zeros((), device=device)
-        first_batch = batch
-        for batch, (images, targets) in enumerate(data.train.batches(epoch, first_batch), start=first_batch):
+        resume_batch = batch  # where a checkpoint would continue: after the last optimizer step of this epoch
+        train_batches = _saving_on_corrupt(  # saves the position reached when the error comes: late binding
+            enumerate(data.train.batches(epoch, batch), start=batch),
+            lambda epoch=epoch: checkpoint(epoch, resume_batch), world, checkpoints, run_dir)  # noqa: B023
+        for batch, (images, targets) in train_batches:
             if batch >= steps_per_epoch * accum:
                 break
             boundary = (batch + 1) % accum == 0
@@ -206,6 +226,7 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
             if ema is not None:
                 ema.update(raw_model)
             global_step += 1
+            resume_batch = batch + 1
             progress.step()
 
             if global_step % cfg.log_every == 0:
@@ -240,7 +261,9 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
                                       train_acc=float(train_sums[1] / train_sums[2]), lr=lr)
         is_best = False
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            val = evaluate(raw_model, data.val.batches(), data.num_classes, device=device,
+            val_batches = _saving_on_corrupt(data.val.batches(), lambda epoch=epoch: checkpoint(epoch + 1, 0), world,
+                                             checkpoints, run_dir)
+            val = evaluate(raw_model, val_batches, data.num_classes, device=device,
                            precision=cfg.precision, world=world, hflip_tta=cfg.eval_hflip_tta)
             record.update(val_loss=val.loss, val_acc=val.top1, val_top5=val.top5)
             score = val.top1
@@ -255,6 +278,8 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         epoch_times.append(time.perf_counter() - epoch_start)
         record["epoch_time"] = epoch_times[-1]
         record["epoch_cpu_time"] = time.process_time() - epoch_cpu  # this process, all threads
+        if cfg.data.skip_corrupt:
+            record["skipped_files"] = report_skipped()
         eta = sum(epoch_times) / len(epoch_times) * (cfg.epochs - epoch - 1)
         log.log("epoch", global_step, **record)
         progress.print(_summary_line(record, cfg.epochs, eta, ema is not None))
@@ -265,13 +290,28 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
     # ------------------------------------------------------------------------------------ finish
     if world.is_main:
         final = ema.module if ema is not None else raw_model
-        export_model(final, run_dir, best_acc=best_acc, total_time=clock.elapsed)
+        export_model(final, run_dir, best_acc=best_acc, total_time=clock.elapsed, skipped_files=data.skipped_files())
         log.close()
 
         plot_curves(run_dir)
         progress.print(f"done in {format_duration(clock.elapsed)}: best val acc {100 * best_acc:.2f}%; "
                        f"model in {run_dir / 'model'}")
     return run_dir
+
+
+def _saving_on_corrupt(batches: Iterator[Any], save: Callable[[], None], world: World,
+                       checkpoints: CheckpointWriter, run_dir: Path) -> Iterator[Any]:
+    """``batches``, but an unreadable image (:class:`CorruptImageError`, raised by the data layer in
+    this process) first saves the finished steps, then stops the run with one line naming the file."""
+    try:
+        yield from batches
+    except CorruptImageError as e:
+        if world.distributed:  # the other processes are not here to join the checkpoint's collectives
+            raise
+        save()
+        raise CorruptImageError(e.path, f"{e.reason}; saved the finished steps to {checkpoints.last}: remove or "
+                                        f"fix the file (or set data.skip_corrupt), then `vitkit train --resume "
+                                        f"{run_dir}`") from None
 
 
 def _summary_line(record: dict[str, Any], epochs: int, eta: float, has_ema: bool) -> str:

@@ -54,8 +54,8 @@ def write_config(cfg: TrainConfig, run_dir: Path) -> None:
 
 def build_run_model(cfg: TrainConfig, data: Any) -> nn.Module:
     """The registered model ``cfg.model['name']`` with the config's overrides; the number of classes,
-    channels, image size and class names default to the data set's, and the preprocessing travels in
-    ``config.extra`` so that ``vitkit predict`` can reproduce it."""
+    channels, image size and class names default to the data set's, and the data's preprocessing record
+    travels in the config so that ``vitkit predict``/``eval``/``fewshot``/``analyze`` reapply it."""
     if cfg.finetune.init:
         return _build_finetune_model(cfg, data)
     spec = dict(cfg.model)
@@ -76,9 +76,7 @@ def build_run_model(cfg: TrainConfig, data: Any) -> nn.Module:
     if spec["in_chans"] != data.in_chans:
         raise ValueError(f"model.in_chans={spec['in_chans']} but the data gives {data.in_chans}-channel images; "
                          f"set data.in_chans {spec['in_chans']} to convert them")
-    extra = dict(entry.config.extra)
-    extra["preprocess"] = preprocess_info(cfg, data, spec["img_size"])
-    spec["extra"] = extra
+    spec["preprocess"] = data.preprocessing
     try:
         config = entry.config.replace(**spec)
     except (TypeError, ValueError) as e:
@@ -92,9 +90,8 @@ def _build_finetune_model(cfg: TrainConfig, data: Any) -> nn.Module:
                                  in_chans=data.in_chans, img_size=cfg.model.get("img_size", data.img_size),
                                  model_overrides=cfg.model)
     extra = dict(model.config.extra)
-    extra["preprocess"] = preprocess_info(cfg, data, model.config.img_size)
     extra["finetuned_from"] = cfg.finetune.init
-    model.config = model.config.replace(extra=extra)
+    model.config = model.config.replace(extra=extra, preprocess=data.preprocessing)
     return model
 
 
@@ -126,22 +123,14 @@ def build_finetune_model(cfg: FinetuneConfig, *, num_classes: int, class_names: 
     return model
 
 
-def preprocess_info(cfg: TrainConfig, data: Any, img_size: Any) -> dict[str, Any]:
-    """How evaluation images were prepared: what ``vitkit predict`` does to a new image."""
-    folder = cfg.data.dataset.startswith("folder:")
-    return {
-        "img_size": img_size if isinstance(img_size, int) else list(img_size),
-        "mean": [float(v) for v in data.mean],
-        "std": [float(v) for v in data.std],
-        "crop_pct": cfg.data.eval_crop_pct if folder else 1.0,
-        "dataset": cfg.data.dataset,
-    }
-
-
-def export_model(model: nn.Module, run_dir: Path, *, best_acc: float, total_time: float) -> Path:
-    """Save the final weights in vitkit's format (``run_dir/model``), readable by ``vitkit.load_model``."""
+def export_model(model: nn.Module, run_dir: Path, *, best_acc: float, total_time: float,
+                 skipped_files: Sequence[str] = ()) -> Path:
+    """Save the final weights in vitkit's format (``run_dir/model``), readable by ``vitkit.load_model``;
+    the run's summary (``extra["training"]``) lists unreadable files left out by ``skip_corrupt``."""
     extra = dict(model.config.extra)
     extra["training"] = {"run": str(run_dir), "best_val_acc": best_acc if best_acc > float("-inf") else None,
                          "train_seconds": round(total_time, 1)}
+    if skipped_files:
+        extra["training"]["skipped_files"] = list(skipped_files)
     model.config = model.config.replace(extra=extra)
     return model.save_pretrained(run_dir / MODEL_DIR)

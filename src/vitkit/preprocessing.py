@@ -1,0 +1,144 @@
+"""The preprocessing record bound to a model's weights: how an image becomes the model's input.
+
+One typed record, written in the model's ``config.json`` (key ``preprocess``): the input size, the
+per-channel mean and std of the [0, 1] pixels, the crop fraction (the shorter side is resized to
+``size / crop_pct`` and the central ``size`` square kept, as timm's ``crop_pct``), and the resize
+interpolation. Training writes it; converters attach the source's (timm/Hugging Face configs, the
+known torchvision and Google constants). A model without one gets :data:`DEFAULT_PREPROCESSING`:
+the paper's [-1, 1] scaling (mean = std = 0.5), no crop, bilinear.
+
+This module imports nothing from vitkit, so model configs (the lowest layer) can hold the record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, get_args
+
+Interpolation = Literal["bilinear", "bicubic", "nearest"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+_LEGACY_KEYS = {"img_size": "size"}
+"""Keys of the untyped ``extra["preprocess"]`` dict older vitkit versions wrote."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How evaluation images are prepared for a model (see the module docstring)."""
+
+    size: tuple[int, int] = (224, 224)
+    """(height, width) of the model input; always the model's own input size."""
+    mean: tuple[float, ...] = HALF
+    """Per-channel mean of the [0, 1] pixels (one value per input channel)."""
+    std: tuple[float, ...] = HALF
+    crop_pct: float = 1.0
+    """Fraction of the resized image kept by the centre crop: resize the shorter side to
+    ``size / crop_pct``, then crop ``size``. 1.0 = resize only (square images are not cropped)."""
+    interpolation: Interpolation = "bilinear"
+    dataset: Optional[str] = None
+    """The data set the statistics come from (informational; ``vitkit eval``'s default data set)."""
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"preprocess.{name}={getattr(self, name)!r}: {why}")
+
+        size = self.size
+        if isinstance(size, int) and not isinstance(size, bool):
+            size = (size, size)
+        try:
+            size = tuple(int(v) for v in size)
+        except (TypeError, ValueError):
+            raise bad("size", "must be an integer or [height, width]") from None
+        if len(size) != 2 or min(size) < 1:
+            raise bad("size", "must be a positive integer or [height, width]")
+        object.__setattr__(self, "size", size)
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if isinstance(value, (int, float)):
+                value = (value,)
+            try:
+                value = tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                raise bad(name, "must be a list of numbers, one per channel") from None
+            if not value:
+                raise bad(name, "needs at least one value")
+            object.__setattr__(self, name, value)
+        if len(self.mean) != len(self.std):
+            raise bad("std", f"has {len(self.std)} values but mean has {len(self.mean)}")
+        if min(self.std) <= 0:
+            raise bad("std", "values must be positive")
+        if isinstance(self.crop_pct, bool) or not isinstance(self.crop_pct, (int, float)) \
+                or not 0.0 < self.crop_pct <= 1.0:
+            raise bad("crop_pct", "must be a number in (0, 1]")
+        object.__setattr__(self, "crop_pct", float(self.crop_pct))
+        if self.interpolation not in get_args(Interpolation):
+            raise bad("interpolation", f"choose one of {', '.join(get_args(Interpolation))}")
+
+    @property
+    def resize_size(self) -> int | tuple[int, int]:
+        """The resize before the centre crop: the shorter side for a square input (an int, as
+        torchvision's ``Resize``), else (height, width); ``floor(size / crop_pct)`` like timm."""
+        h, w = self.size
+        if h == w:
+            return math.floor(h / self.crop_pct + 1e-9)
+        return math.floor(h / self.crop_pct + 1e-9), math.floor(w / self.crop_pct + 1e-9)
+
+    def for_model(self, size: tuple[int, int], channels: int) -> Preprocessing:
+        """This record at a model's input size, with mean/std given per channel of ``channels``.
+
+        A single value is repeated; three values for a one-channel model are averaged (luma input)."""
+        mean, std = self.mean, self.std
+        if len(mean) != channels:
+            if len(mean) == 1:
+                mean, std = mean * channels, std * channels
+            elif channels == 1:
+                mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+            else:
+                raise ValueError(f"preprocess: {len(mean)}-channel mean/std for a {channels}-channel model")
+        return dataclasses.replace(self, size=tuple(size), mean=mean, std=std)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types (lists, not tuples)."""
+        out = {"size": list(self.size), "mean": list(self.mean), "std": list(self.std), "crop_pct": self.crop_pct,
+               "interpolation": self.interpolation}
+        if self.dataset is not None:
+            out["dataset"] = self.dataset
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "preprocess") -> Preprocessing:
+        """Build from a mapping (also the legacy ``extra["preprocess"]`` dict with ``img_size``); an
+        unknown key or a bad value is an error that names it."""
+        if isinstance(data, Preprocessing):
+            return data
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a mapping of preprocessing fields, got {type(data).__name__}")
+        data = {_LEGACY_KEYS.get(k, k): v for k, v in data.items()}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        try:
+            return cls(**data)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+
+DEFAULT_PREPROCESSING = Preprocessing()
+"""For models that record none (random weights, old checkpoints): mean = std = 0.5 (the paper's
+[-1, 1] scaling), resize without crop, bilinear."""
+
+KNOWN_SOURCES: dict[str, Preprocessing] = {
+    # torchvision's ViT_*_Weights.IMAGENET1K_V1 transforms: resize 256, crop 224, bilinear, ImageNet stats.
+    "torchvision": Preprocessing(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=224 / 256, interpolation="bilinear"),
+    # Google's vision_transformer / big_vision: pixels scaled to [-1, 1], images resized to the input size.
+    "jax": Preprocessing(mean=HALF, std=HALF, crop_pct=1.0, interpolation="bilinear"),
+    # transformers' ViTImageProcessor defaults (image_mean = image_std = 0.5, resample bilinear).
+    "huggingface": Preprocessing(mean=HALF, std=HALF, crop_pct=1.0, interpolation="bilinear"),
+}
+"""What a checkpoint format implies when its files state nothing more (keyed by format name)."""
