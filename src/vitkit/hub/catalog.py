@@ -4,9 +4,10 @@ Each entry is a timm-style name, ``architecture.tag`` (``vit_base_patch16_224.au
 where ``architecture`` is a registered vitkit model, and records where the weights live (a Hugging Face
 Hub repo and file, or a URL), the checksum its publisher gives (sha256, torchvision's sha256 prefix, or
 MAE's md5 prefix), the licence, the preprocessing the weights expect, the classifier's size and class
-names, and the ImageNet-1k top-1 its publisher reports. Preprocessing is :class:`vitkit.preprocessing.Preprocessing`, the
-record a model config carries, so that it travels with the weights. The facts come from timm's pretrained configs,
-torchvision's weight enums and the publishers' READMEs; nothing here runs code from them.
+names, and the ImageNet-1k top-1 its publisher reports. Preprocessing is
+:class:`vitkit.preprocessing.Preprocessing`, the record a model config carries, so that it travels with
+the weights. The facts come from timm's pretrained configs, torchvision's weight enums and the
+publishers' READMEs; nothing here runs code from them.
 """
 
 from __future__ import annotations
