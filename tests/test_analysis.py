@@ -370,7 +370,7 @@ def test_cli_analyze_on_real_cifar_images(tmp_path, capsys):
 def test_cli_names_the_bad_input(tmp_path, capsys):
     assert main(["analyze", "no_such_model", "--dataset", "cifar10", "--out", str(tmp_path)]) == 2
     assert "no_such_model" in capsys.readouterr().err
-    assert main(["analyze", "vit_mnist_patch4_28", "--dataset", "no_such_set", "--out", str(tmp_path),
-                 "--data-dir", str(tmp_path)]) == 2
+    assert main(["analyze", "vit_mnist_patch4_28", "--random-init", "--dataset", "no_such_set", "--out",
+                 str(tmp_path), "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no_such_set" in err and str(tmp_path) in err

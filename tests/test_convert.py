@@ -455,8 +455,10 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path):
     marker = tmp_path / "marker"
     for name in ("evil.pth", "evil.bin"):
         torch.save({"state_dict": {"cls_token": torch.zeros(1), "x": _Payload(marker)}}, tmp_path / name)
-        with pytest.raises(CheckpointError, match=rf"{name}: cannot read checkpoint safely"):
+        with pytest.raises(CheckpointError, match=rf"{name}: refused for safety: .*pickle data that imports code "
+                                                  r"\(posix\.system\)") as refused:
             vitkit.from_pretrained(tmp_path / name)
+        assert "weights_only" not in str(refused.value) and "corrupt" not in str(refused.value)
     assert cli_main(["convert", str(tmp_path / "evil.pth"), str(tmp_path / "out")]) == 2
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
@@ -484,7 +486,7 @@ def test_cli_convert(tmp_path, capsys):
         assert_parity(model(x), reference(x), "CLI torchvision -> vitkit")
 
     assert cli_main(["convert", str(tmp_path / "vk"), str(tmp_path / "hf"), "--to", "hf", "--img-size", "48"]) == 0
-    assert "vk (vitkit) -> " in capsys.readouterr().out
+    assert "vk: vitkit model directory -> " in capsys.readouterr().out
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["image_size"] == 48
     assert vitkit.from_pretrained(tmp_path / "hf").pos_embed.shape == (1, 1 + 36, 64)
 

@@ -287,7 +287,7 @@ def test_cli_converts_a_hybrid_npz_to_timm_and_back(tmp_path, capsys):
     source = perturb(TIMM_CASES["r_ti_root_only_p8"][0]())
     np.savez(tmp_path / "rti.npz", **google_hybrid_npz(source.state_dict(), 3))
     assert cli_main(["convert", str(tmp_path / "rti.npz"), str(tmp_path / "rti.safetensors"), "--to", "timm"]) == 0
-    assert "(jax) -> " in capsys.readouterr().out
+    assert "rti.npz: Google .npz checkpoint -> " in capsys.readouterr().out
     reference = TIMM_CASES["r_ti_root_only_p8"][0]().eval()
     reference.load_state_dict(vitkit.checkpoint.load_state_dict(tmp_path / "rti.safetensors"))
     x = images(64)

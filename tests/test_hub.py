@@ -44,7 +44,7 @@ from vitkit.hub import (
 from vitkit.hub.catalog import CatalogError, parse_entry
 from vitkit.models.registry import create_model as create_registered
 from vitkit.models.registry import list_models
-from vitkit.sources import load_source
+from vitkit.resolver import load_source
 from vitkit.train.config import finetune_config
 
 
@@ -137,7 +137,7 @@ def test_timm_repo_from_hf_cache_offline(tmp_path, caches, monkeypatch):
     by_repo = vitkit.from_pretrained("timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k").eval()
     by_name = vitkit.create_model("vit_tiny_patch16_224.augreg_in21k_ft_in1k", pretrained=True).eval()
     by_arch = vitkit.create_model("vit_tiny_patch16_224", pretrained=True).eval()  # its default tag: the same weights
-    by_command = load_source("vit_tiny_patch16_224.augreg_in21k_ft_in1k").eval()  # what fewshot/finetune load
+    by_command = load_source("vit_tiny_patch16_224.augreg_in21k_ft_in1k").model.eval()  # what every command loads
     for model in (by_repo, by_name, by_arch, by_command):
         with torch.no_grad():
             torch.testing.assert_close(model(x), expected, atol=2e-5, rtol=1e-4)

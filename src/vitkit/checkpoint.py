@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import json
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,52 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupt, unsafe, or does not fit the model."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A torch pickle that would import or call code to load; vitkit refuses it instead of running it."""
+
+
 # ------------------------------------------------------------------------------- safe reading
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def torch_load_safely(path: str | Path, *, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` with errors that say what is wrong with the file.
+
+    A pickle that names code (a class or function outside torch's allowlist) raises
+    :class:`UnsafeCheckpointError`; a truncated or garbled file raises :class:`CheckpointError`.
+    ``mmap=True`` maps the tensors instead of reading them (cheap peeks at large files).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        refused = _REFUSED_GLOBAL.search(str(e))
+        if refused is None:  # a garbled pickle stream: "Unsupported operand", "invalid load key", ...
+            raise CheckpointError(f"{path}: truncated or corrupt checkpoint, not a readable torch file "
+                                  f"({_first_line(e)})") from None
+        raise UnsafeCheckpointError(
+            f"{path}: refused for safety: the file holds pickle data that imports code ({refused.group(1)}), "
+            "and loading it could run that code. vitkit reads only tensors and plain values. If you trust "
+            "the file, re-save its tensors where they were made, e.g. "
+            "safetensors.torch.save_file(model.state_dict(), 'model.safetensors'), and pass that file") from None
+    except RuntimeError as e:
+        if mmap and "mmap" in str(e):  # the legacy (non-zip) format cannot be mapped
+            return torch_load_safely(path)
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint, not a readable torch file "
+                              f"({_first_line(e)})") from None
+    except Exception as e:  # garbage bytes fail anywhere in the unpickler: EOFError, IndexError, KeyError, ...
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint, not a readable torch file "
+                              f"({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    """The first sentence of an error message (torch appends long advice to its own)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text.split(". ")[0].rstrip(".")
+
+
 def load_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Read a flat tensor dict from .safetensors, .pth/.pt/.bin/.ckpt (weights only) or .npz.
 
@@ -37,21 +84,21 @@ def load_state_dict(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     suffix = path.suffix.lower()
+    if suffix not in (".safetensors", ".npz"):
+        return unwrap_state_dict(torch_load_safely(path), path)
     try:
         if suffix == ".safetensors":
             return load_safetensors(path)
-        if suffix == ".npz":
-            with np.load(path, allow_pickle=False) as npz:
-                return {k: torch.from_numpy(np.array(npz[k])) for k in npz.files}
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: torch.from_numpy(np.array(npz[k])) for k in npz.files}
     except CheckpointError:
         raise
-    except Exception as e:  # truncated zip, bad header, forbidden pickle global, ...
+    except Exception as e:  # truncated file, bad header, object arrays (pickles) in an .npz, ...
         raise CheckpointError(f"{path}: cannot read checkpoint safely ({type(e).__name__}: {e})") from e
-    return _unwrap_state_dict(obj, path)
 
 
-def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
+def unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
+    """The flat tensor dict inside a loaded checkpoint (``{'state_dict': ...}``, ``{'model': ...}``, ...)."""
     for key in ("state_dict", "model", "model_state", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 from vitkit.analysis.report import analyze
 from vitkit.bench import BenchSettings, format_table, run_benchmark, save_json
 from vitkit.bench.harness import data_pipelines, load_pipelines
-from vitkit.convert import from_checkpoint, from_pretrained, read_checkpoint, save_as
+from vitkit.convert import save_as
 from vitkit.convert.detect import ALIASES, FORMATS
 from vitkit.data import EvalTransform
 from vitkit.data.download import DownloadError, download
@@ -23,11 +24,12 @@ from vitkit.hub import DownloadError as WeightsDownloadError
 from vitkit.hub import fetch_source, find_entry, list_entries
 from vitkit.models.registry import create_model, get_model_entry, list_models
 from vitkit.predict import format_predictions, predict_files
-from vitkit.sources import load_source
+from vitkit.resolver import load_source, resolve_source
 from vitkit.study import study
 from vitkit.train import TrainingDiverged, TrainingInterrupted, load_config, resume, train
 from vitkit.train.config import finetune_config
 from vitkit.train.evaluate import evaluate_trained
+from vitkit.train.rundir import export_run
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -117,19 +119,20 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     stem = {"stem": args.stem} if args.stem is not None else {}
-    options = dict(img_size=args.img_size, num_heads=args.num_heads, num_classes=args.num_classes,
-                   interpolation=args.interpolation, **stem)
-    if Path(args.src).exists():
-        checkpoint = read_checkpoint(args.src, args.source_format)
-        model, fmt = from_checkpoint(checkpoint, **options), checkpoint.format
-    else:  # a pretrained name, Hugging Face repo id or URL: fetched (or found in the cache) first
-        model, fmt = from_pretrained(args.src, format=args.source_format, **options), "pretrained"
-    out = save_as(model, args.dst, args.to)
-    cfg = model.config
-    print(f"{args.src} ({fmt}) -> {out} ({args.to}): ViT D={cfg.embed_dim} "
-          f"depth={cfg.depth} heads={cfg.num_heads} patch={cfg.patch_size} img={cfg.img_size} "
-          f"classes={cfg.num_classes}" + (f" stem={cfg.stem}" if cfg.stem else ""))
+    resolved = load_source(args.src, format=args.source_format, checkpoint=args.checkpoint, img_size=args.img_size,
+                           num_heads=args.num_heads, num_classes=args.num_classes,
+                           interpolation=args.interpolation, **stem)
+    out = save_as(resolved.model, args.dst, args.to)
+    cfg = resolved.model.config
+    print(f"{resolved.description} -> {out} ({args.to}): {_describe_config(cfg)}")
     return 0
+
+
+def _describe_config(cfg) -> str:
+    if not hasattr(cfg, "embed_dim"):
+        return f"{type(cfg).__name__} img={cfg.img_size} classes={cfg.num_classes}"
+    return (f"ViT D={cfg.embed_dim} depth={cfg.depth} heads={cfg.num_heads} patch={cfg.patch_size} "
+            f"img={cfg.img_size} classes={cfg.num_classes}" + (f" stem={cfg.stem}" if cfg.stem else ""))
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
@@ -137,12 +140,16 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint between vitkit, timm, Hugging Face, torchvision and npz",
                        description="Read SRC (format detected: vitkit or Hugging Face directory, timm / torchvision "
                                    "state dict, Google .npz) and write DST in the format --to names.")
-    p.add_argument("src", help="checkpoint file or directory, or a pretrained name, Hugging Face repo id or URL")
+    p.add_argument("src", help="checkpoint file or directory to read: any format, a vitkit model directory, a "
+                               "training run (its best state) or one of its checkpoints (best.pt, last.pt, step-N.pt), "
+                               "or a pretrained name, Hugging Face repo id or URL")
     p.add_argument("dst", help="directory (vitkit, hf) or file (timm/torchvision: .safetensors/.pth; npz: .npz)")
     p.add_argument("--to", default="vitkit", choices=formats, metavar="FORMAT",
                    help="output format: vitkit (default), timm, hf, torchvision, npz")
     p.add_argument("--from", dest="source_format", default=None, choices=formats, metavar="FORMAT",
                    help="input format, if detection should be skipped")
+    p.add_argument("--checkpoint", default=None, metavar="STATE",
+                   help="for a run directory: best (default), last, step-N or model")
     p.add_argument("--img-size", type=int, default=None, help="resample the position embeddings to this resolution")
     p.add_argument("--num-heads", type=int, default=None,
                    help="attention heads (needed for timm/torchvision files of non-standard width)")
@@ -165,7 +172,9 @@ def _json_object(text: str) -> dict:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    index = analyze(args.source, args.dataset, args.out, num_images=args.images, num_show=args.show,
+    resolved = load_source(args.source, checkpoint=args.checkpoint, random_init=args.random_init)
+    print(f"loaded: {resolved.description}", file=sys.stderr)
+    index = analyze(resolved, args.dataset, args.out, num_images=args.images, num_show=args.show,
                     batch_size=args.batch_size, data_dir=args.data_dir, device=args.device, seed=args.seed)
     print(f"report written: {index}")
     return 0
@@ -176,7 +185,11 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
                        description="Write the paper's Fig. 6/7 analyses of SOURCE as PNG figures, JSON/CSV numbers "
                                    "and an index.html report to DIR.")
     p.add_argument("source", metavar="SOURCE",
-                   help="a checkpoint (any format vitkit.from_pretrained reads), or a registry name (random weights)")
+                   help="a run directory (its best state), a training checkpoint, a vitkit model directory, any "
+                        "checkpoint vitkit.from_pretrained reads, or a registry name with --random-init")
+    p.add_argument("--checkpoint", default=None, metavar="STATE",
+                   help="for a run directory: best (default), last, step-N or model")
+    p.add_argument("--random-init", action="store_true", help="SOURCE is a registry name; use random weights")
     p.add_argument("--dataset", required=True, help="a named set (cifar10, ...), folder:PATH, or a data set "
                                                     "directory under the data roots")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for the report")
@@ -312,8 +325,10 @@ def _l2(text: str) -> float | str:
 
 
 def _cmd_fewshot(args: argparse.Namespace) -> int:
-    overrides = {"img_size": args.img_size} if args.img_size else {}
-    model = load_source(args.source, random_init=args.random_init, **overrides).to(args.device)
+    resolved = load_source(args.source, checkpoint=args.checkpoint, random_init=args.random_init,
+                           img_size=args.img_size)
+    print(f"loaded: {resolved.description}", file=sys.stderr)
+    model = resolved.model.to(args.device)
     preprocessing = model.config.preprocessing()
     if args.mean is not None or args.std is not None:
         if args.mean is None or args.std is None:
@@ -326,7 +341,8 @@ def _cmd_fewshot(args: argparse.Namespace) -> int:
         max_train=args.max_train, max_test=args.max_test, data_dir=args.data_dir, device=args.device)
     print(report.format_table())
     if args.json:
-        atomic_write_text(json.dumps({"source": str(args.source), **report.to_dict()}, indent=2) + "\n", args.json)
+        atomic_write_text(json.dumps({"source": str(args.source), "loaded": resolved.description,
+                                      **report.to_dict()}, indent=2) + "\n", args.json)
     return 0
 
 
@@ -334,8 +350,11 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fewshot", help="few-shot linear evaluation (and a full linear probe) of frozen features",
                        description="Frozen features -> closed-form ridge regression to {-1,+1} targets on "
                                    "K images per class, mean and std over seeds (paper Sec. 4.1).")
-    p.add_argument("source", help="vitkit model or run directory, a file/name vitkit.from_pretrained reads, "
-                                  "or a registry name with --random-init")
+    p.add_argument("source", help="a run directory (its best state), a training checkpoint, a vitkit model "
+                                  "directory, a file vitkit.from_pretrained reads, or a registry name with "
+                                  "--random-init")
+    p.add_argument("--checkpoint", default=None, metavar="STATE",
+                   help="for a run directory: best (default), last, step-N or model")
     p.add_argument("--dataset", required=True, help="a named set (cifar10, mnist, ...), folder:PATH, or a data "
                                                     "set directory under the data roots (imagenette_subset)")
     p.add_argument("--data-dir", default=None, help="folder holding the data sets (default: $VITKIT_DATA, the "
@@ -364,6 +383,7 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    print(f"initial weights: {resolve_source(args.init).label}", file=sys.stderr)
     cfg = finetune_config(args.init, args.dataset, img_size=args.img_size, config=args.config,
                           overrides=args.overrides)
     if args.print_config:
@@ -393,15 +413,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate_trained(args.source, dataset=args.dataset, data_dir=args.data_dir,
                               batch_size=args.batch_size, device=args.device, precision=args.precision,
-                              out_dir=args.out, hflip_tta=args.hflip_tta)
+                              out_dir=args.out, hflip_tta=args.hflip_tta, checkpoint=args.checkpoint)
     print(report.format())
     return 0
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="top-1/top-5, per-class accuracy and a confusion matrix of a trained model")
-    p.add_argument("source", metavar="RUN_OR_CHECKPOINT",
-                   help="a run directory, a training checkpoint (.pt) or a vitkit model directory")
+    p.add_argument("source", metavar="SOURCE",
+                   help="a run directory (its best state), a training checkpoint (.pt), a vitkit model directory or "
+                        "any checkpoint vitkit.from_pretrained reads")
+    p.add_argument("--checkpoint", default=None, metavar="STATE",
+                   help="for a run directory: best (default), last, step-N or model")
     p.add_argument("--dataset", help="data set to evaluate on (default: the one the model was trained on): "
                                      "a named set or folder:PATH")
     p.add_argument("--data-dir", help="where named data sets live (default: VITKIT_DATA, ../shared/data, ...)")
@@ -416,20 +439,42 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    results = predict_files(args.checkpoint, args.images, top_k=args.top_k, device=args.device)
+    resolved = load_source(args.source, checkpoint=args.checkpoint)
+    print(f"loaded: {resolved.description}", file=sys.stderr)
+    results = predict_files(resolved, args.images, top_k=args.top_k, device=args.device)
     print(format_predictions(results, as_json=args.json))
     return 0
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="top-k labels with probabilities for image files")
-    p.add_argument("checkpoint", metavar="CHECKPOINT",
-                   help="a vitkit model directory, a run directory or a training checkpoint (.pt)")
+    p.add_argument("source", metavar="SOURCE",
+                   help="a run directory (its best state), a training checkpoint (.pt), a vitkit model directory or "
+                        "any checkpoint vitkit.from_pretrained reads")
     p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--checkpoint", default=None, metavar="STATE",
+                   help="for a run directory: best (default), last, step-N or model")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    out, resolved = export_run(args.run, checkpoint=args.checkpoint, out_dir=args.out)
+    print(f"{resolved.description} -> {out}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a vitkit model directory from any state of a training run",
+                       description="Write RUN's best checkpoint (or another state) as a vitkit model directory "
+                                   "(model.safetensors + config.json), whether or not the run has finished.")
+    p.add_argument("run", metavar="RUN", help="a training run directory (or one of its checkpoint files)")
+    p.add_argument("--checkpoint", default=None, metavar="STATE",
+                   help="best (default), last, step-N (a kept step checkpoint) or model (the final export)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: RUN/export-STATE)")
+    p.set_defaults(func=_cmd_export)
 
 
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
@@ -440,8 +485,9 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
                     "recipe (SGD momentum 0.9, no weight decay, clipping at 1, warmup + cosine). Any training "
                     "config key can follow as --key value, e.g. --optim.lr 0.003 --optim.layer_decay 0.75 "
                     "--finetune.freeze_backbone --epochs 20.")
-    p.add_argument("--init", required=True, help="pre-trained SOURCE: vitkit model or run directory, or "
-                                                 "anything vitkit.from_pretrained reads")
+    p.add_argument("--init", required=True, help="pre-trained SOURCE: a run directory (its best state), a training "
+                                                 "checkpoint, a vitkit model directory, or anything "
+                                                 "vitkit.from_pretrained reads")
     p.add_argument("--dataset", required=True, help="named data set (cifar10, mnist, ...) or folder:PATH")
     p.add_argument("--img-size", type=int, default=None, help="fine-tuning resolution (default: the data set's)")
     p.add_argument("--config", default=None, help="YAML training config applied over the fine-tuning recipe")
@@ -466,8 +512,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         pipelines.update(data_pipelines(args.data.split(","), settings))
     result = run_benchmark(settings, pipelines or None, log=lambda m: print(m, file=sys.stderr))
     print(format_table(result))
+    label = re.sub(r"[^\w.-]+", "_", model_name.strip("/"))  # a SOURCE path becomes one file name
     compiled = "_compiled" if args.compile else ""
-    out = args.out or f"bench_{model_name}_b{args.batch_size}_{args.precision}{compiled}.json"
+    out = args.out or f"bench_{label}_b{args.batch_size}_{args.precision}{compiled}.json"
     print(f"results written to {save_json(result, out)}")
     return 0
 
@@ -475,8 +522,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure speed, FLOP/s, memory against timm's ViT of the same config")
     p.add_argument("model", nargs="?", default="vit_convstem_cifar_d4_32",
-                   help="registered model name, or a pretrained name arch.tag (its architecture and input size; "
-                        "default: the CIFAR-10 recipe's)")
+                   help="registered model name (random weights; default: the CIFAR-10 recipe's), any model "
+                        "SOURCE (a run directory, a training checkpoint, a model directory, a checkpoint file), or a "
+                        "pretrained name arch.tag (its architecture at its input size, random weights: no download)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
@@ -501,8 +549,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 _PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_models, _add_download, _add_convert, _add_data, _add_train, _add_finetune, _add_eval, _add_predict,
-    _add_fewshot, _add_study, _add_analyze, _add_bench,
+    _add_models, _add_download, _add_convert, _add_data, _add_train, _add_finetune, _add_export, _add_eval,
+    _add_predict, _add_fewshot, _add_study, _add_analyze, _add_bench,
 ]
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from vitkit.data.transforms import EvalTransform, eval_transform
-from vitkit.train.checkpoints import load_trained
+from vitkit.resolver import ResolvedModel, load_source
 
 
 @dataclass
@@ -54,12 +54,12 @@ def predict(model: nn.Module, images: Sequence[str | Path], *, top_k: int = 5, d
     return results
 
 
-def predict_files(source: str | Path, images: Sequence[str | Path], *, top_k: int = 5,
+def predict_files(source: str | Path | ResolvedModel, images: Sequence[str | Path], *, top_k: int = 5,
                   device: str = "cpu") -> list[Prediction]:
-    """Load a trained model (model directory, run directory or training checkpoint) and predict."""
-
-    model, _, _ = load_trained(source)
-    return predict(model, images, top_k=top_k, device=device)
+    """Load the model ``source`` names (run directory, training checkpoint, model directory, any format
+    :func:`vitkit.load_model` reads) and predict."""
+    resolved = source if isinstance(source, ResolvedModel) else load_source(source)
+    return predict(resolved.model, images, top_k=top_k, device=device)
 
 
 def format_predictions(results: Sequence[Prediction], *, as_json: bool = False) -> str:

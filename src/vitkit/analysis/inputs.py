@@ -1,5 +1,4 @@
-"""What the analysis reads: a model from a source string, and a sample of images from a data set
-(through :func:`vitkit.data.load_split` and the model's one eval transform)."""
+"""What the analysis reads: a sample of images from a data set (the model comes from ``vitkit.resolver``)."""
 
 from __future__ import annotations
 
@@ -11,29 +10,8 @@ from typing import Optional
 import numpy as np
 from torch import Tensor, nn
 
-from vitkit.convert import from_pretrained
 from vitkit.data.splits import Split, load_split
 from vitkit.data.transforms import eval_transform
-from vitkit.hub import find_entry, is_hub_source
-from vitkit.models.registry import create_model, list_models
-
-
-def _load_source(source: str) -> tuple[nn.Module, str]:
-    """A model from anything ``vitkit.from_pretrained`` reads (vitkit, timm, Hugging Face, torchvision,
-    Google .npz), or a registry name (random weights, for smoke tests).
-
-    Returns the model and a one-line description of what was loaded.
-    """
-
-    if Path(source).exists():
-        return from_pretrained(source), f"checkpoint {source}"
-    if source in list_models():
-        return create_model(source), f"registry model {source} with RANDOM weights (not trained)"
-    if is_hub_source(source) or find_entry(source) is not None or "/" in source:
-        return from_pretrained(source), f"pretrained {source}"
-    raise ValueError(f"SOURCE {source!r} is neither a checkpoint (vitkit/Hugging Face directory, timm/torchvision "
-                     "state dict, Google .npz), a pretrained name (see `vitkit models --pretrained`), a Hugging Face "
-                     "repo id or URL, nor a registered model name (see `vitkit models`)")
 
 
 @dataclass

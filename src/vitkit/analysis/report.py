@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from vitkit.analysis.inputs import _load_source, describe_labels, load_images, prepare_images
+from vitkit.analysis.inputs import describe_labels, load_images, prepare_images
 from vitkit.analysis.pipeline import ModelAnalysis, analyze_model
 from vitkit.analysis.plots import (
     plot_attention_distance,
@@ -28,6 +28,7 @@ from vitkit.analysis.plots import (
 )
 from vitkit.analysis.position import similarity_by_distance
 from vitkit.fileio import atomic_write_text
+from vitkit.resolver import ResolvedModel, load_source
 
 FILES = {
     "filters_png": "patch_embedding_pca.png",
@@ -44,15 +45,16 @@ FILES = {
 }
 
 
-def analyze(source: str, dataset: str, out_dir: str | Path, *, num_images: int = 128, num_show: int = 8,
-            num_head_rows: int = 4, batch_size: int = 32, data_dir: str | Path | None = None,
+def analyze(source: str | ResolvedModel, dataset: str, out_dir: str | Path, *, num_images: int = 128,
+            num_show: int = 8, num_head_rows: int = 4, batch_size: int = 32, data_dir: str | Path | None = None,
             device: str = "cpu", seed: int = 0) -> Path:
-    """Load ``source``, analyse it on ``num_images`` images of ``dataset`` and write the report to
-    ``out_dir``. Returns the path of ``index.html``."""
-
+    """Load ``source`` (any model SOURCE, see :func:`vitkit.resolver.load_source`, or a model already
+    resolved), analyse it on ``num_images`` images of ``dataset`` and write the report to ``out_dir``.
+    Returns the path of ``index.html``."""
     start = time.perf_counter()
-    model, description = _load_source(source)
-    model = model.to(device)
+    resolved = source if isinstance(source, ResolvedModel) else load_source(source)
+    source, description = resolved.source.spec, resolved.description
+    model = resolved.model.to(device)
     sample = load_images(dataset, num_images, data_dir=data_dir, seed=seed)
     inputs, display = prepare_images(sample, model)
     loaded = time.perf_counter() - start

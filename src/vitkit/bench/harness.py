@@ -33,7 +33,8 @@ from vitkit.bench.timing import Stats, time_round_robin
 from vitkit.data import DataConfig
 from vitkit.data.throughput import pipeline_throughput
 from vitkit.fileio import atomic_write_text
-from vitkit.models.registry import create_model, get_model_config
+from vitkit.models.registry import list_models
+from vitkit.resolver import load_source, source_config
 from vitkit.runtime import configure_cpu, physical_cores
 from vitkit.version import __version__
 
@@ -175,8 +176,8 @@ def _time_pipeline(factory: PipelineFactory, batches: int, repeats: int) -> Stat
 def data_pipelines(datasets: Iterable[str], settings: BenchSettings) -> dict[str, PipelineFactory]:
     """vitkit's own input pipelines (``vitkit.data``) for the named data sets, at the model's input size
     and the benchmark's batch size, with the default training augmentation."""
-
-    img_size = settings.img_size or get_model_config(settings.model).image_hw[0]
+    img_size = settings.img_size or source_config(settings.model,
+                                                  random_init=settings.model in list_models()).image_hw[0]
     pipelines: dict[str, PipelineFactory] = {}
     for name in datasets:
         cfg = DataConfig(dataset=name, img_size=img_size, batch_size=settings.batch_size)
@@ -230,7 +231,9 @@ def run_benchmark(settings: BenchSettings, pipelines: Mapping[str, PipelineFacto
     if settings.img_size is not None:
         overrides["img_size"] = settings.img_size
     torch.manual_seed(0)
-    model = create_model(settings.model, **overrides).to(device)
+    resolved = load_source(settings.model, random_init=settings.model in list_models(), **overrides)
+    say(f"model: {resolved.description}")
+    model = resolved.model.to(device)
     config = model.config
     h, w = config.image_hw
     images = torch.randn(settings.batch_size, config.in_chans, h, w, device=device)

@@ -69,10 +69,15 @@ def read_checkpoint(source: str | Path, format: str | None = None) -> Checkpoint
         return _read_directory(path, wanted)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
-    if wanted is None and path.name == WEIGHTS_NAME and _is_vitkit_directory(path.parent):
+    if wanted is None and path.name == WEIGHTS_NAME and is_vitkit_directory(path.parent):
         return _read_directory(path.parent, "vitkit")  # the weights of a vitkit directory: use its config
-    raw = load_state_dict(path)
-    fmt = wanted or format_of_keys(set(raw), str(path))
+    return checkpoint_from_tensors(load_state_dict(path), path, wanted)
+
+
+def checkpoint_from_tensors(raw: dict[str, Tensor], path: Path, format: str | None = None) -> Checkpoint:
+    """A :class:`Checkpoint` of tensors already read from the state-dict file ``path`` (format detected
+    from their key names unless ``format`` is given)."""
+    fmt = normalise_format(format) if format else format_of_keys(set(raw), str(path))
     if fmt == "vitkit":
         fmt = "timm"  # a bare vitkit state dict has timm's keys
     preprocess = huggingface.preprocessing_of(path.parent) if fmt == "huggingface" else None
@@ -124,7 +129,8 @@ def _is_vitkit_config(data: dict[str, Any]) -> bool:
     return "vitkit_version" in data or "embed_dim" in data
 
 
-def _is_vitkit_directory(directory: Path) -> bool:
+def is_vitkit_directory(directory: Path) -> bool:
+    """Whether ``directory`` holds a model saved by vitkit (its ``config.json`` is vitkit's)."""
     config_path = directory / CONFIG_NAME
     return config_path.is_file() and _is_vitkit_config(_read_json(config_path))
 

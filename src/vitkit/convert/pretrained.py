@@ -1,5 +1,5 @@
-"""``from_pretrained``: one entry point for every checkpoint format vitkit reads, from a local path or,
-through :mod:`vitkit.hub`, a pretrained name, a Hugging Face repo id or a URL."""
+"""``from_pretrained``: one entry point for every checkpoint format vitkit reads; ``from_hub_source`` and
+``hub_load_options`` for weights :mod:`vitkit.hub` fetched (the resolver's hub hook builds with them)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from vitkit.checkpoint import CheckpointError, load_weights
 from vitkit.config import ViTConfig
 from vitkit.convert.detect import Checkpoint, read_checkpoint
 from vitkit.convert.infer import STEM_ASSUMED, infer_config, stem_spec
-from vitkit.hub import HubSource, fetch_source, find_entry
+from vitkit.hub import HubSource, find_entry
 from vitkit.models.registry import build_model, get_model_config, list_models
 from vitkit.models.registry import create_model as create_registered_model
 
@@ -29,11 +29,8 @@ def from_pretrained(source: str | Path, *, img_size: int | tuple[int, int] | Non
 
     Args:
         source: a vitkit or Hugging Face (or timm Hub) directory, a timm / torchvision / Hugging Face
-            state-dict file (.pth, .pt, .bin, .safetensors) or a Google .npz; or, fetched through
-            :mod:`vitkit.hub` (cached, verified), a catalog name (``vit_base_patch16_224.augreg2_in21k_ft_in1k``;
-            a bare architecture takes its default weights), a Hugging Face repo id (``google/vit-base-patch16-224``,
-            ``hf-hub:timm/vit_small_patch16_224.augreg_in21k``) or an https URL of such a file. Fetched
-            weights carry their class names and preprocessing (``config.preprocess``).
+            state-dict file (.pth, .pt, .bin, .safetensors) or a Google .npz. (Pretrained names, Hugging
+            Face repo ids and URLs are the resolver's: :func:`vitkit.from_pretrained`.)
         img_size: build for this resolution; position embeddings are resampled in 2-D.
         num_classes: replace the classifier by a zero-initialised one of this size (dropping the
             representation layer, as in the paper's fine-tuning) if it differs; 0 removes it.
@@ -46,14 +43,6 @@ def from_pretrained(source: str | Path, *, img_size: int | tuple[int, int] | Non
             hybrid, ``stem=`` gives the stem fields no tensor records (``stem_stride``, ``stem_pool``, ...;
             see :data:`vitkit.convert.infer.STEM_ASSUMED`), e.g. ``stem={"stem_stride": 1, "stem_pool": False}``.
     """
-    fetched = fetch_source(str(source)) if not Path(source).exists() else None
-    if fetched is not None:
-        given = dict(img_size=img_size, num_classes=num_classes, num_heads=num_heads, model=model, format=format,
-                     interpolation=interpolation)
-        return from_hub_source(fetched, **{k: v for k, v in given.items() if v is not None}, **overrides)
-    if not Path(source).exists() and str(source) in list_models():
-        raise CheckpointError(f"{source}: a registered architecture with no weights in vitkit's catalog (see "
-                              "'vitkit models --pretrained'); for random weights use vitkit.create_model")
     return from_checkpoint(read_checkpoint(source, format), img_size=img_size, num_classes=num_classes,
                            num_heads=num_heads, model=model, interpolation=interpolation, **overrides)
 
@@ -62,7 +51,8 @@ def from_hub_source(fetched: HubSource, **options: Any) -> nn.Module:
     """:func:`from_pretrained` for weights :func:`vitkit.hub.fetch_source` fetched, with the facts their
     publisher gives (:func:`hub_load_options`); ``options`` as for :func:`from_pretrained` win over them."""
     checkpoint = read_checkpoint(fetched.path, options.pop("format", None) or fetched.format)
-    return from_checkpoint(checkpoint, **{**hub_load_options(fetched), **options})
+    given = {k: v for k, v in options.items() if v is not None}
+    return from_checkpoint(checkpoint, **{**hub_load_options(fetched), **given})
 
 
 def hub_load_options(fetched: HubSource) -> dict[str, Any]:
@@ -89,20 +79,14 @@ def hub_load_options(fetched: HubSource) -> dict[str, Any]:
     return options
 
 
-def create_model(name: str, *, pretrained: bool = False, **overrides: Any) -> nn.Module:
-    """Build a registered model, e.g. ``create_model('vit_base_patch16_224', num_classes=10)``; with
-    ``pretrained=True``, ``name`` may carry a timm-style tag (``vit_base_patch16_224.augreg2_in21k_ft_in1k``;
-    a bare architecture takes its default weights) and the weights are fetched, cached and loaded, as
-    ``timm.create_model(name, pretrained=True)`` does. ``overrides`` (``num_classes``, ``img_size``, ...)
-    adapt the pretrained model as :func:`from_pretrained` does."""
-    if not pretrained:
-        entry = find_entry(name) if "." in name else None
-        if entry is None:
-            return create_registered_model(name, **overrides)
-        # timm's convention: arch.tag without weights is the architecture shaped as those weights are
-        shape = {"num_classes": entry.num_classes, "img_size": entry.input_size, **entry.config}
-        return create_registered_model(entry.architecture, **{**shape, **overrides})
-    return from_pretrained(name, **overrides)
+def create_untrained(name: str, **overrides: Any) -> nn.Module:
+    """A registered model with random weights; ``arch.tag`` (a catalog name) is the architecture shaped as
+    those weights are (their classes and input size), as ``timm.create_model(name)`` without weights is."""
+    entry = find_entry(name) if "." in name else None
+    if entry is None:
+        return create_registered_model(name, **overrides)
+    shape = {"num_classes": entry.num_classes, "img_size": entry.input_size, **entry.config}
+    return create_registered_model(entry.architecture, **{**shape, **overrides})
 
 
 def from_checkpoint(checkpoint: Checkpoint, *, img_size: int | tuple[int, int] | None = None,
@@ -146,18 +130,29 @@ def _config_for(checkpoint: Checkpoint, model: str | ViTConfig | None, num_heads
         return config.replace(extra={**config.extra, "converted_from": checkpoint.format},
                               preprocess=checkpoint.preprocess)
     target = _as_config(model)
+    name = (target.name or "the given config") if isinstance(target, ViTConfig) else str(model)
+    if not isinstance(target, ViTConfig):
+        raise CheckpointError(f"{source} is a ViT checkpoint; {name} is a {type(target).__name__} model")
+    if num_heads is not None:
+        target = target.replace(num_heads=num_heads)
     if stem is not None:
         target = target.replace(stem={**(target.stem or {}), **stem})
+    # The heads the file states (its metadata or vitkit config), compared like any other field; the
+    # structure is read with one head, which fits any width, so that a misfit never hides behind a
+    # "not divisible by num_heads" error.
+    known.pop("num_heads", None)
+    stated_heads = checkpoint.hints.get("num_heads") or getattr(checkpoint.config, "num_heads", None)
     # the named model fixes what the weights cannot tell: the head count and the stem's strides and norms
     unrecorded = {k: v for k, v in (target.stem or {}).items() if k in STEM_ASSUMED}
-    found = infer_config(checkpoint.state_dict, source=source, **{"num_heads": target.num_heads, **known},
+    found = infer_config(checkpoint.state_dict, source=source, **known, num_heads=stated_heads or 1,
                          stem=unrecorded)
     misfits = [f"{f}: checkpoint {getattr(found, f)!r}, model {getattr(target, f)!r}"
                for f in _STRUCTURE if getattr(found, f) != getattr(target, f)]
+    if stated_heads is not None and stated_heads != target.num_heads:
+        misfits.append(f"num_heads: checkpoint {stated_heads!r}, model {target.num_heads!r}")
     if stem_spec(found.stem) != stem_spec(target.stem):
         misfits.append(f"stem: checkpoint {found.stem!r}, model {target.stem!r}")
     if misfits:
-        name = target.name or "the given config"
         raise CheckpointError(f"{source} does not fit {name}: {'; '.join(misfits)}")
     # The checkpoint's head is loaded first; from_pretrained then resizes it to the model's.
     return target.replace(num_classes=found.num_classes, representation_size=found.representation_size,

@@ -16,18 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
-from vitkit.checkpoint import CheckpointError, load_model, load_weights
-from vitkit.convert.pretrained import from_hub_source
-from vitkit.fileio import CONFIG_NAME, atomic_torch_save
-from vitkit.hub import fetch_source
-from vitkit.models.registry import build_model, get_architecture
+from vitkit.checkpoint import CheckpointError
+from vitkit.fileio import atomic_torch_save
+from vitkit.runfiles import BEST, CHECKPOINT_DIR, FORMAT, LAST, VERSION, load_checkpoint, step_name
 
-FORMAT = "vitkit-train-checkpoint"
-VERSION = 1
-CHECKPOINT_DIR = "checkpoints"
-LAST, BEST = "last.pt", "best.pt"
+__all__ = ["BEST", "CHECKPOINT_DIR", "FORMAT", "LAST", "VERSION", "CheckpointWriter", "capture_rng",
+           "load_checkpoint", "resolve_checkpoint", "restore_rng"]
 
 
 # ------------------------------------------------------------------------------- RNG states
@@ -78,7 +73,7 @@ class CheckpointWriter:
         state = {"format": FORMAT, "version": VERSION, **state}
         atomic_torch_save(state, self.last)
         if self.keep_last_k:
-            _atomic_link(self.last, self.directory / f"step-{state['global_step']:08d}.pt")
+            _atomic_link(self.last, self.directory / step_name(state["global_step"]))
             for old in self.step_checkpoints()[:-self.keep_last_k]:
                 old.unlink(missing_ok=True)
         if is_best:
@@ -114,84 +109,3 @@ def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such run directory or checkpoint file")
     return path
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a training checkpoint safely; a truncated, corrupt or foreign file is a clear error."""
-    path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint file") from None
-    except Exception as e:
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint, cannot be read "
-                              f"({type(e).__name__}: {e}){_alternatives(path)}") from e
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a vitkit training checkpoint (no '{FORMAT}' marker); "
-                              "`vitkit eval` and `vitkit.load_model` read model weights")
-    if state.get("version", 0) > VERSION:
-        raise CheckpointError(f"{path}: written by a newer vitkit (checkpoint version {state['version']})")
-    return state
-
-
-def _alternatives(path: Path) -> str:
-    """Other readable-looking checkpoints of the run (hard links of the same file excluded)."""
-    def same_file(p: Path) -> bool:
-        return path.exists() and p.samefile(path)
-
-    others = [p for p in sorted(path.parent.glob("*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
-              if not same_file(p)]
-    if not others:
-        return ""
-    return ("; other checkpoints of this run: " + ", ".join(str(p) for p in others[:4])
-            + " (resume from one with --resume PATH)")
-
-
-# ------------------------------------------------------------------------- trained models
-def model_from_checkpoint(state: dict[str, Any], *, use_ema: bool = True) -> torch.nn.Module:
-    """The model a training checkpoint holds: its EMA weights when it has them (what a run exports)."""
-
-    config_dict = dict(state["model_config"])
-    arch = get_architecture(config_dict.pop("architecture", "vit"))
-    model = build_model(arch.config_class.from_dict(config_dict, source="checkpoint model_config"))
-    weights = state["ema"]["module"] if use_ema and state.get("ema") else state["model"]
-    load_weights(model, weights, source="training checkpoint")
-    return model
-
-
-def load_trained(source: str | Path) -> tuple[torch.nn.Module, dict[str, Any] | None, Path | None]:
-    """A trained model from a run directory, a training checkpoint or a vitkit model directory, or pretrained
-    weights fetched through :mod:`vitkit.hub` (a pretrained name, Hugging Face repo id or URL).
-
-    Returns ``(model, training_config_dict_or_None, run_dir_or_None)``. A run directory gives its exported
-    ``model/`` when training finished, else ``best.pt``, else ``last.pt``.
-    """
-
-    path = Path(source)
-    if not path.exists():
-        fetched = fetch_source(str(source))  # a pretrained name, Hugging Face repo id or URL
-        if fetched is None:
-            raise CheckpointError(f"{path}: no such run directory, checkpoint or model directory (nor a pretrained "
-                                  "name, Hugging Face repo id or URL)")
-        return from_hub_source(fetched), None, None
-    if path.is_file():
-        state = load_checkpoint(path)
-        run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else None
-        return model_from_checkpoint(state), state.get("config"), run_dir
-    if (path / CONFIG_NAME).is_file():  # a vitkit model directory, maybe the model/ of a run
-        run_dir = path.parent if (path.parent / "config.yaml").is_file() else None
-        return load_model(path), _run_config(run_dir), run_dir
-    if (path / "model" / CONFIG_NAME).is_file():
-        return load_model(path / "model"), _run_config(path), path
-    for name in (BEST, LAST):
-        if (path / CHECKPOINT_DIR / name).is_file():
-            state = load_checkpoint(path / CHECKPOINT_DIR / name)
-            return model_from_checkpoint(state), state.get("config"), path
-    raise CheckpointError(f"{path}: not a run directory (no model/ or {CHECKPOINT_DIR}/) and not a vitkit model "
-                          f"directory (no {CONFIG_NAME})")
-
-
-def _run_config(run_dir: Path | None) -> dict[str, Any] | None:
-    if run_dir is None or not (run_dir / "config.yaml").is_file():
-        return None
-    return yaml.safe_load((run_dir / "config.yaml").read_text())

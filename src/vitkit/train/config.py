@@ -20,11 +20,10 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from vitkit.checkpoint import read_config
 from vitkit.data import DataConfig
 from vitkit.hub import fetch_source
 from vitkit.models.transfer import PosEmbedInit
-from vitkit.sources import find_model_dir
+from vitkit.resolver import source_config
 
 Precision = Literal["fp32", "bf16", "fp16"]
 OptimizerName = Literal["adamw", "sgd"]
@@ -197,8 +196,7 @@ def finetune_config(init: str, dataset: str, *, img_size: int | None = None, con
         path = find_config(config)
         data = _merge(data, read_yaml(path))
         source = f"{source} + {path}"
-    model_dir = find_model_dir(init)
-    init_config = read_config(model_dir) if model_dir is not None else None
+    init_config = source_config(init)
     # The architecture comes from the SOURCE; the model section only names it and holds overrides
     # such as drop_path_rate (a from-scratch default section would describe another model).
     named: dict[str, Any] = {"finetune": {"init": str(init)}, "data": {"dataset": dataset},

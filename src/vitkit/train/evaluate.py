@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from vitkit.data import DataConfig, build_data
 from vitkit.fileio import atomic_write_text
-from vitkit.train.checkpoints import load_trained
+from vitkit.resolver import load_source
 from vitkit.train.distributed import World, all_reduce_sum
 from vitkit.train.plots import plot_confusion
 from vitkit.train.runtime import autocast, resolve_device
@@ -93,11 +93,14 @@ class EvalReport:
     result: EvalResult
     out_dir: Path
     hflip_tta: bool = False
+    loaded: str = ""
+    """What the source resolved to (e.g. a run's best checkpoint, with its epoch and step)."""
 
     def to_dict(self) -> dict:
         per_class = self.result.per_class_accuracy.tolist()
         return {
-            "source": self.source, "dataset": self.dataset, "num_samples": self.result.num_samples,
+            "source": self.source, "loaded": self.loaded, "dataset": self.dataset,
+            "num_samples": self.result.num_samples,
             "hflip_tta": self.hflip_tta, "top1": self.result.top1, "top5": self.result.top5, "loss": self.result.loss,
             "per_class_accuracy": {name: (None if math.isnan(acc) else acc)
                                    for name, acc in zip(self.class_names, per_class)},
@@ -109,6 +112,7 @@ class EvalReport:
         width = max(len(n) for n in self.class_names)
         tta = ", flip TTA" if self.hflip_tta else ""
         lines = [f"{self.source} on {self.dataset} ({r.num_samples} images{tta})",
+                 *([f"loaded: {self.loaded}"] if self.loaded else []),
                  f"top-1 {100 * r.top1:.2f}%   top-5 {100 * r.top5:.2f}%   loss {r.loss:.4f}", "per-class accuracy:"]
         support = r.confusion.sum(dim=1).tolist()
         for name, acc, n in zip(self.class_names, r.per_class_accuracy.tolist(), support):
@@ -119,11 +123,13 @@ class EvalReport:
 
 def evaluate_trained(source: str | Path, *, dataset: Optional[str] = None, data_dir: Optional[str] = None,
                      batch_size: int = 256, device: str = "auto", precision: str = "fp32",
-                     out_dir: Optional[str | Path] = None, hflip_tta: bool = False) -> EvalReport:
-    """Evaluate a run, training checkpoint or model directory on a data set's evaluation split (by default
-    the one it was trained on, with its training normalisation); write ``eval.json`` and ``confusion.png``."""
-
-    model, train_cfg, run_dir = load_trained(source)
+                     out_dir: Optional[str | Path] = None, hflip_tta: bool = False,
+                     checkpoint: Optional[str] = None) -> EvalReport:
+    """Evaluate any model SOURCE (a run: its best state, or ``checkpoint``; a training checkpoint; a model
+    directory; a foreign checkpoint) on a data set's evaluation split (by default the one it was trained on,
+    with its training normalisation); write ``eval.json`` and ``confusion.png``."""
+    resolved = load_source(source, checkpoint=checkpoint)
+    model, train_cfg, run_dir = resolved.model, resolved.training_config, resolved.run_dir
     config = model.config
     preprocessing = config.preprocessing()
     trained_on = (train_cfg or {}).get("data", {})
@@ -150,7 +156,7 @@ def evaluate_trained(source: str | Path, *, dataset: Optional[str] = None, data_
     tag = dataset.removeprefix("folder:").rstrip("/").rsplit("/", 1)[-1]
     out = Path(out_dir) if out_dir is not None else (run_dir or Path(".")) / f"eval-{tag}"
     out.mkdir(parents=True, exist_ok=True)
-    report = EvalReport(str(source), dataset, class_names, result, out, hflip_tta)
+    report = EvalReport(str(source), dataset, class_names, result, out, hflip_tta, resolved.description)
     atomic_write_text(json.dumps(report.to_dict(), indent=1) + "\n", out / "eval.json")
     plot_confusion(result.confusion, class_names, out / "confusion.png",
                    title=f"{Path(source).name} on {tag}: top-1 {100 * result.top1:.2f}%")

@@ -282,6 +282,8 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
             record["skipped_files"] = report_skipped()
         eta = sum(epoch_times) / len(epoch_times) * (cfg.epochs - epoch - 1)
         log.log("epoch", global_step, **record)
+        if world.is_main and "val_acc" in record:
+            plot_curves(run_dir)  # redrawn at each evaluation, so a stopped run has its curves too
         progress.print(_summary_line(record, cfg.epochs, eta, ema is not None))
         epoch, batch = epoch + 1, 0
         epoch_sums.zero_()
@@ -292,8 +294,6 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optio
         final = ema.module if ema is not None else raw_model
         export_model(final, run_dir, best_acc=best_acc, total_time=clock.elapsed, skipped_files=data.skipped_files())
         log.close()
-
-        plot_curves(run_dir)
         progress.print(f"done in {format_duration(clock.elapsed)}: best val acc {100 * best_acc:.2f}%; "
                        f"model in {run_dir / 'model'}")
     return run_dir

@@ -8,6 +8,7 @@ from typing import Optional
 
 from torch import Tensor
 
+from vitkit.fileio import atomic_path
 from vitkit.train.monitor import read_metrics
 
 CURVES_NAME = "curves.png"
@@ -52,7 +53,8 @@ def plot_curves(run_dir: str | Path, path: Optional[str | Path] = None) -> Path:
     fig.suptitle(f"{run_dir.name}" + (f" - best val acc {100 * best:.2f}%" if best is not None else ""))
     fig.tight_layout()
     path = Path(path) if path is not None else run_dir / CURVES_NAME
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:  # redrawn during a run: a kill never leaves half a picture
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 

@@ -13,11 +13,10 @@ from torch import nn
 from vitkit.fileio import atomic_write_text
 from vitkit.models.registry import build_model, get_model_entry
 from vitkit.models.transfer import freeze_backbone, prepare_for_finetuning
-from vitkit.sources import load_source
+from vitkit.resolver import ResolvedModel, load_source
+from vitkit.runfiles import CHECKPOINT_DIR, MODEL_DIR
+from vitkit.runfiles import RUN_CONFIG_NAME as CONFIG_NAME
 from vitkit.train.config import FinetuneConfig, TrainConfig
-
-CONFIG_NAME = "config.yaml"
-MODEL_DIR = "model"
 
 
 def create_run_dir(cfg: TrainConfig) -> Path:
@@ -45,7 +44,9 @@ def _model_label(cfg: TrainConfig) -> str:
     if not cfg.finetune.init:
         return cfg.model["name"]
     init = Path(cfg.finetune.init)
-    return "ft-" + (init.parent.name if init.name == MODEL_DIR else init.name or "init")
+    if init.name == MODEL_DIR or init.parent.name == CHECKPOINT_DIR:  # RUN/model, RUN/checkpoints/best.pt
+        init = init.parent if init.name == MODEL_DIR else init.parent.parent
+    return "ft-" + (init.name or "init")
 
 
 def write_config(cfg: TrainConfig, run_dir: Path) -> None:
@@ -111,7 +112,7 @@ def build_finetune_model(cfg: FinetuneConfig, *, num_classes: int, class_names: 
     if cfg.freeze_backbone:  # a frozen backbone is a fixed feature extractor: no dropout or drop-path in it
         for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             overrides.setdefault(key, 0.0)
-    model = load_source(cfg.init)
+    model = load_source(cfg.init).model
     if model.config.in_chans != in_chans:
         raise ValueError(f"finetune.init {cfg.init} takes {model.config.in_chans}-channel images but the data set "
                          f"has {in_chans} channel(s)")
@@ -134,3 +135,26 @@ def export_model(model: nn.Module, run_dir: Path, *, best_acc: float, total_time
         extra["training"]["skipped_files"] = list(skipped_files)
     model.config = model.config.replace(extra=extra)
     return model.save_pretrained(run_dir / MODEL_DIR)
+
+
+def export_run(source: str | Path, *, checkpoint: str | None = None, out_dir: str | Path | None = None,
+               ) -> tuple[Path, ResolvedModel]:
+    """Write a vitkit model directory (``model.safetensors`` + ``config.json``) from any state of a run,
+    finished or not: its best checkpoint by default, or ``checkpoint`` (``last``, ``step-N``, ``model``).
+    ``source`` may also be one of a run's checkpoint files. The default ``out_dir`` is ``RUN/export-STATE``.
+    Returns the directory and what was exported."""
+    resolved = load_source(source, checkpoint=checkpoint)
+    run_dir, state = resolved.source.run_dir, resolved.source.state
+    if resolved.source.kind not in ("training", "vitkit") or (run_dir is None and out_dir is None):
+        raise ValueError(f"{source}: vitkit export writes a state of a training run; this is "
+                         f"{resolved.description} (convert other checkpoints with `vitkit convert SRC DST`)")
+    out = Path(out_dir) if out_dir is not None else Path(run_dir) / f"export-{state or 'checkpoint'}"
+    model = resolved.model
+    extra = dict(model.config.extra)
+    if resolved.progress is not None:
+        progress = resolved.progress
+        extra["training"] = {"run": str(run_dir) if run_dir else None, "state": state,
+                             "epochs_done": progress["epoch"], "global_step": progress["global_step"],
+                             "best_val_acc": progress["best_acc"], "ema": progress["ema"]}
+    model.config = model.config.replace(extra=extra)
+    return model.save_pretrained(out), resolved
