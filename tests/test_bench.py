@@ -11,23 +11,11 @@ import torch
 import torch.nn.functional as F
 
 import vitkit
+from flop_formulas import vit_forward_flops
 from vitkit.bench import BenchSettings, count_flops, format_table, run_benchmark
 from vitkit.cli import main
 
 TINY = dict(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=2, num_heads=4, mlp_dim=64)
-
-
-def vit_forward_flops(img_size, patch_size, in_chans, num_classes, embed_dim, depth, mlp_dim, **_) -> dict:
-    """Matmul FLOPs of a class-token ViT, derived from its shapes (2 FLOPs per multiply-add)."""
-    patches = (img_size // patch_size) ** 2
-    tokens, d = patches + 1, embed_dim
-    patch = 2 * patches * (in_chans * patch_size ** 2) * d
-    per_block = (2 * tokens * d * 3 * d      # qkv projection
-                 + 2 * 2 * tokens * tokens * d  # Q K^T and (attention) V, summed over heads
-                 + 2 * tokens * d * d        # output projection
-                 + 2 * 2 * tokens * d * mlp_dim)  # fc1 and fc2
-    head = 2 * d * num_classes
-    return {"patch": patch, "forward": patch + depth * per_block + head}
 
 
 def test_attention_flops_are_counted_on_cpu():
@@ -140,10 +128,12 @@ def test_cli_writes_json_and_table(tmp_path, capsys):
 
 
 def test_bad_settings_are_named():
-    with pytest.raises(ValueError, match="precision"):
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16; got 'fp8'"):
         BenchSettings(precision="fp8")
-    with pytest.raises(ValueError, match="modes"):
+    with pytest.raises(ValueError, match=r"modes\[0\] must be one of train, infer; got 'fit'"):
         BenchSettings(modes=("fit",))
+    with pytest.raises(ValueError, match="modes must be a non-empty subset of train, infer"):
+        BenchSettings(modes=())
     assert main(["bench", "--batch-size", "2", "--pipeline", "nonsense"]) == 2
 
 

@@ -89,7 +89,7 @@ def test_timm_hybrid_file_parity_and_export_back(tmp_path, case):
 
     model = vitkit.from_pretrained(path, num_heads=heads).eval()
     cfg = model.config
-    assert cfg.stem == stem and cfg.extra["converted_from"] == "timm"
+    assert cfg.stem.to_dict() == stem and cfg.extra["converted_from"] == "timm"
     assert (cfg.img_size, cfg.in_chans, cfg.num_heads) == (64, 3, reference.blocks[0].attn.num_heads)
     x = images(64)
     with torch.no_grad():
@@ -266,7 +266,8 @@ def test_named_model_must_fit_the_hybrid_checkpoint(tmp_path):
 
 def test_stated_stem_fields_are_checked(tmp_path):
     save_as(tiny_hybrid(), tmp_path / "w.safetensors", "timm")
-    with pytest.raises(CheckpointError, match=r"w\.safetensors: stem: unknown key\(s\) stem_strid"):
+    typo = r"w\.safetensors: unknown config key stem\.stem_strid \(did you mean stem\.stem_stride\?\)"
+    with pytest.raises(CheckpointError, match=typo):
         vitkit.from_pretrained(tmp_path / "w.safetensors", num_heads=4, stem={"stem_strid": 1})
     with pytest.raises(CheckpointError, match=r"stem \{'layers': \[2, 2\]\} disagrees with the weights, whose stem is "
                                               r"\{'layers': \[1, 1\], 'widths': \[128, 256\], 'stem_width': 32\}"):

@@ -173,7 +173,7 @@ def test_cifar_hybrid_tokens_stride_and_gradients():
 def test_hybrid_config_errors_name_the_problem():
     with pytest.raises(ValueError, match="stride 4"):
         vitkit.create_model("vit_hybrid_cifar_32", img_size=30)
-    with pytest.raises(ValueError, match="unknown key.*stem_widht"):
+    with pytest.raises(ValueError, match=r"unknown config key stem\.stem_widht \(did you mean stem\.stem_width\?\)"):
         vitkit.create_model("vit_hybrid_cifar_32", stem={"layers": [1], "stem_widht": 64})
     with pytest.raises(ValueError, match="widths"):
         vitkit.create_model("vit_hybrid_cifar_32", stem={"layers": [1, 1], "widths": [128]})
@@ -210,12 +210,15 @@ def test_conv_stem_strides_tokens_and_matches_its_layers():
 def test_conv_stem_config_errors_name_the_problem():
     with pytest.raises(ValueError, match="stride 4"):
         vitkit.create_model("vit_convstem_cifar_32", img_size=30)
-    with pytest.raises(ValueError, match="unknown type 'resnet'"):
+    with pytest.raises(ValueError, match=r"stem\.type must be one of bit, conv; got 'resnet'"):
         vitkit.create_model("vit_convstem_cifar_32", stem={"type": "resnet"})
     with pytest.raises(ValueError, match="'channels' but 2 'strides'"):
         vitkit.create_model("vit_convstem_cifar_32", stem={"type": "conv", "channels": [8], "strides": [2, 2]})
-    with pytest.raises(ValueError, match="conv stem takes"):
+    with pytest.raises(ValueError, match=r"unknown config key stem\.chanels \(did you mean stem\.channels\?\)"):
         vitkit.create_model("vit_convstem_cifar_32", stem={"type": "conv", "chanels": [8]})
+    with pytest.raises(ValueError,
+                       match=r"stem\.layers does not apply to a 'conv' stem, which takes: channels, strides"):
+        vitkit.create_model("vit_convstem_cifar_32", stem={"type": "conv", "channels": [8], "layers": [1]})
     from vitkit.convert import to_timm
 
     with pytest.raises(ValueError, match="keep the 'vitkit' format"):  # timm has no conv-stem layout

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import vitkit
+from flop_formulas import vit_forward_flops
 from vitkit import cli
 from vitkit import study as study_mod
 from vitkit.config import ViTConfig
@@ -43,17 +44,31 @@ def test_data_study_gives_every_fraction_the_same_number_of_samples():
     assert plan_compute_study(["a"], [4, 1]) == [Cell("a", 1.0, 1), Cell("a", 1.0, 4)]
 
 
-def test_training_flops_count_attention():
-    """The fused CPU attention kernel is invisible to PyTorch's FLOP counter; the study counts its two
-    matrix products (QK^T and AV: 4 N^2 D per layer forward, twice that backward)."""
+def test_training_flops_equal_the_formula():
+    """Forward + backward FLOPs per image of a ViT, by hand: the backward costs two forwards except the
+    patch projection (images need no gradient). A plain FlopCounterMode, which the study used before,
+    misses vitkit's oneDNN Linear and the CPU attention kernel and counts far less."""
+    model = vitkit.create_model("study_tiny_vit")
+    shapes = dict(img_size=32, patch_size=8, in_chans=3, num_classes=10, embed_dim=32, depth=1, mlp_dim=64)
+    expected = vit_forward_flops(**shapes)
+    assert training_flops_per_sample(model) == 3 * expected["forward"] - expected["patch"]
+
+
+def test_training_flops_of_a_hybrid_add_the_stem_to_the_transformer():
+    """The hybrid's count is its CNN stem (convolutions, which every counter sees) plus the same
+    transformer as a ViT with as many tokens."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = vitkit.create_model("study_tiny_vit")
-    counted = training_flops_per_sample(model)
-    with FlopCounterMode(display=False) as counter:  # default kernels: no attention
-        model(torch.randn(2, 3, 32, 32)).float().logsumexp(dim=-1).sum().backward()
-    tokens, dim, depth = 1 + 16, 32, 1
-    assert counted - counter.get_total_flops() / 2 == 3 * 4 * tokens ** 2 * dim * depth
+    hybrid = vitkit.create_model("study_tiny_hybrid")  # 32 px, stem stride 4, then 1x1 patches: 8x8 tokens
+    stem = hybrid.patch_embed.backbone
+    with FlopCounterMode(display=False) as counter:
+        stem(torch.randn(2, 3, 32, 32)).sum().backward()
+    stem_flops = counter.get_total_flops() / 2
+    hybrid.zero_grad(set_to_none=True)
+    shapes = dict(img_size=8, patch_size=1, in_chans=128, num_classes=10, embed_dim=32, depth=1, mlp_dim=64)
+    expected = vit_forward_flops(**shapes)
+    # the projection of the stem's features now needs its input gradient too: a full 3x forward
+    assert training_flops_per_sample(hybrid) == stem_flops + 3 * expected["forward"]
 
 
 @pytest.fixture(scope="module")

@@ -276,9 +276,9 @@ def _tiny_cfg(tmp_path: Path, *extra: str) -> TrainConfig:
 
 
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
-    import vitkit.train.loop as loop
+    import vitkit.train.task as task
 
-    build = loop.build_run_model
+    build = task.build_run_model
 
     def build_poisoned(cfg, data):  # the 4th training forward returns NaN logits
         model = build(cfg, data)
@@ -293,13 +293,75 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoin
         model.forward = poisoned
         return model
 
-    monkeypatch.setattr(loop, "build_run_model", build_poisoned)
+    monkeypatch.setattr(task, "build_run_model", build_poisoned)
     cfg = _tiny_cfg(tmp_path, "--ckpt_every_steps", "2", "--run_name", "nan")
     with pytest.raises(TrainingDiverged, match=r"non-finite loss .* step 4 .*last good checkpoint is .*last\.pt"):
         train(cfg)
     state = load_checkpoint(tmp_path / "nan" / "checkpoints" / "last.pt")
     assert state["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_resume_mid_log_window_gives_the_metrics_of_an_uninterrupted_run(tmp_path: Path):
+    """Checkpoints every 2 steps, a train line every 3: resumed from step 4, the first line (step 6)
+    averages steps 5-6 *and* the saved steps 4's window share, so metrics.jsonl is line-identical
+    (timings aside) to the run that never stopped, and the weights are bit-identical."""
+    import shutil
+
+    cfg = _tiny_cfg(tmp_path, "--data.samples_per_class", "12", "--batch_size", "10", "--epochs", "2",
+                    "--log_every", "3", "--ckpt_every_steps", "2", "--keep_last_k", "20", "--deterministic", "true",
+                    "--model.drop_path_rate", "0.1", "--run_name", "straight")
+    straight = train(cfg)  # 120 images / 10 = 12 steps per epoch, 24 in all
+    assert straight.steps == 24 and straight.samples_seen == 240 and straight.train_size == 120
+    assert straight.final["val_acc"] == straight.best == max(
+        r["val_acc"] for r in read_metrics(straight.run_dir) if r["kind"] == "epoch")
+    run = tmp_path / "resumed"
+    shutil.copytree(straight.run_dir, run)
+    shutil.rmtree(run / "model")
+    resumed = resume(run / "checkpoints" / "step-00000004.pt")
+    assert resumed.run_dir == run and resumed.steps == 24 and resumed.final == {
+        **straight.final, "epoch_time": resumed.final["epoch_time"], "epoch_cpu_time": resumed.final["epoch_cpu_time"]}
+    strip = ("img_per_s", "epoch_time", "epoch_cpu_time")
+    clean = lambda rs: [{k: v for k, v in r.items() if k not in strip} for r in rs]  # noqa: E731
+    lines = clean(read_metrics(run))
+    assert [r["step"] for r in lines if r["kind"] == "train"] == [3, 6, 9, 12, 15, 18, 21, 24]
+    assert lines == clean(read_metrics(straight.run_dir))
+    a, b = _weights(straight.run_dir), _weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_max_steps_ends_mid_epoch_with_an_evaluation_and_the_schedule_spans_it(tmp_path: Path):
+    from vitkit.train.optim import lr_at
+
+    cfg = _tiny_cfg(tmp_path, "--data.samples_per_class", "12", "--batch_size", "10", "--epochs", "3",
+                    "--max_steps", "5", "--log_every", "1", "--run_name", "short")
+    result = train(cfg)  # 12 steps per epoch: stops after step 5 of epoch 1
+    assert (result.steps, result.samples_seen) == (5, 50)
+    records = read_metrics(result.run_dir)
+    lrs = [r["lr"] for r in records if r["kind"] == "train"]
+    assert lrs == pytest.approx([lr_at(s, total_steps=5, warmup_steps=6, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr)
+                                 for s in range(5)])
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert len(epochs) == 1 and epochs[0]["step"] == 5 and "val_acc" in epochs[0]
+    assert result.final["val_acc"] == epochs[0]["val_acc"]
+
+
+def test_plain_progress_speaks_within_an_epoch_longer_than_the_heartbeat(tmp_path: Path, monkeypatch, capsys):
+    """log_every 1000 > 6 steps per epoch: no train line is due, but a plain log still prints the running
+    loss whenever HEARTBEAT_SECONDS passed without a line (0 here: every step; 60 s by default)."""
+    from vitkit.train.monitor import Progress
+
+    base = ["--data.samples_per_class", "6", "--batch_size", "10", "--epochs", "1", "--log_every", "1000",
+            "--progress", "plain"]
+    train(_tiny_cfg(tmp_path, *base, "--run_name", "quiet"))
+    out = capsys.readouterr().out
+    assert "step " not in out and "epoch 1/1 | train loss" in out  # the epoch's summary line only
+    monkeypatch.setattr(Progress, "HEARTBEAT_SECONDS", 0.0)
+    train(_tiny_cfg(tmp_path, *base, "--run_name", "heartbeat"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if " step " in line]
+    assert [line.split(" | ")[0] for line in lines] == [f"epoch 1/1 step {k}/6" for k in range(1, 7)]
+    assert all(" | loss " in line and " | acc " in line and " | lr " in line for line in lines)
+    assert not [r for r in read_metrics(tmp_path / "heartbeat") if r["kind"] == "train"]  # metrics stay step-based
 
 
 def test_truncated_or_corrupt_checkpoint_is_a_clear_error(trained_run: Path, tmp_path: Path, capsys):
@@ -371,7 +433,7 @@ def test_folder_dataset_run_in_bf16_and_predict_prepares_images_like_evaluation(
                              "--batch_size", "10", "--accum_steps", "2", "--data.num_workers", "0",
                              "--precision", "bf16", "--epochs", "1", "--progress", "none", "--log_every", "1",
                              "--out_dir", str(tmp_path), "--run_name", "folder"])
-    run = train(cfg)
+    run = train(cfg).run_dir
     assert [r["step"] for r in _train_lines(run)] == [1, 2]  # 40 images / (10 per batch x 2 accumulated)
     assert all(math.isfinite(r["loss"]) for r in _train_lines(run))
 

@@ -42,7 +42,7 @@ def test_model_name_shortcut():
     (["--optim.lrr", "1"], r"unknown config key optim\.lrr \(did you mean optim\.lr\?\)"),
     (["--epoch", "3"], r"unknown config key epoch \(did you mean epochs\?\)"),
     (["--data.nope", "1"], r"unknown config key data\.nope"),
-    (["--epochs", "three"], r"epochs must be an int, got 'three'"),
+    (["--epochs", "three"], r"epochs must be an integer, got 'three' \(a string\)"),
     (["--optim.betas", "[0.9]"], r"optim\.betas must have 2 entries"),
     (["--precision", "fp8"], r"precision must be one of fp32, bf16, fp16"),
     (["--optim.lr", "-1"], r"optim\.lr must be positive"),
@@ -186,7 +186,7 @@ def test_progress_bar_on_a_terminal_and_plain_lines_elsewhere(capsys):
     bar = Progress("bar")
     bar.start_epoch(0, 3, total_steps=10, done_steps=0)
     bar.step(4)
-    bar.show(4, loss=1.2345, acc=0.5, lr=1e-3, img_per_s=1234.0)
+    bar.show(4, dict(loss=1.2345, acc=0.5, lr=1e-3, img_per_s=1234.0))
     bar.print("epoch 1/3 | summary")
     bar.end_epoch()
     out, err = capsys.readouterr()
@@ -195,13 +195,13 @@ def test_progress_bar_on_a_terminal_and_plain_lines_elsewhere(capsys):
 
     plain = Progress("plain")
     plain.start_epoch(1, 3, total_steps=10, done_steps=0)
-    plain.show(5, loss=0.5, acc=0.75, lr=2e-4, img_per_s=99.0)
+    plain.show(5, dict(loss=0.5, acc=0.75, lr=2e-4, img_per_s=99.0))
     plain.end_epoch()
     out, err = capsys.readouterr()
     assert out == "epoch 2/3 step 5/10 | loss 0.5000 | acc 75.00% | lr 2.00e-04 | 99 img/s\n" and err == ""
 
     quiet = Progress("bar", enabled=False)  # processes other than rank 0
     quiet.start_epoch(0, 1, 10, 0)
-    quiet.show(1, 1.0, 0.1, 1e-3, 1.0)
+    quiet.show(1, dict(loss=1.0, acc=0.1, lr=1e-3, img_per_s=1.0))
     quiet.print("nothing")
     assert capsys.readouterr() == ("", "")

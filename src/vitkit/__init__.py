@@ -5,7 +5,7 @@ from typing import Any
 
 from torch import nn
 
-from vitkit.config import ViTConfig
+from vitkit.config import StemConfig, ViTConfig
 from vitkit.convert.pretrained import create_untrained
 from vitkit.models import (
     VisionTransformer,
@@ -48,7 +48,7 @@ def create_model(name: str, pretrained: bool = False, **overrides: Any) -> nn.Mo
 
 
 __all__ = [
-    "ModelSource", "ResolvedModel", "ViTConfig", "VisionTransformer", "build_model", "create_model", "from_pretrained",
-    "get_model_config", "list_models", "load_model", "load_source", "register_model", "register_source_hook",
-    "resample_pos_embed", "resolve_source", "__version__",
+    "ModelSource", "ResolvedModel", "StemConfig", "ViTConfig", "VisionTransformer", "build_model", "create_model",
+    "from_pretrained", "get_model_config", "list_models", "load_model", "load_source", "register_model",
+    "register_source_hook", "resample_pos_embed", "resolve_source", "__version__",
 ]

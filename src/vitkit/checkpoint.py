@@ -118,12 +118,14 @@ def read_config(directory: str | Path) -> Any:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of config fields, got {type(data).__name__}")
     data.pop("vitkit_version", None)
     arch = get_architecture(data.pop("architecture", "vit"))
     try:
         return arch.config_class.from_dict(data, source=str(path))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: {e}") from e
+    except (TypeError, ValueError) as e:  # the config engine's errors already name the file and the field
+        raise CheckpointError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
 
 
 def load_model(directory: str | Path, *, img_size: int | tuple[int, int] | None = None,

@@ -132,7 +132,7 @@ def _describe_config(cfg) -> str:
     if not hasattr(cfg, "embed_dim"):
         return f"{type(cfg).__name__} img={cfg.img_size} classes={cfg.num_classes}"
     return (f"ViT D={cfg.embed_dim} depth={cfg.depth} heads={cfg.num_heads} patch={cfg.patch_size} "
-            f"img={cfg.img_size} classes={cfg.num_classes}" + (f" stem={cfg.stem}" if cfg.stem else ""))
+            f"img={cfg.img_size} classes={cfg.num_classes}" + (f" stem={cfg.stem.to_dict()}" if cfg.stem else ""))
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:

@@ -8,12 +8,84 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar
 
+from vitkit.config_engine import check_fields, from_mapping, to_plain
 from vitkit.preprocessing import DEFAULT_PREPROCESSING, KNOWN_SOURCES, Preprocessing
 
 C = TypeVar("C", bound="ModelConfig")
-T = TypeVar("T")
 Pooling = Literal["token", "avg"]
 HeadInit = Literal["xavier", "zeros"]
+StemType = Literal["bit", "conv"]
+
+_BIT_FIELDS = ("layers", "widths", "stem_width", "stem_kernel", "stem_stride", "stem_pool", "same_padding",
+               "gn_groups", "gn_eps", "ws_eps")
+_CONV_FIELDS = ("channels", "strides")
+
+
+@dataclass(frozen=True)
+class StemConfig:
+    """The CNN in front of a hybrid ViT's patch projection (``ViTConfig.stem``).
+
+    ``type="bit"`` (the paper's hybrids): a BiT ResNet, with the fields of
+    :class:`vitkit.models.resnet.BiTSpec` (``layers`` per stage, ``widths``, ``stem_width`` ...).
+    ``type="conv"`` (ViT_C, Xiao et al. 2021): 3x3 conv-BN-ReLU layers with ``channels`` and ``strides``
+    (default 2 each). A field left unset (None) takes the CNN's default, and is not written: the section
+    reads and writes the same compact mapping as ever, e.g. ``{"layers": [3, 4, 9]}`` or
+    ``{"type": "conv", "channels": [32, 64, 128], "strides": [1, 2, 2]}``.
+    """
+
+    type: StemType = "bit"
+    layers: Optional[tuple[int, ...]] = None
+    """BiT: residual units per stage (default 3, 4, 9: R50's first three stages)."""
+    widths: Optional[tuple[int, ...]] = None
+    stem_width: Optional[int] = None
+    stem_kernel: Optional[int] = None
+    stem_stride: Optional[int] = None
+    stem_pool: Optional[bool] = None
+    same_padding: Optional[bool] = None
+    gn_groups: Optional[int] = None
+    gn_eps: Optional[float] = None
+    ws_eps: Optional[float] = None
+    channels: Optional[tuple[int, ...]] = None
+    """conv: output channels of each 3x3 layer."""
+    strides: Optional[tuple[int, ...]] = None
+    """conv: stride of each layer (default 2 each)."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, prefix="stem.")
+        given = {name for name, value in self.to_dict().items() if name != "type"}
+        own = set(_CONV_FIELDS if self.type == "conv" else _BIT_FIELDS)
+        foreign = sorted(given - own)
+        if foreign:
+            raise ValueError(f"stem.{foreign[0]} does not apply to a {self.type!r} stem, which takes: "
+                             f"{', '.join(sorted(own))}")
+        if self.type == "conv":
+            if not self.channels:
+                raise ValueError("stem.channels: a conv stem needs the channels of its layers")
+            if self.strides is not None and len(self.strides) != len(self.channels):
+                raise ValueError(f"stem: {len(self.channels)} 'channels' but {len(self.strides)} 'strides'")
+        for name in ("layers", "widths", "channels", "strides"):
+            values = getattr(self, name) or ()
+            if any(v < 1 for v in values):
+                raise ValueError(f"stem.{name} must be positive integers, got {list(values)}")
+        for name in ("stem_width", "stem_kernel", "stem_stride", "gn_groups"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"stem.{name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The compact mapping: the fields that are set, ``type`` only when it is not ``bit``."""
+        out: dict[str, Any] = {} if self.type == "bit" else {"type": self.type}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "type" and value is not None:
+                out[f.name] = to_plain(value)
+        return out
+
+    def bit_fields(self) -> dict[str, Any]:
+        """The BiT ResNet fields that are set (for ``BiTSpec.from_dict``)."""
+        return {k: v for k, v in self.to_dict().items() if k in _BIT_FIELDS}
+
+    def replace(self, **changes: Any) -> StemConfig:
+        return dataclasses.replace(self, **changes)
 
 
 class ModelConfig:
@@ -26,25 +98,29 @@ class ModelConfig:
     preprocess: Optional[Preprocessing]
 
     def _validate_common(self) -> None:
-        """Normalise JSON's lists back to tuples, check the class names against the head, and type the
-        preprocessing record (also reading the untyped ``extra["preprocess"]`` of older files)."""
-        if isinstance(self.img_size, list):
-            self.img_size = tuple(self.img_size)
-        if self.class_names is not None:
-            self.class_names = list(self.class_names)
-            if len(self.class_names) != self.num_classes:
-                raise ValueError(
-                    f"class_names has {len(self.class_names)} entries but num_classes is {self.num_classes}"
-                )
+        """Type the preprocessing record (also reading the untyped ``extra["preprocess"]`` of older files),
+        check every field against its type (the config engine; JSON's lists become tuples), the sizes every
+        model has, and the class names against the head."""
         extra = getattr(self, "extra", None)
         if self.preprocess is None and isinstance(extra, dict) and "preprocess" in extra:
             extra = dict(extra)
             self.preprocess = extra.pop("preprocess")
             self.extra = extra
-        if self.preprocess is not None:
-            record = Preprocessing.from_dict(self.preprocess, source="config: preprocess")
-            # the record describes this model's input: its size is the model's own
-            self.preprocess = dataclasses.replace(record, size=self.image_hw)
+        if self.preprocess is not None and not isinstance(self.preprocess, Preprocessing):
+            self.preprocess = Preprocessing.from_dict(self.preprocess, source="preprocess")
+        check_fields(self)
+        for name in ("in_chans",):
+            _at_least(self, name, 1)
+        _at_least(self, "num_classes", 0)
+        if min(self.image_hw) < 1:
+            raise ValueError(f"img_size must be positive, got {self.img_size}")
+        if self.class_names is not None:
+            if len(self.class_names) != self.num_classes:
+                raise ValueError(
+                    f"class_names has {len(self.class_names)} entries but num_classes is {self.num_classes}"
+                )
+        if self.preprocess is not None:  # the record describes this model's input: its size is the model's own
+            self.preprocess = dataclasses.replace(self.preprocess, size=self.image_hw)
 
     def preprocessing(self) -> Preprocessing:
         """How to prepare images for this model: its recorded preprocessing, else what its checkpoint
@@ -69,15 +145,20 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        if isinstance(d["img_size"], tuple):
-            d["img_size"] = list(d["img_size"])
-        d["preprocess"] = self.preprocess.to_dict() if self.preprocess is not None else None
-        return d
+        """Plain JSON values; a section (stem, preprocessing) in its own ``to_dict`` form."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.to_dict() if hasattr(value, "to_dict") else to_plain(value)
+        return out
 
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config") -> C:
-        return from_known_keys(cls, data, f"{source}: {cls.__name__}")
+        """Build from a mapping (a ``config.json``): every value checked against its field's type, every
+        error one line naming ``source`` and the field."""
+        if isinstance(data, dict) and isinstance(data.get("preprocess"), dict):  # the record reads its own keys
+            data = {**data, "preprocess": Preprocessing.from_dict(data["preprocess"], source=f"{source}: preprocess")}
+        return from_mapping(cls, data, source=source)
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -92,14 +173,10 @@ class ModelConfig:
         return cls.from_dict(data, source=str(path))
 
 
-def from_known_keys(cls: type[T], data: dict[str, Any], what: str) -> T:
-    """``cls(**data)`` for a dataclass; a key it does not have is an error that names the key and lists
-    the known ones (``what`` says whose keys they are, e.g. ``"stem"``)."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{what}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return cls(**data)
+def _at_least(config: Any, name: str, low: int) -> None:
+    value = getattr(config, name)
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
 @dataclass
@@ -134,8 +211,9 @@ class ViTConfig(ModelConfig):
     dynamic_img_size: bool = False
     """Accept any input size divisible by the patch size, resampling position embeddings on the fly."""
     pos_embed_interpolation: Literal["bicubic", "bilinear"] = "bicubic"
-    stem: Optional[dict[str, Any]] = None
-    """A convolutional backbone whose feature map replaces the patch projection (hybrid ViT)."""
+    stem: Optional[StemConfig] = None
+    """A convolutional backbone whose feature map replaces the patch projection (hybrid ViT); a mapping
+    of :class:`StemConfig` fields is read as one."""
     class_names: Optional[list[str]] = None
     preprocess: Optional[Preprocessing] = None
     """How images are prepared for these weights (see :mod:`vitkit.preprocessing`); None = not recorded."""
@@ -146,14 +224,19 @@ class ViTConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         self._validate_common()
+        for name in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_dim"):
+            _at_least(self, name, 1)
+        if self.representation_size is not None:
+            _at_least(self, "representation_size", 1)
+        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if self.global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {self.global_pool!r}")
         if self.global_pool == "token" and not self.class_token:
             raise ValueError("global_pool='token' needs class_token=True")
-        if self.head_init not in ("xavier", "zeros"):
-            raise ValueError(f"head_init must be 'xavier' or 'zeros', got {self.head_init!r}")
         h, w = self.image_hw
         if self.stem is None and (h % self.patch_size or w % self.patch_size):
             raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")

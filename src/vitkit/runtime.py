@@ -11,8 +11,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from typing import Literal
 
 import torch
+
+Precision = Literal["fp32", "bf16", "fp16"]
+"""Arithmetic of a run: float32, or bfloat16/float16 autocast (training, evaluation, benchmarks)."""
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3

@@ -9,9 +9,9 @@ A study is a grid of cells (model x fraction x epochs); each cell is an ordinary
 in ``<out>/runs/<cell>`` with the same pipeline for every model (data, augmentation, optimiser,
 logging), so the comparison changes only the model. A finished cell leaves ``<out>/cells/<cell>.json``
 and is never run again; an interrupted cell resumes from its last checkpoint. ``results.csv`` and the
-plot are rewritten after every cell. Training FLOPs are counted with PyTorch's FLOP counter on one
-forward and backward pass, with attention computed by the explicit math kernel so that its matrix
-products are counted (the fused CPU kernel is invisible to the counter).
+plot are rewritten after every cell. Training FLOPs are counted on one forward and backward pass by
+the bench's FLOP counter (:mod:`vitkit.bench.flops`), which also counts the kernels PyTorch's plain
+counter cannot see: the fused CPU attention and the oneDNN GEMMs of vitkit's fast CPU ``Linear``.
 """
 
 from __future__ import annotations
@@ -30,9 +30,8 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
+from vitkit.bench.flops import count_flops
 from vitkit.checkpoint import load_model
 from vitkit.data import build_data
 from vitkit.fileio import atomic_write_text
@@ -149,35 +148,28 @@ def run_cell(cell: Cell, base: dict[str, Any], out_dir: str | Path) -> dict[str,
     cfg = cell_config(cell, base, out_dir)
     run_dir = out_dir / "runs" / cell.key
     if (run_dir / CHECKPOINT_DIR / LAST).is_file():
-        run_dir = resume(run_dir)
+        result = resume(run_dir)
     else:
         if run_dir.exists():  # killed before its first checkpoint: nothing worth keeping
             shutil.rmtree(run_dir)
-        run_dir = train(cfg)
-    row = _result_of(cell, cfg, run_dir, train_size=_train_size(cfg))
+        result = train(cfg)
+    row = _result_of(cell, result)
     atomic_write_text(json.dumps(row, indent=2) + "\n", _result_path(out_dir, cell))
     return row
 
 
-def _train_size(cfg: Any) -> int:
-    return build_data(cfg.data, device=torch.device("cpu"), seed=cfg.seed).train.num_samples
-
-
-def _result_of(cell: Cell, cfg: Any, run_dir: Path, train_size: int) -> dict[str, Any]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    final = [r for r in records if r["kind"] == "epoch" and "val_acc" in r][-1]
-    state = torch.load(run_dir / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
-    model = load_model(run_dir / "model")
-    steps = int(state["global_step"])
-    samples = steps * cfg.data.batch_size * cfg.optim.accum_steps
+def _result_of(cell: Cell, result: Any) -> dict[str, Any]:
+    """A cell's row, from what the training loop measured (a :class:`vitkit.train.loop.TrainResult`)."""
+    model = load_model(result.run_dir / "model")
     per_sample = training_flops_per_sample(model)
-    config = model.config
     return {
-        "model": cell.model, "family": model_family(config), "params": sum(p.numel() for p in model.parameters()),
-        "fraction": cell.fraction, "train_size": train_size, "epochs": cell.epochs,
-        "steps": steps, "samples_seen": samples, "flops_per_sample": per_sample,
-        "train_flops": per_sample * samples, "train_seconds": round(float(state["elapsed"]), 1),
-        "test_acc": float(final["val_acc"]), "test_loss": float(final["val_loss"]), "run_dir": str(run_dir),
+        "model": cell.model, "family": model_family(model.config),
+        "params": sum(p.numel() for p in model.parameters()), "fraction": cell.fraction,
+        "train_size": result.train_size, "epochs": cell.epochs, "steps": result.steps,
+        "samples_seen": result.samples_seen, "flops_per_sample": per_sample,
+        "train_flops": per_sample * result.samples_seen, "train_seconds": result.train_seconds,
+        "test_acc": float(result.final["val_acc"]), "test_loss": float(result.final["val_loss"]),
+        "run_dir": str(result.run_dir),
     }
 
 
@@ -191,20 +183,18 @@ def model_family(config: Any) -> str:
 
 
 def training_flops_per_sample(model: nn.Module) -> float:
-    """FLOPs of one training step per image (forward + backward), attention included."""
-
+    """FLOPs of one training step per image (forward + backward; the optimizer step is not counted),
+    by the bench counter, which also sees the CPU attention kernel and vitkit's oneDNN ``Linear``."""
     config = model.config
     h, w = config.image_hw
     images = torch.randn(2, config.in_chans, h, w)
     was_training = model.training
     model.train()
     try:
-        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            model(images).float().logsumexp(dim=-1).sum().backward()
+        flops = count_flops(model, images, train=True, loss_fn=lambda logits: logits.float().logsumexp(dim=-1).sum())
     finally:
         model.train(was_training)
-        model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / 2
+    return flops / len(images)
 
 
 # -------------------------------------------------------------------------------------- outputs

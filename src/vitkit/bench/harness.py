@@ -15,10 +15,11 @@ import json
 import os
 import platform
 import time
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,16 +31,18 @@ from vitkit.bench.peak import MatmulPeak
 from vitkit.bench.profile import format_profile, top_operators
 from vitkit.bench.reference import ReferenceUnavailable, reference_twin
 from vitkit.bench.timing import Stats, time_round_robin
+from vitkit.config_engine import check_fields
 from vitkit.data import DataConfig
 from vitkit.data.throughput import pipeline_throughput
 from vitkit.fileio import atomic_write_text
 from vitkit.models.registry import list_models
 from vitkit.resolver import load_source, source_config
-from vitkit.runtime import configure_cpu, physical_cores
+from vitkit.runtime import Precision, configure_cpu, physical_cores
 from vitkit.version import __version__
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MODES = ("train", "infer")
+Mode = Literal["train", "infer"]
+PRECISIONS = dict(zip(typing.get_args(Precision), (torch.float32, torch.bfloat16, torch.float16)))
+MODES: tuple[Mode, ...] = typing.get_args(Mode)
 SCHEMA = "vitkit.bench/1"
 
 PipelineFactory = Callable[[], Iterable[Any]]
@@ -55,10 +58,10 @@ class BenchSettings:
     model: str = "vit_cifar_patch4_32"
     batch_size: int = 128
     img_size: int | None = None
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     compile: bool = False
     device: str = "auto"
-    modes: tuple[str, ...] = MODES
+    modes: tuple[Mode, ...] = MODES
     warmup: int = 2
     repeats: int = 5
     reference: bool = True
@@ -72,12 +75,9 @@ class BenchSettings:
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
-        self.modes = tuple(self.modes)
-        bad = [m for m in self.modes if m not in MODES]
-        if bad or not self.modes:
-            raise ValueError(f"modes must be a non-empty subset of {MODES}, got {self.modes}")
+        check_fields(self)  # precision and every mode: one of their Literal values
+        if not self.modes:
+            raise ValueError(f"modes must be a non-empty subset of {', '.join(MODES)}")
         for name in ("batch_size", "repeats", "pipeline_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -19,7 +19,7 @@ from typing import Any
 from torch import Tensor
 
 from vitkit.checkpoint import CheckpointError
-from vitkit.config import ViTConfig
+from vitkit.config import StemConfig, ViTConfig
 from vitkit.models.resnet import BiTSpec
 
 STANDARD_NUM_HEADS: dict[int, int] = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16}
@@ -113,7 +113,7 @@ def compact_stem(spec: BiTSpec) -> dict[str, Any]:
     return stem
 
 
-def unrecorded_stem_fields(stem: dict[str, Any] | None) -> dict[str, Any]:
+def unrecorded_stem_fields(stem: StemConfig | dict[str, Any] | None) -> dict[str, Any]:
     """The fields of a ``ViTConfig.stem`` that a weights-only file (timm state dict, Google .npz) would lose:
     those that differ from :data:`STEM_ASSUMED`, which is what reading the file back assumes."""
     spec = stem_spec(stem)
@@ -124,12 +124,12 @@ def unrecorded_stem_fields(stem: dict[str, Any] | None) -> dict[str, Any]:
     return {k: getattr(spec, k) for k, v in STEM_ASSUMED.items() if getattr(spec, k) != v}
 
 
-def stem_spec(stem: dict[str, Any] | None) -> BiTSpec | dict[str, Any] | None:
+def stem_spec(stem: StemConfig | dict[str, Any] | None) -> BiTSpec | dict[str, Any] | None:
     """The normalised form of a ``ViTConfig.stem`` dict, for comparing two of them (a BiT stem as a
     :class:`BiTSpec`; another type, such as a conv stem, as given)."""
     if stem is None:
         return None
-    stem = dict(stem)
+    stem = stem.to_dict() if hasattr(stem, "to_dict") else dict(stem)
     if stem.get("type", "bit") != "bit":
         return stem
     stem.pop("type", None)

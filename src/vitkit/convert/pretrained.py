@@ -124,7 +124,7 @@ def _config_for(checkpoint: Checkpoint, model: str | ViTConfig | None, num_heads
         known["num_heads"] = num_heads
     if checkpoint.config is not None and model is None:
         config = checkpoint.config if num_heads is None else checkpoint.config.replace(num_heads=num_heads)
-        return config if stem is None else config.replace(stem={**(config.stem or {}), **stem})
+        return config if stem is None else config.replace(stem={**_stem_dict(config), **stem})
     if model is None:
         config = infer_config(checkpoint.state_dict, source=source, **known, stem=stem)
         return config.replace(extra={**config.extra, "converted_from": checkpoint.format},
@@ -136,14 +136,14 @@ def _config_for(checkpoint: Checkpoint, model: str | ViTConfig | None, num_heads
     if num_heads is not None:
         target = target.replace(num_heads=num_heads)
     if stem is not None:
-        target = target.replace(stem={**(target.stem or {}), **stem})
+        target = target.replace(stem={**_stem_dict(target), **stem})
     # The heads the file states (its metadata or vitkit config), compared like any other field; the
     # structure is read with one head, which fits any width, so that a misfit never hides behind a
     # "not divisible by num_heads" error.
     known.pop("num_heads", None)
     stated_heads = checkpoint.hints.get("num_heads") or getattr(checkpoint.config, "num_heads", None)
     # the named model fixes what the weights cannot tell: the head count and the stem's strides and norms
-    unrecorded = {k: v for k, v in (target.stem or {}).items() if k in STEM_ASSUMED}
+    unrecorded = {k: v for k, v in _stem_dict(target).items() if k in STEM_ASSUMED}
     found = infer_config(checkpoint.state_dict, source=source, **known, num_heads=stated_heads or 1,
                          stem=unrecorded)
     misfits = [f"{f}: checkpoint {getattr(found, f)!r}, model {getattr(target, f)!r}"
@@ -151,10 +151,15 @@ def _config_for(checkpoint: Checkpoint, model: str | ViTConfig | None, num_heads
     if stated_heads is not None and stated_heads != target.num_heads:
         misfits.append(f"num_heads: checkpoint {stated_heads!r}, model {target.num_heads!r}")
     if stem_spec(found.stem) != stem_spec(target.stem):
-        misfits.append(f"stem: checkpoint {found.stem!r}, model {target.stem!r}")
+        misfits.append(f"stem: checkpoint {_stem_dict(found) or None!r}, model {_stem_dict(target) or None!r}")
     if misfits:
         raise CheckpointError(f"{source} does not fit {name}: {'; '.join(misfits)}")
     # The checkpoint's head is loaded first; from_pretrained then resizes it to the model's.
     return target.replace(num_classes=found.num_classes, representation_size=found.representation_size,
                           class_names=found.class_names, norm_eps=found.norm_eps,
                           preprocess=checkpoint.preprocess or target.preprocess)
+
+
+def _stem_dict(config: ViTConfig) -> dict[str, Any]:
+    """A config's stem as its compact mapping (empty for a plain ViT)."""
+    return config.stem.to_dict() if config.stem is not None else {}

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Literal, Optional
 
-from vitkit.config import from_known_keys
+from vitkit.config_engine import check_fields, from_mapping, to_plain
 from vitkit.preprocessing import Interpolation
 
 CropMode = Literal["random_crop", "random_resized_crop", "none"]
 AutoAugment = Literal["randaugment", "trivialaugment"]
 EraseMode = Literal["pixel", "const"]
-
-_CROPS = ("random_crop", "random_resized_crop", "none")
-_AUTO_AUGMENTS = ("randaugment", "trivialaugment")
-_ERASE_MODES = ("pixel", "const")
 
 
 @dataclass
@@ -81,14 +77,11 @@ class DataConfig:
     std: Optional[tuple[float, ...]] = None
 
     def __post_init__(self) -> None:
-        for name in ("rrc_scale", "rrc_ratio", "mean", "std"):
-            value = getattr(self, name)
-            if isinstance(value, list):
-                setattr(self, name, tuple(float(v) for v in value))
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the field at fault."""
+        """Raise ``ValueError`` naming the field at fault (types and allowed values by the config engine)."""
+        check_fields(self, prefix="data.")
 
         def bad(field: str, why: str) -> None:
             raise ValueError(f"data config: {field}={getattr(self, field)!r}: {why}")
@@ -112,10 +105,6 @@ class DataConfig:
             bad("num_workers", "must be >= 0")
         if not 0.0 < self.eval_crop_pct <= 1.0:
             bad("eval_crop_pct", "must be in (0, 1]")
-        if self.eval_interpolation not in get_args(Interpolation):
-            bad("eval_interpolation", f"choose one of {', '.join(get_args(Interpolation))}")
-        if self.crop not in _CROPS:
-            bad("crop", f"choose one of {', '.join(_CROPS)}")
         if self.crop_padding < 0:
             bad("crop_padding", "must be >= 0")
         lo, hi = self.rrc_scale
@@ -124,8 +113,6 @@ class DataConfig:
         lo, hi = self.rrc_ratio
         if not 0.0 < lo <= hi:
             bad("rrc_ratio", "needs 0 < min <= max")
-        if self.auto_augment is not None and self.auto_augment not in _AUTO_AUGMENTS:
-            bad("auto_augment", f"choose one of {', '.join(_AUTO_AUGMENTS)} or null")
         if self.randaugment_n < 0:
             bad("randaugment_n", "must be >= 0")
         if not 0 <= self.randaugment_m <= 30:
@@ -136,8 +123,6 @@ class DataConfig:
         for name in ("mix_prob", "mix_switch_prob", "random_erasing"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 bad(name, "must be a probability in [0, 1]")
-        if self.erase_mode not in _ERASE_MODES:
-            bad("erase_mode", f"choose one of {', '.join(_ERASE_MODES)}")
         if not 0.0 <= self.label_smoothing < 1.0:
             bad("label_smoothing", "must be in [0, 1)")
         if (self.mean is None) != (self.std is None):
@@ -157,10 +142,9 @@ class DataConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (tuples become lists), ready for YAML or JSON."""
-        out = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+        return to_plain({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> DataConfig:
-        """Build from a mapping; an unknown key is an error that names it."""
-        return from_known_keys(cls, values, "data config")
+    def from_dict(cls, values: dict[str, Any], *, source: str = "data config") -> DataConfig:
+        """Build from a mapping; an unknown key is an error that names it (and suggests the closest)."""
+        return from_mapping(cls, values, source=source)

@@ -83,27 +83,19 @@ class ConvStemEmbed(nn.Module):
 def build_stem(config: ViTConfig) -> nn.Module:
     """The ``patch_embed`` of a hybrid ViT (called by ``vitkit.models.vit.build_patch_embed``).
 
-    ``config.stem["type"]`` picks the CNN: ``"bit"`` (the default; the paper's BiT ResNet, fields of
+    ``config.stem.type`` picks the CNN: ``"bit"`` (the default; the paper's BiT ResNet, fields of
     :class:`BiTSpec`) or ``"conv"`` (a conv stem: ``channels`` and ``strides`` of its 3x3 layers).
     """
-    stem = dict(config.stem)
-    kind = stem.pop("type", "bit")
+    stem = config.stem
     h, w = config.image_hw
-    if kind == "conv":
-        unknown = sorted(set(stem) - {"channels", "strides"})
-        if unknown or "channels" not in stem:
-            raise ValueError(f"stem: a conv stem takes 'channels' and 'strides', got {sorted(config.stem)}")
-        channels = [int(c) for c in stem["channels"]]
-        strides = [int(s) for s in stem.get("strides", [2] * len(channels))]
-        if len(strides) != len(channels):
-            raise ValueError(f"stem: {len(channels)} 'channels' but {len(strides)} 'strides'")
+    if stem.type == "conv":
+        channels = list(stem.channels)
+        strides = list(stem.strides) if stem.strides is not None else [2] * len(channels)
         stride = math.prod(strides) * config.patch_size
         if h % stride or w % stride:
             raise ValueError(f"img_size {config.img_size} is not divisible by the conv stem's stride {stride}")
         return ConvStemEmbed(config.in_chans, config.embed_dim, channels, strides, config.patch_size)
-    if kind != "bit":
-        raise ValueError(f"stem: unknown type {kind!r}; known: 'bit' (BiT ResNet), 'conv' (conv stem)")
-    spec = BiTSpec.from_dict(stem)
+    spec = BiTSpec.from_dict(stem.bit_fields())
     stride = spec.stride * config.patch_size
     if h % stride or w % stride:
         raise ValueError(f"img_size {config.img_size} is not divisible by the hybrid's stride {stride} "

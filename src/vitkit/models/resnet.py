@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkit.config import ModelConfig, from_known_keys
+from vitkit.config import ModelConfig
+from vitkit.config_engine import check_fields, from_mapping
 from vitkit.fileio import write_model_dir
 from vitkit.models.layers import DropPath
 from vitkit.models.registry import config_record, register_architecture, register_model
@@ -120,17 +121,19 @@ class BiTSpec:
     ws_eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
+        check_fields(self)
         widths = self.widths if self.widths is not None else [256 * 2 ** i for i in range(len(self.layers))]
         object.__setattr__(self, "widths", tuple(int(w) for w in widths))
         if len(self.widths) != len(self.layers):
             raise ValueError(f"stem: {len(self.layers)} stages in 'layers' but {len(self.widths)} in 'widths'")
         if any(n < 1 for n in self.layers):
             raise ValueError(f"stem: every stage needs at least one unit, got layers={list(self.layers)}")
+        if min(self.widths, default=1) < 1 or self.stem_width < 1 or self.stem_kernel < 1 or self.stem_stride < 1:
+            raise ValueError("stem: widths, stem_width, stem_kernel and stem_stride must be positive")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BiTSpec:
-        return from_known_keys(cls, data, "stem")
+        return from_mapping(cls, data, source="", prefix="stem.")
 
     @property
     def stride(self) -> int:
@@ -272,13 +275,8 @@ class ResNetConfig(ModelConfig):
 
     def __post_init__(self) -> None:
         self._validate_common()
-        self.layers, self.widths = [int(n) for n in self.layers], [int(w) for w in self.widths]
-        if self.block not in ("basic", "bottleneck"):
-            raise ValueError(f"block must be 'basic' or 'bottleneck', got {self.block!r}")
-        if self.stem not in ("imagenet", "cifar"):
-            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
-        if self.head_init not in ("default", "zeros"):
-            raise ValueError(f"head_init must be 'default' or 'zeros', got {self.head_init!r}")
+        if min(self.layers, default=1) < 1 or min(self.widths, default=1) < 1 or self.stem_width < 1:
+            raise ValueError(f"layers {self.layers}, widths {self.widths} and stem_width must be positive")
         if not self.layers or len(self.layers) != len(self.widths):
             raise ValueError(f"layers {self.layers} and widths {self.widths} must be non-empty and of equal length")
 

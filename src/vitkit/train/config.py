@@ -10,24 +10,26 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import yaml
 
+from vitkit.config_engine import ConfigError, check_fields, coerce, field_types, from_mapping, to_plain
 from vitkit.data import DataConfig
 from vitkit.hub import fetch_source
+from vitkit.models.registry import get_model_entry
 from vitkit.models.transfer import PosEmbedInit
 from vitkit.resolver import source_config
+from vitkit.runtime import Precision
 
-Precision = Literal["fp32", "bf16", "fp16"]
 OptimizerName = Literal["adamw", "sgd"]
 Progress = Literal["auto", "bar", "plain", "none"]
+TaskName = Literal["classification"]
+"""What a run trains for; each name has a :class:`vitkit.train.task.Task` in ``vitkit.train.task.TASKS``."""
 
 DEFAULT_CONFIG = "cifar10_convstem"
 """The bundled config that ``vitkit train`` runs when given none: the README's main job."""
@@ -43,6 +45,9 @@ class OptimConfig:
     """``adamw``, or ``sgd`` with ``momentum`` (the paper's fine-tuning optimizer)."""
     lr: float = 1e-3
     """Peak learning rate, reached at the end of warmup (not scaled by the batch size)."""
+    blr: Optional[float] = None
+    """Base learning rate per 256 images (MAE's rule): when set, the peak is ``blr * global batch / 256``
+    and ``lr`` is ignored."""
     min_lr: float = 1e-5
     """Learning rate at the end of the cosine decay."""
     weight_decay: float = 0.05
@@ -60,9 +65,12 @@ class OptimConfig:
     """Layer-wise learning-rate decay: block i of L trains at ``lr * layer_decay ** (L - i)``; null: off."""
 
     def __post_init__(self) -> None:
+        check_fields(self, prefix="optim.")
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be positive, got {self.lr}")
-        if not 0 <= self.min_lr <= self.lr:
+        if self.blr is not None and self.blr <= 0:
+            raise ValueError(f"optim.blr must be positive or null, got {self.blr}")
+        if not 0 <= self.min_lr <= (self.lr if self.blr is None else float("inf")):
             raise ValueError(f"optim.min_lr must be in [0, optim.lr], got {self.min_lr}")
         if self.weight_decay < 0:
             raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
@@ -74,7 +82,6 @@ class OptimConfig:
             raise ValueError(f"optim.clip_grad must be positive or null, got {self.clip_grad}")
         if self.accum_steps < 1:
             raise ValueError(f"optim.accum_steps must be >= 1, got {self.accum_steps}")
-        _check_literal(self, "name", OptimizerName)
         if not 0 <= self.momentum < 1:
             raise ValueError(f"optim.momentum must be in [0, 1), got {self.momentum}")
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
@@ -97,8 +104,7 @@ class FinetuneConfig:
     """Keep the pre-training representation (pre-logits) layer; the paper removes it."""
 
     def __post_init__(self) -> None:
-        if self.pos_embed not in ("interpolate", "reinit"):
-            raise ValueError(f"finetune.pos_embed must be 'interpolate' or 'reinit', got {self.pos_embed!r}")
+        check_fields(self, prefix="finetune.")
 
 
 @dataclass
@@ -118,6 +124,9 @@ class TrainConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     """Start from pre-trained weights (``finetune.init``) instead of a fresh ``model.name``."""
     epochs: int = 30
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (the learning-rate schedule spans them), even within an epoch;
+    null: ``epochs`` full epochs."""
     ema_decay: Optional[float] = None
     """Keep an exponential moving average of the weights (e.g. 0.9998); it is evaluated and exported."""
     precision: Precision = "fp32"
@@ -144,24 +153,26 @@ class TrainConfig:
     """Name of the run directory under ``out_dir``; default: ``<dataset>-<model>-<date>-<time>``."""
     progress: Progress = "auto"
     """auto: a tqdm bar on a terminal, plain log lines otherwise."""
+    task: TaskName = "classification"
+    """The training objective: what a batch's loss is and what an evaluation measures."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.model, dict) or not isinstance(self.model.get("name"), str):
-            raise ValueError("model.name must name a registered model (see `vitkit models`)")
+        check_fields(self)
+        self.model = check_model_section(self.model, fine_tuning=bool(self.finetune.init))
         for key in ("epochs", "log_every", "eval_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
         for key in ("ckpt_every_steps", "keep_last_k"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1) or null, got {self.ema_decay}")
-        _check_literal(self, "precision", Precision)
-        _check_literal(self, "progress", Progress)
 
     # ------------------------------------------------------------------------------- conversions
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return to_plain(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
@@ -169,7 +180,37 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> TrainConfig:
         """Keys given in ``data`` replace the defaults'; sections are merged key by key."""
-        return _build(cls, merge_configs(cls().to_dict(), data), source, prefix="")
+        return from_mapping(cls, merge_configs(cls().to_dict(), data), source=source)
+
+
+def check_model_section(model: Mapping[str, Any], *, fine_tuning: bool = False) -> dict[str, Any]:
+    """The ``model`` section: a registered ``name`` and overrides of that model's config fields, each
+    checked against the field's type (e.g. ``model.depth: "six"`` is an error naming ``model.depth``).
+    When fine-tuning, the architecture comes from ``finetune.init``, so only the types are known later."""
+    name = model.get("name")
+    if not isinstance(name, str):
+        raise ConfigError("model.name must name a registered model (see `vitkit models`)")
+    try:
+        entry = get_model_entry(name)
+    except ValueError as e:
+        if fine_tuning:  # the name is ignored when fine-tuning
+            return dict(model)
+        raise ConfigError(f"model.name: {e}") from None
+    fields = field_types(type(entry.config))
+    checked = {"name": name}
+    for key, value in model.items():
+        if key == "name":
+            continue
+        if key not in fields:
+            if fine_tuning:
+                checked[key] = value
+                continue
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean model.{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown config key model.{key}{hint} for {name}; {type(entry.config).__name__} "
+                              f"has: {', '.join(fields)}")
+        checked[key] = to_plain(coerce(value, fields[key], f"model.{key}"))
+    return checked
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -313,107 +354,3 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-# -------------------------------------------------------------------- dataclass tree <-> dicts
-def _build(cls: type, data: Mapping[str, Any], source: str, prefix: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        close = difflib.get_close_matches(str(unknown[0]), fields, n=1)
-        hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-        raise ValueError(f"{source}: unknown config key {prefix}{unknown[0]!s}{hint}; "
-                         f"{prefix.rstrip('.') or 'the top level'} has: {', '.join(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        key = f"{prefix}{name}"
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, source, f"{key}.")
-        else:
-            kwargs[name] = _coerce(value, hint, key, source)
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        where = prefix.rstrip(".")
-        raise ValueError(f"{source}: {where + ': ' if where and where not in str(e) else ''}{e}") from e
-
-
-def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
-    """Check ``value`` against a field's type and convert what YAML reads loosely (``1e-3`` is a string
-    to YAML 1.1; an int is a fine float; a list is a fine tuple)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arg, key, source)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(errors[0])
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{source}: {key} must be one of {', '.join(map(str, args))}; got {value!r}")
-        return value
-    if hint is Any:
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif origin in (tuple, list) and isinstance(value, (list, tuple)):
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ValueError(f"{source}: {key} must have {len(args)} entries, got {list(value)}")
-            return tuple(_coerce(v, a, key, source) for v, a in zip(value, args))
-        item = args[0] if args else Any
-        return origin(_coerce(v, item, key, source) for v in value)
-    elif origin is dict and isinstance(value, Mapping):
-        return dict(value)
-    raise ValueError(f"{source}: {key} must be {_describe(hint)}, got {value!r}")
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin in (tuple, list):
-        return "a list"
-    if origin is dict:
-        return "a mapping"
-    return f"a{'n' if getattr(hint, '__name__', '')[:1] in 'aeiou' else ''} {getattr(hint, '__name__', hint)}"
-
-
-def _check_literal(obj: Any, name: str, literal: Any) -> None:
-    allowed = typing.get_args(literal)
-    if getattr(obj, name) not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(obj, name)!r}")
-
-
-def _plain(value: Any) -> Any:
-    """Tuples become lists so that YAML stays plain (``yaml.safe_load`` can read it back)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

@@ -2,25 +2,30 @@
 and checkpoint at the end of every epoch.
 
 ``train(cfg)`` starts a run, ``resume(run_dir)`` continues one exactly where its last checkpoint left
-it. Under ``torchrun`` every process runs this same code on its own shard of each global batch.
+it; both return a :class:`TrainResult`. What is trained for (the loss of a batch, the evaluation) is a
+:class:`~vitkit.train.task.Task`, classification by default. Everything the loop changes lives in one
+:class:`LoopState`, which a checkpoint saves whole. Under ``torchrun`` every process runs this same code
+on its own shard of each global batch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from vitkit.checkpoint import CheckpointError, load_weights
-from vitkit.data import CorruptImageError, build_data
+from vitkit.data import CorruptImageError, Data, build_data
 from vitkit.models.registry import architecture_of
 from vitkit.train.checkpoints import CheckpointWriter, capture_rng, load_checkpoint, resolve_checkpoint, restore_rng
 from vitkit.train.config import TrainConfig, expand_shortcuts, merge_configs, parse_overrides
@@ -34,12 +39,12 @@ from vitkit.train.distributed import (
     shutdown,
 )
 from vitkit.train.ema import ModelEMA
-from vitkit.train.evaluate import evaluate
-from vitkit.train.monitor import Progress, RunLog, Stopwatch, format_duration
-from vitkit.train.optim import build_optimizer, lr_at, set_lr
+from vitkit.train.monitor import Progress, RunLog, format_duration
+from vitkit.train.optim import build_optimizer, lr_at, peak_lr, set_lr
 from vitkit.train.plots import plot_curves
-from vitkit.train.rundir import build_run_model, create_run_dir, export_model, write_config
-from vitkit.train.runtime import StopSignals, autocast, grad_scaler, resolve_device, seed_everything
+from vitkit.train.rundir import create_run_dir, write_config
+from vitkit.train.runtime import StopSignals, grad_scaler, resolve_device, seed_everything
+from vitkit.train.task import Task, build_task, format_metric
 
 
 class TrainingDiverged(RuntimeError):
@@ -54,257 +59,353 @@ class TrainingInterrupted(RuntimeError):
         self.signum = signum
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train a model as ``cfg`` says, in a new run directory, and return that directory."""
+@dataclass(frozen=True)
+class Schedule:
+    """How long a run is and its learning rate at every optimizer step, from the config and the number of
+    batches an epoch gives. Leftover batches of an epoch (fewer than ``accum``) are skipped."""
+
+    accum: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    lr: float
+    min_lr: float
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, batches_per_epoch: int, world_size: int) -> Schedule:
+        """``epochs`` epochs, or ``max_steps`` steps if that is fewer; the peak learning rate is ``optim.lr``
+        or ``optim.blr`` scaled by the global batch."""
+        accum = cfg.optim.accum_steps
+        steps = batches_per_epoch // accum
+        if steps == 0:
+            raise ValueError(f"the training set gives {batches_per_epoch} batch(es) per epoch, fewer than "
+                             f"optim.accum_steps={accum}; lower data.batch_size or optim.accum_steps")
+        total = cfg.epochs * steps if cfg.max_steps is None else min(cfg.epochs * steps, cfg.max_steps)
+        lr = peak_lr(cfg.optim, cfg.data.batch_size * world_size * accum)
+        return cls(accum, steps, total, round(cfg.optim.warmup_epochs * steps), lr, cfg.optim.min_lr)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.steps_per_epoch * self.accum
+
+    def lr_at(self, step: int) -> float:
+        return lr_at(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps, lr=self.lr,
+                     min_lr=self.min_lr)
+
+
+@dataclass
+class LoopState:
+    """Where a run is: every number the loop changes besides the weights, optimizer, scaler and EMA.
+    A checkpoint saves it whole, so a resumed run continues (and logs) as if it had never stopped."""
+
+    epoch: int = 0
+    batch: int = 0
+    """The next micro-batch of ``epoch``."""
+    step: int = 0
+    """Optimizer steps taken."""
+    best: Optional[float] = None
+    """The best value of the task's ``best_metric`` so far."""
+    elapsed: float = 0.0
+    """Training seconds before this process started (earlier processes of the same run)."""
+    epoch_sums: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    """The task's training sums over this epoch so far (this process's share)."""
+    window_sums: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    """The same over the steps since the last ``log_every`` line."""
+    window_seconds: float = 0.0
+    """Seconds the current log window had run when the state was saved."""
+    last_record: dict[str, Any] = field(default_factory=dict)
+    """The last epoch's record (what metrics.jsonl got), so a finished run's result can be given again."""
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch": self.batch, "global_step": self.step, "best_score": self.best,
+                "elapsed": self.elapsed, "epoch_sums": self.epoch_sums.cpu(), "window_sums": self.window_sums.cpu(),
+                "window_seconds": self.window_seconds, "last_record": self.last_record}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any], device: torch.device) -> LoopState:
+        best = saved.get("best_score", saved.get("best_acc"))  # best_acc: checkpoints before tasks existed
+        epoch_sums = saved["epoch_sums"].to(device)
+        return cls(saved["epoch"], saved["batch"], saved["global_step"], None if best in (None, -math.inf) else best,
+                   saved["elapsed"], epoch_sums, saved.get("window_sums", torch.zeros_like(epoch_sums)).to(device),
+                   saved.get("window_seconds", 0.0), dict(saved.get("last_record") or {}))
+
+
+@dataclass
+class TrainResult:
+    """What a finished run measured: its last evaluation, its best score and its cost."""
+
+    run_dir: Path
+    final: dict[str, Any]
+    """The last epoch's record: ``train_loss``, ``val_acc``, ``val_loss`` ... (``*_ema`` with EMA)."""
+    best: Optional[float]
+    """The best ``best_metric`` of the task (val_acc for classification), or None if never evaluated."""
+    best_metric: str
+    steps: int
+    samples_seen: int
+    """Training samples of all optimizer steps (global batch x steps)."""
+    train_seconds: float
+    train_size: int
+    val_size: int
+
+
+@dataclass
+class Trained:
+    """The things a step changes besides the loop state: the model (as called: DDP- or compile-wrapped),
+    the model itself, and its optimizer, gradient scaler and EMA."""
+
+    model: nn.Module
+    raw: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    ema: Optional[ModelEMA]
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train a model as ``cfg`` says, in a new run directory."""
     return _run(cfg)
 
 
-def resume(run_or_checkpoint: str | Path, overrides: Sequence[str] = ()) -> Path:
+def resume(run_or_checkpoint: str | Path, overrides: Sequence[str] = ()) -> TrainResult:
     """Continue a run from its ``last`` checkpoint (or the given checkpoint file), exactly: same weights,
-    optimizer, schedule, EMA, RNG states and data order as if it had never stopped."""
+    optimizer, schedule, EMA, RNG states, data order and logged metrics as if it had never stopped."""
     path = resolve_checkpoint(run_or_checkpoint)
-    state = load_checkpoint(path)
+    saved = load_checkpoint(path)
     changes = expand_shortcuts(parse_overrides(overrides))
-    cfg = TrainConfig.from_dict(merge_configs(state["config"], changes), source=f"{path} (its config)")
-    return _run(cfg, run_dir=path.parent.parent, state=state)
+    cfg = TrainConfig.from_dict(merge_configs(saved["config"], changes), source=f"{path} (its config)")
+    return _run(cfg, run_dir=path.parent.parent, saved=saved)
 
 
-def _run(cfg: TrainConfig, run_dir: Optional[Path] = None, state: Optional[dict[str, Any]] = None) -> Path:
+def _run(cfg: TrainConfig, run_dir: Optional[Path] = None, saved: Optional[dict[str, Any]] = None) -> TrainResult:
     world = init_world(resolve_device(cfg.device).type)
     try:
         with StopSignals() as signals:
-            return _train(cfg, world, run_dir, state, signals)
+            return _train(cfg, world, run_dir, saved, signals)
     finally:
         shutdown(world)
 
 
-def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], state: Optional[dict[str, Any]],
-           signals: StopSignals) -> Path:
+def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optional[dict[str, Any]],
+           signals: StopSignals) -> TrainResult:
     # ------------------------------------------------------------------------------------- setup
     device = resolve_device(cfg.device, world.local_rank)
     seed_everything(cfg.seed, cfg.deterministic)  # same seed on every rank: identical initial weights
     data = build_data(cfg.data, device=device, seed=cfg.seed, rank=world.rank, world_size=world.size)
-    model = build_run_model(cfg, data).to(device)
-    raw_model = model
-    ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay else None
-    optimizer = build_optimizer(model, cfg.optim)
-    scaler = grad_scaler(cfg.precision, device)
-
-    accum = cfg.optim.accum_steps
-    steps_per_epoch = len(data.train) // accum  # optimizer steps; leftover batches of an epoch are skipped
-    if steps_per_epoch == 0:
-        raise ValueError(f"the training set gives {len(data.train)} batch(es) per epoch, fewer than "
-                         f"optim.accum_steps={accum}; lower data.batch_size or optim.accum_steps")
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
-
-    epoch, batch, global_step, best_acc, elapsed = 0, 0, 0, float("-inf"), 0.0
-    epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss * n, correct, n
-    if state is not None:
-        load_weights(raw_model, state["model"], source="the checkpoint's model weights")
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            if state.get("ema") is None:
-                raise CheckpointError("ema_decay is set but the checkpoint has no EMA weights")
-            ema.load_state_dict(state["ema"])
-        epoch, batch, global_step = state["epoch"], state["batch"], state["global_step"]
-        best_acc, elapsed = state["best_acc"], state["elapsed"]
-        epoch_sums = state["epoch_sums"].to(device)
-
-    if world.distributed:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
+    task = build_task(cfg, data, device=device, world=world)
+    parts = _build_parts(task.build_model().to(device), cfg, device)
+    schedule = Schedule.from_config(cfg, len(data.train), world.size)
+    stats = len(task.stat_names) + 1
+    state = LoopState(epoch_sums=torch.zeros(stats, dtype=torch.float64, device=device),
+                      window_sums=torch.zeros(stats, dtype=torch.float64, device=device))
+    if saved is not None:
+        _restore(parts, saved)
+        state = LoopState.from_checkpoint(saved, device)
+    parts.model = _wrap(parts.raw, cfg, world, device)
 
     run_dir = broadcast_object(run_dir or (create_run_dir(cfg) if world.is_main else None), world)
-    log = RunLog(run_dir, resume_step=global_step if state else None, enabled=world.is_main)
+    log = RunLog(run_dir, resume_step=state.step if saved else None, enabled=world.is_main)
     checkpoints = CheckpointWriter(run_dir, cfg.keep_last_k)
     progress = Progress(cfg.progress, enabled=world.is_main)
     if world.is_main:
         write_config(cfg, run_dir)
-        params = sum(p.numel() for p in raw_model.parameters())
-        progress.print(cfg.to_yaml().rstrip())
-        progress.print(f"{'resuming' if state else 'starting'} {run_dir} | {cfg.model['name']} ({params / 1e6:.2f}M "
-                       f"params) on {cfg.data.dataset} | {world.size} process(es) on {device} | "
-                       f"{steps_per_epoch} steps/epoch, global batch {cfg.data.batch_size * world.size * accum}")
-        if state:
-            progress.print(f"from epoch {epoch + 1}, batch {batch}, optimizer step {global_step}")
+        _announce(progress, cfg, parts.raw, run_dir, state, schedule, world, device, resumed=saved is not None)
     reported_skips: set[str] = set()
-
-    def report_skipped() -> int:
-        """Print and log unreadable files left out (``skip_corrupt``) since the last report; their total."""
-        skipped = data.skipped_files()
-        new = [f for f in skipped if f not in reported_skips]
-        if new and world.is_main:
-            reported_skips.update(new)
-            shown = ", ".join(new[:5]) + (f", ... ({len(new) - 5} more in metrics.jsonl)" if len(new) > 5 else "")
-            # a warning, on stderr whatever the progress mode
-            print(f"vitkit: skip_corrupt: left out {len(new)} unreadable file(s) ({len(skipped)} in all): {shown}",
-                  file=sys.stderr, flush=True)
-            log.log("skipped", global_step, count=len(skipped), files=new)
-        return len(skipped)
-
-    report_skipped()
-
-    if state is not None and len(state["rng"]) == world.size:
-        restore_rng(state["rng"][world.rank])
+    _report_skipped(data, reported_skips, world, log, state.step)
+    if saved is not None and len(saved["rng"]) == world.size:
+        restore_rng(saved["rng"][world.rank])
     else:  # dropout and drop-path draw different masks on each rank
-        seed_everything(cfg.seed + 1_000_003 * world.rank + global_step, cfg.deterministic)
-
-    def checkpoint(next_epoch: int, next_batch: int, *, is_best: bool = False) -> None:
-        check_finite()
-        rngs = gather_objects(capture_rng(), world)  # every rank's dropout stream, saved by rank 0
-        if world.is_main:
-            checkpoints.save({
-                "model": raw_model.state_dict(), "model_config": _config_dict(raw_model),
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "ema": ema.state_dict() if ema else None, "epoch": next_epoch, "batch": next_batch,
-                "global_step": global_step, "best_acc": best_acc, "elapsed": clock.elapsed,
-                "epoch_sums": epoch_sums.cpu(), "rng": rngs, "config": cfg.to_dict(), "world_size": world.size,
-            }, is_best=is_best)
-            log.flush()
-
-    nonfinite = torch.zeros((), device=device)
-
-    def check_finite() -> None:
-        if any_process(bool(nonfinite.item()), world, device):
-            saved = f"the last good checkpoint is {checkpoints.last}" if checkpoints.last.is_file() else \
-                "no checkpoint had been written yet"
-            raise TrainingDiverged(
-                f"non-finite loss or gradient norm by optimizer step {global_step} (epoch {epoch + 1}); training "
-                f"stopped and nothing was saved after it; {saved}. Try a lower optim.lr, a longer "
-                "optim.warmup_epochs, optim.clip_grad, or bf16 instead of fp16.")
+        seed_everything(cfg.seed + 1_000_003 * world.rank + state.step, cfg.deterministic)
 
     # -------------------------------------------------------------------------------------- loop
-    clock = Stopwatch(elapsed)
+    started = time.perf_counter()
+    clock = lambda: state.elapsed + time.perf_counter() - started  # noqa: E731  training seconds of the run
+    nonfinite = torch.zeros((), device=device)  # NaN/inf losses (or gradient norms) since the last check
+
+    def save(is_best: bool = False, at: Optional[LoopState] = None) -> None:
+        _check_finite(nonfinite, state, world, device, checkpoints)
+        _save_checkpoint(checkpoints, parts, at or state, cfg, world, clock(), window_start, is_best)
+        log.flush()
+
+    def save_finished_steps() -> None:  # an unreadable image mid-epoch: keep every finished optimizer step
+        save(at=dataclasses.replace(state, batch=state.batch - state.batch % schedule.accum))
+
+    def save_finished_epoch() -> None:  # an unreadable image in the evaluation: the epoch's training is done
+        save(at=dataclasses.replace(state, epoch=state.epoch + 1, batch=0))
+
     epoch_times: list[float] = []
-    criterion = F.cross_entropy  # integer labels or soft (B, K) targets alike
-    while epoch < cfg.epochs:
-        model.train()
-        progress.start_epoch(epoch, cfg.epochs, steps_per_epoch, batch // accum)
-        lr = optimizer.param_groups[0]["lr"]
-        epoch_start, epoch_cpu, window_start = time.perf_counter(), time.process_time(), time.perf_counter()
-        window = torch.zeros(3, dtype=torch.float64, device=device)
-        grad_norm = torch.zeros((), device=device)
-        resume_batch = batch  # where a checkpoint would continue: after the last optimizer step of this epoch
-        train_batches = _saving_on_corrupt(  # saves the position reached when the error comes: late binding
-            enumerate(data.train.batches(epoch, batch), start=batch),
-            lambda epoch=epoch: checkpoint(epoch, resume_batch), world, checkpoints, run_dir)  # noqa: B023
-        for batch, (images, targets) in train_batches:
-            if batch >= steps_per_epoch * accum:
+    while state.epoch < cfg.epochs and state.step < schedule.total_steps:
+        parts.model.train()
+        progress.start_epoch(state.epoch, cfg.epochs, schedule.steps_per_epoch, state.batch // schedule.accum)
+        epoch_start, epoch_cpu = time.perf_counter(), time.process_time()
+        window_start = time.perf_counter() - state.window_seconds
+        grad_norm: Optional[Tensor] = None
+        for images, targets in _saving_on_corrupt(data.train.batches(state.epoch, state.batch), save_finished_steps,
+                                                  world, checkpoints, run_dir):
+            if state.batch >= schedule.batches_per_epoch or state.step >= schedule.total_steps:
                 break
-            boundary = (batch + 1) % accum == 0
-            sync = contextlib.nullcontext() if boundary or not world.distributed else model.no_sync()
-            with sync:
-                with autocast(cfg.precision, device):
-                    logits = model(images)
-                loss = criterion(logits.float(), targets)
-                scaler.scale(loss / accum).backward()
-            with torch.no_grad():
-                labels = targets if targets.ndim == 1 else targets.argmax(dim=1)
-                n = labels.numel()
-                stats = torch.stack([loss.detach().double() * n, (logits.argmax(dim=1) == labels).sum().double(),
-                                     torch.tensor(float(n), dtype=torch.float64, device=device)])
-                window += stats
-                epoch_sums += stats
-                nonfinite += ~torch.isfinite(loss.detach())
+            boundary = (state.batch + 1) % schedule.accum == 0
+            loss = _forward_backward(task, parts, images, targets, state, world, boundary, schedule.accum)
+            nonfinite += ~torch.isfinite(loss)
+            state.batch += 1
             if not boundary:
                 continue
 
-            lr = lr_at(global_step, total_steps=total_steps, warmup_steps=warmup_steps, lr=cfg.optim.lr,
-                       min_lr=cfg.optim.min_lr)
-            set_lr(optimizer, lr)
-            if cfg.optim.clip_grad:
-                scaler.unscale_(optimizer)
-                grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.optim.clip_grad)
-                if not scaler.is_enabled():  # with a scaler, overflowing steps are skipped, not fatal
-                    nonfinite += ~torch.isfinite(grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(raw_model)
-            global_step += 1
-            resume_batch = batch + 1
+            lr = schedule.lr_at(state.step)
+            grad_norm = _optimizer_step(parts, cfg, lr, nonfinite)
+            state.step += 1
             progress.step()
-
-            if global_step % cfg.log_every == 0:
-                check_finite()
-                sums = all_reduce_sum(window.clone(), world)
-                seconds = time.perf_counter() - window_start
-                metrics = dict(loss=float(sums[0] / sums[2]), acc=float(sums[1] / sums[2]), lr=lr,
-                               img_per_s=float(sums[2]) / max(seconds, 1e-9))
-                if cfg.optim.clip_grad:
-                    metrics["grad_norm"] = float(grad_norm)
-                log.log("train", global_step, epoch=round(epoch + (batch + 1) / (steps_per_epoch * accum), 4),
+            if state.step % cfg.log_every == 0:
+                _check_finite(nonfinite, state, world, device, checkpoints)
+                metrics = _window_metrics(task, state, world, lr, grad_norm, time.perf_counter() - window_start)
+                log.log("train", state.step, epoch=round(state.epoch + state.batch / schedule.batches_per_epoch, 4),
                         **metrics)
-                progress.show((batch + 1) // accum, metrics["loss"], metrics["acc"], lr, metrics["img_per_s"])
-                window.zero_()
+                progress.show(state.batch // schedule.accum, metrics)
+                state.window_sums.zero_()
                 window_start = time.perf_counter()
+            elif progress.due():  # a plain log hears from a long window at least every minute or so
+                progress.show(state.batch // schedule.accum, _means(task, state.window_sums) | dict(lr=lr))
+
             stop = any_process(signals.received is not None, world, device)
-            if stop or (cfg.ckpt_every_steps and global_step % cfg.ckpt_every_steps == 0):
-                checkpoint(epoch, batch + 1)
+            if stop or (cfg.ckpt_every_steps and state.step % cfg.ckpt_every_steps == 0):
+                save()
             if stop:
                 progress.end_epoch()
                 log.close()
                 why = signals.name or "a signal on another process"
                 raise TrainingInterrupted(
-                    f"stopped by {why} at epoch {epoch + 1}, optimizer step {global_step}; saved {checkpoints.last}; "
-                    f"continue with: vitkit train --resume {run_dir}", signals.received or 15)
+                    f"stopped by {why} at epoch {state.epoch + 1}, optimizer step {state.step}; saved "
+                    f"{checkpoints.last}; continue with: vitkit train --resume {run_dir}", signals.received or 15)
         progress.end_epoch()
 
         # ----------------------------------------------------------------------------- epoch end
-        check_finite()
-        train_sums = all_reduce_sum(epoch_sums.clone(), world)
-        record: dict[str, Any] = dict(epoch=epoch + 1, train_loss=float(train_sums[0] / train_sums[2]),
-                                      train_acc=float(train_sums[1] / train_sums[2]), lr=lr)
+        _check_finite(nonfinite, state, world, device, checkpoints)
+        epoch_sums = all_reduce_sum(state.epoch_sums.clone(), world)
+        record: dict[str, Any] = dict(epoch=state.epoch + 1)
+        record |= {f"train_{name}": value for name, value in _means(task, epoch_sums).items()}
+        record["lr"] = schedule.lr_at(state.step - 1)
         is_best = False
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            val_batches = _saving_on_corrupt(data.val.batches(), lambda epoch=epoch: checkpoint(epoch + 1, 0), world,
-                                             checkpoints, run_dir)
-            val = evaluate(raw_model, val_batches, data.num_classes, device=device,
-                           precision=cfg.precision, world=world, hflip_tta=cfg.eval_hflip_tta)
-            record.update(val_loss=val.loss, val_acc=val.top1, val_top5=val.top5)
-            score = val.top1
-            if ema is not None:
-                val_ema = evaluate(ema.module, data.val.batches(), data.num_classes, device=device,
-                                   precision=cfg.precision, world=world, hflip_tta=cfg.eval_hflip_tta)
-                record.update(val_loss_ema=val_ema.loss, val_acc_ema=val_ema.top1, val_top5_ema=val_ema.top5)
-                score = val_ema.top1
-            is_best = score > best_acc
-            best_acc = max(best_acc, score)
-            record["best_acc"] = best_acc
+        last = state.epoch + 1 == cfg.epochs or state.step >= schedule.total_steps
+        if (state.epoch + 1) % cfg.eval_every == 0 or last:
+            with _saving_on_corrupt_in(save_finished_epoch, world, checkpoints, run_dir):
+                is_best = _evaluate(task, parts, state, record)
+            if world.is_main:
+                log.figures(task.figures(parts.ema.module if parts.ema is not None else parts.raw), state.step,
+                            state.epoch + 1)
         epoch_times.append(time.perf_counter() - epoch_start)
         record["epoch_time"] = epoch_times[-1]
         record["epoch_cpu_time"] = time.process_time() - epoch_cpu  # this process, all threads
         if cfg.data.skip_corrupt:
-            record["skipped_files"] = report_skipped()
-        eta = sum(epoch_times) / len(epoch_times) * (cfg.epochs - epoch - 1)
-        log.log("epoch", global_step, **record)
-        if world.is_main and "val_acc" in record:
+            record["skipped_files"] = _report_skipped(data, reported_skips, world, log, state.step)
+        log.log("epoch", state.step, **record)
+        if world.is_main and f"best_{task.best_metric.removeprefix('val_')}" in record:
             plot_curves(run_dir)  # redrawn at each evaluation, so a stopped run has its curves too
-        progress.print(_summary_line(record, cfg.epochs, eta, ema is not None))
-        epoch, batch = epoch + 1, 0
-        epoch_sums.zero_()
-        checkpoint(epoch, 0, is_best=is_best)
+        eta = sum(epoch_times) / len(epoch_times) * (cfg.epochs - state.epoch - 1) if not last else 0.0
+        progress.print(_summary_line(task, record, cfg.epochs, eta, parts.ema is not None))
+        state.last_record = record
+        state.epoch, state.batch, state.window_seconds = state.epoch + 1, 0, 0.0
+        state.epoch_sums.zero_()
+        state.window_sums.zero_()  # a log window does not span epochs
+        save(is_best)
 
     # ------------------------------------------------------------------------------------ finish
+    train_seconds = round(clock(), 1)
     if world.is_main:
-        final = ema.module if ema is not None else raw_model
-        export_model(final, run_dir, best_acc=best_acc, total_time=clock.elapsed, skipped_files=data.skipped_files())
+        task.export(parts.ema.module if parts.ema is not None else parts.raw, run_dir, best=state.best,
+                    train_seconds=train_seconds)
         log.close()
-        progress.print(f"done in {format_duration(clock.elapsed)}: best val acc {100 * best_acc:.2f}%; "
-                       f"model in {run_dir / 'model'}")
-    return run_dir
+        best = "never evaluated" if state.best is None else format_metric(
+            task.best_metric, state.best, "best " + task.best_metric.replace("_", " "))
+        progress.print(f"done in {format_duration(train_seconds)}: {best}; model in {run_dir / 'model'}")
+    val_size = int(all_reduce_sum(torch.tensor([float(data.val.num_samples)], device=device), world).item())
+    return TrainResult(run_dir, dict(state.last_record), state.best, task.best_metric, state.step,
+                       state.step * cfg.data.batch_size * world.size * schedule.accum, train_seconds,
+                       data.train.num_samples, val_size)
+
+
+# ------------------------------------------------------------------------------------ the steps
+def _forward_backward(task: Task, parts: Trained, images: Tensor, targets: Tensor, state: LoopState,
+                      world: World, boundary: bool, accum: int) -> Tensor:
+    """Loss and gradients of one micro-batch (gradients are synchronised across processes only on the
+    last micro-batch of an optimizer step); its sums go into the epoch's and the log window's."""
+    sync = contextlib.nullcontext() if boundary or not world.distributed else parts.model.no_sync()
+    with sync:
+        loss, sums = task.train_step(parts.model, images, targets)
+        parts.scaler.scale(loss / accum).backward()
+    state.window_sums += sums
+    state.epoch_sums += sums
+    return loss.detach()
+
+
+def _optimizer_step(parts: Trained, cfg: TrainConfig, lr: float, nonfinite: Tensor) -> Optional[Tensor]:
+    """One optimizer step at learning rate ``lr`` (gradient clipping, scaler, EMA); returns the gradient
+    norm before clipping when clipping is on."""
+    set_lr(parts.optimizer, lr)
+    grad_norm = None
+    if cfg.optim.clip_grad:
+        parts.scaler.unscale_(parts.optimizer)
+        grad_norm = nn.utils.clip_grad_norm_(parts.raw.parameters(), cfg.optim.clip_grad)
+        if not parts.scaler.is_enabled():  # with a scaler, overflowing steps are skipped, not fatal
+            nonfinite += ~torch.isfinite(grad_norm)
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    parts.optimizer.zero_grad(set_to_none=True)
+    if parts.ema is not None:
+        parts.ema.update(parts.raw)
+    return grad_norm
+
+
+def _window_metrics(task: Task, state: LoopState, world: World, lr: float, grad_norm: Optional[Tensor],
+                    seconds: float) -> dict[str, float]:
+    """The ``train`` line of a log window: the task's means over all processes, the learning rate, the
+    throughput and (with clipping) the last gradient norm."""
+    window = all_reduce_sum(state.window_sums.clone(), world)
+    metrics = _means(task, window) | dict(lr=lr, img_per_s=float(window[-1]) / max(seconds, 1e-9))
+    if grad_norm is not None:
+        metrics["grad_norm"] = float(grad_norm)
+    return metrics
+
+
+def _evaluate(task: Task, parts: Trained, state: LoopState, record: dict[str, Any]) -> bool:
+    """Evaluate the model (and the EMA model, which then decides) into ``record``; update the best score
+    and say whether this evaluation is the best so far."""
+    record |= task.evaluate(parts.raw)
+    score = record[task.best_metric]
+    if parts.ema is not None:
+        record |= {f"{key}_ema": value for key, value in task.evaluate(parts.ema.module).items()}
+        score = record[f"{task.best_metric}_ema"]
+    is_best = state.best is None or (score > state.best if task.higher_is_better else score < state.best)
+    state.best = score if is_best else state.best
+    record[f"best_{task.best_metric.removeprefix('val_')}"] = state.best
+    return is_best
+
+
+def _report_skipped(data: Data, reported: set[str], world: World, log: RunLog, step: int) -> int:
+    """Print and log unreadable files left out (``skip_corrupt``) since the last report; their total."""
+    skipped = data.skipped_files()
+    new = [f for f in skipped if f not in reported]
+    if new and world.is_main:
+        reported.update(new)
+        shown = ", ".join(new[:5]) + (f", ... ({len(new) - 5} more in metrics.jsonl)" if len(new) > 5 else "")
+        # a warning, on stderr whatever the progress mode
+        print(f"vitkit: skip_corrupt: left out {len(new)} unreadable file(s) ({len(skipped)} in all): {shown}",
+              file=sys.stderr, flush=True)
+        log.log("skipped", step, count=len(skipped), files=new)
+    return len(skipped)
 
 
 def _saving_on_corrupt(batches: Iterator[Any], save: Callable[[], None], world: World,
                        checkpoints: CheckpointWriter, run_dir: Path) -> Iterator[Any]:
     """``batches``, but an unreadable image (:class:`CorruptImageError`, raised by the data layer in
     this process) first saves the finished steps, then stops the run with one line naming the file."""
-    try:
+    with _saving_on_corrupt_in(save, world, checkpoints, run_dir):
         yield from batches
+
+
+@contextlib.contextmanager
+def _saving_on_corrupt_in(save: Callable[[], None], world: World, checkpoints: CheckpointWriter,
+                          run_dir: Path) -> Iterator[None]:
+    """The same around a block (the evaluation)."""
+    try:
+        yield
     except CorruptImageError as e:
         if world.distributed:  # the other processes are not here to join the checkpoint's collectives
             raise
@@ -314,18 +415,97 @@ def _saving_on_corrupt(batches: Iterator[Any], save: Callable[[], None], world: 
                                         f"{run_dir}`") from None
 
 
-def _summary_line(record: dict[str, Any], epochs: int, eta: float, has_ema: bool) -> str:
-    parts = [f"epoch {record['epoch']}/{epochs}",
-             f"train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}%"]
-    if "val_acc" in record:
-        parts.append(f"val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}% "
-                     f"top5 {100 * record['val_top5']:.2f}%")
-        if has_ema:
-            parts.append(f"ema acc {100 * record['val_acc_ema']:.2f}%")
-        parts.append(f"best {100 * record['best_acc']:.2f}%")
-    parts.append(f"{format_duration(record['epoch_time'])}/epoch, ETA {format_duration(eta)}")
-    return " | ".join(parts)
+def _means(task: Task, sums: Tensor) -> dict[str, float]:
+    """The task's summed statistics divided by the number of samples (the last entry)."""
+    n = float(sums[-1])
+    return {name: float(sums[i]) / n if n else math.nan for i, name in enumerate(task.stat_names)}
+
+
+# ------------------------------------------------------------------------------------ set-up helpers
+def _build_parts(model: nn.Module, cfg: TrainConfig, device: torch.device) -> Trained:
+    ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay else None
+    return Trained(model, model, build_optimizer(model, cfg.optim), grad_scaler(cfg.precision, device), ema)
+
+
+def _restore(parts: Trained, saved: dict[str, Any]) -> None:
+    load_weights(parts.raw, saved["model"], source="the checkpoint's model weights")
+    parts.optimizer.load_state_dict(saved["optimizer"])
+    parts.scaler.load_state_dict(saved["scaler"])
+    if parts.ema is not None:
+        if saved.get("ema") is None:
+            raise CheckpointError("ema_decay is set but the checkpoint has no EMA weights")
+        parts.ema.load_state_dict(saved["ema"])
+
+
+def _wrap(model: nn.Module, cfg: TrainConfig, world: World, device: torch.device) -> nn.Module:
+    """The model as the loop calls it: DDP across processes, ``torch.compile`` if asked."""
+    if world.distributed:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    return model
+
+
+def _announce(progress: Progress, cfg: TrainConfig, model: nn.Module, run_dir: Path, state: LoopState,
+              schedule: Schedule, world: World, device: torch.device, *, resumed: bool) -> None:
+    params = sum(p.numel() for p in model.parameters())
+    name = cfg.model.get("name") if isinstance(cfg.model, dict) else getattr(cfg.model, "name", "?")
+    progress.print(cfg.to_yaml().rstrip())
+    progress.print(f"{'resuming' if resumed else 'starting'} {run_dir} | {name} ({params / 1e6:.2f}M "
+                   f"params) on {cfg.data.dataset} | {world.size} process(es) on {device} | "
+                   f"{schedule.steps_per_epoch} steps/epoch, global batch "
+                   f"{cfg.data.batch_size * world.size * schedule.accum}")
+    if resumed:
+        progress.print(f"from epoch {state.epoch + 1}, batch {state.batch}, optimizer step {state.step}")
+
+
+# ------------------------------------------------------------------------------ checkpoints, checks
+def _check_finite(nonfinite: Tensor, state: LoopState, world: World, device: torch.device,
+                  checkpoints: CheckpointWriter) -> None:
+    if any_process(bool(nonfinite.item()), world, device):
+        saved = f"the last good checkpoint is {checkpoints.last}" if checkpoints.last.is_file() else \
+            "no checkpoint had been written yet"
+        raise TrainingDiverged(
+            f"non-finite loss or gradient norm by optimizer step {state.step} (epoch {state.epoch + 1}); training "
+            f"stopped and nothing was saved after it; {saved}. Try a lower optim.lr, a longer "
+            "optim.warmup_epochs, optim.clip_grad, or bf16 instead of fp16.")
+
+
+def _save_checkpoint(checkpoints: CheckpointWriter, parts: Trained, state: LoopState, cfg: TrainConfig,
+                     world: World, elapsed: float, window_start: float, is_best: bool) -> None:
+    """Write ``last`` (and ``best``) from rank 0, with every rank's RNG streams (dropout masks)."""
+    rngs = gather_objects(capture_rng(), world)
+    if not world.is_main:
+        return
+    window_seconds = time.perf_counter() - window_start if state.batch else 0.0
+    loop = LoopState(**{**state.__dict__, "elapsed": elapsed, "window_seconds": window_seconds})
+    checkpoints.save({
+        "model": parts.raw.state_dict(), "model_config": _config_dict(parts.raw),
+        "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(),
+        "ema": parts.ema.state_dict() if parts.ema else None, **loop.to_checkpoint(),
+        "rng": rngs, "config": cfg.to_dict(), "world_size": world.size,
+    }, is_best=is_best)
 
 
 def _config_dict(model: nn.Module) -> dict[str, Any]:
     return {"architecture": architecture_of(model.config), **model.config.to_dict()}
+
+
+def _summary_line(task: Task, record: dict[str, Any], epochs: int, eta: float, has_ema: bool) -> str:
+    """``epoch 3/23 | train loss 1.2345 acc 55.10% | val loss ... acc ...% top5 ...% | ema acc ... | best ...``"""
+    def group(prefix: str, suffix: str = "") -> str:
+        keys = [k for k in record if k.startswith(prefix) and k.endswith(suffix)
+                and (suffix or not k.endswith("_ema"))]
+        return " ".join(format_metric(k.removeprefix(prefix).removesuffix(suffix), record[k]) for k in keys)
+
+    parts = [f"epoch {record['epoch']}/{epochs}", f"train {group('train_')}"]
+    best_key = f"best_{task.best_metric.removeprefix('val_')}"
+    if best_key in record:
+        parts.append(f"val {group('val_')}")
+        if has_ema:
+            ema_key = f"{task.best_metric}_ema"
+            parts.append("ema " + format_metric(ema_key.removesuffix("_ema"), record[ema_key],
+                                                task.best_metric.removeprefix("val_")))
+        parts.append(format_metric(task.best_metric, record[best_key], "best"))
+    parts.append(f"{format_duration(record['epoch_time'])}/epoch, ETA {format_duration(eta)}")
+    return " | ".join(parts)

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
-from vitkit.fileio import atomic_write_text
+from vitkit.fileio import atomic_path, atomic_write_text
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -49,6 +49,22 @@ class RunLog:
             if name not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
                 self._writer.add_scalar(f"{kind}/{name}", value, step)
 
+    def figures(self, figures: dict[str, Any], step: int, epoch: int) -> None:
+        """Save each matplotlib figure as ``NAME.png`` (the latest) and ``figures/NAME-epochNNN.png`` in the
+        run directory, and as an image in TensorBoard; then close it."""
+        if not figures:
+            return
+        import matplotlib.pyplot as plt
+
+        run_dir = self.path.parent
+        for name, fig in figures.items():
+            for path in (run_dir / f"{name}.png", run_dir / "figures" / f"{name}-epoch{epoch:03d}.png"):
+                with atomic_path(path) as tmp:
+                    fig.savefig(tmp, dpi=120, format="png")
+            if self.enabled:
+                self._writer.add_figure(name, fig, step, close=False)
+            plt.close(fig)
+
     def flush(self) -> None:
         if self.enabled:
             self._file.flush()
@@ -85,7 +101,10 @@ def _plain(value: Any) -> Any:
 # ------------------------------------------------------------------------------------ display
 class Progress:
     """A tqdm bar per epoch on a terminal; otherwise (output to a file or a pipe) a plain line every
-    ``log_every`` steps, so logs stay clean."""
+    ``log_every`` steps and, for long windows, at least every :attr:`HEARTBEAT_SECONDS`, so logs stay
+    clean but never silent for long."""
+
+    HEARTBEAT_SECONDS = 60.0
 
     def __init__(self, mode: str, *, enabled: bool = True) -> None:
         if mode == "auto":
@@ -93,6 +112,7 @@ class Progress:
         self.mode = mode if enabled else "none"
         self._bar = None
         self._epoch_label = ""
+        self._last_line = time.perf_counter()
 
     def start_epoch(self, epoch: int, epochs: int, total_steps: int, done_steps: int) -> None:
         self._epoch_label = f"epoch {epoch + 1}/{epochs}"
@@ -105,12 +125,27 @@ class Progress:
         if self._bar is not None:
             self._bar.update(n)
 
-    def show(self, step_in_epoch: int, loss: float, acc: float, lr: float, img_per_s: float) -> None:
+    def due(self) -> bool:
+        """True in plain mode when no line was printed for :attr:`HEARTBEAT_SECONDS`."""
+        return self.mode == "plain" and time.perf_counter() - self._last_line >= self.HEARTBEAT_SECONDS
+
+    def show(self, step_in_epoch: int, metrics: dict[str, float]) -> None:
+        """The running metrics (``loss``, ``acc``, ``lr``, ``img_per_s`` ... whichever are given)."""
+        parts = []
+        for name, value in metrics.items():
+            if name == "lr":
+                parts.append(f"lr {value:.2e}")
+            elif name == "img_per_s":
+                parts.append(f"{value:,.0f} img/s")
+            elif name.endswith(("acc", "top5")):
+                parts.append(f"{name} {100 * value:.2f}%")
+            elif name != "grad_norm":
+                parts.append(f"{name} {value:.4f}")
         if self._bar is not None:
-            self._bar.set_postfix_str(f"loss {loss:.4f} acc {100 * acc:.2f}% lr {lr:.2e} {img_per_s:,.0f} img/s")
+            self._bar.set_postfix_str(" ".join(parts))
         elif self.mode == "plain":
-            print(f"{self._epoch_label} step {step_in_epoch}/{self._total} | loss {loss:.4f} | "
-                  f"acc {100 * acc:.2f}% | lr {lr:.2e} | {img_per_s:,.0f} img/s", flush=True)
+            print(f"{self._epoch_label} step {step_in_epoch}/{self._total} | " + " | ".join(parts), flush=True)
+        self._last_line = time.perf_counter()
 
     def end_epoch(self) -> None:
         if self._bar is not None:
@@ -124,6 +159,7 @@ class Progress:
             self._bar.write(line)
         else:
             print(line, flush=True)
+        self._last_line = time.perf_counter()
 
 
 def format_duration(seconds: float) -> str:

@@ -74,6 +74,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
                              fused=device.type == "cuda" or None)
 
 
+def peak_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """The learning rate reached after warmup: ``lr``, or ``blr * global_batch / 256`` when ``blr`` is set."""
+    return cfg.lr if cfg.blr is None else cfg.blr * global_batch / 256
+
+
 def lr_at(step: int, *, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warmup from ``lr / warmup_steps`` to
     ``lr`` over ``warmup_steps`` steps, then a half cosine from ``lr`` down to ``min_lr`` at the last step.
