@@ -20,7 +20,6 @@ import yaml
 
 from vitkit.config_engine import ConfigError, check_fields, coerce, field_types, from_mapping, to_plain
 from vitkit.data import DataConfig
-from vitkit.hub import fetch_source
 from vitkit.models.registry import get_model_entry
 from vitkit.models.transfer import PosEmbedInit
 from vitkit.resolver import source_config
@@ -246,9 +245,6 @@ def finetune_config(init: str, dataset: str, *, img_size: int | None = None, con
         named["data"]["img_size"] = img_size
     data = _merge(_merge(data, named), expand_shortcuts(parse_overrides(overrides)))
     recorded = init_config.preprocessing() if init_config is not None else None
-    if init_config is None and not Path(init).exists():  # pretrained weights: their publisher's normalisation
-        fetched = fetch_source(str(init))
-        recorded = fetched.preprocessing if fetched is not None else None
     if data["data"].get("mean") is None and data["data"].get("std") is None and recorded is not None:
         # Normalise the new images as the pre-training images were.
         data["data"]["mean"], data["data"]["std"] = list(recorded.mean), list(recorded.std)
