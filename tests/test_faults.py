@@ -104,7 +104,7 @@ def test_signal_to_the_whole_process_group_saves_and_exits_like_a_signal_to_the_
 
 # ---------------------------------------------------------- 7, 8: checkpoint files and partial writes
 def test_checkpoint_names_are_independent_files_so_one_damaged_file_spares_the_others(tmp_path):
-    run = train(_cfg(tmp_path, "--epochs", "2", "--ckpt_every_steps", "3", "--keep_last_k", "2"))
+    run = train(_cfg(tmp_path, "--epochs", "2", "--ckpt_every_steps", "3", "--keep_last_k", "2")).run_dir
     ckpt = run / "checkpoints"
     last, best, newest = ckpt / "last.pt", ckpt / "best.pt", max(ckpt.glob("step-*.pt"))
     assert load_checkpoint(last)["global_step"] == load_checkpoint(newest)["global_step"]
@@ -119,7 +119,7 @@ def test_checkpoint_names_are_independent_files_so_one_damaged_file_spares_the_o
 
 
 def test_resume_removes_partial_files_of_a_write_killed_midway(tmp_path, capsys):
-    run = train(_cfg(tmp_path, "--ckpt_every_steps", "2", "--progress", "plain"))
+    run = train(_cfg(tmp_path, "--ckpt_every_steps", "2", "--progress", "plain")).run_dir
     # What a kill -9 inside atomic_path leaves: a half-written temporary next to its target.
     leftovers = []
     for directory, name in ((run / "checkpoints", "last.pt"), (run / "checkpoints", "step-00000004.pt"),
@@ -204,31 +204,31 @@ def test_disk_error_mid_run_is_one_line_and_the_resumed_metrics_are_complete(tmp
 
 # ------------------------------------------------------------------------------- 13: smaller ones
 def test_sigterm_during_the_final_evaluation_is_not_a_silent_success(tmp_path, monkeypatch):
-    from vitkit.train import loop
+    from vitkit.train import task
 
-    evaluate = loop.evaluate
+    evaluate = task.evaluate
 
     def evaluate_then_terminated(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)  # arrives while the evaluation runs
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "evaluate", evaluate_then_terminated)
+    monkeypatch.setattr(task, "evaluate", evaluate_then_terminated)
     with pytest.raises(TrainingInterrupted, match="stopped by SIGTERM after epoch 1") as info:
         train(_cfg(tmp_path, "--run_name", "final"))
     assert info.value.signum == signal.SIGTERM
     run = tmp_path / "final"
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1  # the evaluated epoch is saved
     assert not (run / "model").exists()
-    monkeypatch.setattr(loop, "evaluate", evaluate)
+    monkeypatch.setattr(task, "evaluate", evaluate)
     resume(run)  # finishes: exports the model without training again
     assert (run / "model" / "model.safetensors").is_file()
     assert [r["epoch"] for r in read_metrics(run) if r["kind"] == "epoch"] == [1]
 
 
 def test_a_second_ctrl_c_stops_at_once_with_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
-    from vitkit.train import loop
+    from vitkit.train import task
 
-    build = loop.build_run_model
+    build = task.build_run_model
 
     def build_impatient(cfg, data):  # the user presses Ctrl-C twice during a training forward
         model = build(cfg, data)
@@ -243,7 +243,7 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line_and_exit_130(tmp_path, caps
         model.forward = impatient
         return model
 
-    monkeypatch.setattr(loop, "build_run_model", build_impatient)
+    monkeypatch.setattr(task, "build_run_model", build_impatient)
     code = cli_main(["train", *TINY_MNIST, "--data.samples_per_class", "10", "--batch_size", "20", "--epochs", "1",
                      "--progress", "none", "--out_dir", str(tmp_path)])
     assert code == 130

@@ -255,7 +255,7 @@ def test_export_any_state_of_an_unfinished_run(stopped_run: Path, tmp_path: Path
     config = json.loads((exported / "config.json").read_text())
     assert config["extra"]["training"] == {"run": str(run), "state": "best", "epochs_done": best["epoch"],
                                            "global_step": best["global_step"],
-                                           "best_val_acc": pytest.approx(best["best_acc"]), "ema": True}
+                                           "best_val_acc": pytest.approx(best["best_score"]), "ema": True}
     _assert_weights(vitkit.load_model(exported), best["ema"]["module"])
 
     step_file = sorted((run / "checkpoints").glob("step-*.pt"))[-1]
@@ -390,3 +390,27 @@ def test_random_bytes_are_always_a_checkpoint_error(tmp_path: Path):
         path.write_bytes(head + rng.integers(0, 256, size=int(rng.integers(1, 600)), dtype=np.uint8).tobytes())
         with pytest.raises(CheckpointError, match="garbage.pt"):
             torch_load_safely(path)
+
+
+def test_folder_path_in_analyze_and_fewshot_with_a_run(stopped_run: Path, tmp_path: Path):
+    """``folder:PATH`` (a class-folder tree) reaches analyze and fewshot through the data layer, with a run
+    directory as the model. (``vitkit eval`` of this 1-channel model on a folder set is refused by the data
+    layer: folder sets are read as RGB.)"""
+    with np.load(DATA / "mnist" / "test.npz") as npz:
+        images, labels = npz["images"], npz["labels"]
+    root = tmp_path / "digits"
+    for split, offset in (("train", 0), ("val", 100)):
+        for digit in range(10):
+            folder = root / split / str(digit)
+            folder.mkdir(parents=True)
+            for k, index in enumerate(np.flatnonzero(labels == digit)[offset:offset + 3]):
+                path = folder / f"{k}.png"
+                Image.fromarray(images[index].squeeze()).save(path)
+    dataset = f"folder:{root}"
+
+    assert cli_main(["analyze", str(stopped_run), "--dataset", dataset, "--out", str(tmp_path / "report"),
+                     "--images", "4", "--show", "2"]) == 0
+    assert str(root) in json.loads((tmp_path / "report" / "summary.json").read_text())["data_source"]
+    assert cli_main(["fewshot", str(stopped_run), "--dataset", dataset, "--shots", "1", "--seeds", "1", "--json",
+                     str(tmp_path / "fs.json")]) == 0
+    assert json.loads((tmp_path / "fs.json").read_text())["source"] == str(stopped_run)

@@ -208,6 +208,9 @@ class ViTConfig(ModelConfig):
     drop_path_rate: float = 0.0
     norm_eps: float = 1e-6
     head_init: HeadInit = "xavier"
+    head_batchnorm: bool = False
+    """MAE's linear-probe head: a BatchNorm1d without affine parameters (eps 1e-6) before the linear layer,
+    keys ``head.0.*`` (running statistics) and ``head.1.*`` as the official ``main_linprobe.py``."""
     dynamic_img_size: bool = False
     """Accept any input size divisible by the patch size, resampling position embeddings on the fly."""
     pos_embed_interpolation: Literal["bicubic", "bilinear"] = "bicubic"

@@ -42,6 +42,7 @@ from vitkit.models.registry import create_model, get_model_config, get_model_ent
 from vitkit.runfiles import (
     CHECKPOINT_DIR,
     MODEL_DIR,
+    best_score,
     checkpoint_config,
     checkpoint_weights,
     default_state,
@@ -260,10 +261,8 @@ def load_source(spec: str | Path | ModelSource, *, checkpoint: str | None = None
         else:
             description = f"{source.path}: training checkpoint ({details})"
         training_config = state.get("config") or read_run_config(source.run_dir)
-        best = state.get("best_acc")
         progress = {"epoch": int(state.get("epoch", 0)), "batch": int(state.get("batch", 0)),
-                    "global_step": int(state.get("global_step", 0)),
-                    "best_acc": float(best) if best is not None and best > float("-inf") else None,
+                    "global_step": int(state.get("global_step", 0)), "best_acc": best_score(state),
                     "ema": bool(use_ema and state.get("ema"))}
         return ResolvedModel(model, source, prefix + description, training_config, progress)
     read = read_checkpoint(source.path, source.format)

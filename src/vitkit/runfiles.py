@@ -171,6 +171,12 @@ def checkpoint_weights(state: dict[str, Any], *, use_ema: bool = True) -> dict[s
     return state["ema"]["module"] if use_ema and state.get("ema") else state["model"]
 
 
+def best_score(state: dict[str, Any]) -> float | None:
+    """The best validation score a training checkpoint records (``best_score``; ``best_acc`` in older ones)."""
+    best = state.get("best_score", state.get("best_acc"))
+    return None if best is None or float(best) == float("-inf") else float(best)
+
+
 def describe_checkpoint(state: dict[str, Any], *, use_ema: bool = True) -> str:
     """Where in its run a training checkpoint was taken, e.g. ``epoch 5 of 23 done, step 120, best val acc
     41.20%, EMA weights``."""
@@ -179,9 +185,11 @@ def describe_checkpoint(state: dict[str, Any], *, use_ema: bool = True) -> str:
     epoch, batch = int(state.get("epoch", 0)), int(state.get("batch", 0))
     where = f"epoch {epoch}{of} done" if batch == 0 else f"during epoch {epoch + 1}{of}"
     parts = [where, f"step {int(state.get('global_step', 0))}"]
-    best = state.get("best_acc")
-    if best is not None and best > float("-inf"):
-        parts.append(f"best val acc {100 * float(best):.2f}%")
+    best = best_score(state)
+    if best is not None and "best_acc" in state:
+        parts.append(f"best val acc {100 * best:.2f}%")
+    elif best is not None:
+        parts.append(f"best val score {best:.4g}")
     else:
         parts.append("not evaluated yet")
     if state.get("ema"):

@@ -5,7 +5,11 @@
 - a timm Hub directory (``config.json`` with ``architecture`` and ``pretrained_cfg``);
 - a state-dict file (``.pth``/``.pt``/``.bin``/``.safetensors``), recognised by its key names as timm,
   torchvision or Hugging Face;
-- a Google ``.npz`` (vit_jax or big_vision layout).
+- a Google ``.npz`` (vit_jax or big_vision layout);
+- masked autoencoders: the official ``{'model': ...}`` files with a decoder (timm's keys + ``decoder_*``),
+  Hugging Face ``ViTMAEForPreTraining`` files and directories (``model_type: "vit_mae"``; a ``ViTMAEModel``
+  directory holds the encoder alone and reads as a ViT). The official encoder-only ``mae_pretrain_vit_*.pth``
+  files are timm ViTs without a head.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from torch import Tensor
 
 from vitkit.checkpoint import CheckpointError, load_state_dict, read_config
 from vitkit.config import ViTConfig
-from vitkit.convert import huggingface, jax, timm, torchvision
+from vitkit.convert import huggingface, jax, mae, timm, torchvision
 from vitkit.fileio import CONFIG_NAME, WEIGHTS_NAME
+from vitkit.models.mae import MAEConfig
 from vitkit.preprocessing import KNOWN_SOURCES, Preprocessing
 
 FORMATS = ("vitkit", "timm", "huggingface", "torchvision", "jax")
@@ -37,10 +42,12 @@ class Checkpoint:
     state_dict: dict[str, Tensor]
     hints: dict[str, Any] = field(default_factory=dict)
     """ViTConfig fields stated by the file's metadata (heads, LayerNorm eps, class names, ...)."""
-    config: ViTConfig | None = None
-    """The complete config, for vitkit's own directories."""
+    config: ViTConfig | MAEConfig | None = None
+    """The complete config, for vitkit's own directories (and Hugging Face ViTMAE ones)."""
     preprocess: Preprocessing | None = None
     """How the source prepares images for these weights, where its files or its format say so."""
+    architecture: str = "vit"
+    """``vit``, or ``mae`` for a masked autoencoder with its decoder."""
 
 
 def normalise_format(name: str) -> str:
@@ -77,7 +84,13 @@ def read_checkpoint(source: str | Path, format: str | None = None) -> Checkpoint
 def checkpoint_from_tensors(raw: dict[str, Tensor], path: Path, format: str | None = None) -> Checkpoint:
     """A :class:`Checkpoint` of tensors already read from the state-dict file ``path`` (format detected
     from their key names unless ``format`` is given)."""
-    fmt = normalise_format(format) if format else format_of_keys(set(raw), str(path))
+    wanted = normalise_format(format) if format else None
+    if wanted in (None, "huggingface") and mae.is_huggingface_mae(set(raw)):
+        config = _sibling_mae_config(path)
+        return Checkpoint("huggingface", path, mae.hf_to_vitkit(raw, str(path)), config=config, architecture="mae")
+    if wanted in (None, "timm", "vitkit") and mae.is_official_mae(set(raw)):
+        return Checkpoint("timm", path, raw, architecture="mae")  # the official release: timm keys + decoder_*
+    fmt = wanted or format_of_keys(set(raw), str(path))
     if fmt == "vitkit":
         fmt = "timm"  # a bare vitkit state dict has timm's keys
     preprocess = huggingface.preprocessing_of(path.parent) if fmt == "huggingface" else None
@@ -115,6 +128,13 @@ def _read_directory(directory: Path, wanted: str | None) -> Checkpoint:
     if fmt == "vitkit":
         config = read_config(directory)
         return Checkpoint("vitkit", directory, load_state_dict(directory / WEIGHTS_NAME), config=config)
+    if fmt == "huggingface" and data.get("model_type") == "vit_mae":
+        config = mae.hf_config_to_vitkit(data, str(config_path))
+        raw = huggingface.read_weights(directory)
+        state_dict = mae.hf_to_vitkit(raw, str(directory))
+        if mae.is_huggingface_mae(set(raw)):
+            return Checkpoint(fmt, directory, state_dict, config=config, architecture="mae")
+        return Checkpoint(fmt, directory, state_dict, config=config.encoder)  # ViTMAEModel: the encoder alone
     if fmt == "huggingface":
         hints = huggingface.hints_from_config(data, str(config_path))
         return _convert(fmt, huggingface.read_weights(directory), directory, hints,
@@ -143,6 +163,16 @@ def _directory_format(data: dict[str, Any], config_path: Path) -> str:
     if "pretrained_cfg" in data or "architecture" in data:
         return "timm"
     raise CheckpointError(f"{config_path}: neither a vitkit, Hugging Face nor timm Hub config")
+
+
+def _sibling_mae_config(path: Path) -> MAEConfig | None:
+    """The MAEConfig of the Hugging Face ``config.json`` beside a ViTMAE weights file, if there is one."""
+    config_path = path.parent / CONFIG_NAME
+    if config_path.is_file():
+        data = _read_json(config_path)
+        if data.get("model_type") == "vit_mae":
+            return mae.hf_config_to_vitkit(data, str(config_path))
+    return None
 
 
 def _sibling_hints(path: Path, fmt: str) -> dict[str, Any]:

@@ -3,13 +3,15 @@ model's own, renamed, split or transposed, never recomputed."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from torch import Tensor, nn
 
-from vitkit.convert import huggingface, jax, timm, torchvision
+from vitkit.convert import huggingface, jax, mae, timm, torchvision
 from vitkit.convert.detect import normalise_format
-from vitkit.fileio import atomic_torch_save, save_state_dict
+from vitkit.fileio import atomic_torch_save, atomic_write_text, save_state_dict
+from vitkit.models.mae import MaskedAutoencoder
 
 STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
@@ -32,6 +34,15 @@ def to_huggingface(model: nn.Module, directory: str | Path) -> Path:
     """A directory ``transformers.ViTForImageClassification.from_pretrained`` loads (``ViTModel`` if the model
     has no classifier)."""
     return huggingface.write_directory(_weights(model), model.config, directory)
+
+
+def mae_to_huggingface(model: MaskedAutoencoder, directory: str | Path) -> Path:
+    """A directory ``transformers.ViTMAEForPreTraining.from_pretrained`` loads (decoder included)."""
+    directory = Path(directory)
+    save_state_dict(mae.vitkit_to_hf(_weights(model), model.config), directory / "model.safetensors",
+                    metadata={"format": "pt"})
+    atomic_write_text(json.dumps(mae.vitkit_config_to_hf(model.config), indent=2) + "\n", directory / "config.json")
+    return directory
 
 
 def to_npz(model: nn.Module, path: str | Path) -> Path:
@@ -58,6 +69,10 @@ def save_as(model: nn.Module, destination: str | Path, format: str = "vitkit") -
     destination = Path(destination)
     if fmt == "vitkit":
         return model.save_pretrained(destination)
+    if isinstance(model, MaskedAutoencoder):
+        if fmt == "huggingface":
+            return mae_to_huggingface(model, destination)
+        model = model.export_encoder()  # timm, torchvision and Google have no MAE: the encoder, as a plain ViT
     if fmt == "huggingface":
         return to_huggingface(model, destination)
     if fmt == "jax":

@@ -13,7 +13,9 @@ from vitkit.checkpoint import CheckpointError, load_weights
 from vitkit.config import ViTConfig
 from vitkit.convert.detect import Checkpoint, read_checkpoint
 from vitkit.convert.infer import STEM_ASSUMED, infer_config, stem_spec
+from vitkit.convert.mae import infer_mae_config
 from vitkit.hub import HubSource, find_entry
+from vitkit.models.mae import ENCODER_PREFIXES, MAEConfig, MaskedAutoencoder
 from vitkit.models.registry import build_model, get_model_config, list_models
 from vitkit.models.registry import create_model as create_registered_model
 
@@ -94,6 +96,10 @@ def from_checkpoint(checkpoint: Checkpoint, *, img_size: int | tuple[int, int] |
                     model: str | ViTConfig | None = None,
                     interpolation: Literal["bicubic", "bilinear"] | None = None, **overrides: Any) -> nn.Module:
     """:func:`from_pretrained` for a checkpoint already read with :func:`read_checkpoint`."""
+
+    if checkpoint.architecture == "mae" or isinstance(checkpoint.config, MAEConfig):
+        return _mae_from_checkpoint(checkpoint, img_size=img_size, num_classes=num_classes, num_heads=num_heads,
+                                    **overrides)
     config = _config_for(checkpoint, model, num_heads, overrides.pop("stem", None))
     if model is not None and num_classes is None:
         num_classes = _as_config(model).num_classes
@@ -108,6 +114,32 @@ def from_checkpoint(checkpoint: Checkpoint, *, img_size: int | tuple[int, int] |
     if num_classes is not None and num_classes != config.num_classes:
         net.reset_head(num_classes)
     return net
+
+
+def _mae_from_checkpoint(checkpoint: Checkpoint, *, img_size: int | tuple[int, int] | None,
+                         num_classes: int | None, num_heads: int | None, **overrides: Any) -> nn.Module:
+    """A masked autoencoder (or, with ``num_classes``, its encoder as a ViT with a fresh head). At another
+    ``img_size`` the fixed sine-cosine tables are recomputed for the new grid rather than resampled."""
+    config = checkpoint.config
+    if config is None:  # the official release: shapes tell all but the head counts
+        encoder_keys = {k: v for k, v in checkpoint.state_dict.items() if k.startswith(ENCODER_PREFIXES)}
+        encoder = infer_config(encoder_keys, source=str(checkpoint.path),
+                               **{**checkpoint.hints, **({"num_heads": num_heads} if num_heads else {})})
+        config = infer_mae_config(checkpoint.state_dict, encoder, decoder_num_heads=overrides.pop("decoder_num_heads",
+                                                                                                 None))
+        config = config.replace(extra={"converted_from": "official MAE"})
+    if img_size is not None:
+        overrides["img_size"] = img_size
+    if overrides:
+        config = config.replace(**overrides)
+    net = MaskedAutoencoder(config)
+    state = dict(checkpoint.state_dict)
+    own = net.state_dict()
+    for table in ("pos_embed", "decoder_pos_embed"):
+        if table in state and state[table].shape != own[table].shape:
+            state[table] = own[table]
+    load_weights(net, state, source=str(checkpoint.path))
+    return net.export_encoder(num_classes) if num_classes is not None else net
 
 
 def _as_config(model: str | ViTConfig) -> ViTConfig:

@@ -116,7 +116,7 @@ def linear_evaluation(model: nn.Module, dataset: str, *, shots: Sequence[int] = 
         if meter is not None:
             meter.close()
     seconds["features"] = time.perf_counter() - t0
-    train_y, test_y = torch.from_numpy(train.labels), torch.from_numpy(test.labels)
+    train_y, test_y = torch.from_numpy(train.labels.copy()), torch.from_numpy(test.labels.copy())  # read-only arrays
     num_classes = train.num_classes
     report = LinearEvalReport(str(dataset), len(train_y), len(test_y), train_x.shape[1])
     t0 = time.perf_counter()

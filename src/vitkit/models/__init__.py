@@ -4,7 +4,7 @@ Importing this package imports every model family, and with it every registratio
 mechanism in :mod:`vitkit.models.registry` holds none of its own).
 """
 
-from vitkit.models import resnet, zoo  # noqa: F401  (the families register their names on import)
+from vitkit.models import mae, resnet, zoo  # noqa: F401  (the families register their names on import)
 from vitkit.models.layers import Attention, Block, DropPath, Mlp, PatchEmbed
 from vitkit.models.pos_embed import resample_pos_embed
 from vitkit.models.registry import (

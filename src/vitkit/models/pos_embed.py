@@ -47,3 +47,24 @@ def resample_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int], *, old_grid
     grid = F.interpolate(grid, size=new_grid, mode=mode, align_corners=False, antialias=antialias)
     grid_tokens = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(dtype)
     return torch.cat([prefix, grid_tokens], dim=1)
+
+
+def sincos_2d_pos_embed(embed_dim: int, grid: tuple[int, int], *, cls_token: bool = True) -> Tensor:
+    """Fixed 2-D sine-cosine position table (MAE, He et al. 2022), shape (1, [1 +] H*W, D), float32.
+
+    Half the channels encode a patch's column, half its row, each as ``[sin(p * w_k), cos(p * w_k)]`` with
+    ``w_k = 10000^(-k / (D/4))``; the column half comes first, as in the official release (whose
+    ``meshgrid(grid_w, grid_h)`` puts w first) and Hugging Face's ViTMAE. The class token's row is zero.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"a 2-D sine-cosine table needs embed_dim divisible by 4, got {embed_dim}")
+    quarter = embed_dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64),
+                                torch.arange(grid[1], dtype=torch.float64), indexing="ij")
+    col_angles = cols.flatten()[:, None] * omega  # (H*W, D/4), row-major patch order
+    row_angles = rows.flatten()[:, None] * omega
+    table = torch.cat([col_angles.sin(), col_angles.cos(), row_angles.sin(), row_angles.cos()], dim=1)
+    if cls_token:
+        table = torch.cat([torch.zeros(1, embed_dim, dtype=torch.float64), table])
+    return table.float().unsqueeze(0)

@@ -49,6 +49,10 @@ def prepare_for_finetuning(model: nn.Module, num_classes: int, *, class_names: S
 
     fresh = new_model.state_dict()
     dropped = _HEAD_PREFIXES if not keep_representation else ("head.",)
+    if new_model.config.fc_norm and not old.fc_norm:
+        # Average pooling with its own norm (MAE's fine-tuning): the pre-trained final norm goes and a fresh
+        # fc_norm comes, as the official main_finetune.py does.
+        dropped = dropped + ("norm.", "fc_norm.")
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(dropped)}
     state.update({k: v for k, v in fresh.items() if k.startswith(dropped)})  # the new (zero) head
     if "pos_embed" in state:

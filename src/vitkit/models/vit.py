@@ -91,6 +91,8 @@ class VisionTransformer(nn.Module):
         else:
             nn.init.xavier_uniform_(head.weight)
         nn.init.zeros_(head.bias)
+        if self.config.head_batchnorm:
+            return nn.Sequential(nn.BatchNorm1d(width, affine=False, eps=1e-6), head)
         return head
 
     def reset_head(self, num_classes: int, *, class_names: Sequence[str] | None = None,

@@ -20,6 +20,7 @@ import yaml
 
 from vitkit.config_engine import ConfigError, check_fields, coerce, field_types, from_mapping, to_plain
 from vitkit.data import DataConfig
+from vitkit.models.mae import MAEConfig
 from vitkit.models.registry import get_model_entry
 from vitkit.models.transfer import PosEmbedInit
 from vitkit.resolver import source_config
@@ -27,7 +28,7 @@ from vitkit.runtime import Precision
 
 OptimizerName = Literal["adamw", "sgd"]
 Progress = Literal["auto", "bar", "plain", "none"]
-TaskName = Literal["classification"]
+TaskName = Literal["classification", "mae"]
 """What a run trains for; each name has a :class:`vitkit.train.task.Task` in ``vitkit.train.task.TASKS``."""
 
 DEFAULT_CONFIG = "cifar10_convstem"
@@ -114,6 +115,9 @@ class TrainConfig:
     makes without a config is the bundled ``cifar10_convstem`` recipe (:data:`DEFAULT_CONFIG`).
     """
 
+    task: TaskName = "classification"
+    """What the run trains for: ``classification`` (labels), or ``mae`` (masked-autoencoder pre-training of
+    ``model.name``, an MAE or any plain-patch ViT; see ``vitkit pretrain``)."""
     model: dict[str, Any] = field(default_factory=lambda: {"name": "vit_cifar_patch4_32"})
     """A registered model name plus overrides of its config, e.g. ``{name: ..., drop_path_rate: 0.1}``.
     ``num_classes``, ``in_chans`` and ``img_size`` default to the data set's. Giving ``model.name``
@@ -157,7 +161,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        self.model = check_model_section(self.model, fine_tuning=bool(self.finetune.init))
+        self.model = check_model_section(self.model, fine_tuning=bool(self.finetune.init), task=self.task)
         for key in ("epochs", "log_every", "eval_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -182,7 +186,8 @@ class TrainConfig:
         return from_mapping(cls, merge_configs(cls().to_dict(), data), source=source)
 
 
-def check_model_section(model: Mapping[str, Any], *, fine_tuning: bool = False) -> dict[str, Any]:
+def check_model_section(model: Mapping[str, Any], *, fine_tuning: bool = False,
+                        task: str = "classification") -> dict[str, Any]:
     """The ``model`` section: a registered ``name`` and overrides of that model's config fields, each
     checked against the field's type (e.g. ``model.depth: "six"`` is an error naming ``model.depth``).
     When fine-tuning, the architecture comes from ``finetune.init``, so only the types are known later."""
@@ -196,6 +201,9 @@ def check_model_section(model: Mapping[str, Any], *, fine_tuning: bool = False) 
             return dict(model)
         raise ConfigError(f"model.name: {e}") from None
     fields = field_types(type(entry.config))
+    if task == "mae" or isinstance(entry.config, MAEConfig):  # an MAE takes its encoder's fields and its own
+        fields = {**field_types(type(entry.config.encoder if isinstance(entry.config, MAEConfig) else entry.config)),
+                  **{k: v for k, v in field_types(MAEConfig).items() if k != "encoder"}}
     checked = {"name": name}
     for key, value in model.items():
         if key == "name":
@@ -232,11 +240,15 @@ def finetune_config(init: str, dataset: str, *, img_size: int | None = None, con
     recipe = find_config(FINETUNE_RECIPE)
     data = read_yaml(recipe)
     source = f"fine-tuning recipe {recipe.name}"
+    init_config = source_config(init)
+    if config is None and isinstance(init_config, MAEConfig):
+        # An MAE fine-tunes (or linear-probes, with a frozen backbone) by MAE's own recipe.
+        frozen = (expand_shortcuts(parse_overrides(overrides)).get("finetune") or {}).get("freeze_backbone")
+        config = "mae_linprobe" if frozen else "mae_finetune"
     if config is not None:
         path = find_config(config)
         data = _merge(data, read_yaml(path))
         source = f"{source} + {path}"
-    init_config = source_config(init)
     # The architecture comes from the SOURCE; the model section only names it and holds overrides
     # such as drop_path_rate (a from-scratch default section would describe another model).
     named: dict[str, Any] = {"finetune": {"init": str(init)}, "data": {"dataset": dataset},

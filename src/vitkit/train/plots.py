@@ -32,15 +32,16 @@ def plot_curves(run_dir: str | Path, path: Optional[str | Path] = None) -> Path:
     records = read_metrics(run_dir)
     train = [r for r in records if r["kind"] == "train"]
     epochs = [r for r in records if r["kind"] == "epoch"]
-    val = [r for r in epochs if "val_acc" in r]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
+    val = [r for r in epochs if "val_loss" in r]
+    panels = [("loss", "loss")] + ([("acc", "accuracy")] if any("train_acc" in r for r in epochs) else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
         scale = 100 if key == "acc" else 1
         if train:
             ax.plot([r["step"] for r in train], [scale * r[key] for r in train], lw=1, alpha=0.6, label="train")
         ax.plot([r["step"] for r in epochs], [scale * r[f"train_{key}"] for r in epochs], "o-", ms=3,
                 label="train (epoch)")
-        if val:
+        if val and f"val_{key}" in val[0]:
             ax.plot([r["step"] for r in val], [scale * r[f"val_{key}"] for r in val], "s-", ms=3, label="val")
         if val and f"val_{key}_ema" in val[0]:
             ax.plot([r["step"] for r in val], [scale * r[f"val_{key}_ema"] for r in val], "^-", ms=3,
@@ -49,8 +50,13 @@ def plot_curves(run_dir: str | Path, path: Optional[str | Path] = None) -> Path:
         ax.set_ylabel(f"{title} (%)" if key == "acc" else title)
         ax.grid(alpha=0.3)
         ax.legend()
-    best = max((r.get("best_acc", 0) for r in val), default=None)
-    fig.suptitle(f"{run_dir.name}" + (f" - best val acc {100 * best:.2f}%" if best is not None else ""))
+    if val and "best_acc" in val[-1]:
+        title = f" - best val acc {100 * val[-1]['best_acc']:.2f}%"
+    elif val and "best_loss" in val[-1]:
+        title = f" - best val loss {val[-1]['best_loss']:.4f}"
+    else:
+        title = ""
+    fig.suptitle(f"{run_dir.name}{title}")
     fig.tight_layout()
     path = Path(path) if path is not None else run_dir / CURVES_NAME
     with atomic_path(path) as tmp:  # redrawn during a run: a kill never leaves half a picture

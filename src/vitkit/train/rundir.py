@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from vitkit.fileio import atomic_write_text, describe_os_error
+from vitkit.models.mae import MaskedAutoencoder
 from vitkit.models.registry import build_model, get_model_entry
 from vitkit.models.transfer import freeze_backbone, prepare_for_finetuning
 from vitkit.resolver import ResolvedModel, load_source
@@ -133,6 +134,8 @@ def build_finetune_model(cfg: FinetuneConfig, *, num_classes: int, class_names: 
         for key in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             overrides.setdefault(key, 0.0)
     model = load_source(cfg.init).model
+    if isinstance(model, MaskedAutoencoder):
+        model = model.export_encoder()  # the official encoder as a plain ViT; the decoder is not fine-tuned
     if model.config.in_chans != in_chans:
         raise ValueError(f"finetune.init {cfg.init} takes {model.config.in_chans}-channel images but the data set "
                          f"has {in_chans} channel(s)")

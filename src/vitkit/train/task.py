@@ -29,6 +29,7 @@ from vitkit.data import Data
 from vitkit.train.config import TrainConfig
 from vitkit.train.distributed import World
 from vitkit.train.evaluate import evaluate
+from vitkit.train.mae import MAEPretraining
 from vitkit.train.rundir import build_run_model, export_model
 from vitkit.train.runtime import autocast
 
@@ -105,7 +106,7 @@ class ClassificationTask:
 
 
 TaskFactory = Callable[..., Task]
-TASKS: dict[str, TaskFactory] = {"classification": ClassificationTask}
+TASKS: dict[str, TaskFactory] = {"classification": ClassificationTask, "mae": MAEPretraining}
 """``cfg.task`` -> the class (or factory) that builds it with ``(cfg, data, device=, world=)``."""
 
 
