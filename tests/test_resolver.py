@@ -24,7 +24,14 @@ from safetensors.torch import load_file
 import vitkit
 from vitkit.checkpoint import CheckpointError
 from vitkit.cli import main as cli_main
-from vitkit.resolver import ModelSource, load_source, register_source_hook, resolve_source, unregister_source_hook
+from vitkit.resolver import (
+    ModelSource,
+    hub_source,
+    load_source,
+    register_source_hook,
+    resolve_source,
+    unregister_source_hook,
+)
 from vitkit.runfiles import load_checkpoint
 from vitkit.train.monitor import read_metrics
 
@@ -269,6 +276,7 @@ def test_a_source_hook_maps_a_name_to_a_local_checkpoint(stopped_run: Path, tmp_
         seen.append(spec)
         return tmp_path / "cache" / "tiny" if spec == "hf-hub:someone/tiny" else None
 
+    unregister_source_hook("hub")  # vitkit.hub's own hook would claim these names first (tests/test_hub.py tests it)
     register_source_hook("test-hub", hub)
     try:
         resolved = load_source("hf-hub:someone/tiny")
@@ -296,6 +304,7 @@ def test_a_source_hook_maps_a_name_to_a_local_checkpoint(stopped_run: Path, tmp_
         assert vitkit.resolver.source_config("tiny.mnist").class_names[0] == "digit 0"
     finally:
         unregister_source_hook("test-hub")
+        register_source_hook("hub", hub_source)
     with pytest.raises(ValueError, match="registered architecture, not trained weights.*--random-init"):
         load_source("vit_tiny_patch4_32")
 

@@ -6,10 +6,10 @@ from typing import Any
 from torch import nn
 
 from vitkit.config import StemConfig, ViTConfig
+from vitkit.convert.pretrained import create_untrained
 from vitkit.models import (
     VisionTransformer,
     build_model,
-    create_model,
     get_model_config,
     list_models,
     register_model,
@@ -29,9 +29,22 @@ def load_model(source: str | Path, **kwargs: Any) -> nn.Module:
 
 
 def from_pretrained(source: str | Path, **kwargs: Any) -> nn.Module:
-    """Load weights from any supported source: timm, Hugging Face, torchvision, Google .npz, and everything
-    :func:`load_model` reads. See :func:`vitkit.resolver.load_source` for the keywords."""
+    """Load weights from any supported source: timm, Hugging Face, torchvision, Google .npz, everything
+    :func:`load_model` reads, and, fetched and cached by :mod:`vitkit.hub`, a pretrained name
+    (``vit_base_patch16_224.augreg2_in21k_ft_in1k``), a Hugging Face repo id (``google/vit-base-patch16-224``,
+    ``hf-hub:timm/...``) or a URL. See :func:`vitkit.resolver.load_source` for the keywords."""
     return _load_model(source, **kwargs)
+
+
+def create_model(name: str, pretrained: bool = False, **overrides: Any) -> nn.Module:
+    """Build a registered model (``create_model('vit_base_patch16_224', num_classes=10)``); with
+    ``pretrained=True`` fetch and load its weights, timm-style: ``name`` is ``arch.tag``
+    (``vit_base_patch16_224.augreg2_in21k_ft_in1k``) or a bare architecture (its default weights);
+    ``overrides`` (``num_classes``, ``img_size``, ...) adapt it as in :func:`from_pretrained`. Without
+    ``pretrained``, ``arch.tag`` builds the architecture shaped as those weights (classes, input size)."""
+    if pretrained:
+        return _load_model(name, **overrides)
+    return create_untrained(name, **overrides)
 
 
 __all__ = [

@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from vitkit.analysis.report import analyze
 from vitkit.bench import BenchSettings, format_table, run_benchmark, save_json
@@ -20,6 +21,8 @@ from vitkit.data.download import DownloadError, download
 from vitkit.data.summary import dataset_summary, format_summary
 from vitkit.evaluation import FeatureCache, linear_evaluation
 from vitkit.fileio import atomic_write_text, describe_os_error
+from vitkit.hub import DownloadError as WeightsDownloadError
+from vitkit.hub import fetch_source, find_entry, list_entries
 from vitkit.models.registry import create_model, get_model_entry, list_models
 from vitkit.predict import format_predictions, predict_files
 from vitkit.resolver import load_source, resolve_source
@@ -32,6 +35,8 @@ from vitkit.train.rundir import export_run
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    if args.pretrained:
+        return _list_pretrained(args.pattern)
     names = list_models(args.pattern)
     if not names:
         print(f"no model matches {args.pattern!r}", file=sys.stderr)
@@ -55,7 +60,63 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the registered models")
     p.add_argument("pattern", nargs="?", default=None, help="shell wildcard, e.g. 'vit_base*'")
     p.add_argument("--build", action="store_true", help="build each model and print its parameter count")
+    p.add_argument("--pretrained", action="store_true",
+                   help="list the catalog of released weights (arch.tag names) with their preprocessing, classes, "
+                        "reported top-1, licence, location and checksum; PATTERN filters them ('augreg', 'vit_b*')")
     p.set_defaults(func=_cmd_models)
+
+
+def _list_pretrained(pattern: str | None) -> int:
+    entries = list_entries(pattern)
+    if not entries:
+        print(f"no pretrained weights match {pattern!r}", file=sys.stderr)
+        return 1
+    header = f"{'name':54s} {'size':>4s} {'crop':>5s} {'interp':8s} {'mean/std':9s} {'classes':12s} {'top-1':>6s}"
+    print(f"{header}  licence")
+    for e in entries:
+        pre = e.preprocessing
+        norm = {((0.5,) * 3, (0.5,) * 3): "0.5/0.5", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)): "imagenet"}.get(
+            (pre.mean, pre.std), "custom")
+        classes = e.classes or (f"{e.num_classes}" if e.num_classes else "features")
+        top1 = f"{e.top1:.2f}" if e.top1 is not None else "-"
+        default = " (default)" if e.default else ""
+        print(f"{e.name + default:54s} {e.input_size:4d} {pre.crop_pct:5.3f} {pre.interpolation:8s} {norm:9s} "
+              f"{classes:12s} {top1:>6s}  {e.license or '-'}")
+        checksum = f"  [{e.checksum}]" if e.checksum else ""
+        aliases = f"  aka {', '.join(e.aliases)}" if e.aliases else ""
+        print(f"    {e.location}{checksum}{aliases}")
+    print(f"{len(entries)} entries; mean/std 0.5/0.5 = (x - 0.5) / 0.5, imagenet = (0.485, 0.456, 0.406) / "
+          "(0.229, 0.224, 0.225); top-1 as its publisher reports it ('vitkit download NAME' fetches ahead of time)")
+    return 0
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    failed = 0
+    for name in args.names:
+        try:
+            fetched = fetch_source(name, progress=not args.quiet)
+        except WeightsDownloadError as e:
+            print(f"vitkit download: error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        if fetched is None:
+            print(f"vitkit download: error: {name!r} is not a pretrained name, Hugging Face repo id or URL "
+                  "(see 'vitkit models --pretrained')", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{name}: {fetched.path}")
+    return 1 if failed else 0
+
+
+def _add_download(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("download", help="fetch pretrained weights ahead of time (for machines without internet)",
+                       description="Download and verify each NAME into the cache (Hugging Face repos: the Hugging Face "
+                                   "cache; URLs: $VITKIT_CACHE or the user cache directory), so that a later "
+                                   "run, or a machine the caches are copied to, loads it offline.")
+    p.add_argument("names", nargs="+", metavar="NAME",
+                   help="a pretrained name (see 'vitkit models --pretrained'), a Hugging Face repo id or a URL")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_download)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -85,7 +146,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
                                    "state dict, Google .npz, official T2T-ViT .pth.tar) and write DST in the format "
                                    "--to names.")
     p.add_argument("src", help="checkpoint file or directory to read: any format, a vitkit model directory, a "
-                               "training run (its best state) or one of its checkpoints (best.pt, last.pt, step-N.pt)")
+                               "training run (its best state) or one of its checkpoints (best.pt, last.pt, step-N.pt), "
+                               "or a pretrained name, Hugging Face repo id or URL")
     p.add_argument("dst", help="directory (vitkit, hf) or file (timm/torchvision: .safetensors/.pth; npz: .npz)")
     p.add_argument("--to", default="vitkit", choices=formats, metavar="FORMAT",
                    help="output format: vitkit (default), timm, hf, torchvision, npz, t2t (official T2T-ViT)")
@@ -490,8 +552,14 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    model_name, img_size = args.model, args.img_size
+    entry = find_entry(model_name) if "." in model_name and not Path(model_name).exists() else None
+    if entry is not None:  # a pretrained name: speed depends on the architecture and input size, not the weights
+        model_name, img_size = entry.architecture, img_size or entry.input_size
+        print(f"benchmarking {model_name} at {img_size}px, the architecture of {entry.name} (weights not needed)",
+              file=sys.stderr)
     settings = BenchSettings(
-        model=args.model, batch_size=args.batch_size, img_size=args.img_size, precision=args.precision,
+        model=model_name, batch_size=args.batch_size, img_size=img_size, precision=args.precision,
         compile=args.compile, device=args.device, modes=tuple(args.modes.split(",")), warmup=args.warmup,
         repeats=args.repeats, reference=not args.no_reference, threads=args.threads,
         tune_allocator=not args.no_tune_allocator, matmul_size=args.matmul_size, profile=args.profile)
@@ -500,7 +568,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         pipelines.update(data_pipelines(args.data.split(","), settings))
     result = run_benchmark(settings, pipelines or None, log=lambda m: print(m, file=sys.stderr))
     print(format_table(result))
-    label = re.sub(r"[^\w.-]+", "_", args.model.strip("/"))  # a SOURCE path becomes one file name
+    label = re.sub(r"[^\w.-]+", "_", model_name.strip("/"))  # a SOURCE path becomes one file name
     compiled = "_compiled" if args.compile else ""
     out = args.out or f"bench_{label}_b{args.batch_size}_{args.precision}{compiled}.json"
     print(f"results written to {save_json(result, out)}")
@@ -510,8 +578,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure speed, FLOP/s, memory against timm's ViT of the same config")
     p.add_argument("model", nargs="?", default="vit_convstem_cifar_d4_32",
-                   help="registered model name (random weights; default: the CIFAR-10 recipe's), or any model "
-                        "SOURCE: a run directory, a training checkpoint, a model directory, a checkpoint file")
+                   help="registered model name (random weights; default: the CIFAR-10 recipe's), any model "
+                        "SOURCE (a run directory, a training checkpoint, a model directory, a checkpoint file), or a "
+                        "pretrained name arch.tag (its architecture at its input size, random weights: no download)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
@@ -536,7 +605,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 _PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_models, _add_convert, _add_data, _add_train, _add_pretrain, _add_finetune, _add_export, _add_eval,
+    _add_models, _add_download, _add_convert, _add_data, _add_train, _add_pretrain, _add_finetune, _add_export,
+    _add_eval,
     _add_predict, _add_fewshot, _add_study, _add_analyze, _add_bench,
 ]
 
@@ -558,7 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError, WeightsDownloadError) as e:  # user errors: one clear line, no traceback
         print(f"vitkit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # an unwritable, full or vanished directory: one line too

@@ -11,7 +11,9 @@ A SOURCE is, in the order tried:
    - a vitkit model directory (``config.json`` + ``model.safetensors``);
    - any other checkpoint :func:`vitkit.convert.read_checkpoint` recognises (timm, Hugging Face,
      torchvision, Google ``.npz``);
-2. whatever a registered :data:`SourceHook` maps to a local path (the pretrained catalog, hub ids, URLs);
+2. whatever a registered :data:`SourceHook` maps to a local path or builds: :mod:`vitkit.hub`'s hook
+   (registered at the end of this module) takes pretrained names (``vit_base_patch16_224.augreg2_in21k_ft_in1k``,
+   or a bare architecture with catalog weights), Hugging Face repo ids and URLs;
 3. a registry name, built with random weights when ``random_init=True`` is asked for.
 
 Resolving (:func:`resolve_source`) reads no weights: it decides what to read and returns a
@@ -24,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -32,8 +35,9 @@ from torch import nn
 
 from vitkit.checkpoint import CheckpointError, read_config, torch_load_safely
 from vitkit.convert.detect import Checkpoint, is_vitkit_directory, read_checkpoint
-from vitkit.convert.pretrained import from_checkpoint
+from vitkit.convert.pretrained import from_checkpoint, from_hub_source
 from vitkit.fileio import CONFIG_NAME, WEIGHTS_NAME
+from vitkit.hub import fetch_source
 from vitkit.models.registry import create_model, get_model_config, get_model_entry, list_models
 from vitkit.runfiles import (
     CHECKPOINT_DIR,
@@ -292,5 +296,19 @@ def source_config(spec: str | Path | ModelSource, *, checkpoint: str | None = No
     return load_source(source).model.config
 
 
-__all__ = ["ModelSource", "ResolvedModel", "SourceHook", "SourceKind", "load_model", "load_source",
+# ------------------------------------------------------------------------------- the hub hook
+def hub_source(text: str) -> ModelSource | None:
+    """:mod:`vitkit.hub`'s sources: a pretrained name (a bare architecture with catalog weights takes its
+    default tag), a Hugging Face repo id (``hf-hub:`` optional) or a URL, fetched (or found in the cache),
+    and built with what their publisher states (architecture, class names, preprocessing)."""
+    fetched = fetch_source(text)
+    if fetched is None:
+        return None
+    return ModelSource(text, "pretrained", fetched.path, origin=text, build=partial(from_hub_source, fetched))
+
+
+register_source_hook("hub", hub_source)
+
+
+__all__ = ["ModelSource", "ResolvedModel", "SourceHook", "SourceKind", "hub_source", "load_model", "load_source",
            "register_source_hook", "resolve_path", "resolve_source", "source_config", "unregister_source_hook"]

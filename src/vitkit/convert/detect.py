@@ -1,7 +1,7 @@
 """Recognise a checkpoint's format and read it into vitkit's keys, without running code from it.
 
 - a directory with ``config.json`` written by vitkit (``vitkit_version``, ``embed_dim``, ...);
-- a Hugging Face directory (``config.json`` with ``model_type: "vit"``);
+- a Hugging Face directory (``config.json`` with ``model_type: "vit"``, or ``"vit_mae"``: its encoder);
 - a timm Hub directory (``config.json`` with ``architecture`` and ``pretrained_cfg``);
 - a state-dict file (``.pth``/``.pt``/``.bin``/``.safetensors``), recognised by its key names as timm,
   torchvision or Hugging Face;
@@ -188,6 +188,6 @@ def _sibling_hints(path: Path, fmt: str) -> dict[str, Any]:
     config_path = path.parent / CONFIG_NAME
     if config_path.is_file():
         data = _read_json(config_path)
-        if data.get("model_type") == "vit":
+        if data.get("model_type") in huggingface.MODEL_TYPES:
             return huggingface.hints_from_config(data, str(config_path))
     return {"norm_eps": huggingface.DEFAULT_NORM_EPS}

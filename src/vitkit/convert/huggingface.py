@@ -6,6 +6,10 @@ sharded, or ``pytorch_model.bin``). Hugging Face splits the attention input proj
 (Dense + tanh on the class token) is the paper's representation layer, and is how Hugging Face
 stores Google's ImageNet-21k models. Files keep the 4.x key names (``encoder.layer.0...``), which
 transformers 5 renames on load; the 5.x in-memory names (``layers.0.attention.q_proj``) are read too.
+
+``model_type: "vit_mae"`` (``ViTMAEForPreTraining``, e.g. ``facebook/vit-mae-base``) is read as its encoder, a
+plain ViT with the fixed sin-cos position embeddings it stores; the ``decoder.*`` tensors, used only for
+pixel reconstruction in pre-training, are left out.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ V5_NAMES = KeyMap([  # transformers 5 module names -> the file names above
 ])
 _QKV = re.compile(r"encoder\.layer\.(\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)")
 _IGNORED = ("embeddings.mask_token",)  # masked-image-modelling input, unused for classification
+_IGNORED_PREFIXES = ("decoder.",)  # ViTMAEForPreTraining's reconstruction decoder
+MODEL_TYPES = ("vit", "vit_mae")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 DEFAULT_NORM_EPS = 1e-12  # transformers' ViTConfig.layer_norm_eps
 
@@ -68,7 +74,7 @@ def to_vitkit(state_dict: dict[str, Tensor], source: str) -> dict[str, Tensor]:
     for key, tensor in state_dict.items():
         key = key.removeprefix("vit.")
         key = V5_NAMES.to_ours(key) or key
-        if key in _IGNORED or (has_classifier and key.startswith("pooler.")):
+        if key in _IGNORED or key.startswith(_IGNORED_PREFIXES) or (has_classifier and key.startswith("pooler.")):
             continue
         if match := _QKV.fullmatch(key):
             block, part, kind = match.groups()
@@ -119,9 +125,9 @@ def check_exportable(config: ViTConfig) -> None:
 # -------------------------------------------------------------------------------------- config
 def hints_from_config(data: dict[str, Any], source: str) -> dict[str, Any]:
     """ViTConfig fields stated by a Hugging Face ``config.json``."""
-    if data.get("model_type") != "vit":
+    if data.get("model_type") not in MODEL_TYPES:
         raise CheckpointError(f"{source}: model_type {data.get('model_type')!r} is not supported "
-                              "(vitkit reads Hugging Face model_type 'vit')")
+                              f"(vitkit reads Hugging Face model_type {' and '.join(map(repr, MODEL_TYPES))})")
     act = data.get("hidden_act", "gelu")
     if act != "gelu":
         raise CheckpointError(f"{source}: hidden_act {act!r} differs from the exact (erf) GELU of vitkit's ViT")

@@ -1,7 +1,9 @@
-"""``from_pretrained``: one entry point for every checkpoint format vitkit reads."""
+"""``from_pretrained``: one entry point for every checkpoint format vitkit reads; ``from_hub_source`` and
+``hub_load_options`` for weights :mod:`vitkit.hub` fetched (the resolver's hub hook builds with them)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,8 +15,10 @@ from vitkit.convert import t2t
 from vitkit.convert.detect import Checkpoint, read_checkpoint
 from vitkit.convert.infer import STEM_ASSUMED, infer_config, stem_spec
 from vitkit.convert.mae import infer_mae_config
+from vitkit.hub import HubSource, find_entry
 from vitkit.models.mae import ENCODER_PREFIXES, MAEConfig, MaskedAutoencoder
-from vitkit.models.registry import build_model, get_model_config
+from vitkit.models.registry import build_model, get_model_config, list_models
+from vitkit.models.registry import create_model as create_registered_model
 from vitkit.models.t2t import T2TConfig
 
 # Fields the weights fix; a named model must agree with the checkpoint on them.
@@ -30,7 +34,8 @@ def from_pretrained(source: str | Path, *, img_size: int | tuple[int, int] | Non
     Args:
         source: a vitkit or Hugging Face (or timm Hub) directory, a timm / torchvision / Hugging Face
             state-dict file (.pth, .pt, .bin, .safetensors), a Google .npz, or an official T2T-ViT
-            ``.pth.tar`` (its EMA weights when it holds them).
+            ``.pth.tar`` (its EMA weights when it holds them). (Pretrained names, Hugging Face repo
+            ids and URLs are the resolver's: :func:`vitkit.from_pretrained`.)
         img_size: build for this resolution; position embeddings are resampled in 2-D.
         num_classes: replace the classifier by a zero-initialised one of this size (dropping the
             representation layer, as in the paper's fine-tuning) if it differs; 0 removes it.
@@ -46,6 +51,48 @@ def from_pretrained(source: str | Path, *, img_size: int | tuple[int, int] | Non
     """
     return from_checkpoint(read_checkpoint(source, format), img_size=img_size, num_classes=num_classes,
                            num_heads=num_heads, model=model, interpolation=interpolation, **overrides)
+
+
+def from_hub_source(fetched: HubSource, **options: Any) -> nn.Module:
+    """:func:`from_pretrained` for weights :func:`vitkit.hub.fetch_source` fetched, with the facts their
+    publisher gives (:func:`hub_load_options`); ``options`` as for :func:`from_pretrained` win over them."""
+    checkpoint = read_checkpoint(fetched.path, options.pop("format", None) or fetched.format)
+    given = {k: v for k, v in options.items() if v is not None}
+    return from_checkpoint(checkpoint, **{**hub_load_options(fetched), **given})
+
+
+def hub_load_options(fetched: HubSource) -> dict[str, Any]:
+    """:func:`from_checkpoint` options for fetched weights, read from their metadata, not their tensors: the
+    registered architecture they belong to (at their native resolution, with their head, checked field by
+    field against the file), their class names, their publisher's preprocessing (``config.preprocess``) and,
+    for catalog entries, their provenance (``config.extra['pretrained']``: name, licence, location)."""
+    pre = fetched.preprocessing
+    options: dict[str, Any] = {}
+    if fetched.architecture in list_models() and fetched.num_classes is not None:
+        target = get_model_config(fetched.architecture).replace(**fetched.config, num_classes=fetched.num_classes)
+        if pre is not None:
+            height, width = pre.size
+            target = target.replace(img_size=height if height == width else (height, width), preprocess=pre)
+        if fetched.entry is not None and "extra" in {f.name for f in dataclasses.fields(target)}:
+            entry = fetched.entry
+            provenance = {"name": entry.name, "license": entry.license, "location": str(entry.location)}
+            target = target.replace(extra={**target.extra, "pretrained": provenance})
+        options["model"] = target
+    elif pre is not None:
+        options["preprocess"] = pre
+    if fetched.class_names:
+        options["class_names"] = list(fetched.class_names)
+    return options
+
+
+def create_untrained(name: str, **overrides: Any) -> nn.Module:
+    """A registered model with random weights; ``arch.tag`` (a catalog name) is the architecture shaped as
+    those weights are (their classes and input size), as ``timm.create_model(name)`` without weights is."""
+    entry = find_entry(name) if "." in name else None
+    if entry is None:
+        return create_registered_model(name, **overrides)
+    shape = {"num_classes": entry.num_classes, "img_size": entry.input_size, **entry.config}
+    return create_registered_model(entry.architecture, **{**shape, **overrides})
 
 
 def from_checkpoint(checkpoint: Checkpoint, *, img_size: int | tuple[int, int] | None = None,
@@ -121,7 +168,7 @@ def _t2t_config_for(checkpoint: Checkpoint, model: str | T2TConfig | None, num_h
 
 
 def _as_config(model: str | ViTConfig | T2TConfig) -> ViTConfig | T2TConfig:
-    if isinstance(model, (ViTConfig, T2TConfig)):
+    if not isinstance(model, str):
         return model
     return get_model_config(model)
 
