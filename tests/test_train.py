@@ -285,7 +285,7 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoin
         forward, calls = model.forward, []
 
         def poisoned(x):
-            if model.training:
+            if model.training and len(x) > 2:  # not the memory estimate's probes of 1 and 2 images
                 calls.append(1)
             out = forward(x)
             return out * float("nan") if len(calls) == 4 else out

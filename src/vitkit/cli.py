@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import re
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -18,7 +19,7 @@ from vitkit.data import EvalTransform
 from vitkit.data.download import DownloadError, download
 from vitkit.data.summary import dataset_summary, format_summary
 from vitkit.evaluation import FeatureCache, linear_evaluation
-from vitkit.fileio import atomic_write_text
+from vitkit.fileio import atomic_write_text, describe_os_error
 from vitkit.models.registry import create_model, get_model_entry, list_models
 from vitkit.predict import format_predictions, predict_files
 from vitkit.resolver import load_source, resolve_source
@@ -240,6 +241,16 @@ def _run_training(command: str, run: Callable[[], object]) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -351,7 +362,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate_trained(args.source, dataset=args.dataset, data_dir=args.data_dir,
                               batch_size=args.batch_size, device=args.device, precision=args.precision,
-                              out_dir=args.out, hflip_tta=args.hflip_tta, checkpoint=args.checkpoint)
+                              out_dir=args.out, hflip_tta=args.hflip_tta, checkpoint=args.checkpoint,
+                              allow_class_mismatch=args.allow_class_mismatch)
     print(report.format())
     return 0
 
@@ -373,6 +385,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="test-time augmentation: average the logits of each image and its mirror image")
     p.add_argument("--out", metavar="DIR", help="where to write eval.json and confusion.png "
                                                 "(default: RUN/eval-DATASET, or ./eval-DATASET)")
+    p.add_argument("--allow-class-mismatch", action="store_true",
+                   help="evaluate even when the data set's class names differ from the model's, pairing the "
+                        "classes by sorted position (by default classes are matched by name)")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -392,7 +407,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--checkpoint", default=None, metavar="STATE",
                    help="for a run directory: best (default), last, step-N or model")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=_positive_int, default=5, help="labels shown per image (default 5)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_predict)
@@ -505,6 +520,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # user errors: one clear line, no traceback
         print(f"vitkit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an unwritable, full or vanished directory: one line too
+        print(f"vitkit {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:  # Ctrl-C outside a training loop, or a second one inside (the first saves)
+        print(f"vitkit {args.command}: {str(e) or 'interrupted by Ctrl-C'}", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

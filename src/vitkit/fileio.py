@@ -90,3 +90,9 @@ def write_model_dir(directory: str | Path, state_dict: Mapping[str, Tensor], con
     save_state_dict(state_dict, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     atomic_write_text(json.dumps(dict(config), indent=2) + "\n", directory / CONFIG_NAME)
     return directory
+
+
+def describe_os_error(e: OSError) -> str:
+    """``No space left on device: /path`` rather than ``[Errno 28] No space left on device: b'/path'``."""
+    name = e.filename.decode(errors="replace") if isinstance(e.filename, bytes) else e.filename
+    return f"{e.strerror}: {name}" if e.strerror and name else str(e)

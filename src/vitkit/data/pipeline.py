@@ -11,6 +11,7 @@ decoded and cropped by DataLoader workers, then finished by the same batched aug
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -134,11 +135,19 @@ class _WorkerPool:
         self.keys = self._Keys()
         self.loader = DataLoader(dataset, batch_sampler=self.keys, num_workers=num_workers, collate_fn=collate,
                                  pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
-                                 persistent_workers=num_workers > 0)
+                                 persistent_workers=num_workers > 0, worker_init_fn=_ignore_stop_signals)
 
     def run(self, batches: list[list]) -> Iterator[tuple[Tensor, Tensor, list[str], Tensor]]:
         self.keys.batches = batches
         return iter(self.loader)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A SIGTERM or SIGINT sent to the whole process group (``docker stop``, Slurm, ``timeout``, Ctrl-C) is
+    for the main process to handle: it saves and exits, and the workers end with it. A worker that died
+    first would take the run down before it could save."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class FolderTrainStream(_TrainOrder):

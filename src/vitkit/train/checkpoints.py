@@ -1,14 +1,13 @@
 """Training checkpoints: everything needed to continue a run exactly, written so a crash cannot corrupt it.
 
 A run directory holds ``checkpoints/last.pt`` (rewritten every N steps and at each epoch end),
-``checkpoints/best.pt`` (best validation accuracy) and the ``keep_last_k`` newest ``step-NNNNNNNN.pt``.
-Files are written atomically (temporary file, fsync, rename) and read with
+``checkpoints/best.pt`` (best validation accuracy) and the ``keep_last_k`` newest ``step-NNNNNNNN.pt``,
+each its own file (copies, not links). Files are written atomically (temporary file, fsync, rename) and read with
 ``torch.load(weights_only=True)``, so every value in them is a tensor or a plain Python type.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
 from pathlib import Path
@@ -18,8 +17,9 @@ import numpy as np
 import torch
 
 from vitkit.checkpoint import CheckpointError
-from vitkit.fileio import atomic_torch_save
+from vitkit.fileio import atomic_path, atomic_torch_save
 from vitkit.runfiles import BEST, CHECKPOINT_DIR, FORMAT, LAST, VERSION, load_checkpoint, step_name
+from vitkit.train.rundir import RunDirectoryError
 
 __all__ = ["BEST", "CHECKPOINT_DIR", "FORMAT", "LAST", "VERSION", "CheckpointWriter", "capture_rng",
            "load_checkpoint", "resolve_checkpoint", "restore_rng"]
@@ -69,15 +69,21 @@ class CheckpointWriter:
         return self.directory / BEST
 
     def save(self, state: dict[str, Any], *, is_best: bool = False) -> Path:
-        """Write ``state`` as ``last.pt`` and link it as the newest step checkpoint (and ``best.pt``)."""
+        """Write ``state`` as ``last.pt`` and copy it to the newest step checkpoint (and ``best.pt``).
+
+        The names are independent files, each replaced atomically (never modified in place): damage to one
+        never takes the others with it."""
+        if not self.directory.parent.is_dir():
+            raise RunDirectoryError(f"the run directory {self.directory.parent} was deleted or moved during the run; "
+                                    "training stopped, as nothing more could be saved")
         state = {"format": FORMAT, "version": VERSION, **state}
         atomic_torch_save(state, self.last)
         if self.keep_last_k:
-            _atomic_link(self.last, self.directory / step_name(state["global_step"]))
+            _atomic_copy(self.last, self.directory / step_name(state["global_step"]))
             for old in self.step_checkpoints()[:-self.keep_last_k]:
                 old.unlink(missing_ok=True)
         if is_best:
-            _atomic_link(self.last, self.best)
+            _atomic_copy(self.last, self.best)
         return self.last
 
     def step_checkpoints(self) -> list[Path]:
@@ -85,16 +91,10 @@ class CheckpointWriter:
         return sorted(self.directory.glob("step-*.pt"))
 
 
-def _atomic_link(source: Path, target: Path) -> None:
-    """Make ``target`` the same file as ``source`` (a hard link; a copy where links are unsupported),
-    replacing any old ``target`` atomically."""
-    tmp = target.with_name(f".{target.name}.link")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:
+def _atomic_copy(source: Path, target: Path) -> None:
+    """Make ``target`` a copy of ``source`` (its own file, not a link), replacing any old ``target`` atomically."""
+    with atomic_path(target) as tmp:
         shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
 
 
 # ------------------------------------------------------------------------------------ reading

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkit.data import DataConfig, build_data
+from vitkit.data import ClassMismatchError, DataConfig, build_data
 from vitkit.fileio import atomic_write_text
 from vitkit.resolver import load_source
 from vitkit.train.distributed import World, all_reduce_sum
@@ -121,13 +121,46 @@ class EvalReport:
         return "\n".join(lines)
 
 
+def model_labels(model_classes: list[str], data_classes: list[str], num_classes: int, *, source: str,
+                 dataset: str, allow_mismatch: bool = False) -> Tensor:
+    """For each of the data set's class indices, the model's index of the same class.
+
+    Classes are matched by name, so folders named ``tench`` or ``n01440764`` in any order give the right labels
+    as long as the model uses the same names; the data set may hold a subset of the model's classes. Names the
+    model does not know are an error that lists them; ``allow_mismatch`` pairs the classes by position
+    instead (the data set's i-th class in sorted order is the model's i-th).
+    """
+    unknown = [name for name in data_classes if name not in model_classes]
+    if model_classes and not unknown:
+        index = {name: i for i, name in enumerate(model_classes)}
+        return torch.tensor([index[name] for name in data_classes], dtype=torch.long)
+    if model_classes and not allow_mismatch:
+        missing = [name for name in model_classes if name not in data_classes]
+        raise ClassMismatchError(
+            f"the class names of {dataset} do not match those of {source}: {_names(unknown)} "
+            f"{'is' if len(unknown) == 1 else 'are'} not among the model's classes"
+            + (f", and the data set has no {_names(missing)}" if missing else "")
+            + "; rename the folders to the model's class names, or pass --allow-class-mismatch to pair the "
+              "classes by their sorted position")
+    if len(data_classes) != num_classes:
+        raise ValueError(f"{source} predicts {num_classes} classes but {dataset} has {len(data_classes)}")
+    return torch.arange(num_classes)
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def evaluate_trained(source: str | Path, *, dataset: Optional[str] = None, data_dir: Optional[str] = None,
                      batch_size: int = 256, device: str = "auto", precision: str = "fp32",
                      out_dir: Optional[str | Path] = None, hflip_tta: bool = False,
-                     checkpoint: Optional[str] = None) -> EvalReport:
+                     checkpoint: Optional[str] = None, allow_class_mismatch: bool = False) -> EvalReport:
     """Evaluate any model SOURCE (a run: its best state, or ``checkpoint``; a training checkpoint; a model
     directory; a foreign checkpoint) on a data set's evaluation split (by default the one it was trained on,
-    with its training normalisation); write ``eval.json`` and ``confusion.png``."""
+    with its training normalisation); write ``eval.json`` and ``confusion.png``.
+
+    The data set's classes are matched to the model's by name (see :func:`model_labels`)."""
     resolved = load_source(source, checkpoint=checkpoint)
     model, train_cfg, run_dir = resolved.model, resolved.training_config, resolved.run_dir
     config = model.config
@@ -147,9 +180,11 @@ def evaluate_trained(source: str | Path, *, dataset: Optional[str] = None, data_
                           in_chans=config.in_chans)
     device_ = resolve_device(device)
     data = build_data(data_cfg, device=device_)
-    if data.num_classes != config.num_classes:
-        raise ValueError(f"{source} predicts {config.num_classes} classes but {dataset} has {data.num_classes}")
-    result = evaluate(model.to(device_), data.val.batches(), data.num_classes, device=device_, precision=precision,
+    to_model = model_labels(list(config.class_names or []), list(data.class_names), config.num_classes,
+                            source=str(source), dataset=dataset, allow_mismatch=allow_class_mismatch)
+    lookup = to_model.to(device_)
+    batches = ((images, lookup[labels.to(device_)]) for images, labels in data.val.batches())
+    result = evaluate(model.to(device_), batches, config.num_classes, device=device_, precision=precision,
                       hflip_tta=hflip_tta)
     class_names = list(config.class_names or data.class_names)
 

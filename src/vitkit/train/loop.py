@@ -39,10 +39,11 @@ from vitkit.train.distributed import (
     shutdown,
 )
 from vitkit.train.ema import ModelEMA
+from vitkit.train.memory import ensure_step_fits
 from vitkit.train.monitor import Progress, RunLog, format_duration
 from vitkit.train.optim import build_optimizer, lr_at, peak_lr, set_lr
 from vitkit.train.plots import plot_curves
-from vitkit.train.rundir import create_run_dir, write_config
+from vitkit.train.rundir import create_run_dir, remove_partial_writes, write_config
 from vitkit.train.runtime import StopSignals, grad_scaler, resolve_device, seed_everything
 from vitkit.train.task import Task, build_task, format_metric
 
@@ -193,6 +194,11 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optio
     task = build_task(cfg, data, device=device, world=world)
     parts = _build_parts(task.build_model().to(device), cfg, device)
     schedule = Schedule.from_config(cfg, len(data.train), world.size)
+    size = data.img_size if isinstance(data.img_size, (tuple, list)) else (data.img_size, data.img_size)
+    no_labels = lambda n: torch.zeros(n, dtype=torch.long, device=device)  # noqa: E731
+    ensure_step_fits(parts.raw, parts.optimizer, input_shape=(data.in_chans, *size), batch_size=cfg.data.batch_size,
+                     accum_steps=schedule.accum, device=device, precision=cfg.precision,  # before an OOM kill
+                     loss_fn=lambda model, images: task.train_step(model, images, no_labels(len(images)))[0])
     stats = len(task.stat_names) + 1
     state = LoopState(epoch_sums=torch.zeros(stats, dtype=torch.float64, device=device),
                       window_sums=torch.zeros(stats, dtype=torch.float64, device=device))
@@ -206,8 +212,12 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optio
     checkpoints = CheckpointWriter(run_dir, cfg.keep_last_k)
     progress = Progress(cfg.progress, enabled=world.is_main)
     if world.is_main:
+        partial = remove_partial_writes(run_dir) if saved is not None else []
         write_config(cfg, run_dir)
         _announce(progress, cfg, parts.raw, run_dir, state, schedule, world, device, resumed=saved is not None)
+        if partial:
+            progress.print(f"removed {len(partial)} partial file(s) of an interrupted write: "
+                           + ", ".join(p.name for p in partial))
     reported_skips: set[str] = set()
     _report_skipped(data, reported_skips, world, log, state.step)
     if saved is not None and len(saved["rng"]) == world.size:
@@ -305,6 +315,12 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optio
         state.epoch_sums.zero_()
         state.window_sums.zero_()  # a log window does not span epochs
         save(is_best)
+        if any_process(signals.received is not None, world, device):  # it came during the evaluation
+            log.close()
+            raise TrainingInterrupted(
+                f"stopped by {signals.name or 'a signal on another process'} after epoch {state.epoch} (optimizer "
+                f"step {state.step}); saved {checkpoints.last}; continue with: vitkit train --resume {run_dir}",
+                signals.received or 15)
 
     # ------------------------------------------------------------------------------------ finish
     train_seconds = round(clock(), 1)

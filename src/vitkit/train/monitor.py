@@ -3,15 +3,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
 from tqdm import tqdm
 
-from vitkit.fileio import atomic_path, atomic_write_text
+from vitkit.fileio import atomic_path, atomic_write_text, describe_os_error
+from vitkit.train.rundir import RunDirectoryError
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -36,6 +41,7 @@ class RunLog:
         # Imported here, not at the top: tensorboard's import takes seconds and only logging runs need it.
         from torch.utils.tensorboard import SummaryWriter
 
+        threading.excepthook = _quiet_tensorboard_thread
         purge = resume_step + 1 if resume_step is not None else None
         self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge)
         self._file = open(self.path, "a", buffering=1)
@@ -43,11 +49,13 @@ class RunLog:
     def log(self, kind: str, step: int, **metrics: Any) -> None:
         if not self.enabled:
             return
+        self._check_run_dir()
         record = {"kind": kind, "step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        for name, value in record.items():
-            if name not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
-                self._writer.add_scalar(f"{kind}/{name}", value, step)
+        with self._writing():
+            self._file.write(json.dumps(record) + "\n")
+            for name, value in record.items():
+                if name not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
+                    self._writer.add_scalar(f"{kind}/{name}", value, step)
 
     def figures(self, figures: dict[str, Any], step: int, epoch: int) -> None:
         """Save each matplotlib figure as ``NAME.png`` (the latest) and ``figures/NAME-epochNNN.png`` in the
@@ -67,14 +75,44 @@ class RunLog:
 
     def flush(self) -> None:
         if self.enabled:
-            self._file.flush()
-            self._writer.flush()
+            self._check_run_dir()
+            with self._writing():
+                self._file.flush()
+                self._writer.flush()
 
     def close(self) -> None:
         if self.enabled:
-            self._file.close()
-            self._writer.close()
             self.enabled = False
+            self._file.close()
+            with contextlib.suppress(OSError):  # the run's outcome is already decided; keep its message
+                self._writer.close()
+
+    def _check_run_dir(self) -> None:
+        """Stop with one clear line when the run directory was deleted (or moved) under a running job."""
+        if os.fstat(self._file.fileno()).st_nlink == 0 or not self.path.parent.is_dir():
+            raise RunDirectoryError(f"the run directory {self.path.parent} was deleted or moved during the run; "
+                                    "training stopped, as nothing more could be saved")
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        try:
+            yield
+        except RunDirectoryError:
+            raise
+        except OSError as e:
+            raise RunDirectoryError(f"cannot write the run's logs in {self.path.parent} "
+                                    f"({describe_os_error(e)})") from None
+
+
+def _quiet_tensorboard_thread(args: threading.ExceptHookArgs) -> None:
+    """TensorBoard's writer thread hands its I/O errors to the next write in the main thread, which reports
+    them in one line; printing the thread's own traceback first would only bury that line."""
+    if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+        return
+    _default_thread_hook(args)
+
+
+_default_thread_hook = threading.excepthook
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

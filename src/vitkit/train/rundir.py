@@ -10,13 +10,17 @@ from typing import Any
 
 from torch import nn
 
-from vitkit.fileio import atomic_write_text
+from vitkit.fileio import atomic_write_text, describe_os_error
 from vitkit.models.registry import build_model, get_model_entry
 from vitkit.models.transfer import freeze_backbone, prepare_for_finetuning
 from vitkit.resolver import ResolvedModel, load_source
 from vitkit.runfiles import CHECKPOINT_DIR, MODEL_DIR
 from vitkit.runfiles import RUN_CONFIG_NAME as CONFIG_NAME
 from vitkit.train.config import FinetuneConfig, TrainConfig
+
+
+class RunDirectoryError(OSError):
+    """The run directory cannot be created or written, or it disappeared during the run."""
 
 
 def create_run_dir(cfg: TrainConfig) -> Path:
@@ -35,8 +39,24 @@ def create_run_dir(cfg: TrainConfig) -> Path:
         while run_dir.exists():
             n += 1
             run_dir = out_dir / f"{base}-{n}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirectoryError(f"cannot create the run directory {run_dir} ({describe_os_error(e)}); "
+                                "choose a writable --out_dir") from None
     return run_dir
+
+
+def remove_partial_writes(run_dir: Path) -> list[Path]:
+    """Delete the temporary files that a kill during an atomic write leaves (``.NAME.XXXX.tmp``, and the
+    ``.NAME.link`` of older versions) in the run directory, its checkpoints and its exported model."""
+    removed = []
+    for directory in (run_dir, run_dir / "checkpoints", run_dir / MODEL_DIR):
+        for path in [*directory.glob(".*.tmp"), *directory.glob(".*.link")]:
+            if path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def _model_label(cfg: TrainConfig) -> str:

@@ -81,7 +81,8 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.received == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("interrupted at once by a second Ctrl-C; nothing was saved after the last "
+                                    "checkpoint")
         self.received = signum
 
     @property
