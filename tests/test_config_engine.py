@@ -69,7 +69,7 @@ def test_a_bad_config_json_is_one_line_from_the_cli(model_dir, tmp_path, capsys)
                    "(a string)")
     (model_dir / "config.json").write_text("[1, 2]")
     assert cli_main(["predict", str(model_dir), str(image)]) == 2
-    assert "expected a JSON object of config fields, got list" in capsys.readouterr().err
+    assert "config.json: expected a JSON object" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("cls", CONFIG_CLASSES)

@@ -121,11 +121,13 @@ def test_the_record_is_typed_written_in_config_json_and_old_files_still_read(tmp
 
 
 def test_a_bad_record_names_the_field():
-    with pytest.raises(ValueError, match=r"unknown key\(s\) crop_fraction"):
+    typo = r"unknown config key preprocess\.crop_fraction \(did you mean preprocess\.crop_pct\?\)"
+    with pytest.raises(ValueError, match=typo):
         Preprocessing.from_dict({"crop_fraction": 0.9})
     with pytest.raises(ValueError, match=r"preprocess\.crop_pct=1\.5"):
         Preprocessing.from_dict({"crop_pct": 1.5})
-    with pytest.raises(ValueError, match=r"preprocess\.interpolation='lanczos'"):
+    with pytest.raises(ValueError,
+                       match=r"preprocess\.interpolation must be one of bilinear, bicubic, nearest; got 'lanczos'"):
         Preprocessing.from_dict({"interpolation": "lanczos"})
     with pytest.raises(ValueError, match=r"preprocess\.std"):
         Preprocessing(mean=(0.5, 0.5), std=(0.5,))

@@ -107,7 +107,7 @@ class ModelConfig:
             self.preprocess = extra.pop("preprocess")
             self.extra = extra
         if self.preprocess is not None and not isinstance(self.preprocess, Preprocessing):
-            self.preprocess = Preprocessing.from_dict(self.preprocess, source="preprocess")
+            self.preprocess = Preprocessing.from_dict(self.preprocess)
         check_fields(self)
         for name in ("in_chans",):
             _at_least(self, name, 1)
@@ -157,7 +157,7 @@ class ModelConfig:
         """Build from a mapping (a ``config.json``): every value checked against its field's type, every
         error one line naming ``source`` and the field."""
         if isinstance(data, dict) and isinstance(data.get("preprocess"), dict):  # the record reads its own keys
-            data = {**data, "preprocess": Preprocessing.from_dict(data["preprocess"], source=f"{source}: preprocess")}
+            data = {**data, "preprocess": Preprocessing.from_dict(data["preprocess"], source=source)}
         return from_mapping(cls, data, source=source)
 
     def to_json(self, path: str | Path) -> None:

@@ -7,7 +7,8 @@ interpolation. Training writes it; converters attach the source's (timm/Hugging 
 known torchvision and Google constants). A model without one gets :data:`DEFAULT_PREPROCESSING`:
 the paper's [-1, 1] scaling (mean = std = 0.5), no crop, bilinear.
 
-This module imports nothing from vitkit, so model configs (the lowest layer) can hold the record.
+This module imports only the config engine from vitkit, so model configs (the lowest layer) can hold the
+record.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, get_args
+from typing import Any, Literal, Optional
+
+from vitkit.config_engine import check_fields, from_mapping
 
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
 
@@ -44,40 +47,28 @@ class Preprocessing:
     """The data set the statistics come from (informational; ``vitkit eval``'s default data set)."""
 
     def __post_init__(self) -> None:
+        # a single number is short for a square size, or for one value per channel
+        if isinstance(self.size, int) and not isinstance(self.size, bool):
+            object.__setattr__(self, "size", (self.size, self.size))
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                object.__setattr__(self, name, (value,))
+        check_fields(self, prefix="preprocess.")  # types, and the interpolation's Literal values
+
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"preprocess.{name}={getattr(self, name)!r}: {why}")
 
-        size = self.size
-        if isinstance(size, int) and not isinstance(size, bool):
-            size = (size, size)
-        try:
-            size = tuple(int(v) for v in size)
-        except (TypeError, ValueError):
-            raise bad("size", "must be an integer or [height, width]") from None
-        if len(size) != 2 or min(size) < 1:
+        if min(self.size) < 1:
             raise bad("size", "must be a positive integer or [height, width]")
-        object.__setattr__(self, "size", size)
-        for name in ("mean", "std"):
-            value = getattr(self, name)
-            if isinstance(value, (int, float)):
-                value = (value,)
-            try:
-                value = tuple(float(v) for v in value)
-            except (TypeError, ValueError):
-                raise bad(name, "must be a list of numbers, one per channel") from None
-            if not value:
-                raise bad(name, "needs at least one value")
-            object.__setattr__(self, name, value)
+        if not self.mean:
+            raise bad("mean", "needs at least one value")
         if len(self.mean) != len(self.std):
             raise bad("std", f"has {len(self.std)} values but mean has {len(self.mean)}")
         if min(self.std) <= 0:
             raise bad("std", "values must be positive")
-        if isinstance(self.crop_pct, bool) or not isinstance(self.crop_pct, (int, float)) \
-                or not 0.0 < self.crop_pct <= 1.0:
+        if not 0.0 < self.crop_pct <= 1.0:
             raise bad("crop_pct", "must be a number in (0, 1]")
-        object.__setattr__(self, "crop_pct", float(self.crop_pct))
-        if self.interpolation not in get_args(Interpolation):
-            raise bad("interpolation", f"choose one of {', '.join(get_args(Interpolation))}")
 
     @property
     def resize_size(self) -> int | tuple[int, int]:
@@ -111,22 +102,20 @@ class Preprocessing:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "preprocess") -> Preprocessing:
-        """Build from a mapping (also the legacy ``extra["preprocess"]`` dict with ``img_size``); an
-        unknown key or a bad value is an error that names it."""
+    def from_dict(cls, data: dict[str, Any], *, source: str = "") -> Preprocessing:
+        """Build from a mapping (also the legacy ``extra["preprocess"]`` dict with ``img_size``) through the
+        config engine: an unknown key or a bad value is an error naming ``preprocess.FIELD`` (after
+        ``source``, e.g. the config.json, when given)."""
         if isinstance(data, Preprocessing):
             return data
-        if not isinstance(data, dict):
-            raise ValueError(f"{source}: expected a mapping of preprocessing fields, got {type(data).__name__}")
-        data = {_LEGACY_KEYS.get(k, k): v for k, v in data.items()}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        try:
-            return cls(**data)
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+        if isinstance(data, dict):
+            data = {_LEGACY_KEYS.get(k, k): v for k, v in data.items()}
+            if isinstance(data.get("size"), int) and not isinstance(data["size"], bool):  # `size: 224`
+                data["size"] = [data["size"]] * 2
+            for name in ("mean", "std"):  # `mean: 0.5`: one value for every channel
+                if isinstance(data.get(name), (int, float)) and not isinstance(data[name], bool):
+                    data[name] = [data[name]]
+        return from_mapping(cls, data, source=source, prefix="preprocess.")
 
 
 DEFAULT_PREPROCESSING = Preprocessing()
