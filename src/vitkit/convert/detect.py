@@ -119,7 +119,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+        raise CheckpointError(f"{path}: expected a JSON object of config fields, got {type(data).__name__}")
     return data
 
 
