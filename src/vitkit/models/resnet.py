@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from vitkit.config import ModelConfig
 from vitkit.config_engine import check_fields, from_mapping
 from vitkit.fileio import write_model_dir
+from vitkit.models.inputs import check_image_batch
 from vitkit.models.layers import DropPath
 from vitkit.models.registry import config_record, register_architecture, register_model
 from vitkit.preprocessing import Preprocessing
@@ -416,17 +417,9 @@ class ResNet(nn.Module):
         """Parameters that AdamW should not decay besides norms and biases: none."""
         return set()
 
-    def _check_input(self, images: Tensor) -> None:
-        cfg = self.config
-        if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != cfg.in_chans:
-            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise ValueError(f"expected images of shape (batch, {cfg.in_chans}, H, W), got {shape}")
-        if not images.is_floating_point():
-            raise ValueError(f"expected floating-point images (normalised float32/bf16/fp16), got {images.dtype}")
-
     def forward_features(self, images: Tensor) -> Tensor:
         """The last stage's feature map, shape (B, num_features, H/s, W/s)."""
-        self._check_input(images)
+        check_image_batch(images, self.config.in_chans)
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
         for stage in self.stages:
             x = stage(x)

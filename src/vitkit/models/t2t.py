@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.config import ModelConfig, Pooling
+from vitkit.models.inputs import check_image_batch
 from vitkit.models.layers import Block, Mlp
 from vitkit.models.linear import Linear
 from vitkit.models.registry import register_architecture, register_model
@@ -350,11 +351,7 @@ class T2TViT(VisionTransformer):
 
     def _check_input(self, images: Tensor) -> None:
         cfg = self.config
-        if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != cfg.in_chans:
-            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise ValueError(f"expected images of shape (batch, {cfg.in_chans}, H, W), got {shape}")
-        if not images.is_floating_point():
-            raise ValueError(f"expected floating-point images (normalised float32/bf16/fp16), got {images.dtype}")
+        check_image_batch(images, cfg.in_chans)
         if tuple(images.shape[-2:]) != cfg.image_hw:
             raise ValueError(f"expected images of size {cfg.image_hw}, got {tuple(images.shape[-2:])}; build the "
                              f"model with img_size={images.shape[-2]} (the sinusoid positions are regenerated)")

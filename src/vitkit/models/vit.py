@@ -17,6 +17,7 @@ from vitkit.config import ViTConfig
 from vitkit.fileio import write_model_dir
 from vitkit.models.hybrid import build_stem
 from vitkit.models.init import lecun_normal_
+from vitkit.models.inputs import check_image_batch
 from vitkit.models.layers import Block, PatchEmbed
 from vitkit.models.pos_embed import resample_pos_embed
 from vitkit.models.registry import config_record
@@ -122,15 +123,7 @@ class VisionTransformer(nn.Module):
 
     def _check_input(self, images: Tensor) -> None:
         cfg = self.config
-        if not isinstance(images, Tensor) or images.ndim != 4:
-            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-            raise ValueError(f"expected images of shape (batch, {cfg.in_chans}, H, W), got {shape}")
-        if images.shape[1] != cfg.in_chans:
-            raise ValueError(f"expected {cfg.in_chans} input channels (images of shape (batch, {cfg.in_chans}, H, W)), "
-                             f"got {images.shape[1]} in shape {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise ValueError(f"expected floating-point images (normalised float32/bf16/fp16), got {images.dtype}; "
-                             "convert uint8 images with images.float() / 255 and normalise")
+        check_image_batch(images, cfg.in_chans)
         hw = tuple(images.shape[-2:])
         if cfg.dynamic_img_size:
             stride = self.patch_embed.stride
