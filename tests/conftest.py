@@ -22,3 +22,13 @@ def data_root() -> Path:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tiny models gain nothing from threads, and on a loaded 2-core
+    machine thread contention makes them many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -67,11 +67,8 @@ def _wait_for_steps(proc: subprocess.Popen, run_dir: Path, steps: int, timeout: 
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test of this module runs torch on one thread (see conftest)."""
 
 
 def _cfg(tmp_path: Path, *extra: str):

@@ -64,11 +64,8 @@ def _train_lines(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Every test of this module runs torch on one thread (see conftest)."""
 
 
 @pytest.fixture(scope="module")
