@@ -10,6 +10,11 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# The README runs the tests with VITKIT_DATA=../shared/data: made absolute here, before any test module reads
+# it, so that links, subprocesses and tests that change directory see the same folder.
+if os.environ.get("VITKIT_DATA"):
+    os.environ["VITKIT_DATA"] = str(Path(os.environ["VITKIT_DATA"]).resolve())
+
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
