@@ -11,6 +11,8 @@ decoded and cropped by DataLoader workers, then finished by the same batched aug
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -140,6 +142,17 @@ class _WorkerPool:
     def run(self, batches: list[list]) -> Iterator[tuple[Tensor, Tensor, list[str], Tensor]]:
         self.keys.batches = batches
         return iter(self.loader)
+
+
+def _stop_daemon_children() -> None:
+    """At exit, multiprocessing stops daemon children (DataLoader workers) with SIGTERM and joins them;
+    the workers ignore SIGTERM (see ``_ignore_stop_signals``), so they are stopped with SIGKILL first."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+atexit.register(_stop_daemon_children)  # registered after multiprocessing's exit handler, so it runs first
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
