@@ -73,17 +73,23 @@ class CheckpointWriter:
 
         The names are independent files, each replaced atomically (never modified in place): damage to one
         never takes the others with it."""
+        gone = RunDirectoryError(f"the run directory {self.directory.parent} was deleted or moved during the run; "
+                                 "training stopped, as nothing more could be saved")
         if not self.directory.parent.is_dir():
-            raise RunDirectoryError(f"the run directory {self.directory.parent} was deleted or moved during the run; "
-                                    "training stopped, as nothing more could be saved")
+            raise gone
         state = {"format": FORMAT, "version": VERSION, **state}
-        atomic_torch_save(state, self.last)
-        if self.keep_last_k:
-            _atomic_copy(self.last, self.directory / step_name(state["global_step"]))
-            for old in self.step_checkpoints()[:-self.keep_last_k]:
-                old.unlink(missing_ok=True)
-        if is_best:
-            _atomic_copy(self.last, self.best)
+        try:
+            atomic_torch_save(state, self.last)
+            if self.keep_last_k:
+                _atomic_copy(self.last, self.directory / step_name(state["global_step"]))
+                for old in self.step_checkpoints()[:-self.keep_last_k]:
+                    old.unlink(missing_ok=True)
+            if is_best:
+                _atomic_copy(self.last, self.best)
+        except OSError:
+            if not self.directory.parent.is_dir():  # deleted while this checkpoint was being written
+                raise gone from None
+            raise
         return self.last
 
     def step_checkpoints(self) -> list[Path]:
