@@ -29,6 +29,17 @@ from torch.nn.parallel import DistributedDataParallel
 from vitkit.checkpoint import CheckpointError, load_weights
 from vitkit.data import CorruptImageError, Data, build_data
 from vitkit.models.registry import architecture_of
+from vitkit.train.budget import (
+    EVAL_COST,
+    MEASURE_STEPS,
+    REPLAN_TOLERANCE,
+    RESERVE,
+    Cadence,
+    Pace,
+    format_budget,
+    parse_duration,
+    steps_that_fit,
+)
 from vitkit.train.checkpoints import CheckpointWriter, capture_rng, load_checkpoint, resolve_checkpoint, restore_rng
 from vitkit.train.config import TrainConfig, expand_shortcuts, merge_configs, parse_overrides
 from vitkit.train.distributed import (
@@ -41,6 +52,7 @@ from vitkit.train.distributed import (
     shutdown,
 )
 from vitkit.train.ema import ModelEMA
+from vitkit.train.invocation import vitkit_command
 from vitkit.train.memory import ensure_step_fits
 from vitkit.train.monitor import Progress, RunLog, format_duration
 from vitkit.train.optim import build_optimizer, lr_at, peak_lr, set_lr
@@ -48,6 +60,9 @@ from vitkit.train.plots import plot_curves
 from vitkit.train.rundir import create_run_dir, remove_partial_writes, write_config
 from vitkit.train.runtime import StopSignals, grad_scaler, resolve_device, seed_everything
 from vitkit.train.task import Task, build_task, format_metric
+
+_now = time.perf_counter
+"""The clock of a run's training seconds (a test replaces it to play a host of a given speed)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -73,27 +88,52 @@ class Schedule:
     warmup_steps: int
     lr: float
     min_lr: float
+    replans: tuple[tuple[int, int], ...] = ()
+    """A time budget's re-plans (``budget_replans``): from each ``step`` on, the decay left ends at its total
+    (the last one is ``total_steps``)."""
+    planned_steps: Optional[int] = None
+    """With re-plans: the total they started from (``max_steps``)."""
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, batches_per_epoch: int, world_size: int) -> Schedule:
-        """``epochs`` epochs, or ``max_steps`` steps if that is fewer; the peak learning rate is ``optim.lr``
-        or ``optim.blr`` scaled by the global batch."""
+        """``epochs`` epochs, or ``max_steps`` steps if that is fewer (or the last re-plan's total); the peak
+        learning rate is ``optim.lr`` or ``optim.blr`` scaled by the global batch."""
         accum = cfg.optim.accum_steps
         steps = batches_per_epoch // accum
         if steps == 0:
             raise ValueError(f"the training set gives {batches_per_epoch} batch(es) per epoch, fewer than "
                              f"optim.accum_steps={accum}; lower data.batch_size or optim.accum_steps")
         total = cfg.epochs * steps if cfg.max_steps is None else min(cfg.epochs * steps, cfg.max_steps)
+        replans = tuple((int(at), int(new)) for at, new in cfg.budget_replans)
         lr = peak_lr(cfg.optim, cfg.data.batch_size * world_size * accum)
-        return cls(accum, steps, total, round(cfg.optim.warmup_epochs * steps), lr, cfg.optim.min_lr)
+        warmup = round(cfg.optim.warmup_epochs * steps)
+        if replans:
+            return cls(accum, steps, replans[-1][1], warmup, lr, cfg.optim.min_lr, replans, cfg.max_steps)
+        return cls(accum, steps, total, warmup, lr, cfg.optim.min_lr)
 
     @property
     def batches_per_epoch(self) -> int:
         return self.steps_per_epoch * self.accum
 
     def lr_at(self, step: int) -> float:
-        return lr_at(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps, lr=self.lr,
-                     min_lr=self.min_lr)
+        if not self.replans or step < self.warmup_steps:
+            return lr_at(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps, lr=self.lr,
+                         min_lr=self.min_lr)
+        # The cosine's progress runs from 0 at the end of warmup to 1 at the last step; a re-plan at step a
+        # keeps the progress reached at a and spreads what is left over the steps to its new total.
+        anchor, done, total = self.warmup_steps, 0.0, self.planned_steps
+        for at, new_total in self.replans:
+            if at > step:
+                break
+            if at > anchor:
+                done, anchor = _progress(at, anchor, done, total), at
+            total = new_total
+        progress = min(1.0, _progress(step, anchor, done, total))
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def _progress(step: int, anchor: int, done: float, total: int) -> float:
+    return done + (1.0 - done) * (step - anchor) / max(1, total - 1 - anchor)
 
 
 @dataclass
@@ -196,6 +236,7 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optio
             if not run.step(images, targets):  # a micro-batch short of an optimizer step (accumulation)
                 continue
             stop = run.signalled()  # one collective per step: every process stops at the same step
+            run.fit_budget()
             run.log_and_checkpoint(save=stop)
             if stop:
                 run.stop(f"at epoch {run.state.epoch + 1}, optimizer step {run.state.step}")
@@ -252,7 +293,15 @@ class _Run:
         else:  # dropout and drop-path draw different masks on each rank
             seed_everything(cfg.seed + 1_000_003 * world.rank + self.state.step, cfg.deterministic)
 
-        self.started = time.perf_counter()
+        self.started = _now()
+        self.pace = Pace(self.clock)
+        self.budget = parse_duration(cfg.time_budget) if cfg.time_budget else None
+        self.plan_at = None if self.budget is None or cfg.max_steps is not None else min(
+            MEASURE_STEPS + 1, schedule.warmup_steps + 1, schedule.steps_per_epoch)
+        """The step after which a budget fixes the run's length: the steps before it do not depend on the length
+        (warmup's learning rate does not), so a re-run with the chosen ``max_steps`` repeats them exactly."""
+        if self.plan_at is not None and world.is_main:
+            self.progress.print(f"budget {format_budget(self.budget)}: timing the first {self.plan_at} steps")
         self.nonfinite = torch.zeros((), device=device)
         """NaN/inf losses (or gradient norms) since the last check: counted on the device, read (a sync) only
         when a log line or a checkpoint needs it."""
@@ -263,7 +312,7 @@ class _Run:
 
     def clock(self) -> float:
         """Training seconds of the run: this process's, plus those of the processes it resumes."""
-        return self.state.elapsed + time.perf_counter() - self.started
+        return self.state.elapsed + _now() - self.started
 
     # ------------------------------------------------------------------------------ the loop's stages
     def start_epoch(self) -> None:
@@ -274,6 +323,7 @@ class _Run:
         self.epoch_start, self.epoch_cpu = time.perf_counter(), time.process_time()
         self.window_start = time.perf_counter() - state.window_seconds  # a resumed window keeps its seconds
         self.grad_norm = None
+        self.pace.start()
 
     def epoch_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         """The epoch's remaining micro-batches, up to the last full optimizer step or the run's last step.
@@ -300,7 +350,20 @@ class _Run:
         self.grad_norm = _optimizer_step(self.parts, self.cfg, self.lr, self.nonfinite)
         state.step += 1
         self.progress.step()
+        self.pace.step()
         return True
+
+    def fit_budget(self) -> None:
+        """With a time budget, after the first steps: fix ``max_steps`` (and ``epochs``) to what fits, in the
+        config the run writes and checkpoints (so a resumption keeps it), and say so."""
+        if self.plan_at is None or self.state.step < self.plan_at:
+            return
+        self.plan_at = None
+        per_step = self.pace.seconds_per_step() or self.clock() / max(1, self.state.step)
+        total = self._steps_that_fit(per_step, first_epoch=self.state.epoch)
+        self._set_length(total, replans=list(self.cfg.budget_replans))
+        self._say(f"budget {format_budget(self.budget)}: {total:,} steps = "
+                  f"{total / self.schedule.steps_per_epoch:.1f} epochs at {per_step:.3g} s/step measured")
 
     def log_and_checkpoint(self, *, save: bool) -> None:
         """Every ``log_every`` steps a ``train`` line (and the finite check); every ``ckpt_every_steps`` steps,
@@ -312,12 +375,12 @@ class _Run:
                                       time.perf_counter() - self.window_start)
             self.log.log("train", state.step, epoch=round(state.epoch + state.batch / self.schedule.batches_per_epoch,
                                                           4), **metrics)
-            self.progress.show(state.batch // self.schedule.accum, metrics)
+            self.progress.show(state.batch // self.schedule.accum, metrics, eta=self.eta())
             state.window_sums.zero_()
             self.window_start = time.perf_counter()
-        elif self.progress.due():  # a plain log hears from a long window at least every minute or so
+        elif self.progress.due():  # numbers on the bar from the first step; a plain log's heartbeat
             metrics = _means(self.task, state.window_sums) | dict(lr=self.lr)
-            self.progress.show(state.batch // self.schedule.accum, metrics)
+            self.progress.show(state.batch // self.schedule.accum, metrics, eta=self.eta())
         if save or (cfg.ckpt_every_steps and state.step % cfg.ckpt_every_steps == 0):
             self.save()
 
@@ -333,11 +396,14 @@ class _Run:
         record["lr"] = self.schedule.lr_at(state.step - 1)
         is_best = False
         last = state.epoch + 1 == cfg.epochs or state.step >= self.schedule.total_steps
-        if (state.epoch + 1) % cfg.eval_every == 0 or last:
+        evaluated = (state.epoch + 1) % cfg.eval_every == 0 or last
+        if evaluated:
+            started = self.clock()
             with _saving_on_corrupt_in(self.save_finished_epoch, world, self.checkpoints, self.run_dir):
                 is_best = _evaluate(task, self.parts, state, record)
             if world.is_main:
                 self.log.figures(task.figures(self._exported_model()), state.step, state.epoch + 1)
+            self.pace.evaluation(self.clock() - started)
         self.epoch_times.append(time.perf_counter() - self.epoch_start)
         record["epoch_time"] = self.epoch_times[-1]
         record["epoch_cpu_time"] = time.process_time() - self.epoch_cpu  # this process, all threads
@@ -346,13 +412,25 @@ class _Run:
         self.log.log("epoch", state.step, **record)
         if world.is_main and f"best_{task.best_metric.removeprefix('val_')}" in record:
             plot_curves(self.run_dir)  # redrawn at each evaluation, so a stopped run has its curves too
-        eta = sum(self.epoch_times) / len(self.epoch_times) * (cfg.epochs - state.epoch - 1) if not last else 0.0
+        eta = 0.0 if last else self.eta(first_epoch=state.epoch + 1)
+        if eta is None:
+            eta = sum(self.epoch_times) / len(self.epoch_times) * (cfg.epochs - state.epoch - 1)
         self.progress.print(_summary_line(task, record, cfg.epochs, eta, self.parts.ema is not None))
         state.last_record = record
         state.epoch, state.batch, state.window_seconds = state.epoch + 1, 0, 0.0
         state.epoch_sums.zero_()
         state.window_sums.zero_()  # a log window does not span epochs
+        if evaluated and not last and self.budget is not None and self.plan_at is None:
+            self._replan()
         self.save(is_best)
+
+    def eta(self, first_epoch: Optional[int] = None) -> Optional[float]:
+        """Seconds to the end of the run at the pace measured so far: its steps left and the evaluations at
+        the ends of epochs ``first_epoch`` (default: the current one) onwards; None before a step was timed."""
+        cadence = Cadence(self.schedule.steps_per_epoch, self.cfg.eval_every)
+        evaluations = cadence.evaluations(self.schedule.total_steps,
+                                          self.state.epoch if first_epoch is None else first_epoch)
+        return self.pace.eta(self.schedule.total_steps - self.state.step, evaluations, self._eval_estimate())
 
     def signalled(self) -> bool:
         """Whether SIGTERM or SIGINT reached any process (a collective: every process calls it together)."""
@@ -364,7 +442,7 @@ class _Run:
         self.log.close()
         raise TrainingInterrupted(
             f"stopped by {self.signals.name or 'a signal on another process'} {where}; saved {self.checkpoints.last}; "
-            f"continue with: vitkit train --resume {self.run_dir}", self.signals.received or 15)
+            f"continue with: {vitkit_command('train', '--resume', str(self.run_dir))}", self.signals.received or 15)
 
     def finish(self) -> TrainResult:
         """Export the model (the EMA model when there is one) and say what the run measured."""
@@ -398,6 +476,56 @@ class _Run:
     def save_finished_epoch(self) -> None:
         """An unreadable image in the evaluation: the epoch's training is done, so resume at the next one."""
         self.save(at=dataclasses.replace(self.state, epoch=self.state.epoch + 1, batch=0))
+
+    # ---------------------------------------------------------------------------------- time budget
+    def _replan(self) -> None:
+        """After an evaluation: if the pace since the previous one (steps and evaluation) makes a different
+        number of steps fit the budget, spread the decay left over the steps to the new total."""
+        state, planned = self.state, self.schedule.total_steps
+        per_step = self.pace.seconds_per_step(recent=True)
+        self.pace.new_window()
+        if per_step is None:
+            return
+        total = self._steps_that_fit(per_step, first_epoch=state.epoch)
+        if abs(total - planned) <= max(1.0, REPLAN_TOLERANCE * (planned - state.step)):
+            return
+        self._set_length(self.cfg.max_steps, replans=[*self.cfg.budget_replans, (state.step, total)])
+        self._say(f"budget {format_budget(self.budget)}: {per_step:.3g} s/step and "
+                  f"{self.pace.seconds_per_evaluation(0.0):.3g} s/evaluation since the last evaluation: re-planned "
+                  f"from {planned:,} to {total:,} steps ({total / self.schedule.steps_per_epoch:.1f} epochs), the "
+                  f"decay left now spread over steps {state.step:,}-{total:,}")
+
+    def _steps_that_fit(self, per_step: float, first_epoch: int) -> int:
+        """The run's total steps that fit what is left of the budget (decided by the main process, whose clock
+        every process follows)."""
+        left = self.budget * (1 - RESERVE) - self.clock()
+        total = steps_that_fit(left, step=self.state.step, seconds_per_step=per_step,
+                               seconds_per_evaluation=self.pace.seconds_per_evaluation(self._eval_estimate(per_step)),
+                               cadence=Cadence(self.schedule.steps_per_epoch, self.cfg.eval_every),
+                               first_epoch=first_epoch)
+        return broadcast_object(total, self.world)
+
+    def _set_length(self, max_steps: int, replans: list[tuple[int, int]]) -> None:
+        """Make the run ``max_steps`` long (or as the last re-plan says) in its config, schedule and run
+        directory's config.yaml; the checkpoints that follow carry it."""
+        total = replans[-1][1] if replans else max_steps
+        self.cfg = dataclasses.replace(self.cfg, max_steps=max_steps, budget_replans=replans,
+                                       epochs=max(1, math.ceil(total / self.schedule.steps_per_epoch)))
+        self.schedule = Schedule.from_config(self.cfg, len(self.data.train), self.world.size)
+        if self.world.is_main:
+            write_config(self.cfg, self.run_dir)
+
+    def _eval_estimate(self, per_step: Optional[float] = None) -> float:
+        """Seconds of one evaluation before one was timed: its images (views: flip TTA, the EMA model) at
+        ``EVAL_COST`` of a trained image's time."""
+        per_step = per_step or self.pace.seconds_per_step() or 0.0
+        views = (2 if self.cfg.eval_hflip_tta else 1) * (2 if self.parts.ema is not None else 1)
+        images_per_step = self.cfg.data.batch_size * self.schedule.accum
+        return views * self.data.val.num_samples / images_per_step * per_step * EVAL_COST
+
+    def _say(self, line: str) -> None:
+        if self.world.is_main:
+            self.progress.print(line)
 
     def _exported_model(self) -> nn.Module:
         return self.parts.ema.module if self.parts.ema is not None else self.parts.raw
@@ -493,8 +621,8 @@ def _saving_on_corrupt_in(save: Callable[[], None], world: World, checkpoints: C
             raise
         save()
         raise CorruptImageError(e.path, f"{e.reason}; saved the finished steps to {checkpoints.last}: remove or "
-                                        f"fix the file (or set data.skip_corrupt), then `vitkit train --resume "
-                                        f"{run_dir}`") from None
+                                        f"fix the file (or set data.skip_corrupt), then "
+                                        f"`{vitkit_command('train', '--resume', str(run_dir))}`") from None
 
 
 def _means(task: Task, sums: Tensor) -> dict[str, float]:
