@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from vitkit.errors import DownloadError, OfflineError, WorkStopped
+from vitkit.errors import DownloadError, OfflineError, WorkStopped, exit_code
 from vitkit.version import __version__
 
 # A command's modules are imported when it runs (inside its _cmd_ function), not here: ``vitkit --help`` and a
@@ -89,11 +89,11 @@ def _cmd_download(args: argparse.Namespace) -> int:
             print(f"vitkit download: error: {e.what}: {e.problem}: this command needs the network (unset "
                   "HF_HUB_OFFLINE/VITKIT_OFFLINE if set, or set HTTPS_PROXY), or copy the caches of a machine that "
                   "has it (vitkit models --pretrained shows where each name comes from)", file=sys.stderr)
-            codes.append(1)
+            codes.append(exit_code(e))
             continue
         except DownloadError as e:
             print(f"vitkit download: error: {e}", file=sys.stderr)
-            codes.append(1)
+            codes.append(exit_code(e))
             continue
         if fetched is None:
             print(f"vitkit download: error: {name!r} is not a pretrained name, Hugging Face repo id or URL "
@@ -674,17 +674,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
     try:
         return int(args.func(args) or 0)
-    except (DownloadError, WorkStopped) as e:  # the network, a cache or a file met part-way stopped the work
-        print(f"vitkit {command}: error: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError) as e:  # bad input, found before any work
-        print(f"vitkit {command}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # an unwritable, full or vanished directory
-        from vitkit.fileio import describe_os_error
+    except (ValueError, OSError, WorkStopped) as e:
+        code = exit_code(e)
+        assert code is not None
+        if isinstance(e, OSError) and not isinstance(e, DownloadError):  # an unwritable, full or vanished directory
+            from vitkit.fileio import describe_os_error
 
-        print(f"vitkit {command}: error: {describe_os_error(e)}", file=sys.stderr)
-        return 1
+            message = describe_os_error(e)
+        else:
+            message = str(e)
+        print(f"vitkit {command}: error: {message}", file=sys.stderr)
+        return code
     except KeyboardInterrupt as e:  # Ctrl-C outside a training loop, or a second one inside (the first saves)
         print(f"vitkit {command}: {str(e) or 'interrupted by Ctrl-C'}", file=sys.stderr)
         return 128 + signal.SIGINT

@@ -25,9 +25,26 @@ class OfflineError(DownloadError, FileNotFoundError):
 
 
 class ChecksumError(DownloadError, ValueError):
-    """The downloaded bytes do not match the publisher's checksum; nothing was kept."""
+    """Downloaded bytes that are damaged: they do not match the publisher's checksum (nothing was kept), or a
+    cached file is cut short or does not match its name. A corrupt file, like a corrupt checkpoint (exit 2)."""
 
 
 class WorkStopped(RuntimeError):
     """Work that had started could not go on for a cause found part-way (an image that cannot be decoded,
     first read mid-run): exit 1, with what was saved and how to continue in the message."""
+
+
+def exit_code(error: BaseException) -> int | None:
+    """The exit code docs/failures.md gives ``error``'s cause, or None for an error that is a bug (a traceback):
+    2 for bad input (a bad value, a missing or corrupt file: ``ValueError``, ``FileNotFoundError``, checked
+    first, so that a damaged download is 2 like any corrupt file); 1 for what stopped the work from outside the
+    input (a download that could not be made, a directory or disk that failed, :class:`WorkStopped`)."""
+    if isinstance(error, WorkStopped):
+        return 1
+    if isinstance(error, OfflineError):  # also a FileNotFoundError, but the network's doing, not the input's
+        return 1
+    if isinstance(error, (ValueError, FileNotFoundError)):
+        return 2
+    if isinstance(error, OSError):  # DownloadError included
+        return 1
+    return None
