@@ -25,7 +25,7 @@ from hub_layout import write_hf_cache
 from vitkit.cli import main as cli_main
 from vitkit.convert import save_as
 from vitkit.hub import ChecksumError, DownloadError, cache_dir, download_url, url_cache_path
-from vitkit.models.registry import create_model as create_registered
+from vitkit.models.registry import build_registered as create_registered
 
 
 @pytest.fixture(autouse=True)
