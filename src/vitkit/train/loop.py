@@ -28,7 +28,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vitkit.checkpoint import CheckpointError, load_weights
 from vitkit.data import CorruptImageError, Data, build_data
+from vitkit.errors import WorkStopped
 from vitkit.models.registry import architecture_of
+from vitkit.runtime import grad_scaler, resolve_device
 from vitkit.train.budget import (
     EVAL_COST,
     MEASURE_STEPS,
@@ -58,7 +60,7 @@ from vitkit.train.monitor import Progress, RunLog, format_duration
 from vitkit.train.optim import build_optimizer, lr_at, peak_lr, set_lr
 from vitkit.train.plots import plot_curves
 from vitkit.train.rundir import create_run_dir, remove_partial_writes, write_config
-from vitkit.train.runtime import StopSignals, grad_scaler, resolve_device, seed_everything
+from vitkit.train.runtime import StopSignals, seed_everything
 from vitkit.train.task import Task, build_task, format_metric
 
 _now = time.perf_counter
@@ -620,9 +622,9 @@ def _saving_on_corrupt_in(save: Callable[[], None], world: World, checkpoints: C
         if world.distributed:  # the other processes are not here to join the checkpoint's collectives
             raise
         save()
-        raise CorruptImageError(e.path, f"{e.reason}; saved the finished steps to {checkpoints.last}: remove or "
-                                        f"fix the file (or set data.skip_corrupt), then "
-                                        f"`{vitkit_command('train', '--resume', str(run_dir))}`") from None
+        raise WorkStopped(f"{e.path}: {e.reason}; saved the finished steps to {checkpoints.last}: remove or fix the "
+                          f"file (or set data.skip_corrupt), then "
+                          f"`{vitkit_command('train', '--resume', str(run_dir))}`") from None
 
 
 def _means(task: Task, sums: Tensor) -> dict[str, float]:
