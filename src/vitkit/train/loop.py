@@ -296,7 +296,7 @@ class _Run:
             seed_everything(cfg.seed + 1_000_003 * world.rank + self.state.step, cfg.deterministic)
 
         self.started = _now()
-        self.pace = Pace(self.clock)
+        self.pace = Pace(_now)  # not self.clock: a reference cycle would keep the DataLoader workers alive
         self.budget = parse_duration(cfg.time_budget) if cfg.time_budget else None
         self.plan_at = None if self.budget is None or cfg.max_steps is not None else min(
             MEASURE_STEPS + 1, schedule.warmup_steps + 1, schedule.steps_per_epoch)
