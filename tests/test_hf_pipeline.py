@@ -153,9 +153,14 @@ def test_labels_come_from_the_class_names(tmp_path):
     hf_dir = save_as(_vitkit_model(None), tmp_path / "named", "hf")
     written = json.loads((hf_dir / "config.json").read_text())
     assert written["id2label"]["7"] == "class 7" and written["label2id"]["class 7"] == 7
+    # no names: the index, which `vitkit predict` shows too (transformers' default would be LABEL_7)
     unnamed = save_as(_vitkit_model(None, class_names=None), tmp_path / "unnamed", "hf")
-    assert json.loads((unnamed / "config.json").read_text())["id2label"]["7"] == "LABEL_7"  # transformers' own
-    assert from_pretrained(unnamed).config.class_names is None  # read back as no names, not as "LABEL_7"
+    assert json.loads((unnamed / "config.json").read_text())["id2label"]["7"] == "7"
+    assert from_pretrained(unnamed).config.class_names is None  # read back as no names, as LABEL_7 is
+    labels = json.loads((unnamed / "config.json").read_text())
+    labels["id2label"] = {str(i): f"LABEL_{i}" for i in range(NUM_CLASSES)}
+    (unnamed / "config.json").write_text(json.dumps(labels))
+    assert from_pretrained(unnamed).config.class_names is None
 
 
 # ------------------------------------------------------------------- transformers -> vitkit predict

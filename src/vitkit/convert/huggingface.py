@@ -140,7 +140,9 @@ def hints_from_config(data: dict[str, Any], source: str) -> dict[str, Any]:
         hints["img_size"] = tuple(size) if isinstance(size, (list, tuple)) else int(size)
     id2label = data.get("id2label") or {}
     labels = [id2label.get(str(i), id2label.get(i)) for i in range(len(id2label))]
-    if labels and None not in labels and not all(re.fullmatch(r"LABEL_\d+", str(x)) for x in labels):
+    # transformers' placeholders (LABEL_0, ...) and the indices vitkit writes for a model without names are no names
+    unnamed = all(str(x) in (f"LABEL_{i}", str(i)) for i, x in enumerate(labels))
+    if labels and None not in labels and not unnamed:
         hints["class_names"] = [str(x) for x in labels]
     return hints
 
@@ -166,7 +168,8 @@ def preprocessing_of(directory: Path) -> Preprocessing:
 def config_to_hf(config: ViTConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     check_exportable(config)
     num_labels = max(config.num_classes, 0)
-    names = config.class_names or [f"LABEL_{i}" for i in range(num_labels)]
+    # without class names, the index: the label `vitkit predict` shows (transformers would show LABEL_i)
+    names = config.class_names or [str(i) for i in range(num_labels)]
     height, width = config.image_hw
     return {
         "architectures": ["ViTForImageClassification" if num_labels else "ViTModel"],
