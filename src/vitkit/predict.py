@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from vitkit.data.transforms import EvalTransform, eval_transform
 from vitkit.resolver import ResolvedModel, load_source
+from vitkit.runtime import DEFAULT_DEVICE, resolve_device
 
 
 @dataclass
@@ -35,12 +36,13 @@ def preprocess(path: str | Path, config, transform: EvalTransform | None = None)
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: Sequence[str | Path], *, top_k: int = 5, device: str = "cpu",
-            batch_size: int = 64) -> list[Prediction]:
+def predict(model: nn.Module, images: Sequence[str | Path], *, top_k: int = 5,
+            device: str | torch.device | None = DEFAULT_DEVICE, batch_size: int = 64) -> list[Prediction]:
     """Top-``top_k`` labels and softmax probabilities for each image file."""
     config = model.config
     names = config.class_names or [str(i) for i in range(config.num_classes)]
     k = max(1, min(top_k, config.num_classes))
+    device = resolve_device(device)
     model = model.to(device).eval()
     transform = eval_transform(config)
     results = []
@@ -62,7 +64,7 @@ def predict(model: nn.Module, images: Sequence[str | Path], *, top_k: int = 5, d
 
 
 def predict_files(source: str | Path | ResolvedModel, images: Sequence[str | Path], *, top_k: int = 5,
-                  device: str = "cpu") -> list[Prediction]:
+                  device: str | torch.device = DEFAULT_DEVICE) -> list[Prediction]:
     """Load the model ``source`` names (run directory, training checkpoint, model directory, any format
     :func:`vitkit.load_model` reads) and predict."""
     resolved = source if isinstance(source, ResolvedModel) else load_source(source)
