@@ -109,7 +109,7 @@ def test_non_finite_logits_from_finite_weights_are_an_error_naming_the_image(tra
         resolved.model.forward = lambda x: forward(x) * float("inf")
         return resolved
 
-    monkeypatch.setattr("vitkit.resolver.load_source", overflowing)
+    monkeypatch.setattr("vitkit.resolver.load_source", overflowing)  # the CLI imports it when it runs
     image = _mnist_image(tmp_path)
     assert cli_main(["predict", str(trained_run), str(image), "--json"]) == 2
     captured = capsys.readouterr()
