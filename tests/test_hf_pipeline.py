@@ -259,3 +259,22 @@ def test_predict_refuses_such_a_directory_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("vitkit predict: error: ") and "preprocessor_config.json: resample=4" in err
     assert "\n" not in err
+
+
+@pytest.mark.parametrize("crop_mode", ["squash", "center", None])
+def test_a_timm_hub_directory_states_its_crop_mode(tmp_path, crop_mode):
+    """timm's ``pretrained_cfg.crop_mode`` has the record's meaning (squash: both sides to size / crop_pct)."""
+    directory = tmp_path / "timm_hub"
+    directory.mkdir()
+    save_as(_vitkit_model(None), directory / "model.safetensors", "timm")
+    cfg = {"mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.9, "interpolation": "bicubic", "crop_mode": crop_mode}
+    (directory / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224",
+                                                       "num_classes": NUM_CLASSES, "pretrained_cfg": cfg}))
+    record = from_pretrained(directory).config.preprocessing()
+    assert record.crop_mode == (crop_mode or "center")
+    assert record.resize_size == ((248, 248) if crop_mode == "squash" else 248)
+    cfg["crop_mode"] = "border"
+    (directory / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224",
+                                                       "num_classes": NUM_CLASSES, "pretrained_cfg": cfg}))
+    with pytest.raises(ValueError, match=r"config.json: pretrained_cfg crop_mode='border' is not one"):
+        from_pretrained(directory)
