@@ -173,3 +173,24 @@ def test_a_failed_download_exits_1_fast_leaves_nothing_behind_and_predict_agrees
     assert code == 1, err
     assert err.startswith("vitkit data download: error: downloading cifar100") and "Traceback" not in err, err
     assert not (tmp_path / "data" / "cifar100").exists()  # before: an empty cifar100/raw stayed
+
+
+def test_models_build_counts_parameters_on_the_meta_device_row_by_row(capsys):
+    """Before: ``vitkit models 'vit_*patch16*' --build`` built ViT-H and friends for real (181 s, no output until
+    the end). Now each count is the meta device's (exact, no memory) and each row is printed when counted."""
+    import resource
+
+    from vitkit.models.registry import build_registered, count_parameters
+
+    tiny = build_registered("vit_mini_patch4_32")
+    assert count_parameters("vit_mini_patch4_32") == sum(p.numel() for p in tiny.parameters())
+    assert count_parameters("vit_base_patch16_224") == 86_567_656  # the paper's ViT-B/16 (timm's count)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert count_parameters("vit_huge_patch14_224") == 632_045_800  # 2.5 GB of float32 if built for real
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 200, f"the count allocated {grown_mib:.0f} MiB"
+    assert cli.main(["models", "vit_*patch16_224", "--build"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()[1:]
+    assert rows and all(len(row.split()) >= 4 for row in rows)
+    base = next(row for row in rows if row.startswith("vit_base_patch16_224 "))
+    assert "86,567,656" in base
