@@ -194,3 +194,22 @@ def test_models_build_counts_parameters_on_the_meta_device_row_by_row(capsys):
     assert rows and all(len(row.split()) >= 4 for row in rows)
     base = next(row for row in rows if row.startswith("vit_base_patch16_224 "))
     assert "86,567,656" in base
+
+
+@pytest.mark.parametrize("name, refused", [("vit_convstem_mnist_28", "hf"), ("vit_hybrid_cifar_32", "torchvision")])
+def test_a_refused_export_names_only_formats_that_work_for_that_model(name, refused, tmp_path, capsys, one_thread):
+    """Before: ``vitkit convert runs/mnist_short x --to hf`` said "export this hybrid to 'timm', 'npz' or
+    'vitkit'", and --to timm and --to npz refused the model too. Each format the advice names is tried here."""
+    import vitkit
+    from vitkit.convert import save_as
+
+    model = vitkit.create_model(name, depth=1)
+    model.save_pretrained(tmp_path / "src")
+    assert cli.main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--to", refused]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "formats that can hold this model: " in err, err
+    named = err.rsplit("formats that can hold this model: ", 1)[1].split(", ")
+    assert "vitkit" in named and refused not in named
+    suffix = {"timm": ".safetensors", "torchvision": ".pth", "npz": ".npz", "t2t": ".pth.tar"}
+    for fmt in named:
+        save_as(model, tmp_path / f"as_{fmt}{suffix.get(fmt, '')}", fmt)  # each one really holds it
