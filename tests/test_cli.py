@@ -213,3 +213,17 @@ def test_a_refused_export_names_only_formats_that_work_for_that_model(name, refu
     suffix = {"timm": ".safetensors", "torchvision": ".pth", "npz": ".npz", "t2t": ".pth.tar"}
     for fmt in named:
         save_as(model, tmp_path / f"as_{fmt}{suffix.get(fmt, '')}", fmt)  # each one really holds it
+
+
+def test_readme_gives_a_cpu_only_install_beside_the_default_one():
+    """Before: the README's only install line pulled the CUDA build of torch on CPU-only machines."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    blocks = {name: re.search(rf"<!-- {name} -->\n```\n(.*?)\n```\n<!-- /{name} -->", readme, re.S)
+              for name in ("main-command", "cpu-command")}
+    assert all(blocks.values()), "the main and CPU-only install commands are both marked in the README"
+    main, cpu = (blocks[n].group(1) for n in ("main-command", "cpu-command"))
+    assert "--index-url https://download.pytorch.org/whl/cpu" in cpu and "--index-url" not in main
+    # the same versions and the same steps, only the index differs
+    assert cpu.replace(" --index-url https://download.pytorch.org/whl/cpu", "") == main
