@@ -44,7 +44,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the registered models")
     p.add_argument("pattern", nargs="?", default=None, help="shell wildcard, e.g. 'vit_base*'")
-    p.add_argument("--build", action="store_true", help="print each model's parameter count (built on the meta device: no weights allocated)")
+    p.add_argument("--build", action="store_true",
+                   help="print each model's parameter count (built on the meta device: no weights allocated)")
     p.add_argument("--pretrained", action="store_true",
                    help="list the catalog of released weights (arch.tag names) with their preprocessing, classes, "
                         "reported top-1, licence, location and checksum; PATTERN filters them ('augreg', 'vit_b*')")
