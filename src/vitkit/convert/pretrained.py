@@ -58,7 +58,25 @@ def from_hub_source(fetched: HubSource, **options: Any) -> nn.Module:
     publisher gives (:func:`hub_load_options`); ``options`` as for :func:`from_pretrained` win over them."""
     checkpoint = read_checkpoint(fetched.path, options.pop("format", None) or fetched.format)
     given = {k: v for k, v in options.items() if v is not None}
-    return from_checkpoint(checkpoint, **{**hub_load_options(fetched), **given})
+    stated = hub_load_options(fetched)
+    if (fetched.entry is None and "num_classes" not in given and "model" not in given
+            and isinstance(stated.get("model"), ViTConfig)):
+        # the publisher's metadata names the head size; weights with another head are a broken repo, not a
+        # request for a new zero head (which would predict 1/N for every class)
+        stated["num_classes"] = _checked_head(checkpoint, stated["model"], fetched)
+    return from_checkpoint(checkpoint, **{**stated, **given})
+
+
+def _checked_head(checkpoint: Checkpoint, target: ViTConfig, fetched: HubSource) -> int:
+    """The head size of the weights, which must be the one the metadata states."""
+    found = _config_for(checkpoint, target, None, None).num_classes
+    if found != target.num_classes:
+        where = fetched.path / "config.json" if fetched.path.is_dir() else fetched.source
+        raise CheckpointError(f"{fetched.source}: {where} states num_classes={target.num_classes} but the weights' "
+                              f"classifier has {found} outputs; the repo's files disagree (pass num_classes="
+                              f"{target.num_classes}, --num-classes on the command line, to replace the head on "
+                              "purpose)")
+    return found
 
 
 def hub_load_options(fetched: HubSource) -> dict[str, Any]:
