@@ -16,7 +16,7 @@ import torch
 from vitkit.cli import main
 from vitkit.data import load_split
 from vitkit.deploy import OnnxModel
-from vitkit.models.registry import create_model
+from vitkit.models.registry import build_registered
 from vitkit.resolver import load_model, load_source
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -25,7 +25,7 @@ CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     torch.manual_seed(0)
-    model = create_model("vit_cifar_patch4_32", embed_dim=32, depth=2, num_heads=2, mlp_dim=64, head_init="xavier",
+    model = build_registered("vit_cifar_patch4_32", embed_dim=32, depth=2, num_heads=2, mlp_dim=64, head_init="xavier",
                          class_names=CIFAR10)
     model.config = model.config.replace(preprocess=model.config.preprocessing().__class__(
         size=(32, 32), mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26), dataset="cifar10"))

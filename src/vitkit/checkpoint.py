@@ -184,7 +184,22 @@ def load_weights(model: nn.Module, state_dict: dict[str, Tensor], *, source: str
         problems.append(f"shape mismatches: {'; '.join(mismatched)}")
     if problems:
         raise CheckpointError(f"{source} does not fit the model: " + " | ".join(problems))
+    broken = nonfinite_keys(state_dict)
+    if broken:
+        raise CheckpointError(f"{source}: {describe_nonfinite(broken)}; these weights cannot give a meaningful "
+                              "answer (a diverged run, or a damaged file)")
     model.load_state_dict(state_dict)
+
+
+def nonfinite_keys(state_dict: dict[str, Tensor]) -> list[str]:
+    """The keys of floating-point tensors holding NaN or infinity."""
+    return [k for k, v in state_dict.items()
+            if isinstance(v, Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def describe_nonfinite(keys: list[str]) -> str:
+    shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    return f"NaN or infinite values in {len(keys)} weight tensor(s) ({shown})"
 
 
 def _resample_for(model: nn.Module, pos_embed: Tensor, source: str) -> Tensor:

@@ -37,11 +37,11 @@ from torch import nn
 
 from vitkit.checkpoint import CheckpointError, read_config, torch_load_safely
 from vitkit.convert.detect import Checkpoint, is_vitkit_directory, read_checkpoint
-from vitkit.convert.pretrained import from_checkpoint, from_hub_source
+from vitkit.convert.pretrained import create_untrained, from_checkpoint, from_hub_source
 from vitkit.deploy.runtime import load_onnx
 from vitkit.fileio import CONFIG_NAME, WEIGHTS_NAME
 from vitkit.hub import fetch_source
-from vitkit.models.registry import create_model, get_model_config, get_model_entry, list_models
+from vitkit.models.registry import build_registered, get_model_config, get_model_entry, list_models
 from vitkit.runfiles import (
     CHECKPOINT_DIR,
     MODEL_DIR,
@@ -248,7 +248,7 @@ def load_source(spec: str | Path | ModelSource, *, checkpoint: str | None = None
     prefix = f"{source.origin} -> " if source.origin else ""
     if source.kind == "registry":
         given = {k: v for k, v in options.items() if v is not None}
-        return ResolvedModel(create_model(source.spec, **given), source,
+        return ResolvedModel(build_registered(source.spec, **given), source,
                              f"{source.spec}: registered model with RANDOM weights (not trained)")
     if source.build is not None:
         where = f" ({source.path})" if source.path is not None else ""
@@ -289,8 +289,26 @@ def load_source(spec: str | Path | ModelSource, *, checkpoint: str | None = None
 
 
 def load_model(spec: str | Path, *, map_location: str | torch.device = "cpu", **options: Any) -> nn.Module:
-    """The model ``spec`` names (see :func:`load_source`), on ``map_location``."""
+    """The model ``spec`` names, on ``map_location``: a vitkit model directory (``save_pretrained``), a training
+    run directory (its best checkpoint, else its last; ``checkpoint="last"``/``"step-N"``/``"model"`` picks
+    another), a training checkpoint (``best.pt``, ``last.pt``, ``step-N.pt``), a timm, Hugging Face, torchvision
+    or Google .npz checkpoint, and, fetched and cached by :mod:`vitkit.hub`, a pretrained name
+    (``vit_base_patch16_224.augreg2_in21k_ft_in1k``), a Hugging Face repo id (``google/vit-base-patch16-224``,
+    ``hf-hub:timm/...``) or a URL. ``img_size=`` resamples the position embeddings; the other keywords are
+    :func:`load_source`'s. ``vitkit.from_pretrained`` is this same function under the name the Hugging Face and
+    timm users know."""
     return load_source(spec, **options).model.to(map_location)
+
+
+def create_model(name: str, pretrained: bool = False, **overrides: Any) -> nn.Module:
+    """A registered model by name (``create_model('vit_base_patch16_224', num_classes=10)``); with
+    ``pretrained=True`` its weights fetched and loaded, timm-style: ``name`` is ``arch.tag``
+    (``vit_base_patch16_224.augreg2_in21k_ft_in1k``) or a bare architecture (its default weights);
+    ``overrides`` (``num_classes``, ``img_size``, ...) adapt it as in :func:`load_model`. Without
+    ``pretrained``, ``arch.tag`` builds the architecture shaped as those weights (classes, input size)."""
+    if pretrained:
+        return load_model(name, **overrides)
+    return create_untrained(name, **overrides)
 
 
 def source_config(spec: str | Path | ModelSource, *, checkpoint: str | None = None,
@@ -322,5 +340,6 @@ def hub_source(text: str) -> ModelSource | None:
 register_source_hook("hub", hub_source)
 
 
-__all__ = ["ModelSource", "ResolvedModel", "SourceHook", "SourceKind", "hub_source", "load_model", "load_source",
+__all__ = ["ModelSource", "ResolvedModel", "SourceHook", "SourceKind", "create_model", "hub_source", "load_model",
+           "load_source",
            "register_source_hook", "resolve_path", "resolve_source", "source_config", "unregister_source_hook"]

@@ -21,7 +21,13 @@ from typing import Any
 import torch
 import yaml
 
-from vitkit.checkpoint import CheckpointError, UnsafeCheckpointError, torch_load_safely
+from vitkit.checkpoint import (
+    CheckpointError,
+    UnsafeCheckpointError,
+    describe_nonfinite,
+    nonfinite_keys,
+    torch_load_safely,
+)
 from vitkit.fileio import CONFIG_NAME
 from vitkit.models.registry import get_architecture
 
@@ -132,6 +138,10 @@ def load_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, Any]:
                               "`vitkit.from_pretrained` and `vitkit convert` read model weights in other formats")
     if state.get("version", 0) > VERSION:
         raise CheckpointError(f"{path}: written by a newer vitkit (checkpoint version {state['version']})")
+    broken = nonfinite_keys(state["model"]) if isinstance(state.get("model"), dict) else []
+    if broken:
+        raise CheckpointError(f"{path}: {describe_nonfinite(broken)}: not a good state to resume, evaluate or "
+                              f"export{_alternatives(path)}")
     return state
 
 

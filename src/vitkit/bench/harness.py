@@ -38,11 +38,11 @@ from vitkit.deploy.runtime import OnnxModel
 from vitkit.fileio import atomic_write_text
 from vitkit.models.registry import build_model, list_models
 from vitkit.resolver import load_source, source_config
-from vitkit.runtime import Precision, configure_cpu, physical_cores
+from vitkit.runtime import DEFAULT_DEVICE, DTYPES, Precision, autocast, configure_cpu, physical_cores, resolve_device
 from vitkit.version import __version__
 
 Mode = Literal["train", "infer"]
-PRECISIONS = dict(zip(typing.get_args(Precision), (torch.float32, torch.bfloat16, torch.float16)))
+PRECISIONS = {name: DTYPES[name] for name in typing.get_args(Precision)}
 MODES: tuple[Mode, ...] = typing.get_args(Mode)
 SCHEMA = "vitkit.bench/1"
 
@@ -61,7 +61,7 @@ class BenchSettings:
     img_size: int | None = None
     precision: Precision = "fp32"
     compile: bool = False
-    device: str = "auto"
+    device: str = DEFAULT_DEVICE
     modes: tuple[Mode, ...] = MODES
     warmup: int = 2
     repeats: int = 5
@@ -86,9 +86,7 @@ class BenchSettings:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
 
 # ----------------------------------------------------------------------------------- workloads
@@ -109,12 +107,12 @@ class Workload:
         self.model = model
         self.images, self.labels = images, labels
         self.device = device
-        self.dtype = PRECISIONS[settings.precision]
+        self.precision = settings.precision
         self.runner = torch.compile(model) if settings.compile else model
         self.optimizer, self.optimizer_name = (None, None) if isinstance(model, OnnxModel) else _adamw(model)
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        return autocast(self.precision, self.device)
 
     def train_step(self) -> None:
         self.model.train()

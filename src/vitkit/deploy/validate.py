@@ -13,15 +13,12 @@ from torch import Tensor, nn
 
 from vitkit.data.splits import load_split
 from vitkit.data.transforms import eval_transform
+from vitkit.errors import ExportMismatch
 
 DEFAULT_ATOL = 1e-3
 """float32 exports: the largest |logit difference| allowed (float32 rounding of a reordered graph is ~1e-5)."""
 DEFAULT_MIN_AGREEMENT_INT8 = 0.97
 """int8 exports: the smallest top-1 agreement with the eager model allowed (logits move by design)."""
-
-
-class ExportMismatch(Exception):
-    """An exported artefact disagrees with the eager model beyond the tolerance (``vitkit`` exit status 4)."""
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vitkit.errors import DownloadError, OfflineError
 from vitkit.hub.catalog import CatalogEntry, find_entry, load_catalog
 from vitkit.hub.classes import class_names as bundled_class_names
 from vitkit.hub.download import download_hub_file, download_hub_repo, download_url
-from vitkit.hub.errors import DownloadError
 from vitkit.preprocessing import Preprocessing
 
 HF_PREFIXES = ("hf-hub:", "hf_hub:", "hf:")
@@ -77,7 +77,10 @@ def fetch_source(source: str, *, progress: bool = True) -> HubSource | None:
     if _REPO_ID.fullmatch(text) and not Path(text).parent.is_dir():  # 'runs/x' with a local runs/: a path
         try:
             return fetch_hub_repo(text, source=text)
-        except DownloadError as e:  # it may also be a mistyped local path: say both
+        except OfflineError as e:  # it may also be a mistyped local path: say both
+            raise OfflineError(text, f"no such file or directory, nor a Hugging Face repo vitkit can use: {e.problem}",
+                               e.advice) from None
+        except DownloadError as e:
             detail = str(e).removeprefix(f"{text}: ")
             raise type(e)(f"{text}: no such file or directory, nor a Hugging Face repo vitkit can use: {detail}") \
                 from None

@@ -1,4 +1,4 @@
-"""The registry mechanism: ``create_model(name, **overrides)``, ``list_models(pattern)``.
+"""The registry mechanism: ``build_registered(name, **overrides)``, ``list_models(pattern)``.
 
 A registry entry is a name, an architecture and a config. Architectures pair a config dataclass with
 the module class it builds, so that a saved ``config.json`` can be turned back into a model without
@@ -92,8 +92,9 @@ def build_model(config: Any) -> nn.Module:
     return get_architecture(architecture_of(config)).build(config)
 
 
-def create_model(name: str, **overrides: Any) -> nn.Module:
-    """Build a registered model, e.g. ``create_model('vit_base_patch16_224', num_classes=10)``."""
+def build_registered(name: str, **overrides: Any) -> nn.Module:
+    """Build a registered model with random weights, e.g. ``build_registered('vit_base_patch16_224', num_classes=10)``
+    (the models layer's part of :func:`vitkit.create_model`, which also takes catalog names and fetches weights)."""
     entry = get_model_entry(name)
     config = entry.config.replace(**overrides)
     return get_architecture(entry.architecture).build(config)
