@@ -19,7 +19,7 @@ from vitkit.version import __version__
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from vitkit.models import list_models
-    from vitkit.models.registry import build_registered, get_model_entry
+    from vitkit.models.registry import count_parameters, get_model_entry
 
     if args.pretrained:
         return _list_pretrained(args.pattern)
@@ -28,15 +28,14 @@ def _cmd_models(args: argparse.Namespace) -> int:
         print(f"no model matches {args.pattern!r}", file=sys.stderr)
         return 1
     if args.build:
-        print(f"{'model':34s} {'params':>13s} {'img':>5s} {'patch':>5s}  description")
+        print(f"{'model':34s} {'params':>13s} {'img':>5s} {'patch':>5s}  description", flush=True)
     for name in names:
         entry = get_model_entry(name)
         if args.build:
-            model = build_registered(name)
-            params = sum(p.numel() for p in model.parameters())
+            params = count_parameters(name)  # on the meta device: no memory, no initialisation
             cfg = entry.config
             print(f"{name:34s} {params:13,d} {str(cfg.img_size):>5s} {getattr(cfg, 'patch_size', '-')!s:>5s}  "
-                  f"{entry.description}")
+                  f"{entry.description}", flush=True)  # a row as soon as it is counted
         else:
             print(f"{name:34s} {entry.description}")
     return 0
@@ -45,7 +44,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the registered models")
     p.add_argument("pattern", nargs="?", default=None, help="shell wildcard, e.g. 'vit_base*'")
-    p.add_argument("--build", action="store_true", help="build each model and print its parameter count")
+    p.add_argument("--build", action="store_true",
+                   help="print each model's parameter count (built on the meta device: no weights allocated)")
     p.add_argument("--pretrained", action="store_true",
                    help="list the catalog of released weights (arch.tag names) with their preprocessing, classes, "
                         "reported top-1, licence, location and checksum; PATTERN filters them ('augreg', 'vit_b*')")

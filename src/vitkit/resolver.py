@@ -204,7 +204,8 @@ def resolve_path(path: str | Path, *, spec: str | None = None, checkpoint: str |
         return ModelSource(spec, kind, chosen, run_dir=path, state=state)
     if checkpoint is not None:
         raise ValueError(f"{path}: --checkpoint (a run's state: best, last, step-N, model) needs a run directory, "
-                         f"and {path} is not one (no {CHECKPOINT_DIR}/ or config.yaml)")
+                         f"and {path} is not one (no training checkpoint in {CHECKPOINT_DIR}/, no training "
+                         "config.yaml)")
     if path.is_dir():
         if (path / CONFIG_NAME).is_file() and format is None and is_vitkit_directory(path):
             run_dir = path.parent if path.name == MODEL_DIR and is_run_dir(path.parent) else None
@@ -212,8 +213,9 @@ def resolve_path(path: str | Path, *, spec: str | None = None, checkpoint: str |
         if (path / CONFIG_NAME).is_file():
             return ModelSource(spec, "foreign", path, format=format)
         raise CheckpointError(
-            f"{path}: not a model: a run directory has {CHECKPOINT_DIR}/ (or config.yaml), a vitkit model directory "
-            f"{CONFIG_NAME} + {WEIGHTS_NAME}, a Hugging Face or timm Hub directory a {CONFIG_NAME}; for a bare "
+            f"{path}: not a model: a run directory has a training checkpoint in {CHECKPOINT_DIR}/ (or its "
+            f"config.yaml), a vitkit model directory {CONFIG_NAME} + {WEIGHTS_NAME}, a Hugging Face or timm Hub "
+            f"directory a {CONFIG_NAME}; for a bare "
             "weights file pass the file itself")
     if format is None and path.suffix.lower() == ".onnx":
         return ModelSource(spec, "onnx", path)

@@ -112,7 +112,7 @@ def from_vitkit(state_dict: dict[str, Tensor], config: ViTConfig) -> dict[str, T
 def check_exportable(config: ViTConfig) -> None:
     if config.stem is not None:
         raise ValueError("Hugging Face transformers has no hybrid ViT (its ViTHybrid is gone in 5.x, and a ViT "
-                         "directory cannot hold a ResNet stem); export this hybrid to 'timm', 'npz' or 'vitkit'")
+                         "directory cannot hold a ResNet stem)")
     problems = []
     if not config.class_token or config.global_pool != "token" or config.fc_norm:
         problems.append("pooling other than the class token")
