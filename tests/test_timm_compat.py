@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vitkit.bench.reference import reference_twin
-from vitkit.models import create_model
+from vitkit.models import build_registered
 
 peft = pytest.importorskip("peft")
 
@@ -29,7 +29,7 @@ def cifar_batch(data_root, n: int = 4) -> torch.Tensor:
 
 @pytest.fixture
 def mini():
-    return create_model("vit_mini_patch4_32", **MINI).eval()
+    return build_registered("vit_mini_patch4_32", **MINI).eval()
 
 
 # ------------------------------------------------------------------------------------------- PEFT

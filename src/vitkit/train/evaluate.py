@@ -186,6 +186,9 @@ def evaluate_trained(source: str | Path, *, dataset: Optional[str] = None, data_
     batches = ((images, lookup[labels.to(device_)]) for images, labels in data.val.batches())
     result = evaluate(model.to(device_), batches, config.num_classes, device=device_, precision=precision,
                       hflip_tta=hflip_tta)
+    if not math.isfinite(result.loss):
+        raise ValueError(f"{resolved.description}: the model's logits are NaN or infinite on {dataset} (loss "
+                         f"{result.loss}); its weights or --precision {precision} cannot give an answer")
     class_names = list(config.class_names or data.class_names)
 
     tag = dataset.removeprefix("folder:").rstrip("/").rsplit("/", 1)[-1]

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vitkit.checkpoint import CheckpointError, load_weights
+from vitkit.checkpoint import CheckpointError, describe_nonfinite, load_weights, nonfinite_keys
 from vitkit.data import CorruptImageError, Data, build_data
 from vitkit.errors import WorkStopped
 from vitkit.models.registry import architecture_of
@@ -685,7 +685,15 @@ def _check_finite(nonfinite: Tensor, state: LoopState, world: World, device: tor
 
 def _save_checkpoint(checkpoints: CheckpointWriter, parts: Trained, state: LoopState, cfg: TrainConfig,
                      world: World, elapsed: float, window_start: float, is_best: bool) -> None:
-    """Write ``last`` (and ``best``) from rank 0, with every rank's RNG streams (dropout masks)."""
+    """Write ``last`` (and ``best``) from rank 0, with every rank's RNG streams (dropout masks). Weights
+    that are no longer finite are never saved: ``last.pt`` stays the last good state."""
+    broken = nonfinite_keys(parts.raw.state_dict())  # identical on every rank, so every rank stops
+    if broken:
+        good = f"the last good checkpoint is {checkpoints.last}" if checkpoints.last.is_file() else \
+            "no checkpoint had been written yet"
+        raise TrainingDiverged(f"{describe_nonfinite(broken)} by optimizer step {state.step} (epoch "
+                               f"{state.epoch + 1}); training stopped and nothing was saved; {good}. Try a lower "
+                               "optim.lr, a longer optim.warmup_epochs, optim.clip_grad, or bf16 instead of fp16.")
     rngs = gather_objects(capture_rng(), world)
     if not world.is_main:
         return
