@@ -398,3 +398,45 @@ def test_a_run_on_class_folders_that_draws_from_the_global_rng_resumes_bit_for_b
         got = load_checkpoint(run / "checkpoints" / "last.pt")
         assert digest(got["model"]) == digest(expected["model"]), f"{task}: resumed from step {step}"
         assert losses(run) == losses(straight.run_dir)
+
+
+# ------------------------------------------------------------------------------ which checkpoints are the run's
+def _mnist_run(tmp_path: Path, name: str, *extra: str):
+    root = tmp_path / "data" if (tmp_path / "data").is_dir() else tiny_named(tmp_path / "data", "mnist", 120, 20)
+    return train(load_config(None, [*TINY_MNIST, "--data_dir", str(root), "--batch_size", "10", "--epochs", "1",
+                                    "--ckpt_every_steps", "2", "--keep_last_k", "20", "--progress", "none",
+                                    "--out_dir", str(tmp_path), "--run_name", name, *extra]))
+
+
+def test_a_last_checkpoint_copied_in_from_another_run_is_refused(tmp_path: Path, capsys):
+    from vitkit.checkpoint import CheckpointError
+    from vitkit.cli import main as cli_main
+
+    ours, theirs = _mnist_run(tmp_path, "ours").run_dir, _mnist_run(tmp_path, "theirs", "--seed", "1").run_dir
+    assert (ours / "checkpoints" / "run-id").read_text() != (theirs / "checkpoints" / "run-id").read_text()
+    shutil.copy(theirs / "checkpoints" / "last.pt", ours / "checkpoints" / "last.pt")
+    with pytest.raises(CheckpointError, match=r"last\.pt: this checkpoint belongs to another run"):
+        resume(ours)
+    capsys.readouterr()
+    assert cli_main(["train", "--resume", str(ours)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "belongs to another run" in err and "Traceback" not in err
+
+    copy = tmp_path / "copy"  # a whole run copied (a backup, a move) is the same run, and resumes
+    shutil.copytree(theirs, copy)
+    shutil.rmtree(copy / "model")
+    assert resume(copy / "checkpoints" / "step-00000004.pt").steps == 12
+
+
+def test_resuming_from_an_older_step_moves_the_abandoned_branch_out_of_the_rotation(tmp_path: Path, capsys):
+    """Before: the abandoned branch's step-10 and step-12 outranked the new step-6 and step-8, which the
+    rotation (keep_last_k 2) deleted as soon as they were written."""
+    run = _mnist_run(tmp_path, "branch").run_dir  # 12 steps, a step checkpoint every 2
+    capsys.readouterr()
+    resumed = resume(run / "checkpoints" / "step-00000004.pt", ["--keep_last_k", "2", "--max_steps", "8", "--progress", "plain"])
+    assert resumed.steps == 8
+    names = sorted(p.name for p in (run / "checkpoints").glob("step-*.pt"))
+    assert names == ["step-00000006.pt", "step-00000008.pt"]
+    aside = run / "checkpoints" / "abandoned-at-step-00000004"
+    assert sorted(p.name for p in aside.iterdir()) == [f"step-{s:08d}.pt" for s in (6, 8, 10, 12)]
+    assert "moved 4 step checkpoint(s) newer than step 4" in capsys.readouterr().out
