@@ -433,7 +433,8 @@ def test_resuming_from_an_older_step_moves_the_abandoned_branch_out_of_the_rotat
     rotation (keep_last_k 2) deleted as soon as they were written."""
     run = _mnist_run(tmp_path, "branch").run_dir  # 12 steps, a step checkpoint every 2
     capsys.readouterr()
-    resumed = resume(run / "checkpoints" / "step-00000004.pt", ["--keep_last_k", "2", "--max_steps", "8", "--progress", "plain"])
+    resumed = resume(run / "checkpoints" / "step-00000004.pt",
+                     ["--keep_last_k", "2", "--max_steps", "8", "--progress", "plain"])
     assert resumed.steps == 8
     names = sorted(p.name for p in (run / "checkpoints").glob("step-*.pt"))
     assert names == ["step-00000006.pt", "step-00000008.pt"]
