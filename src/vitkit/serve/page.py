@@ -59,9 +59,10 @@ function drawRollout(result) {
     const grid = result.grid, gh = grid.length, gw = grid[0].length;
     const small = document.createElement('canvas'); small.width = gw; small.height = gh;
     const sctx = small.getContext('2d'), data = sctx.createImageData(gw, gh);
+    const flat = grid.flat(), lo = Math.min(...flat), span = Math.max(...flat) - lo || 1;
     for (let y = 0; y < gh; y++) for (let x = 0; x < gw; x++) {
-      const [r, g, b] = heat(grid[y][x]), i = 4 * (y * gw + x);
-      data.data.set([r, g, b, 150 * grid[y][x] + 40], i);
+      const v = (grid[y][x] - lo) / span, [r, g, b] = heat(v), i = 4 * (y * gw + x);
+      data.data.set([r, g, b, 170 * v + 30], i);
     }
     sctx.putImageData(data, 0, 0);
     ctx.drawImage(small, 0, 0, view.width, view.height);
