@@ -710,12 +710,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from vitkit.serve import Engine, run_server
     except ImportError as e:
         raise ValueError(f"vitkit serve needs aiohttp ({e}): pip install 'vitkit[serve]'") from None
-    import torch
-
     from vitkit.resolver import load_source
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     options = {"threads": args.threads} if str(args.source).lower().endswith(".onnx") else {}
     resolved = load_source(args.source, checkpoint=args.checkpoint, **options)
     print(f"loaded: {resolved.description}", file=sys.stderr)
@@ -724,7 +720,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
     run_server(Engine(resolved.model, resolved.description), host=args.host, port=args.port,
                max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, top_k=args.top_k,
-               max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+               max_body_bytes=int(args.max_body_mb * 1024 * 1024), threads=args.threads,
                announce=lambda m: print(m, file=sys.stderr, flush=True))
     return 0
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import torch
 from aiohttp import web
 
 from vitkit.serve.batching import DynamicBatcher
@@ -155,7 +156,9 @@ async def _serve(app: web.Application, host: str, port: int, announce: Callable[
         await runner.cleanup()
 
 
-def run_server(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000,
+def run_server(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
                announce: Callable[[str], None] = print, **options: Any) -> None:
-    """Serve until SIGINT or SIGTERM (``port=0``: a free port, announced)."""
+    """Serve until SIGINT or SIGTERM (``port=0``: a free port, announced); ``threads``: torch's intra-op threads."""
+    if threads:
+        torch.set_num_threads(threads)
     asyncio.run(_serve(build_app(engine, **options), host, port, announce))
