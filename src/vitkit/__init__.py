@@ -15,6 +15,7 @@ from vitkit.models import (
     register_model,
     resample_pos_embed,
 )
+from vitkit.models.features import maybe_feature_extractor, split_feature_options
 from vitkit.resolver import ModelSource, ResolvedModel, load_source, register_source_hook, resolve_source
 from vitkit.resolver import load_model as _load_model
 from vitkit.version import __version__
@@ -42,9 +43,9 @@ def create_model(name: str, pretrained: bool = False, **overrides: Any) -> nn.Mo
     (``vit_base_patch16_224.augreg2_in21k_ft_in1k``) or a bare architecture (its default weights);
     ``overrides`` (``num_classes``, ``img_size``, ...) adapt it as in :func:`from_pretrained`. Without
     ``pretrained``, ``arch.tag`` builds the architecture shaped as those weights (classes, input size)."""
-    if pretrained:
-        return _load_model(name, **overrides)
-    return create_untrained(name, **overrides)
+    overrides, features = split_feature_options(overrides)  # features_only=True: timm's feature extractor
+    model = _load_model(name, **overrides) if pretrained else create_untrained(name, **overrides)
+    return maybe_feature_extractor(model, features)
 
 
 __all__ = [

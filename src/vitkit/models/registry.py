@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from vitkit.models.features import maybe_feature_extractor, split_feature_options
 from vitkit.version import __version__
 
 
@@ -93,10 +94,12 @@ def build_model(config: Any) -> nn.Module:
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
-    """Build a registered model, e.g. ``create_model('vit_base_patch16_224', num_classes=10)``."""
+    """Build a registered model, e.g. ``create_model('vit_base_patch16_224', num_classes=10)``;
+    ``features_only=True`` (with ``out_indices``, ``feature_norm``, ``output_fmt``) gives timm's feature extractor."""
+    overrides, options = split_feature_options(overrides)
     entry = get_model_entry(name)
     config = entry.config.replace(**overrides)
-    return get_architecture(entry.architecture).build(config)
+    return maybe_feature_extractor(get_architecture(entry.architecture).build(config), options)
 
 
 def config_record(config: Any) -> dict[str, Any]:
