@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from vitkit.models import create_model, get_model_config
+from vitkit.models import build_registered, get_model_config
 from vitkit.models.mae import MaskedAutoencoder
 from vitkit.models.t2t import T2TViT
 from vitkit.models.vit import VisionTransformer
@@ -38,7 +38,7 @@ def check_linear(layer: nn.Linear, mode: str) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("mode", ["jax", "timm", "mae"])
 def test_one_mode_switch_for_every_family(family, mode):
-    model = create_model(FAMILIES[family])
+    model = build_registered(FAMILIES[family])
     model.init_weights(mode)
     check_linear(model.blocks[0].mlp.fc1, mode)
     check_linear(model.blocks[-1].mlp.fc2, mode)
@@ -53,12 +53,12 @@ def test_one_mode_switch_for_every_family(family, mode):
 
 def test_bad_mode_is_a_clear_error():
     with pytest.raises(ValueError, match="weight init mode must be one of jax, timm, mae"):
-        create_model("vit_mini_patch4_32", depth=1).init_weights("xavier")
+        build_registered("vit_mini_patch4_32", depth=1).init_weights("xavier")
 
 
 @pytest.mark.parametrize(("family", "mode"), [("vit", "jax"), ("t2t", "timm"), ("mae", "mae")])
 def test_each_family_starts_from_its_own_recipe(family, mode):
-    model = create_model(FAMILIES[family])
+    model = build_registered(FAMILIES[family])
     assert model.weight_init == mode
     check_linear(model.blocks[0].mlp.fc1, mode)
     if family == "t2t":  # the official T2T init reaches the tokens-to-token transformers too
@@ -87,7 +87,7 @@ def test_t2t_is_a_vision_transformer_built_by_its_constructor():
     VisionTransformer's (it no longer skips its parent's constructor or re-implements the head)."""
     own = set(vars(T2TViT))
     assert not own & {"__init__", "_new_head", "reset_head", "init_weights", "no_weight_decay"}
-    model = create_model("t2t_vit_t_mini_32")
+    model = build_registered("t2t_vit_t_mini_32")
     model.reset_head(3)
     assert torch.count_nonzero(model.head.weight) == 0 and model.head.out_features == 3
     model.reset_head(4, zero_init=False)

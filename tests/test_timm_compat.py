@@ -20,7 +20,7 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 from vitkit.bench.reference import reference_twin
 from vitkit.data.transforms import eval_transform
-from vitkit.models import create_model
+from vitkit.models import build_registered
 from vitkit.models.registry import _ARCHITECTURES, get_model_entry
 
 peft = pytest.importorskip("peft")
@@ -36,7 +36,7 @@ def cifar_batch(data_root, n: int = 4) -> torch.Tensor:
 
 @pytest.fixture
 def mini():
-    return create_model("vit_mini_patch4_32", **MINI).eval()
+    return build_registered("vit_mini_patch4_32", **MINI).eval()
 
 
 # ------------------------------------------------------------------------------------------- PEFT
@@ -163,7 +163,7 @@ def test_the_checks_cover_every_registered_architecture():
 
 def _build(family: str) -> nn.Module:
     name, overrides = ALL_FAMILIES[family]
-    return create_model(name, **overrides).eval()
+    return build_registered(name, **overrides).eval()
 
 
 def _images(model: nn.Module, data_root, n: int = 2) -> torch.Tensor:
@@ -230,7 +230,7 @@ def test_forward_intermediates_and_features_only(family, data_root, one_thread):
         torch.testing.assert_close(final, model.forward_features(images))
         for m, channels, reduction in zip(maps, info.channels(), info.reduction(), strict=True):
             assert m.shape == (2, channels, 32 // reduction, 32 // reduction)
-        features = create_model(ALL_FAMILIES[family][0], **ALL_FAMILIES[family][1], features_only=True,
+        features = build_registered(ALL_FAMILIES[family][0], **ALL_FAMILIES[family][1], features_only=True,
                                 out_indices=(0, 1)).eval()
         features.model.load_state_dict(model.state_dict(), strict=False)  # the pruned model: blocks 0-1, no head
         got = features(images)
@@ -289,8 +289,8 @@ def test_channels_last_input(family, data_root, one_thread):
 @pytest.mark.parametrize("family", [f for f in CLASSIFIERS if "stem" not in f])
 def test_dynamic_img_size(family, data_root, one_thread):
     name, overrides = CLASSIFIERS[family]
-    fixed = create_model(name, **overrides).eval()
-    dynamic = create_model(name, **overrides, dynamic_img_size=True).eval()
+    fixed = build_registered(name, **overrides).eval()
+    dynamic = build_registered(name, **overrides, dynamic_img_size=True).eval()
     dynamic.load_state_dict(fixed.state_dict())
     images = _images(fixed, data_root)
     larger = nn.functional.interpolate(images, size=(48, 40), mode="bilinear", align_corners=False)
@@ -320,7 +320,7 @@ def _photo(data_root):
 def test_timm_data_config_and_transform_reproduce_the_record(name, preprocess, data_root):
 
     overrides = {"img_size": 48} if preprocess is None else {"img_size": 48, "preprocess": preprocess}
-    model = create_model(name, **overrides)
+    model = build_registered(name, **overrides)
     record = model.config.preprocessing()
     config = resolve_data_config({}, model=model)
     assert config == {"input_size": (3, 48, 48), "interpolation": record.interpolation, "mean": record.mean,
@@ -335,7 +335,7 @@ def test_timm_data_config_and_transform_reproduce_the_record(name, preprocess, d
 
 @pytest.mark.parametrize("overrides", [{}, {"global_pool": "avg", "fc_norm": True}])
 def test_layer_decay_groups_equal_timm(overrides):
-    model = create_model("vit_mini_patch4_32", depth=3, **overrides)
+    model = build_registered("vit_mini_patch4_32", depth=3, **overrides)
     reference = reference_twin(model)
 
     def groups(m: nn.Module) -> dict[str, tuple[float, float]]:
@@ -353,7 +353,7 @@ def test_layer_decay_groups_equal_timm(overrides):
 
 @pytest.mark.parametrize("pool", ["", "token", "avg", "max", "avgmax", "map"])
 def test_global_pool_equals_timm(pool, data_root, one_thread):
-    model = create_model("vit_mini_patch4_32", depth=2, global_pool=pool).eval()
+    model = build_registered("vit_mini_patch4_32", depth=2, global_pool=pool).eval()
     reference = reference_twin(model).eval()
     images = cifar_batch(data_root)
     with torch.no_grad():
@@ -386,7 +386,7 @@ def test_forward_intermediates_options_equal_timm(mini, data_root, one_thread):
 
 
 def test_prune_intermediate_layers_equals_timm(data_root, one_thread):
-    model = create_model("vit_mini_patch4_32", depth=3).eval()
+    model = build_registered("vit_mini_patch4_32", depth=3).eval()
     reference = reference_twin(model).eval()
     assert model.prune_intermediate_layers([0, 1]) == reference.prune_intermediate_layers([0, 1]) == [0, 1]
     assert len(model.blocks) == len(reference.blocks) == 2
@@ -413,7 +413,7 @@ def test_grad_checkpointing_gives_the_same_gradients(data_root, one_thread):
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = create_model("vit_mini_patch4_32", depth=2, drop_path_rate=0.0)
+        model = build_registered("vit_mini_patch4_32", depth=2, drop_path_rate=0.0)
         model.set_grad_checkpointing(checkpointing)
         assert model.grad_checkpointing is checkpointing
         model(images).logsumexp(-1).sum().backward()
@@ -423,7 +423,7 @@ def test_grad_checkpointing_gives_the_same_gradients(data_root, one_thread):
 
 def test_timm_attributes(mini):
     assert (mini.num_classes, mini.num_features, mini.head_hidden_size, mini.global_pool) == (10, 128, 128, "token")
-    with_rep = create_model("vit_mini_patch4_32", depth=1, representation_size=64)
+    with_rep = build_registered("vit_mini_patch4_32", depth=1, representation_size=64)
     assert (with_rep.num_features, with_rep.head_hidden_size) == (128, 64)  # timm: pre-logits width apart
     assert mini.no_weight_decay() == {"pos_embed", "cls_token"}
     assert mini.group_matcher()["blocks"] == reference_twin(mini).group_matcher()["blocks"]

@@ -17,8 +17,7 @@ from vitkit.convert.infer import STEM_ASSUMED, infer_config, stem_spec
 from vitkit.convert.mae import infer_mae_config
 from vitkit.hub import HubSource, find_entry
 from vitkit.models.mae import ENCODER_PREFIXES, MAEConfig, MaskedAutoencoder
-from vitkit.models.registry import build_model, get_model_config, list_models
-from vitkit.models.registry import create_model as create_registered_model
+from vitkit.models.registry import build_model, build_registered, get_model_config, list_models
 from vitkit.models.t2t import T2TConfig
 
 # Fields the weights fix; a named model must agree with the checkpoint on them.
@@ -108,9 +107,9 @@ def create_untrained(name: str, **overrides: Any) -> nn.Module:
     those weights are (their classes and input size), as ``timm.create_model(name)`` without weights is."""
     entry = find_entry(name) if "." in name else None
     if entry is None:
-        return create_registered_model(name, **overrides)
+        return build_registered(name, **overrides)
     shape = {"num_classes": entry.num_classes, "img_size": entry.input_size, **entry.config}
-    return create_registered_model(entry.architecture, **{**shape, **overrides})
+    return build_registered(entry.architecture, **{**shape, **overrides})
 
 
 def from_checkpoint(checkpoint: Checkpoint, *, img_size: int | tuple[int, int] | None = None,

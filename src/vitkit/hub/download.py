@@ -32,9 +32,11 @@ import json
 import math
 import os
 import re
+import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,14 +58,16 @@ try:
 except ImportError:  # Windows: no advisory locks
     fcntl = None  # type: ignore[assignment]
 
+from vitkit.errors import ChecksumError, DownloadError, OfflineError
 from vitkit.hub.catalog import Checksum
-from vitkit.hub.errors import ChecksumError, DownloadError, OfflineError
 from vitkit.hub.integrity import blob_mismatch, digest, file_digest, incomplete_reason, remember
 
 CHUNK = 1 << 20
 ATTEMPTS = 3
 """Tries per URL download; each retry resumes where the last one stopped (when the server's validator allows)."""
 TIMEOUT_S = 30.0
+PROBE_TIMEOUT_S = 3.0
+"""How long the Hub's host may take to accept a connection before vitkit treats the machine as offline."""
 STALL_S = 60.0
 """Default stall deadline: a download that receives less than :data:`MIN_BYTES` in this many seconds stops."""
 MIN_BYTES = 1024
@@ -78,6 +82,32 @@ def is_offline() -> bool:
     """Whether vitkit must not touch the network (``HF_HUB_OFFLINE``/``VITKIT_OFFLINE``, read at call time)."""
     return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE") or _env_true("VITKIT_OFFLINE") \
         or bool(constants.HF_HUB_OFFLINE)
+
+
+_REACHABLE: dict[tuple[str, int], bool] = {}
+
+
+def hub_offline_reason() -> str | None:
+    """Why the Hub may not be used, or None. Besides the offline switches, one TCP connection to the Hub's host
+    (``PROBE_TIMEOUT_S``, once per process): without a network ``huggingface_hub`` retries each request with
+    back-off (ten "Retrying in 8s" lines and 24-48 s before an error), where a cached file or one clear line
+    is all there is to give."""
+    if is_offline():
+        return "offline mode is on (HF_HUB_OFFLINE/VITKIT_OFFLINE)"
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    host = endpoint.hostname or "huggingface.co"
+    proxy = None if urllib.request.proxy_bypass(host) else urllib.request.getproxies().get(endpoint.scheme)
+    first_hop = urllib.parse.urlsplit(proxy if "://" in (proxy or "") else f"http://{proxy}") if proxy else endpoint
+    address = (first_hop.hostname or host, first_hop.port or (443 if first_hop.scheme == "https" else 80))
+    if address not in _REACHABLE:
+        try:
+            with socket.create_connection(address, timeout=PROBE_TIMEOUT_S):
+                _REACHABLE[address] = True
+        except OSError:
+            _REACHABLE[address] = False
+    if _REACHABLE[address]:
+        return None
+    return f"the Hugging Face Hub ({host}{f', through the proxy {proxy}' if proxy else ''}) cannot be reached"
 
 
 def cache_dir() -> Path:
@@ -163,8 +193,8 @@ def download_url(url: str, *, checksum: Checksum | None = None, name: str | None
         _check_cached(dest, checksum, what)
         return dest
     if is_offline():
-        raise OfflineError(f"{what}: not in vitkit's cache and offline mode is on (HF_HUB_OFFLINE/VITKIT_OFFLINE): "
-                           f"{fetch_hint(what, cache_dir())}")
+        raise OfflineError(what, "not in vitkit's cache and offline mode is on (HF_HUB_OFFLINE/VITKIT_OFFLINE)",
+                           fetch_hint(what, cache_dir()))
     stall_s = stall_seconds() if stall_s is None else stall_s
     deadline_s = deadline_seconds() if deadline_s is None else deadline_s
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -187,8 +217,11 @@ def download_url(url: str, *, checksum: Checksum | None = None, name: str | None
                     raise DownloadError(f"{what}: {url} answered HTTP {e.code} {e.reason}") from None
                 if attempt == attempts:
                     have = part.stat().st_size if part.exists() else 0
-                    error = OfflineError if not have and isinstance(e, urllib.error.URLError) else DownloadError
-                    raise error(f"{what}: download of {url} failed ({reason}); {_resume_hint(part, what)}") from None
+                    if not have and isinstance(e, urllib.error.URLError):
+                        raise OfflineError(what, f"download of {url} failed ({reason})",
+                                           _resume_hint(part, what)) from None
+                    raise DownloadError(f"{what}: download of {url} failed ({reason}); {_resume_hint(part, what)}") \
+                        from None
                 time.sleep(min(2.0 ** attempt, 10.0) * 0.1)
                 continue
             if not complete:
@@ -236,7 +269,7 @@ def _check_cached(dest: Path, checksum: Checksum | None, what: str) -> None:
         return
     cut = incomplete_reason(dest)
     if cut is not None:
-        raise DownloadError(f"{what}: the cached file {dest} is incomplete ({cut}): delete it and run "
+        raise ChecksumError(f"{what}: the cached file {dest} is incomplete ({cut}): delete it and run "
                             f"'vitkit download {what}' again")
 
 
@@ -406,16 +439,16 @@ def download_hub_file(repo_id: str, filename: str, *, revision: str | None = Non
     Returns None for a file the repo does not have when ``required`` is False.
     """
     what = name or f"hf-hub:{repo_id}"
-    offline = is_offline()
+    offline = hub_offline_reason()
     try:
         path = Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=hf_cache_dir(),
-                                    local_files_only=offline, library_name="vitkit"))
+                                    local_files_only=offline is not None, library_name="vitkit"))
     except LocalEntryNotFoundError:
         if not required:
             return None
-        why = "offline mode is on (HF_HUB_OFFLINE/VITKIT_OFFLINE)" if offline else "the Hub cannot be reached"
-        raise OfflineError(f"{what}: {repo_id}/{filename} is not in the Hugging Face cache and {why}: "
-                           f"{fetch_hint(what, hf_cache_dir())}") from None
+        why = offline or "the Hub cannot be reached"
+        raise OfflineError(what, f"{repo_id}/{filename} is not in the Hugging Face cache and {why}",
+                           fetch_hint(what, hf_cache_dir())) from None
     except GatedRepoError:
         raise DownloadError(f"{what}: {repo_id} is gated: accept its terms on huggingface.co and log in "
                             "(huggingface-cli login, or HF_TOKEN)") from None
@@ -443,7 +476,7 @@ def _check_hub_blob(path: Path, what: str, label: str) -> None:
         raise DownloadError(f"{what}: {label} in the Hugging Face cache cannot be read ({e})") from None
     if why is not None:
         blob = path.resolve()
-        raise DownloadError(f"{what}: {label} in the Hugging Face cache is damaged or incomplete "
+        raise ChecksumError(f"{what}: {label} in the Hugging Face cache is damaged or incomplete "
                             f"({blob.stat().st_size} bytes; {why}, not its name): delete {blob} and run "
                             f"'vitkit download {what}' again")
 
@@ -468,7 +501,8 @@ def download_hub_repo(repo_id: str, *, revision: str | None = None, name: str | 
                 download_hub_file(repo_id, shard, revision=revision, name=what)
         return config.parent
     tried = ", ".join(WEIGHT_CANDIDATES)
-    if is_offline():
-        raise OfflineError(f"{what}: the weights of {repo_id} ({tried}) are not in the Hugging Face cache and "
-                           f"offline mode is on (HF_HUB_OFFLINE/VITKIT_OFFLINE): {fetch_hint(what, hf_cache_dir())}")
+    offline = hub_offline_reason()
+    if offline is not None:
+        raise OfflineError(what, f"the weights of {repo_id} ({tried}) are not in the Hugging Face cache and {offline}",
+                           fetch_hint(what, hf_cache_dir()))
     raise DownloadError(f"{what}: {repo_id} has none of {tried}")

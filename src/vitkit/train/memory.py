@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkit.train.runtime import autocast
+from vitkit.runtime import autocast
 
 MEMORY_LIMIT_ENV = "VITKIT_MEMORY_LIMIT"
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
