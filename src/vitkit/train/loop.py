@@ -45,7 +45,7 @@ from vitkit.train.memory import ensure_step_fits
 from vitkit.train.monitor import Progress, RunLog, format_duration
 from vitkit.train.optim import build_optimizer, lr_at, peak_lr, set_lr
 from vitkit.train.plots import plot_curves
-from vitkit.train.rundir import create_run_dir, remove_partial_writes, write_config
+from vitkit.train.rundir import create_run_dir, lock_run_dir, remove_partial_writes, unlock_run_dirs, write_config
 from vitkit.train.runtime import StopSignals, seed_everything
 from vitkit.train.task import Task, build_task, format_metric
 
@@ -184,6 +184,7 @@ def _run(cfg: TrainConfig, run_dir: Optional[Path] = None, saved: Optional[dict[
         with StopSignals() as signals:
             return _train(cfg, world, run_dir, saved, signals)
     finally:
+        unlock_run_dirs()
         shutdown(world)
 
 
@@ -210,6 +211,8 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optio
     parts.model = _wrap(parts.raw, cfg, world, device)
 
     run_dir = broadcast_object(run_dir or (create_run_dir(cfg) if world.is_main else None), world)
+    if world.is_main:  # before anything in it changes: a second process must not resume a live run
+        lock_run_dir(run_dir)
     log = RunLog(run_dir, resume_step=state.step if saved else None, enabled=world.is_main)
     checkpoints = CheckpointWriter(run_dir, cfg.keep_last_k)
     progress = Progress(cfg.progress, enabled=world.is_main)
