@@ -17,7 +17,7 @@ SRC = ROOT / "src"
 BIN = Path(sys.executable).parent
 
 # Imports allowed inside functions: optional or slow dependencies that most uses of vitkit never need.
-LAZY_ALLOWED = ("timm", "torch.utils.tensorboard", "matplotlib")
+LAZY_ALLOWED = ("timm", "torch.utils.tensorboard", "matplotlib", "onnx", "aiohttp")  # onnx*: the [onnx] extra
 # The command line imports each command's modules when that command runs (lint-imports still sees them):
 # parsing, --help and --version import no torch.
 LAZY_MODULES = {"src/vitkit/cli.py": ("vitkit.",)}

@@ -173,3 +173,57 @@ def test_a_failed_download_exits_1_fast_leaves_nothing_behind_and_predict_agrees
     assert code == 1, err
     assert err.startswith("vitkit data download: error: downloading cifar100") and "Traceback" not in err, err
     assert not (tmp_path / "data" / "cifar100").exists()  # before: an empty cifar100/raw stayed
+
+
+def test_models_build_counts_parameters_on_the_meta_device_row_by_row(capsys):
+    """Before: ``vitkit models 'vit_*patch16*' --build`` built ViT-H and friends for real (181 s, no output until
+    the end). Now each count is the meta device's (exact, no memory) and each row is printed when counted."""
+    import resource
+
+    from vitkit.models.registry import build_registered, count_parameters
+
+    tiny = build_registered("vit_mini_patch4_32")
+    assert count_parameters("vit_mini_patch4_32") == sum(p.numel() for p in tiny.parameters())
+    assert count_parameters("vit_base_patch16_224") == 86_567_656  # the paper's ViT-B/16 (timm's count)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert count_parameters("vit_huge_patch14_224") == 632_045_800  # 2.5 GB of float32 if built for real
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 200, f"the count allocated {grown_mib:.0f} MiB"
+    assert cli.main(["models", "vit_*patch16_224", "--build"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()[1:]
+    assert rows and all(len(row.split()) >= 4 for row in rows)
+    base = next(row for row in rows if row.startswith("vit_base_patch16_224 "))
+    assert "86,567,656" in base
+
+
+@pytest.mark.parametrize("name, refused", [("vit_convstem_mnist_28", "hf"), ("vit_hybrid_cifar_32", "torchvision")])
+def test_a_refused_export_names_only_formats_that_work_for_that_model(name, refused, tmp_path, capsys, one_thread):
+    """Before: ``vitkit convert runs/mnist_short x --to hf`` said "export this hybrid to 'timm', 'npz' or
+    'vitkit'", and --to timm and --to npz refused the model too. Each format the advice names is tried here."""
+    import vitkit
+    from vitkit.convert import save_as
+
+    model = vitkit.create_model(name, depth=1)
+    model.save_pretrained(tmp_path / "src")
+    assert cli.main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--to", refused]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "formats that can hold this model: " in err, err
+    named = err.rsplit("formats that can hold this model: ", 1)[1].split(", ")
+    assert "vitkit" in named and refused not in named
+    suffix = {"timm": ".safetensors", "torchvision": ".pth", "npz": ".npz", "t2t": ".pth.tar"}
+    for fmt in named:
+        save_as(model, tmp_path / f"as_{fmt}{suffix.get(fmt, '')}", fmt)  # each one really holds it
+
+
+def test_readme_gives_a_cpu_only_install_beside_the_default_one():
+    """Before: the README's only install line pulled the CUDA build of torch on CPU-only machines."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    blocks = {name: re.search(rf"<!-- {name} -->\n```\n(.*?)\n```\n<!-- /{name} -->", readme, re.S)
+              for name in ("main-command", "cpu-command")}
+    assert all(blocks.values()), "the main and CPU-only install commands are both marked in the README"
+    main, cpu = (blocks[n].group(1) for n in ("main-command", "cpu-command"))
+    assert "--index-url https://download.pytorch.org/whl/cpu" in cpu and "--index-url" not in main
+    # the same versions and the same steps, only the index differs
+    assert cpu.replace(" --index-url https://download.pytorch.org/whl/cpu", "") == main

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from vitkit.errors import DownloadError, OfflineError, WorkStopped, exit_code
+from vitkit.errors import DownloadError, ExportMismatch, OfflineError, WorkStopped, exit_code
 from vitkit.version import __version__
 
 # A command's modules are imported when it runs (inside its _cmd_ function), not here: ``vitkit --help`` and a
@@ -19,7 +19,7 @@ from vitkit.version import __version__
 
 def _cmd_models(args: argparse.Namespace) -> int:
     from vitkit.models import list_models
-    from vitkit.models.registry import build_registered, get_model_entry
+    from vitkit.models.registry import count_parameters, get_model_entry
 
     if args.pretrained:
         return _list_pretrained(args.pattern)
@@ -28,15 +28,14 @@ def _cmd_models(args: argparse.Namespace) -> int:
         print(f"no model matches {args.pattern!r}", file=sys.stderr)
         return 1
     if args.build:
-        print(f"{'model':34s} {'params':>13s} {'img':>5s} {'patch':>5s}  description")
+        print(f"{'model':34s} {'params':>13s} {'img':>5s} {'patch':>5s}  description", flush=True)
     for name in names:
         entry = get_model_entry(name)
         if args.build:
-            model = build_registered(name)
-            params = sum(p.numel() for p in model.parameters())
+            params = count_parameters(name)  # on the meta device: no memory, no initialisation
             cfg = entry.config
             print(f"{name:34s} {params:13,d} {str(cfg.img_size):>5s} {getattr(cfg, 'patch_size', '-')!s:>5s}  "
-                  f"{entry.description}")
+                  f"{entry.description}", flush=True)  # a row as soon as it is counted
         else:
             print(f"{name:34s} {entry.description}")
     return 0
@@ -45,7 +44,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the registered models")
     p.add_argument("pattern", nargs="?", default=None, help="shell wildcard, e.g. 'vit_base*'")
-    p.add_argument("--build", action="store_true", help="build each model and print its parameter count")
+    p.add_argument("--build", action="store_true",
+                   help="print each model's parameter count (built on the meta device: no weights allocated)")
     p.add_argument("--pretrained", action="store_true",
                    help="list the catalog of released weights (arch.tag names) with their preprocessing, classes, "
                         "reported top-1, licence, location and checksum; PATTERN filters them ('augreg', 'vit_b*')")
@@ -547,21 +547,78 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from vitkit.train.rundir import export_run
+    if args.format == "vitkit":
+        from vitkit.train.rundir import export_run
 
-    out, resolved = export_run(args.run, checkpoint=args.checkpoint, out_dir=args.out)
-    print(f"{resolved.description} -> {out}")
+        if args.int8 or args.dynamic_size:
+            raise ValueError("--int8 and --dynamic-size apply to --format onnx (--dynamic-size also to "
+                             "exported-program)")
+        out, resolved = export_run(args.run, checkpoint=args.checkpoint, out_dir=args.out)
+        print(f"{resolved.description} -> {out}")
+        return 0
+    from vitkit.deploy import export_model, validation_images
+    from vitkit.resolver import load_source
+
+    resolved = load_source(args.run, checkpoint=args.checkpoint)
+    print(f"loaded: {resolved.description}", file=sys.stderr)
+    out = Path(args.out) if args.out else _default_export_path(resolved, args.format, args.int8)
+    config = resolved.model.config
+    dataset = args.validate_data or config.preprocessing().dataset or (
+        (resolved.training_config or {}).get("data", {}).get("dataset"))
+    if not dataset:
+        raise ValueError(f"{args.run}: the model records no data set to validate the export on; pass --validate-data "
+                         "(e.g. cifar10 or folder:../shared/data/imagenette_subset)")
+    validation = validation_images(config, dataset, args.validate_images, data_dir=args.data_dir)
+    report = export_model(resolved.model, out, format=args.format, validation=validation, int8=args.int8,
+                          dynamic_size=args.dynamic_size, atol=args.atol, min_agreement=args.min_agreement,
+                          log=lambda m: print(m, file=sys.stderr))
+    for result, tolerance in report.checks:
+        print(f"{result.format()}  [tolerance: {tolerance.describe()}: ok]")
+    print(f"{resolved.description} -> {report.path} ({args.format}{', int8' if args.int8 else ''})")
     return 0
 
 
+def _default_export_path(resolved, fmt: str, int8: bool) -> Path:
+    run_dir, state = resolved.source.run_dir, resolved.source.state
+    if run_dir is None:
+        raise ValueError("--out is needed when SOURCE is not a training run (e.g. --out model.onnx)")
+    suffix = ".pt2" if fmt == "exported-program" else (".int8.onnx" if int8 else ".onnx")
+    return Path(run_dir) / f"export-{state or 'checkpoint'}{suffix}"
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write a vitkit model directory from any state of a training run",
-                       description="Write RUN's best checkpoint (or another state) as a vitkit model directory "
-                                   "(model.safetensors + config.json), whether or not the run has finished.")
-    p.add_argument("run", metavar="RUN", help="a training run directory (or one of its checkpoint files)")
+    p = sub.add_parser("export", help="write a model for deployment: a vitkit directory, ONNX (fp32/int8) or "
+                                      "a torch.export program, validated against the eager model",
+                       description="--format vitkit (default): write RUN's best checkpoint (or another state) as a "
+                                   "vitkit model directory (model.safetensors + config.json), whether or not the run "
+                                   "has finished. --format onnx / exported-program: trace any model SOURCE with "
+                                   "torch.export (dynamic batch axis) and write an ONNX file (preprocessing and class "
+                                   "names in its metadata) or a .pt2; the result is compared with the eager model on "
+                                   "real images first (max |logit diff| and top-1 agreement printed) and not "
+                                   "written, exit status 4, if it disagrees beyond the tolerance.")
+    p.add_argument("run", metavar="SOURCE", help="a training run directory (or one of its checkpoint files); for "
+                                                 "onnx/exported-program any model SOURCE (model directory, "
+                                                 "checkpoint, pretrained name)")
+    p.add_argument("--format", choices=("vitkit", "onnx", "exported-program"), default="vitkit",
+                   help="vitkit (model directory, default), onnx, exported-program (torch.export .pt2)")
     p.add_argument("--checkpoint", default=None, metavar="STATE",
                    help="best (default), last, step-N (a kept step checkpoint) or model (the final export)")
-    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: RUN/export-STATE)")
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="output directory or file (default: RUN/export-STATE, .onnx, .int8.onnx or .pt2)")
+    p.add_argument("--int8", action="store_true", help="onnx: quantize the Linear layers to int8 (dynamic, "
+                                                       "onnxruntime's quantizer) for CPU inference")
+    p.add_argument("--dynamic-size", action="store_true",
+                   help="dynamic height and width (multiples of the patch size), position embeddings resampled in "
+                        "the graph (plain-patch ViTs)")
+    p.add_argument("--validate-data", default=None, metavar="DATASET",
+                   help="images to validate on: a named set or folder:PATH (default: the model's data set)")
+    p.add_argument("--validate-images", type=_positive_int, default=64, metavar="N",
+                   help="images compared with the eager model (default 64)")
+    p.add_argument("--data-dir", default=None, metavar="D", help="where named data sets live")
+    p.add_argument("--atol", type=float, default=None,
+                   help="float32: largest |logit difference| accepted (default 1e-3)")
+    p.add_argument("--min-agreement", type=float, default=None, metavar="FRACTION",
+                   help="smallest top-1 agreement with the eager model accepted (int8 default 0.97)")
     p.set_defaults(func=_cmd_export)
 
 
@@ -674,7 +731,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError, WorkStopped) as e:
+    except (ValueError, OSError, WorkStopped, ExportMismatch) as e:
         code = exit_code(e)
         assert code is not None
         if isinstance(e, OSError) and not isinstance(e, DownloadError):  # an unwritable, full or vanished directory

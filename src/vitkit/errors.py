@@ -34,13 +34,21 @@ class WorkStopped(RuntimeError):
     first read mid-run): exit 1, with what was saved and how to continue in the message."""
 
 
+class ExportMismatch(Exception):
+    """An exported model (ONNX, int8, torch.export) disagrees with the eager model beyond the tolerance on the
+    validation images; nothing was written (exit 4)."""
+
+
 def exit_code(error: BaseException) -> int | None:
     """The exit code docs/failures.md gives ``error``'s cause, or None for an error that is a bug (a traceback):
     2 for bad input (a bad value, a missing or corrupt file: ``ValueError``, ``FileNotFoundError``, checked
     first, so that a damaged download is 2 like any corrupt file); 1 for what stopped the work from outside the
-    input (a download that could not be made, a directory or disk that failed, :class:`WorkStopped`)."""
+    input (a download that could not be made, a directory or disk that failed, :class:`WorkStopped`); 4 for
+    an export that failed its validation (:class:`ExportMismatch`)."""
     if isinstance(error, WorkStopped):
         return 1
+    if isinstance(error, ExportMismatch):
+        return 4
     if isinstance(error, OfflineError):  # also a FileNotFoundError, but the network's doing, not the input's
         return 1
     if isinstance(error, (ValueError, FileNotFoundError)):

@@ -2,7 +2,9 @@
 
 Images are prepared by the model's one eval transform (:func:`vitkit.data.eval_transform`, from the
 :class:`~vitkit.preprocessing.Preprocessing` record in its config: size, crop, interpolation, mean, std),
-exactly as ``vitkit eval``, ``fewshot`` and ``analyze`` prepare them.
+exactly as ``vitkit eval``, ``fewshot`` and ``analyze`` prepare them, except that a photo is first turned
+as its EXIF orientation tag says (what an image viewer shows, and what transformers' ``pipeline`` does;
+data sets are read as stored, as timm's and torchvision's data sets read them).
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ class Prediction:
 
 
 def preprocess(path: str | Path, config, transform: EvalTransform | None = None) -> Tensor:
-    """One image file -> the normalised (C, H, W) tensor the model sees (its eval transform)."""
+    """One image file -> the normalised (C, H, W) tensor the model sees (its eval transform, after the
+    file's EXIF orientation)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such image file")
     transform = transform or eval_transform(config)
-    return transform.normalize(transform.load(path))
+    return transform.normalize(transform.load(path, orient=True))
 
 
 @torch.no_grad()

@@ -59,10 +59,10 @@ def from_vitkit(state_dict: dict[str, Tensor], config: ViTConfig) -> dict[str, T
     if lost:
         raise ValueError(f"a timm state dict cannot record this hybrid stem's {lost}: no tensor holds them, and "
                          "timm's hybrids (what reading the file back assumes) use "
-                         f"{STEM_ASSUMED}; keep the 'vitkit' format")
+                         f"{STEM_ASSUMED}")
     if config.representation_size is not None:
         raise ValueError("timm's VisionTransformer has no representation layer (pre_logits) since timm 0.6; "
-                         "export to 'hf', 'torchvision' or 'npz', or drop it with model.reset_head(num_classes)")
+                         "drop it with model.reset_head(num_classes)")
     return dict(state_dict)
 
 
@@ -85,15 +85,19 @@ def hints_from_hub_config(data: dict[str, Any]) -> dict[str, Any]:
 
 def preprocessing_from_hub_config(data: dict[str, Any], source: str) -> Preprocessing | None:
     """The eval preprocessing a timm Hub ``config.json`` states (``pretrained_cfg``: ``mean``, ``std``,
-    ``crop_pct``, ``interpolation``); None when it states no mean/std."""
+    ``crop_pct``, ``interpolation``, ``crop_mode``); None when it states no mean/std."""
     cfg = data.get("pretrained_cfg") or {}
     if "mean" not in cfg or "std" not in cfg:
         return None
     interpolation = cfg.get("interpolation", "bicubic")
     if interpolation not in ("bilinear", "bicubic", "nearest"):
         interpolation = "bicubic"  # timm's "random" or "lanczos" have no v2 counterpart here; bicubic is timm's default
+    crop_mode = cfg.get("crop_mode") or "center"
+    if crop_mode not in ("center", "squash"):  # timm's "border": the longer side resized, then padded
+        raise CheckpointError(f"{source}: pretrained_cfg crop_mode={crop_mode!r} is not one vitkit's eval transform "
+                              "reproduces (center, squash)")
     try:
         return Preprocessing(mean=cfg["mean"], std=cfg["std"], crop_pct=cfg.get("crop_pct", 0.875),
-                             interpolation=interpolation)
+                             interpolation=interpolation, crop_mode=crop_mode)
     except ValueError as e:
         raise CheckpointError(f"{source}: pretrained_cfg {e}") from None

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vitkit.errors import DownloadError, OfflineError
+from vitkit.hf_processor import ProcessorError, preprocessing_from_processor
 from vitkit.hub.catalog import CatalogEntry, find_entry, load_catalog
 from vitkit.hub.classes import class_names as bundled_class_names
 from vitkit.hub.download import download_hub_file, download_hub_repo, download_url
@@ -28,8 +29,6 @@ from vitkit.preprocessing import Preprocessing
 
 HF_PREFIXES = ("hf-hub:", "hf_hub:", "hf:")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
-# Pillow's resampling codes, as transformers' preprocessor_config.json stores them
-_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 
 @dataclass
@@ -143,7 +142,8 @@ def _timm_facts(config: dict[str, Any]) -> tuple[str | None, int | None, Preproc
     try:
         size = (int(cfg["input_size"][-2]), int(cfg["input_size"][-1]))
         preprocessing = Preprocessing(size=size, mean=cfg["mean"], std=cfg["std"], crop_pct=cfg.get("crop_pct", 1.0),
-                                      interpolation=cfg.get("interpolation", "bicubic"))
+                                      interpolation=cfg.get("interpolation", "bicubic"),
+                                      crop_mode=cfg.get("crop_mode") or "center")
     except (KeyError, TypeError, ValueError, IndexError):
         pass
     num_classes = config.get("num_classes", cfg.get("num_classes"))
@@ -159,22 +159,11 @@ def _timm_facts(config: dict[str, Any]) -> tuple[str | None, int | None, Preproc
 
 
 def _transformers_preprocessing(processor: dict[str, Any], config: dict[str, Any]) -> Preprocessing | None:
-    """transformers' ViTImageProcessor resizes straight to ``size`` (no crop) and normalises."""
+    """What the repo's image processor does (:func:`vitkit.hf_processor.preprocessing_from_processor`); None
+    when it has none, or one vitkit cannot reproduce (the directory reader then names the key at fault)."""
     if not processor:
         return None
-    size = processor.get("size", config.get("image_size"))
-    if isinstance(size, dict):
-        size = size.get("height") or size.get("shortest_edge")
-    mean, std = processor.get("image_mean"), processor.get("image_std")
-    if not size or not mean or not std:
-        return None
-    crop_pct = 1.0
-    crop = processor.get("crop_size")
-    if processor.get("do_center_crop") and crop:
-        crop = crop.get("height") if isinstance(crop, dict) else crop
-        crop_pct, size = float(crop) / float(size), crop
     try:
-        return Preprocessing(size=int(size), mean=mean, std=std, crop_pct=crop_pct,
-                             interpolation=_PIL_RESAMPLE.get(processor.get("resample", 2), "bilinear"))
-    except ValueError:
+        return preprocessing_from_processor(processor)
+    except ProcessorError:
         return None
