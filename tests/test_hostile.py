@@ -263,7 +263,9 @@ class SmallDisk:
         if self.kind == "tmpfs":
             import subprocess
 
-            subprocess.run(["umount", str(self.path)], capture_output=True)
+            done = subprocess.run(["umount", str(self.path)], capture_output=True, text=True)
+            if done.returncode != 0:  # a file still open on it (a failed run's log): detach it now, free later
+                subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
 
 
 @pytest.fixture
