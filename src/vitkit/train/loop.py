@@ -34,6 +34,7 @@ from vitkit.runtime import grad_scaler, resolve_device
 from vitkit.train.budget import (
     EVAL_COST,
     MEASURE_STEPS,
+    REPLAN_CHECKS,
     REPLAN_TOLERANCE,
     RESERVE,
     Cadence,
@@ -378,8 +379,16 @@ class _Run:
 
     def fit_budget(self) -> None:
         """With a time budget, after the first steps: fix ``max_steps`` (and ``epochs``) to what fits, in the
-        config the run writes and checkpoints (so a resumption keeps it), and say so."""
-        if self.plan_at is None or self.state.step < self.plan_at:
+        config the run writes and checkpoints (so a resumption keeps it), and say so; then at every tenth of
+        the run's steps (and after each evaluation, see :meth:`end_epoch`), re-plan to the pace since."""
+        if self.budget is None:
+            return
+        if self.plan_at is None:
+            # Every process checks at the same steps (a function of the plan), as a re-plan is a collective.
+            if self.state.step % max(1, self.schedule.total_steps // REPLAN_CHECKS) == 0:
+                self._replan()
+            return
+        if self.state.step < self.plan_at:
             return
         self.plan_at = None
         per_step = self.pace.seconds_per_step() or self.clock() / max(1, self.state.step)
@@ -502,8 +511,8 @@ class _Run:
 
     # ---------------------------------------------------------------------------------- time budget
     def _replan(self) -> None:
-        """After an evaluation: if the pace since the previous one (steps and evaluation) makes a different
-        number of steps fit the budget, spread the decay left over the steps to the new total."""
+        """If the pace since the previous check (steps, and the last evaluation) makes a different number of
+        steps fit the budget, spread the decay left over the steps to the new total."""
         state, planned = self.state, self.schedule.total_steps
         per_step = self.pace.seconds_per_step(recent=True)
         self.pace.new_window()
@@ -514,7 +523,7 @@ class _Run:
             return
         self._set_length(self.cfg.max_steps, replans=[*self.cfg.budget_replans, (state.step, total)])
         self._say(f"budget {format_budget(self.budget)}: {per_step:.3g} s/step and "
-                  f"{self.pace.seconds_per_evaluation(0.0):.3g} s/evaluation since the last evaluation: re-planned "
+                  f"{self.pace.seconds_per_evaluation(0.0):.3g} s/evaluation since the last check: re-planned "
                   f"from {planned:,} to {total:,} steps ({total / self.schedule.steps_per_epoch:.1f} epochs), the "
                   f"decay left now spread over steps {state.step:,}-{total:,}")
 
