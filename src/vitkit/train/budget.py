@@ -26,9 +26,9 @@ RESERVE = 0.01
 REPLAN_CHECKS = 10
 """Besides after each evaluation, the plan is checked at every ``1 / REPLAN_CHECKS`` of the run's steps (a run
 on a slow host may have no evaluation before its last)."""
-REPLAN_TOLERANCE = 0.01
+REPLAN_TOLERANCE = 0.02
 """A re-plan changes the schedule only when the steps that fit differ from the plan's by more than this
-fraction of the steps left (so measurement noise does not move it at every evaluation)."""
+fraction of the budget in time (so the noise of a loaded host does not move it at every check)."""
 EVAL_COST = 1 / 3
 """Before the first evaluation is timed: an evaluated image costs this fraction of a trained one (a forward
 pass without the backward, which costs about two forwards)."""

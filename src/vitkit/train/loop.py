@@ -267,8 +267,20 @@ class _Run:
     def __init__(self, cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optional[dict[str, Any]],
                  signals: StopSignals) -> None:
         self.cfg, self.world, self.signals = cfg, world, signals
-        self.device = device = resolve_device(cfg.device, world.local_rank)
+        self.device = resolve_device(cfg.device, world.local_rank)
         seed_everything(cfg.seed, cfg.deterministic)  # same seed on every rank: identical initial weights
+        self._build(saved)
+        self._open_run_dir(run_dir, saved)
+        if saved is not None and len(saved["rng"]) == world.size:
+            restore_rng(saved["rng"][world.rank])
+        else:  # dropout and drop-path draw different masks on each rank
+            seed_everything(cfg.seed + 1_000_003 * world.rank + self.state.step, cfg.deterministic)
+        self._start_clocks()
+
+    # --------------------------------------------------------------------------------------- set-up
+    def _build(self, saved: Optional[dict[str, Any]]) -> None:
+        """Data, task, model, optimizer and schedule; the memory check; the loop state (restored when resuming)."""
+        cfg, world, device = self.cfg, self.world, self.device
         self.data = data = build_data(cfg.data, device=device, seed=cfg.seed, rank=world.rank, world_size=world.size)
         self.task = task = build_task(cfg, data, device=device, world=world)
         self.parts = parts = _build_parts(task.build_model().to(device), cfg, device)
@@ -287,51 +299,60 @@ class _Run:
             self.state = LoopState.from_checkpoint(saved, device)
         parts.model = _wrap(parts.raw, cfg, world, device)
 
+    def _open_run_dir(self, run_dir: Optional[Path], saved: Optional[dict[str, Any]]) -> None:
+        """The run directory (new, or the resumed run's), its lock, log, checkpoints and config; the first lines."""
+        cfg, world, resumed = self.cfg, self.world, saved is not None
         self.run_dir = broadcast_object(run_dir or (create_run_dir(cfg) if world.is_main else None), world)
         if world.is_main:  # before anything in it changes: a second process must not resume a live run
             lock_run_dir(self.run_dir)
-        self.log = RunLog(self.run_dir, resume_step=self.state.step if saved else None, enabled=world.is_main)
+        self.log = RunLog(self.run_dir, resume_step=self.state.step if resumed else None, enabled=world.is_main)
         run_id = broadcast_object((saved or {}).get("run_id") or new_run_id(), world)  # one id on every process
         self.checkpoints = CheckpointWriter(self.run_dir, cfg.keep_last_k, run_id)
         self.progress = Progress(cfg.progress, enabled=world.is_main)
         if world.is_main:
-            partial = remove_partial_writes(self.run_dir) if saved is not None else []
-            # Resumed from an older step: the newer step files are another branch, which would outrank (and
-            # so delete) every checkpoint this one writes.
-            retired = self.checkpoints.retire_newer_than(self.state.step) if saved is not None else []
+            tidied = self._tidy_for_resume() if resumed else []
             write_config(cfg, self.run_dir)
             self.checkpoints.write_run_id()
-            _announce(self.progress, cfg, parts.raw, self.run_dir, self.state, schedule, world, device,
-                      resumed=saved is not None)
-            if partial:
-                self.progress.print(f"removed {len(partial)} partial file(s) of an interrupted write: "
-                                    + ", ".join(p.name for p in partial))
-            if retired:
-                self.progress.print(f"moved {len(retired)} step checkpoint(s) newer than step {self.state.step} "
-                                    f"(the branch this resumption abandons) out of the rotation, to "
-                                    f"{retired[0].parent}: " + ", ".join(p.name for p in retired))
+            _announce(self.progress, cfg, self.parts.raw, self.run_dir, self.state, self.schedule, world,
+                      self.device, resumed=resumed)
+            for line in tidied:
+                self.progress.print(line)
         self.reported_skips: set[str] = set()
-        _report_skipped(data, self.reported_skips, world, self.log, self.state.step)
-        if saved is not None and len(saved["rng"]) == world.size:
-            restore_rng(saved["rng"][world.rank])
-        else:  # dropout and drop-path draw different masks on each rank
-            seed_everything(cfg.seed + 1_000_003 * world.rank + self.state.step, cfg.deterministic)
+        _report_skipped(self.data, self.reported_skips, world, self.log, self.state.step)
 
+    def _tidy_for_resume(self) -> list[str]:
+        """Remove what a killed process left half-written, and move the step checkpoints newer than the
+        resumed one (another branch, which would outrank and so delete every checkpoint this one writes) out
+        of the rotation; what was done, as lines to print."""
+        lines = []
+        partial = remove_partial_writes(self.run_dir)
+        if partial:
+            lines.append(f"removed {len(partial)} partial file(s) of an interrupted write: "
+                         + ", ".join(p.name for p in partial))
+        retired = self.checkpoints.retire_newer_than(self.state.step)
+        if retired:
+            lines.append(f"moved {len(retired)} step checkpoint(s) newer than step {self.state.step} (the branch "
+                         f"this resumption abandons) out of the rotation, to {retired[0].parent}: "
+                         + ", ".join(p.name for p in retired))
+        return lines
+
+    def _start_clocks(self) -> None:
+        """The run's clock and pace, the time budget's first plan, and the per-process counters."""
         self.started = _now()
         self.pace = Pace(_now)  # not self.clock: a reference cycle would keep the DataLoader workers alive
-        self.budget = parse_duration(cfg.time_budget) if cfg.time_budget else None
-        self.plan_at = None if self.budget is None or cfg.max_steps is not None else min(
-            MEASURE_STEPS + 1, schedule.warmup_steps + 1, schedule.steps_per_epoch)
+        self.budget = parse_duration(self.cfg.time_budget) if self.cfg.time_budget else None
+        self.plan_at = None if self.budget is None or self.cfg.max_steps is not None else min(
+            MEASURE_STEPS + 1, self.schedule.warmup_steps + 1, self.schedule.steps_per_epoch)
         """The step after which a budget fixes the run's length: the steps before it do not depend on the length
         (warmup's learning rate does not), so a re-run with the chosen ``max_steps`` repeats them exactly."""
-        if self.plan_at is not None and world.is_main:
-            self.progress.print(f"budget {format_budget(self.budget)}: timing the first {self.plan_at} steps")
-        self.nonfinite = torch.zeros((), device=device)
+        if self.plan_at is not None:
+            self._say(f"budget {format_budget(self.budget)}: timing the first {self.plan_at} steps")
+        self.nonfinite = torch.zeros((), device=self.device)
         """NaN/inf losses (or gradient norms) since the last check: counted on the device, read (a sync) only
         when a log line or a checkpoint needs it."""
         self.epoch_times: list[float] = []
         self.epoch_start = self.epoch_cpu = self.window_start = 0.0
-        self.lr = schedule.lr_at(self.state.step)
+        self.lr = self.schedule.lr_at(self.state.step)
         self.grad_norm: Optional[Tensor] = None
 
     def clock(self) -> float:
@@ -352,11 +373,12 @@ class _Run:
     def epoch_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         """The epoch's remaining micro-batches, up to the last full optimizer step or the run's last step.
         An unreadable image first saves the finished steps, then ends the run with one line naming it."""
-        state, schedule = self.state, self.schedule
+        state = self.state
         batches = self.data.train.batches(state.epoch, state.batch)
         for images, targets in _saving_on_corrupt(batches, self.save_finished_steps, self.world, self.checkpoints,
                                                   self.run_dir):
-            if state.batch >= schedule.batches_per_epoch or state.step >= schedule.total_steps:
+            # self.schedule, not a copy: a time budget's re-plan may shorten the run within the epoch
+            if state.batch >= self.schedule.batches_per_epoch or state.step >= self.schedule.total_steps:
                 return
             yield images, targets
 
@@ -419,23 +441,39 @@ class _Run:
     def end_epoch(self) -> None:
         """Evaluate (every ``eval_every`` epochs and after the last), log the epoch's record, draw the curves,
         print the summary line and checkpoint, ``best`` too when the evaluation is the best so far."""
-        state, cfg, task, world = self.state, self.cfg, self.task, self.world
+        state, cfg = self.state, self.cfg
         self.progress.end_epoch()
-        _check_finite(self.nonfinite, state, world, self.device, self.checkpoints)
-        epoch_sums = all_reduce_sum(state.epoch_sums.clone(), world)
+        _check_finite(self.nonfinite, state, self.world, self.device, self.checkpoints)
+        epoch_sums = all_reduce_sum(state.epoch_sums.clone(), self.world)
         record: dict[str, Any] = dict(epoch=state.epoch + 1)
-        record |= {f"train_{name}": value for name, value in _means(task, epoch_sums).items()}
+        record |= {f"train_{name}": value for name, value in _means(self.task, epoch_sums).items()}
         record["lr"] = self.schedule.lr_at(state.step - 1)
-        is_best = False
         last = state.epoch + 1 == cfg.epochs or state.step >= self.schedule.total_steps
         evaluated = (state.epoch + 1) % cfg.eval_every == 0 or last
-        if evaluated:
-            started = self.clock()
-            with _saving_on_corrupt_in(self.save_finished_epoch, world, self.checkpoints, self.run_dir):
-                is_best = _evaluate(task, self.parts, state, record)
-            if world.is_main:
-                self.log.figures(task.figures(self._exported_model()), state.step, state.epoch + 1)
-            self.pace.evaluation(self.clock() - started)
+        is_best = self._evaluate(record) if evaluated else False
+        self._log_epoch(record, last)
+        state.last_record = record
+        state.epoch, state.batch, state.window_seconds = state.epoch + 1, 0, 0.0
+        state.epoch_sums.zero_()
+        state.window_sums.zero_()  # a log window does not span epochs
+        if evaluated and not last and self.budget is not None and self.plan_at is None:
+            self._replan()
+        self.save(is_best)
+
+    def _evaluate(self, record: dict[str, Any]) -> bool:
+        """Evaluate into ``record`` (timed, for the budget) and keep the figures; whether it is the best so far.
+        An unreadable image here saves the finished epoch first."""
+        started = self.clock()
+        with _saving_on_corrupt_in(self.save_finished_epoch, self.world, self.checkpoints, self.run_dir):
+            is_best = _evaluate(self.task, self.parts, self.state, record)
+        if self.world.is_main:
+            self.log.figures(self.task.figures(self._exported_model()), self.state.step, self.state.epoch + 1)
+        self.pace.evaluation(self.clock() - started)
+        return is_best
+
+    def _log_epoch(self, record: dict[str, Any], last: bool) -> None:
+        """The epoch's times (and skipped files) into ``record``, its ``epoch`` line, the curves, the summary."""
+        state, cfg, task, world = self.state, self.cfg, self.task, self.world
         self.epoch_times.append(time.perf_counter() - self.epoch_start)
         record["epoch_time"] = self.epoch_times[-1]
         record["epoch_cpu_time"] = time.process_time() - self.epoch_cpu  # this process, all threads
@@ -448,13 +486,6 @@ class _Run:
         if eta is None:
             eta = sum(self.epoch_times) / len(self.epoch_times) * (cfg.epochs - state.epoch - 1)
         self.progress.print(_summary_line(task, record, cfg.epochs, eta, self.parts.ema is not None))
-        state.last_record = record
-        state.epoch, state.batch, state.window_seconds = state.epoch + 1, 0, 0.0
-        state.epoch_sums.zero_()
-        state.window_sums.zero_()  # a log window does not span epochs
-        if evaluated and not last and self.budget is not None and self.plan_at is None:
-            self._replan()
-        self.save(is_best)
 
     def eta(self, first_epoch: Optional[int] = None) -> Optional[float]:
         """Seconds to the end of the run at the pace measured so far: its steps left and the evaluations at
@@ -519,13 +550,14 @@ class _Run:
         if per_step is None:
             return
         total = self._steps_that_fit(per_step, first_epoch=state.epoch)
-        if abs(total - planned) <= max(1.0, REPLAN_TOLERANCE * (planned - state.step)):
+        if abs(total - planned) * per_step <= REPLAN_TOLERANCE * self.budget:
             return
         self._set_length(self.cfg.max_steps, replans=[*self.cfg.budget_replans, (state.step, total)])
-        self._say(f"budget {format_budget(self.budget)}: {per_step:.3g} s/step and "
-                  f"{self.pace.seconds_per_evaluation(0.0):.3g} s/evaluation since the last check: re-planned "
-                  f"from {planned:,} to {total:,} steps ({total / self.schedule.steps_per_epoch:.1f} epochs), the "
-                  f"decay left now spread over steps {state.step:,}-{total:,}")
+        evaluation = (f"{self.pace.eval_seconds[-1]:.3g} s/evaluation" if self.pace.eval_seconds else
+                      f"an evaluation estimated at {self._eval_estimate(per_step):.3g} s")
+        self._say(f"budget {format_budget(self.budget)}: {per_step:.3g} s/step since the last check and {evaluation}: "
+                  f"re-planned from {planned:,} to {total:,} steps ({total / self.schedule.steps_per_epoch:.1f} "
+                  f"epochs), the decay left now spread over steps {state.step:,}-{total:,}")
 
     def _steps_that_fit(self, per_step: float, first_epoch: int) -> int:
         """The run's total steps that fit what is left of the budget (decided by the main process, whose clock
