@@ -65,7 +65,7 @@ class Pace:
         self.steps = 0
         self.window_seconds = 0.0
         self.window_steps = 0
-        """The same since :meth:`new_window` (the previous evaluation): the pace a re-plan trusts."""
+        """The same since :meth:`new_window` (the previous re-plan check): the pace a re-plan trusts."""
         self.eval_seconds: list[float] = []
         self._last: float | None = None
         self._first = True

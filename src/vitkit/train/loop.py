@@ -406,8 +406,9 @@ class _Run:
         if self.budget is None:
             return
         if self.plan_at is None:
-            # Every process checks at the same steps (a function of the plan), as a re-plan is a collective.
-            if self.state.step % max(1, self.schedule.total_steps // REPLAN_CHECKS) == 0:
+            # A check after every tenth of the run's steps; every process counts the same steps, and checks
+            # together (a re-plan is a collective).
+            if self.pace.window_steps >= max(1, self.schedule.total_steps // REPLAN_CHECKS):
                 self._replan()
             return
         if self.state.step < self.plan_at:
@@ -416,6 +417,7 @@ class _Run:
         per_step = self.pace.seconds_per_step() or self.clock() / max(1, self.state.step)
         total = self._steps_that_fit(per_step, first_epoch=self.state.epoch)
         self._set_length(total, replans=list(self.cfg.budget_replans))
+        self.pace.new_window()
         self._say(f"budget {format_budget(self.budget)}: {total:,} steps = "
                   f"{total / self.schedule.steps_per_epoch:.1f} epochs at {per_step:.3g} s/step measured")
 
