@@ -491,7 +491,10 @@ class _Run:
 
     def eta(self, first_epoch: Optional[int] = None) -> Optional[float]:
         """Seconds to the end of the run at the pace measured so far: its steps left and the evaluations at
-        the ends of epochs ``first_epoch`` (default: the current one) onwards; None before a step was timed."""
+        the ends of epochs ``first_epoch`` (default: the current one) onwards; None before a step was timed.
+        While a time budget is still timing the first steps: what is left of the budget."""
+        if self.budget is not None and self.plan_at is not None:
+            return max(0.0, self.budget - self.clock())
         cadence = Cadence(self.schedule.steps_per_epoch, self.cfg.eval_every)
         evaluations = cadence.evaluations(self.schedule.total_steps,
                                           self.state.epoch if first_epoch is None else first_epoch)
