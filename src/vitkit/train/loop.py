@@ -249,7 +249,7 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optio
             if not run.step(images, targets):  # a micro-batch short of an optimizer step (accumulation)
                 continue
             stop = run.signalled()  # one collective per step: every process stops at the same step
-            run.fit_budget()
+            run.fit_budget()  # a time budget fixes (or re-plans) the length before a checkpoint records it
             run.log_and_checkpoint(save=stop)
             if stop:
                 run.stop(f"at epoch {run.state.epoch + 1}, optimizer step {run.state.step}")
