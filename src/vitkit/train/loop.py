@@ -420,6 +420,10 @@ class _Run:
         self.pace.new_window()
         self._say(f"budget {format_budget(self.budget)}: {total:,} steps = "
                   f"{total / self.schedule.steps_per_epoch:.1f} epochs at {per_step:.3g} s/step measured")
+        if total <= self.schedule.warmup_steps:  # warmup is not shortened: the steps taken so far assumed it
+            self._say(f"budget {format_budget(self.budget)}: the {self.schedule.warmup_steps:,} warmup steps "
+                      f"(optim.warmup_epochs {self.cfg.optim.warmup_epochs:g}) do not fit, so the run ends in "
+                      "warmup, before any decay; a shorter optim.warmup_epochs fits the budget better")
 
     def log_and_checkpoint(self, *, save: bool) -> None:
         """Every ``log_every`` steps a ``train`` line (and the finite check); every ``ckpt_every_steps`` steps,
