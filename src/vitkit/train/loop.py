@@ -28,7 +28,7 @@ from vitkit.checkpoint import CheckpointError, load_weights
 from vitkit.data import CorruptImageError, Data, build_data
 from vitkit.models.registry import architecture_of
 from vitkit.train.checkpoints import CheckpointWriter, capture_rng, load_checkpoint, resolve_checkpoint, restore_rng
-from vitkit.train.config import TrainConfig, expand_shortcuts, merge_configs, parse_overrides
+from vitkit.train.config import GRAD_CHECKPOINTING, TrainConfig, expand_shortcuts, merge_configs, parse_overrides
 from vitkit.train.distributed import (
     World,
     all_reduce_sum,
@@ -36,15 +36,19 @@ from vitkit.train.distributed import (
     broadcast_object,
     gather_objects,
     init_world,
+    keep_global_batch,
     shutdown,
 )
 from vitkit.train.ema import ModelEMA
+from vitkit.train.fsdp import full_value, gathered, is_sharded, resident_bytes, shard_model, skip_gradient_sync
+from vitkit.train.grad_checkpointing import enable_grad_checkpointing
 from vitkit.train.memory import ensure_step_fits
 from vitkit.train.monitor import Progress, RunLog, format_duration
 from vitkit.train.optim import build_optimizer, lr_at, peak_lr, set_lr
 from vitkit.train.plots import plot_curves
 from vitkit.train.rundir import create_run_dir, remove_partial_writes, write_config
 from vitkit.train.runtime import StopSignals, grad_scaler, resolve_device, seed_everything
+from vitkit.train.sharded_checkpoint import ShardedCheckpointWriter, full_state_dict, restore_sharded
 from vitkit.train.task import Task, build_task, format_metric
 
 
@@ -170,10 +174,10 @@ def resume(run_or_checkpoint: str | Path, overrides: Sequence[str] = ()) -> Trai
     """Continue a run from its ``last`` checkpoint (or the given checkpoint file), exactly: same weights,
     optimizer, schedule, EMA, RNG states, data order and logged metrics as if it had never stopped."""
     path = resolve_checkpoint(run_or_checkpoint)
-    saved = load_checkpoint(path)
+    saved = load_checkpoint(path, weights=False)
     changes = expand_shortcuts(parse_overrides(overrides))
     cfg = TrainConfig.from_dict(merge_configs(saved["config"], changes), source=f"{path} (its config)")
-    return _run(cfg, run_dir=path.parent.parent, saved=saved)
+    return _run(cfg, run_dir=Path(path).absolute().parent.parent, saved=saved)
 
 
 def _run(cfg: TrainConfig, run_dir: Optional[Path] = None, saved: Optional[dict[str, Any]] = None) -> TrainResult:
@@ -189,6 +193,8 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optio
            signals: StopSignals) -> TrainResult:
     # ------------------------------------------------------------------------------------- setup
     device = resolve_device(cfg.device, world.local_rank)
+    if saved is not None:
+        cfg = keep_global_batch(cfg, saved, world)
     seed_everything(cfg.seed, cfg.deterministic)  # same seed on every rank: identical initial weights
     data = build_data(cfg.data, device=device, seed=cfg.seed, rank=world.rank, world_size=world.size)
     task = build_task(cfg, data, device=device, world=world)
@@ -196,20 +202,32 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optio
     schedule = Schedule.from_config(cfg, len(data.train), world.size)
     size = data.img_size if isinstance(data.img_size, (tuple, list)) else (data.img_size, data.img_size)
     no_labels = lambda n: torch.zeros(n, dtype=torch.long, device=device)  # noqa: E731
+    fsdp = cfg.distributed.strategy == "fsdp"
     ensure_step_fits(parts.raw, parts.optimizer, input_shape=(data.in_chans, *size), batch_size=cfg.data.batch_size,
                      accum_steps=schedule.accum, device=device, precision=cfg.precision,  # before an OOM kill
-                     loss_fn=lambda model, images: task.train_step(model, images, no_labels(len(images)))[0])
+                     loss_fn=lambda model, images: task.train_step(model, images, no_labels(len(images)))[0],
+                     grad_checkpointing=bool(cfg.model.get(GRAD_CHECKPOINTING)),
+                     shards=world.size if fsdp else 1)
+    if cfg.model.get(GRAD_CHECKPOINTING):
+        enable_grad_checkpointing(parts.raw)
+    if fsdp and world.distributed:  # in place; the optimizer then holds (and steps) the shards
+        shard_model(parts.raw, precision=cfg.precision, cpu_offload=cfg.distributed.cpu_offload)
+        parts.optimizer = build_optimizer(parts.raw, cfg.optim)
     stats = len(task.stat_names) + 1
     state = LoopState(epoch_sums=torch.zeros(stats, dtype=torch.float64, device=device),
                       window_sums=torch.zeros(stats, dtype=torch.float64, device=device))
     if saved is not None:
-        _restore(parts, saved)
+        _restore(parts, saved, world)
         state = LoopState.from_checkpoint(saved, device)
+        if "sharded" in saved and not world.is_main:  # its sums are of all processes: counted once, on rank 0
+            state.epoch_sums.zero_()
+            state.window_sums.zero_()
     parts.model = _wrap(parts.raw, cfg, world, device)
 
     run_dir = broadcast_object(run_dir or (create_run_dir(cfg) if world.is_main else None), world)
     log = RunLog(run_dir, resume_step=state.step if saved else None, enabled=world.is_main)
-    checkpoints = CheckpointWriter(run_dir, cfg.keep_last_k)
+    checkpoints = ShardedCheckpointWriter(run_dir, cfg.keep_last_k, world) if fsdp else \
+        CheckpointWriter(run_dir, cfg.keep_last_k)
     progress = Progress(cfg.progress, enabled=world.is_main)
     if world.is_main:
         partial = remove_partial_writes(run_dir) if saved is not None else []
@@ -242,6 +260,7 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optio
         save(at=dataclasses.replace(state, epoch=state.epoch + 1, batch=0))
 
     epoch_times: list[float] = []
+    first_step = state.step
     while state.epoch < cfg.epochs and state.step < schedule.total_steps:
         parts.model.train()
         progress.start_epoch(state.epoch, cfg.epochs, schedule.steps_per_epoch, state.batch // schedule.accum)
@@ -260,6 +279,8 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optio
                 continue
 
             lr = schedule.lr_at(state.step)
+            if state.step == first_step + 1:  # gradients and optimizer state both exist now
+                _log_resident_memory(parts, world, log, state.step)
             grad_norm = _optimizer_step(parts, cfg, lr, nonfinite)
             state.step += 1
             progress.step()
@@ -295,11 +316,11 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optio
         is_best = False
         last = state.epoch + 1 == cfg.epochs or state.step >= schedule.total_steps
         if (state.epoch + 1) % cfg.eval_every == 0 or last:
-            with _saving_on_corrupt_in(save_finished_epoch, world, checkpoints, run_dir):
-                is_best = _evaluate(task, parts, state, record)
-            if world.is_main:
-                log.figures(task.figures(parts.ema.module if parts.ema is not None else parts.raw), state.step,
-                            state.epoch + 1)
+            with _saving_on_corrupt_in(save_finished_epoch, world, checkpoints, run_dir), gathered(parts.raw):
+                is_best = _evaluate(task, parts, state, record)  # ranks' validation shards may differ in batches
+                if world.is_main:
+                    log.figures(task.figures(parts.ema.module if parts.ema is not None else parts.raw), state.step,
+                                state.epoch + 1)
         epoch_times.append(time.perf_counter() - epoch_start)
         record["epoch_time"] = epoch_times[-1]
         record["epoch_cpu_time"] = time.process_time() - epoch_cpu  # this process, all threads
@@ -324,9 +345,9 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optio
 
     # ------------------------------------------------------------------------------------ finish
     train_seconds = round(clock(), 1)
+    final = _whole_model(task, parts)
     if world.is_main:
-        task.export(parts.ema.module if parts.ema is not None else parts.raw, run_dir, best=state.best,
-                    train_seconds=train_seconds)
+        task.export(final, run_dir, best=state.best, train_seconds=train_seconds)
         log.close()
         best = "never evaluated" if state.best is None else format_metric(
             task.best_metric, state.best, "best " + task.best_metric.replace("_", " "))
@@ -342,7 +363,8 @@ def _forward_backward(task: Task, parts: Trained, images: Tensor, targets: Tenso
                       world: World, boundary: bool, accum: int) -> Tensor:
     """Loss and gradients of one micro-batch (gradients are synchronised across processes only on the
     last micro-batch of an optimizer step); its sums go into the epoch's and the log window's."""
-    sync = contextlib.nullcontext() if boundary or not world.distributed else parts.model.no_sync()
+    sync = contextlib.nullcontext() if boundary or not world.distributed else \
+        skip_gradient_sync(parts.raw if is_sharded(parts.raw) else parts.model)
     with sync:
         loss, sums = task.train_step(parts.model, images, targets)
         parts.scaler.scale(loss / accum).backward()
@@ -358,7 +380,7 @@ def _optimizer_step(parts: Trained, cfg: TrainConfig, lr: float, nonfinite: Tens
     grad_norm = None
     if cfg.optim.clip_grad:
         parts.scaler.unscale_(parts.optimizer)
-        grad_norm = nn.utils.clip_grad_norm_(parts.raw.parameters(), cfg.optim.clip_grad)
+        grad_norm = full_value(nn.utils.clip_grad_norm_(parts.raw.parameters(), cfg.optim.clip_grad))
         if not parts.scaler.is_enabled():  # with a scaler, overflowing steps are skipped, not fatal
             nonfinite += ~torch.isfinite(grad_norm)
     parts.scaler.step(parts.optimizer)
@@ -367,6 +389,13 @@ def _optimizer_step(parts: Trained, cfg: TrainConfig, lr: float, nonfinite: Tens
     if parts.ema is not None:
         parts.ema.update(parts.raw)
     return grad_norm
+
+
+def _log_resident_memory(parts: Trained, world: World, log: RunLog, step: int) -> None:
+    """Log (``kind: memory``) the bytes of parameters, gradients and optimizer state each process holds:
+    a whole replica under DDP, ``1/world`` of it under FSDP."""
+    per_rank = gather_objects(resident_bytes(parts.raw, parts.optimizer), world)
+    log.log("memory", step, **{key: [r[key] for r in per_rank] for key in per_rank[0]})
 
 
 def _window_metrics(task: Task, state: LoopState, world: World, lr: float, grad_norm: Optional[Tensor],
@@ -443,9 +472,12 @@ def _build_parts(model: nn.Module, cfg: TrainConfig, device: torch.device) -> Tr
     return Trained(model, model, build_optimizer(model, cfg.optim), grad_scaler(cfg.precision, device), ema)
 
 
-def _restore(parts: Trained, saved: dict[str, Any]) -> None:
-    load_weights(parts.raw, saved["model"], source="the checkpoint's model weights")
-    parts.optimizer.load_state_dict(saved["optimizer"])
+def _restore(parts: Trained, saved: dict[str, Any], world: World) -> None:
+    if "sharded" in saved:  # any number of processes wrote it; DCP reshards to this world
+        restore_sharded(saved, parts.raw, parts.optimizer, world)
+    else:
+        load_weights(parts.raw, saved["model"], source="the checkpoint's model weights")
+        parts.optimizer.load_state_dict(saved["optimizer"])
     parts.scaler.load_state_dict(saved["scaler"])
     if parts.ema is not None:
         if saved.get("ema") is None:
@@ -453,9 +485,23 @@ def _restore(parts: Trained, saved: dict[str, Any]) -> None:
         parts.ema.load_state_dict(saved["ema"])
 
 
+def _whole_model(task: Task, parts: Trained) -> nn.Module:
+    """The model to export: the EMA model, the model itself, or under FSDP a whole copy gathered on rank 0
+    (every process must call this)."""
+    if parts.ema is not None:
+        return parts.ema.module
+    if not is_sharded(parts.raw):
+        return parts.raw
+    weights = full_state_dict(parts.raw)
+    whole = task.build_model()
+    if weights:  # rank 0
+        whole.load_state_dict(weights)
+    return whole
+
+
 def _wrap(model: nn.Module, cfg: TrainConfig, world: World, device: torch.device) -> nn.Module:
-    """The model as the loop calls it: DDP across processes, ``torch.compile`` if asked."""
-    if world.distributed:
+    """The model as the loop calls it: DDP across processes (unless FSDP shards it), ``torch.compile`` if asked."""
+    if world.distributed and not is_sharded(model):
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
@@ -477,9 +523,9 @@ def _announce(progress: Progress, cfg: TrainConfig, model: nn.Module, run_dir: P
 
 # ------------------------------------------------------------------------------ checkpoints, checks
 def _check_finite(nonfinite: Tensor, state: LoopState, world: World, device: torch.device,
-                  checkpoints: CheckpointWriter) -> None:
+                  checkpoints: CheckpointWriter | ShardedCheckpointWriter) -> None:
     if any_process(bool(nonfinite.item()), world, device):
-        saved = f"the last good checkpoint is {checkpoints.last}" if checkpoints.last.is_file() else \
+        saved = f"the last good checkpoint is {checkpoints.last}" if checkpoints.last.exists() else \
             "no checkpoint had been written yet"
         raise TrainingDiverged(
             f"non-finite loss or gradient norm by optimizer step {state.step} (epoch {state.epoch + 1}); training "
@@ -487,13 +533,22 @@ def _check_finite(nonfinite: Tensor, state: LoopState, world: World, device: tor
             "optim.warmup_epochs, optim.clip_grad, or bf16 instead of fp16.")
 
 
-def _save_checkpoint(checkpoints: CheckpointWriter, parts: Trained, state: LoopState, cfg: TrainConfig,
-                     world: World, elapsed: float, window_start: float, is_best: bool) -> None:
-    """Write ``last`` (and ``best``) from rank 0, with every rank's RNG streams (dropout masks)."""
+def _save_checkpoint(checkpoints: CheckpointWriter | ShardedCheckpointWriter, parts: Trained, state: LoopState,
+                     cfg: TrainConfig, world: World, elapsed: float, window_start: float, is_best: bool) -> None:
+    """Write ``last`` (and ``best``) from rank 0, with every rank's RNG streams (dropout masks); sharded
+    checkpoints from every rank, with the epoch's sums of all ranks (so any number of processes resumes them)."""
     rngs = gather_objects(capture_rng(), world)
+    window_seconds = time.perf_counter() - window_start if state.batch else 0.0
+    if isinstance(checkpoints, ShardedCheckpointWriter):
+        sums = {k: all_reduce_sum(getattr(state, k).clone(), world) for k in ("epoch_sums", "window_sums")}
+        loop = LoopState(**{**state.__dict__, **sums, "elapsed": elapsed, "window_seconds": window_seconds})
+        checkpoints.save(parts.raw, parts.optimizer, {
+            "model_config": _config_dict(parts.raw), "scaler": parts.scaler.state_dict(), "ema": None,
+            **loop.to_checkpoint(), "rng": rngs, "config": cfg.to_dict(), "world_size": world.size,
+        }, is_best=is_best)
+        return
     if not world.is_main:
         return
-    window_seconds = time.perf_counter() - window_start if state.batch else 0.0
     loop = LoopState(**{**state.__dict__, "elapsed": elapsed, "window_seconds": window_seconds})
     checkpoints.save({
         "model": parts.raw.state_dict(), "model_config": _config_dict(parts.raw),
