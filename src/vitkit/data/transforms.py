@@ -8,6 +8,7 @@ prepare images with it, so a model sees the same pixels whichever command feeds 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import Tensor
@@ -64,10 +65,11 @@ class EvalTransform:
     def __call__(self, images: Tensor) -> Tensor:
         return self.normalize(self.resize(images))
 
-    def load(self, path: str | Path) -> Tensor:
-        """One image file -> uint8 (in_chans, *size), decoded as every command decodes it."""
+    def load(self, path: str | Path | BinaryIO, name: str | None = None) -> Tensor:
+        """One image file (or open binary file, ``name`` naming it) -> uint8 (in_chans, *size), decoded as every
+        command decodes it."""
         resize = self.preprocessing.resize_size
-        return self.resize(read_image(path, min_side=resize if isinstance(resize, int) else min(resize)))
+        return self.resize(read_image(path, min_side=resize if isinstance(resize, int) else min(resize), name=name))
 
     def __repr__(self) -> str:
         return f"EvalTransform({self.preprocessing!r}, in_chans={self.in_chans})"
