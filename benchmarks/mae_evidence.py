@@ -44,7 +44,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from vitkit.cli import main as vitkit  # noqa: E402
-from vitkit.models.registry import create_model  # noqa: E402
+from vitkit.models.registry import build_registered  # noqa: E402
 
 ENCODER = "vit_mini_patch4_32"
 MAE = "mae_vit_mini_patch4_32"
@@ -76,8 +76,8 @@ def time_steps(pairs: int = 6) -> dict[str, float]:
     alternately so that both see the same load: wall-clock seconds (what the budget is spent in) and this
     process's CPU seconds (all threads), whose ratio other processes' load disturbs far less."""
     torch.manual_seed(0)
-    mae = create_model(MAE, norm_pix_loss=True)
-    vit = create_model(ENCODER, global_pool="avg", fc_norm=True, drop_path_rate=0.1)
+    mae = build_registered(MAE, norm_pix_loss=True)
+    vit = build_registered(ENCODER, global_pool="avg", fc_norm=True, drop_path_rate=0.1)
     opt_mae, opt_vit = torch.optim.AdamW(mae.parameters()), torch.optim.AdamW(vit.parameters())
     images, labels = torch.randn(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
 

@@ -135,8 +135,8 @@ def main() -> None:
     extra = [a for a in extra if a != "--"]
 
     sys.path.insert(0, str(ROOT / "src"))
+    from vitkit.runtime import resolve_device
     from vitkit.train import load_config
-    from vitkit.train.runtime import resolve_device
 
     config = args.config or RECIPES[args.recipe]["config"]
     cfg = load_config(config, extra)

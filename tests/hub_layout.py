@@ -112,11 +112,22 @@ def vit_mae_standin(cache: Path, repo_id: str, arch: str, **overrides) -> None:
 
 def url_standin(url: str, model, fmt: str) -> Path:
     """Put ``model``, written in format ``fmt``, where vitkit's cache keeps ``url``'s file (as after
-    ``vitkit download URL``)."""
+    ``vitkit download URL``).
+
+    vitkit compares a cached file with its publisher's checksum on every use; a stand-in cannot have the
+    real file's digest, so for a catalog URL this also writes the record a verified download leaves, stating
+    the publisher's digest (padded from the published prefix) for the stand-in's size and time.
+    """
     from vitkit.convert import save_as
-    from vitkit.hub import url_cache_path
+    from vitkit.hub import cache_dir, load_catalog, url_cache_path
+    from vitkit.hub.integrity import remember
 
     path = url_cache_path(url)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_as(model, path, fmt)
+    entry = next((e for e in load_catalog() if e.location.url == url), None)
+    if entry is not None and entry.checksum is not None:
+        width = {"sha256": 64, "md5": 32}[entry.checksum.algorithm]
+        remember(cache_dir() / ".verified", path,
+                 {entry.checksum.algorithm: entry.checksum.hexdigest.ljust(width, "0")})
     return path

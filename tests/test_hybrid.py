@@ -221,7 +221,7 @@ def test_conv_stem_config_errors_name_the_problem():
         vitkit.create_model("vit_convstem_cifar_32", stem={"type": "conv", "channels": [8], "layers": [1]})
     from vitkit.convert import to_timm
 
-    with pytest.raises(ValueError, match="keep the 'vitkit' format"):  # timm has no conv-stem layout
+    with pytest.raises(ValueError, match="a timm state dict cannot record this hybrid stem"):  # no conv-stem layout
         to_timm(vitkit.create_model("vit_convstem_cifar_32", depth=1))
 
 

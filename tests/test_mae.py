@@ -14,7 +14,7 @@ import torch
 from vitkit.config import ViTConfig
 from vitkit.models.mae import MAEConfig, MaskedAutoencoder
 from vitkit.models.pos_embed import sincos_2d_pos_embed
-from vitkit.models.registry import create_model, get_model_config
+from vitkit.models.registry import build_registered, get_model_config
 
 
 def tiny_mae(**changes) -> MaskedAutoencoder:
@@ -112,7 +112,7 @@ def test_official_models_parameter_counts_equal_the_reference():
                 hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=mlp,
                 patch_size=patch, image_size=224, decoder_hidden_size=512, decoder_num_hidden_layers=8,
                 decoder_num_attention_heads=16, decoder_intermediate_size=2048))
-            ours = create_model(name)
+            ours = build_registered(name)
         count = sum(p.numel() for p in ours.parameters())
         assert count == sum(p.numel() for p in reference.parameters()), name
         mapped = hf_to_vitkit(reference.state_dict(), name)
@@ -124,7 +124,7 @@ def test_official_models_parameter_counts_equal_the_reference():
 
 def test_small_image_maes_build_and_run():
     for name, shape in (("mae_vit_mini_patch4_32", (2, 3, 32, 32)), ("mae_vit_mnist_patch4_28", (2, 1, 28, 28))):
-        model = create_model(name)
+        model = build_registered(name)
         loss, pred, mask = model(torch.randn(shape))
         n = (shape[-1] // 4) ** 2
         assert pred.shape == (2, n, 16 * shape[1]) and mask.shape == (2, n)

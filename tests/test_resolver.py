@@ -411,3 +411,36 @@ def test_folder_path_in_analyze_and_fewshot_with_a_run(stopped_run: Path, tmp_pa
     assert cli_main(["fewshot", str(stopped_run), "--dataset", dataset, "--shots", "1", "--seeds", "1", "--json",
                      str(tmp_path / "fs.json")]) == 0
     assert json.loads((tmp_path / "fs.json").read_text())["source"] == str(stopped_run)
+
+
+def test_a_saved_model_folder_in_the_working_directory_does_not_make_it_a_run(tmp_path: Path, monkeypatch, capsys):
+    """Before: ``model/config.json`` in the working directory made ``.`` a run ("loaded: .: exported final model").
+    A run is told by what only runs have: a training checkpoint, or a config.yaml with a training config."""
+    from vitkit.runfiles import is_run_dir
+
+    vitkit.create_model("vit_mini_patch4_32", depth=1, num_classes=3).save_pretrained(tmp_path / "model")
+    (tmp_path / "checkpoints").mkdir()  # an empty folder of that name, and another tool's config.yaml
+    (tmp_path / "config.yaml").write_text("learning_rate: 0.1\nbatch: 8\n")
+    monkeypatch.chdir(tmp_path)
+    assert not is_run_dir(".")
+    with pytest.raises(CheckpointError, match="not a model"):
+        resolve_source(".")
+    source = resolve_source("model")
+    assert (source.kind, source.run_dir) == ("vitkit", None)
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32)).save(image)
+    assert cli_main(["predict", "model", str(image), "--top-k", "1"]) == 0
+    assert "loaded: model: vitkit model directory" in capsys.readouterr().err
+    # what a run has: a training config's sections (before its first checkpoint), or a training checkpoint
+    (tmp_path / "config.yaml").write_text("model: {name: vit_mini_patch4_32}\ndata: {dataset: cifar10}\noptim: {}\n")
+    assert is_run_dir(".")
+
+
+def test_a_run_is_still_recognised_by_its_checkpoints_alone(stopped_run: Path, tmp_path: Path):
+    from vitkit.runfiles import is_run_dir
+
+    copy = tmp_path / "copy"
+    (copy / "checkpoints").mkdir(parents=True)
+    (copy / "checkpoints" / "last.pt").symlink_to(stopped_run / "checkpoints" / "last.pt")
+    assert is_run_dir(copy) and is_run_dir(stopped_run)
+    assert resolve_source(copy).state == "last"

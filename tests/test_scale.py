@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from vitkit import create_model
 from vitkit.cli import main as cli_main
-from vitkit.models.registry import create_model
 from vitkit.train.grad_checkpointing import enable_grad_checkpointing, transformer_blocks
 from vitkit.train.memory import estimate_step_memory
 from vitkit.train.monitor import read_metrics

@@ -101,7 +101,7 @@ def test_cli_run_writes_every_artifact(trained_run: Path):
     state = load_checkpoint(ckpts / "last.pt")
     assert (state["epoch"], state["batch"], state["global_step"]) == (3, 0, 30)
     model = vitkit.load_model(run / "model")
-    assert model.config.class_names == [str(i) for i in range(10)] or len(model.config.class_names) == 10
+    assert model.config.class_names == [str(i) for i in range(10)]  # MNIST's meta.json names them "0".."9"
     assert model.config.preprocess.mean == (0.1307,)
     for key, value in model.state_dict().items():
         assert torch.equal(value, state["model"][key]), key
@@ -449,18 +449,13 @@ def test_folder_dataset_run_in_bf16_and_predict_prepares_images_like_evaluation(
         torch.testing.assert_close(got, probs, atol=1e-5, rtol=0)
 
 
-def test_cli_exit_code_of_a_diverged_or_interrupted_run(monkeypatch, capsys):
-    from vitkit.train import TrainingInterrupted
-
-    def diverge(cfg):
-        raise TrainingDiverged("non-finite loss at step 4")
-
-    def interrupt(cfg):
-        raise TrainingInterrupted("stopped by SIGTERM", signal.SIGTERM)
-
-    monkeypatch.setattr("vitkit.cli.train", diverge)
-    assert cli_main(["train", "--config", "smoke"]) == 3
-    assert "vitkit train: error: non-finite loss at step 4" in capsys.readouterr().err
-    monkeypatch.setattr("vitkit.cli.train", interrupt)
-    assert cli_main(["train", "--config", "smoke"]) == 128 + signal.SIGTERM
-    assert "vitkit train: stopped by SIGTERM" in capsys.readouterr().err
+def test_cli_exit_code_of_a_diverged_run(tmp_path, capsys, one_thread):
+    """A real run that diverges (a learning rate of 1e30) exits 3 with one line; the signals' 130 and 143 are
+    reached by real runs in test_faults.py (before: both were a mocked ``train`` raising the exception)."""
+    code = cli_main(["train", "--config", "smoke", "--optim.lr", "1e30", "--optim.warmup_epochs", "0", "--epochs", "1",
+                     "--out_dir", str(tmp_path), "--run_name", "div", "--progress", "none", "--ckpt_every_steps", "0"])
+    assert code == 3
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("vitkit train: error: non-finite loss or gradient norm by optimizer "
+                                                    "step")
+    assert not (tmp_path / "div" / "checkpoints" / "last.pt").exists()  # nothing saved after the divergence

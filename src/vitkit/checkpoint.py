@@ -127,14 +127,21 @@ def read_config(directory: str | Path) -> Any:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    return config_from_record(data, source=str(path))
+
+
+def config_from_record(data: Any, *, source: str) -> Any:
+    """The model config of a :func:`vitkit.models.registry.config_record` (what ``config.json`` holds, also
+    carried in an exported ONNX file's metadata); errors name ``source`` and the field."""
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object of config fields, got {type(data).__name__}")
+        raise CheckpointError(f"{source}: expected a JSON object of config fields, got {type(data).__name__}")
+    data = dict(data)
     data.pop("vitkit_version", None)
     arch = get_architecture(data.pop("architecture", "vit"))
     try:
-        return arch.config_class.from_dict(data, source=str(path))
+        return arch.config_class.from_dict(data, source=source)
     except (TypeError, ValueError) as e:  # the config engine's errors already name the file and the field
-        raise CheckpointError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
+        raise CheckpointError(str(e) if str(e).startswith(source) else f"{source}: {e}") from None
 
 
 def load_model(directory: str | Path, *, img_size: int | tuple[int, int] | None = None,
@@ -177,7 +184,22 @@ def load_weights(model: nn.Module, state_dict: dict[str, Tensor], *, source: str
         problems.append(f"shape mismatches: {'; '.join(mismatched)}")
     if problems:
         raise CheckpointError(f"{source} does not fit the model: " + " | ".join(problems))
+    broken = nonfinite_keys(state_dict)
+    if broken:
+        raise CheckpointError(f"{source}: {describe_nonfinite(broken)}; these weights cannot give a meaningful "
+                              "answer (a diverged run, or a damaged file)")
     model.load_state_dict(state_dict)
+
+
+def nonfinite_keys(state_dict: dict[str, Tensor]) -> list[str]:
+    """The keys of floating-point tensors holding NaN or infinity."""
+    return [k for k, v in state_dict.items()
+            if isinstance(v, Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def describe_nonfinite(keys: list[str]) -> str:
+    shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    return f"NaN or infinite values in {len(keys)} weight tensor(s) ({shown})"
 
 
 def _resample_for(model: nn.Module, pos_embed: Tensor, source: str) -> Tensor:

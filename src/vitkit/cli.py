@@ -11,32 +11,16 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from vitkit.analysis.report import analyze
-from vitkit.bench import BenchSettings, format_table, run_benchmark, save_json
-from vitkit.bench.harness import data_pipelines, load_pipelines
-from vitkit.convert import save_as
-from vitkit.convert.detect import ALIASES, FORMATS
-from vitkit.data import EvalTransform
-from vitkit.data.download import DownloadError, download
-from vitkit.data.shard_writer import write_shards
-from vitkit.data.shards import parse_shard_size
-from vitkit.data.summary import dataset_summary, format_summary
-from vitkit.evaluation import FeatureCache, linear_evaluation
-from vitkit.fileio import atomic_write_text, describe_os_error
-from vitkit.hub import DownloadError as WeightsDownloadError
-from vitkit.hub import fetch_source, find_entry, list_entries
-from vitkit.models.registry import create_model, get_model_entry, list_models
-from vitkit.predict import format_predictions, predict_files
-from vitkit.resolver import load_source, resolve_source
-from vitkit.study import study
-from vitkit.train import TrainingDiverged, TrainingInterrupted, load_config, resume, train
-from vitkit.train.config import finetune_config
-from vitkit.train.evaluate import evaluate_trained
-from vitkit.train.mae import pretrain_config
-from vitkit.train.rundir import export_run
+from vitkit.errors import DownloadError, ExportMismatch, OfflineError, WorkStopped, exit_code
+from vitkit.version import __version__
 
+# A command's modules are imported when it runs (inside its _cmd_ function), not here: ``vitkit --help`` and a
+# mistyped flag then cost a parse, not an import of torch and every subsystem.
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    from vitkit.models import list_models
+    from vitkit.models.registry import count_parameters, get_model_entry
+
     if args.pretrained:
         return _list_pretrained(args.pattern)
     names = list_models(args.pattern)
@@ -44,15 +28,14 @@ def _cmd_models(args: argparse.Namespace) -> int:
         print(f"no model matches {args.pattern!r}", file=sys.stderr)
         return 1
     if args.build:
-        print(f"{'model':34s} {'params':>13s} {'img':>5s} {'patch':>5s}  description")
+        print(f"{'model':34s} {'params':>13s} {'img':>5s} {'patch':>5s}  description", flush=True)
     for name in names:
         entry = get_model_entry(name)
         if args.build:
-            model = create_model(name)
-            params = sum(p.numel() for p in model.parameters())
+            params = count_parameters(name)  # on the meta device: no memory, no initialisation
             cfg = entry.config
             print(f"{name:34s} {params:13,d} {str(cfg.img_size):>5s} {getattr(cfg, 'patch_size', '-')!s:>5s}  "
-                  f"{entry.description}")
+                  f"{entry.description}", flush=True)  # a row as soon as it is counted
         else:
             print(f"{name:34s} {entry.description}")
     return 0
@@ -61,7 +44,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _add_models(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the registered models")
     p.add_argument("pattern", nargs="?", default=None, help="shell wildcard, e.g. 'vit_base*'")
-    p.add_argument("--build", action="store_true", help="build each model and print its parameter count")
+    p.add_argument("--build", action="store_true",
+                   help="print each model's parameter count (built on the meta device: no weights allocated)")
     p.add_argument("--pretrained", action="store_true",
                    help="list the catalog of released weights (arch.tag names) with their preprocessing, classes, "
                         "reported top-1, licence, location and checksum; PATTERN filters them ('augreg', 'vit_b*')")
@@ -69,6 +53,8 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 def _list_pretrained(pattern: str | None) -> int:
+    from vitkit.hub import list_entries
+
     entries = list_entries(pattern)
     if not entries:
         print(f"no pretrained weights match {pattern!r}", file=sys.stderr)
@@ -93,21 +79,29 @@ def _list_pretrained(pattern: str | None) -> int:
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    failed = 0
+    from vitkit.hub import fetch_source
+
+    codes = []  # each name's exit code, as any other command would give it for the same cause
     for name in args.names:
         try:
             fetched = fetch_source(name, progress=not args.quiet)
-        except WeightsDownloadError as e:
+        except OfflineError as e:  # its advice is to run this very command elsewhere: say what this one needs
+            print(f"vitkit download: error: {e.what}: {e.problem}: this command needs the network (unset "
+                  "HF_HUB_OFFLINE/VITKIT_OFFLINE if set, or set HTTPS_PROXY), or copy the caches of a machine that "
+                  "has it (vitkit models --pretrained shows where each name comes from)", file=sys.stderr)
+            codes.append(exit_code(e))
+            continue
+        except DownloadError as e:
             print(f"vitkit download: error: {e}", file=sys.stderr)
-            failed += 1
+            codes.append(exit_code(e))
             continue
         if fetched is None:
             print(f"vitkit download: error: {name!r} is not a pretrained name, Hugging Face repo id or URL "
                   "(see 'vitkit models --pretrained')", file=sys.stderr)
-            failed += 1
+            codes.append(2)
             continue
         print(f"{name}: {fetched.path}")
-    return 1 if failed else 0
+    return max(codes, default=0)
 
 
 def _add_download(sub: argparse._SubParsersAction) -> None:
@@ -122,6 +116,9 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    from vitkit.convert import save_as
+    from vitkit.resolver import load_source
+
     stem = {"stem": args.stem} if args.stem is not None else {}
     resolved = load_source(args.src, format=args.source_format, checkpoint=args.checkpoint, img_size=args.img_size,
                            num_heads=args.num_heads, num_classes=args.num_classes,
@@ -142,7 +139,8 @@ def _describe_config(cfg) -> str:
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> None:
-    formats = sorted(set(FORMATS) | set(ALIASES))
+    formats = ("big_vision", "hf", "huggingface", "jax", "npz", "t2t", "timm", "torchvision", "transformers",
+               "vit_jax", "vitkit")  # vitkit.convert.detect's FORMATS and ALIASES, checked by tests/test_cli.py
     p = sub.add_parser("convert", help="convert a checkpoint between vitkit, timm, Hugging Face, torchvision and npz",
                        description="Read SRC (format detected: vitkit or Hugging Face directory, timm / torchvision "
                                    "state dict, Google .npz, official T2T-ViT .pth.tar) and write DST in the format "
@@ -179,10 +177,15 @@ def _json_object(text: str) -> dict:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
+    from vitkit.analysis.report import analyze
+    from vitkit.resolver import load_source
+    from vitkit.runtime import resolve_device
+
+    device = resolve_device(args.device)  # a bad --device is found before any work
     resolved = load_source(args.source, checkpoint=args.checkpoint, random_init=args.random_init)
     print(f"loaded: {resolved.description}", file=sys.stderr)
     index = analyze(resolved, args.dataset, args.out, num_images=args.images, num_show=args.show,
-                    batch_size=args.batch_size, data_dir=args.data_dir, device=args.device, seed=args.seed)
+                    batch_size=args.batch_size, data_dir=args.data_dir, device=device, seed=args.seed)
     print(f"report written: {index}")
     return 0
 
@@ -207,7 +210,7 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default=None, metavar="D",
                    help="folder holding the data sets (default: $VITKIT_DATA, the user cache "
                         "~/.cache/vitkit/data, ../shared/data)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    _add_device(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the image sample (default 0)")
     p.set_defaults(func=_cmd_analyze)
 
@@ -223,6 +226,8 @@ def _csv(kind: type) -> Callable[[str], list]:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
+    from vitkit.study import study
+
     epochs = args.epochs or ([10] if args.kind == "data" else [1, 2, 4])
     study(args.kind, models=args.models, dataset=args.dataset, fractions=args.fractions, epochs=epochs,
           fraction=args.fraction, out_dir=args.out, workers=args.workers, config=args.config,
@@ -257,13 +262,14 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
+    from vitkit.data.download import download
+    from vitkit.data.shard_writer import write_shards
+    from vitkit.data.shards import parse_shard_size
+    from vitkit.data.summary import dataset_summary, format_summary
+
     if args.data_command == "download":
-        try:
-            directory = download(args.name, args.data_dir, keep_raw=args.keep_raw, force=args.force)
-            print(f"{args.name} is in {directory}")
-        except DownloadError as e:
-            print(f"vitkit data download: error: {e}", file=sys.stderr)
-            return 1
+        directory = download(args.name, args.data_dir, keep_raw=args.keep_raw, force=args.force)
+        print(f"{args.name} is in {directory}")
         return 0
     if args.data_command == "shard":
         manifest = write_shards(args.name, args.out, shard_size=parse_shard_size(args.shard_size),
@@ -302,6 +308,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from vitkit.train import load_config, resume, train
+
     if args.resume:
         if args.config:
             raise ValueError("--resume continues a run with its own config; give overrides, not --config")
@@ -314,6 +322,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from vitkit.train import resume, train
+    from vitkit.train.mae import pretrain_config
+
     if args.resume:
         if args.config:
             raise ValueError("--resume continues a run with its own config; give overrides, not --config")
@@ -348,6 +359,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 def _run_training(command: str, run: Callable[[], object]) -> int:
     """Run a training job; a signal or a diverged loss becomes a message and an exit code."""
+    from vitkit.train import TrainingDiverged, TrainingInterrupted
 
     try:
         run()
@@ -393,10 +405,17 @@ def _l2(text: str) -> float | str:
 
 
 def _cmd_fewshot(args: argparse.Namespace) -> int:
+    from vitkit.data import EvalTransform
+    from vitkit.evaluation import FeatureCache, linear_evaluation
+    from vitkit.fileio import atomic_write_text
+    from vitkit.resolver import load_source
+    from vitkit.runtime import resolve_device
+
+    device = resolve_device(args.device)
     resolved = load_source(args.source, checkpoint=args.checkpoint, random_init=args.random_init,
                            img_size=args.img_size)
     print(f"loaded: {resolved.description}", file=sys.stderr)
-    model = resolved.model.to(args.device)
+    model = resolved.model.to(device)
     preprocessing = model.config.preprocessing()
     if args.mean is not None or args.std is not None:
         if args.mean is None or args.std is None:
@@ -406,7 +425,7 @@ def _cmd_fewshot(args: argparse.Namespace) -> int:
         model, args.dataset, shots=args.shots, seeds=args.seeds, l2=args.l2, probe=args.probe,
         probe_weight_decay=args.probe_wd, cache=FeatureCache(args.cache_dir),
         transform=EvalTransform(preprocessing, model.config.in_chans), batch_size=args.batch_size,
-        max_train=args.max_train, max_test=args.max_test, data_dir=args.data_dir, device=args.device)
+        max_train=args.max_train, max_test=args.max_test, data_dir=args.data_dir, device=device)
     print(report.format_table())
     if args.json:
         atomic_write_text(json.dumps({"source": str(args.source), "loaded": resolved.description,
@@ -444,13 +463,17 @@ def _add_fewshot(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-train", type=int, default=None, help="use a random subset of this many training images")
     p.add_argument("--max-test", type=int, default=None, help="use a random subset of this many test images")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="cpu")
+    _add_device(p)
     p.add_argument("--cache-dir", default=None, help="keep features here across runs (keyed by model and data)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=_cmd_fewshot)
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    from vitkit.resolver import resolve_source
+    from vitkit.train import train
+    from vitkit.train.config import finetune_config
+
     print(f"initial weights: {resolve_source(args.init).label}", file=sys.stderr)
     cfg = finetune_config(args.init, args.dataset, img_size=args.img_size, config=args.config,
                           overrides=args.overrides)
@@ -479,6 +502,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from vitkit.train.evaluate import evaluate_trained
+
     report = evaluate_trained(args.source, dataset=args.dataset, data_dir=args.data_dir,
                               batch_size=args.batch_size, device=args.device, precision=args.precision,
                               out_dir=args.out, hflip_tta=args.hflip_tta, checkpoint=args.checkpoint,
@@ -498,7 +523,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                                      "a named set or folder:PATH")
     p.add_argument("--data-dir", help="where named data sets live (default: VITKIT_DATA, ../shared/data, ...)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--device", default="auto")
+    _add_device(p)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--hflip-tta", action="store_true",
                    help="test-time augmentation: average the logits of each image and its mirror image")
@@ -511,9 +536,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from vitkit.predict import format_predictions, predict_files
+    from vitkit.resolver import load_source
+    from vitkit.runtime import resolve_device
+
+    device = resolve_device(args.device)
     resolved = load_source(args.source, checkpoint=args.checkpoint)
     print(f"loaded: {resolved.description}", file=sys.stderr)
-    results = predict_files(resolved, args.images, top_k=args.top_k, device=args.device)
+    results = predict_files(resolved, args.images, top_k=args.top_k, device=device)
     print(format_predictions(results, as_json=args.json))
     return 0
 
@@ -527,25 +557,84 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default=None, metavar="STATE",
                    help="for a run directory: best (default), last, step-N or model")
     p.add_argument("--top-k", type=_positive_int, default=5, help="labels shown per image (default 5)")
-    p.add_argument("--device", default="cpu")
+    _add_device(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_predict)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    out, resolved = export_run(args.run, checkpoint=args.checkpoint, out_dir=args.out)
-    print(f"{resolved.description} -> {out}")
+    if args.format == "vitkit":
+        from vitkit.train.rundir import export_run
+
+        if args.int8 or args.dynamic_size:
+            raise ValueError("--int8 and --dynamic-size apply to --format onnx (--dynamic-size also to "
+                             "exported-program)")
+        out, resolved = export_run(args.run, checkpoint=args.checkpoint, out_dir=args.out)
+        print(f"{resolved.description} -> {out}")
+        return 0
+    from vitkit.deploy import export_model, validation_images
+    from vitkit.resolver import load_source
+
+    resolved = load_source(args.run, checkpoint=args.checkpoint)
+    print(f"loaded: {resolved.description}", file=sys.stderr)
+    out = Path(args.out) if args.out else _default_export_path(resolved, args.format, args.int8)
+    config = resolved.model.config
+    dataset = args.validate_data or config.preprocessing().dataset or (
+        (resolved.training_config or {}).get("data", {}).get("dataset"))
+    if not dataset:
+        raise ValueError(f"{args.run}: the model records no data set to validate the export on; pass --validate-data "
+                         "(e.g. cifar10 or folder:../shared/data/imagenette_subset)")
+    validation = validation_images(config, dataset, args.validate_images, data_dir=args.data_dir)
+    report = export_model(resolved.model, out, format=args.format, validation=validation, int8=args.int8,
+                          dynamic_size=args.dynamic_size, atol=args.atol, min_agreement=args.min_agreement,
+                          log=lambda m: print(m, file=sys.stderr))
+    for result, tolerance in report.checks:
+        print(f"{result.format()}  [tolerance: {tolerance.describe()}: ok]")
+    print(f"{resolved.description} -> {report.path} ({args.format}{', int8' if args.int8 else ''})")
     return 0
 
 
+def _default_export_path(resolved, fmt: str, int8: bool) -> Path:
+    run_dir, state = resolved.source.run_dir, resolved.source.state
+    if run_dir is None:
+        raise ValueError("--out is needed when SOURCE is not a training run (e.g. --out model.onnx)")
+    suffix = ".pt2" if fmt == "exported-program" else (".int8.onnx" if int8 else ".onnx")
+    return Path(run_dir) / f"export-{state or 'checkpoint'}{suffix}"
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write a vitkit model directory from any state of a training run",
-                       description="Write RUN's best checkpoint (or another state) as a vitkit model directory "
-                                   "(model.safetensors + config.json), whether or not the run has finished.")
-    p.add_argument("run", metavar="RUN", help="a training run directory (or one of its checkpoint files)")
+    p = sub.add_parser("export", help="write a model for deployment: a vitkit directory, ONNX (fp32/int8) or "
+                                      "a torch.export program, validated against the eager model",
+                       description="--format vitkit (default): write RUN's best checkpoint (or another state) as a "
+                                   "vitkit model directory (model.safetensors + config.json), whether or not the run "
+                                   "has finished. --format onnx / exported-program: trace any model SOURCE with "
+                                   "torch.export (dynamic batch axis) and write an ONNX file (preprocessing and class "
+                                   "names in its metadata) or a .pt2; the result is compared with the eager model on "
+                                   "real images first (max |logit diff| and top-1 agreement printed) and not "
+                                   "written, exit status 4, if it disagrees beyond the tolerance.")
+    p.add_argument("run", metavar="SOURCE", help="a training run directory (or one of its checkpoint files); for "
+                                                 "onnx/exported-program any model SOURCE (model directory, "
+                                                 "checkpoint, pretrained name)")
+    p.add_argument("--format", choices=("vitkit", "onnx", "exported-program"), default="vitkit",
+                   help="vitkit (model directory, default), onnx, exported-program (torch.export .pt2)")
     p.add_argument("--checkpoint", default=None, metavar="STATE",
                    help="best (default), last, step-N (a kept step checkpoint) or model (the final export)")
-    p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: RUN/export-STATE)")
+    p.add_argument("--out", default=None, metavar="PATH",
+                   help="output directory or file (default: RUN/export-STATE, .onnx, .int8.onnx or .pt2)")
+    p.add_argument("--int8", action="store_true", help="onnx: quantize the Linear layers to int8 (dynamic, "
+                                                       "onnxruntime's quantizer) for CPU inference")
+    p.add_argument("--dynamic-size", action="store_true",
+                   help="dynamic height and width (multiples of the patch size), position embeddings resampled in "
+                        "the graph (plain-patch ViTs)")
+    p.add_argument("--validate-data", default=None, metavar="DATASET",
+                   help="images to validate on: a named set or folder:PATH (default: the model's data set)")
+    p.add_argument("--validate-images", type=_positive_int, default=64, metavar="N",
+                   help="images compared with the eager model (default 64)")
+    p.add_argument("--data-dir", default=None, metavar="D", help="where named data sets live")
+    p.add_argument("--atol", type=float, default=None,
+                   help="float32: largest |logit difference| accepted (default 1e-3)")
+    p.add_argument("--min-agreement", type=float, default=None, metavar="FRACTION",
+                   help="smallest top-1 agreement with the eager model accepted (int8 default 0.97)")
     p.set_defaults(func=_cmd_export)
 
 
@@ -568,6 +657,10 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from vitkit.bench import BenchSettings, format_table, run_benchmark, save_json
+    from vitkit.bench.harness import data_pipelines, load_pipelines
+    from vitkit.hub import find_entry
+
     model_name, img_size = args.model, args.img_size
     entry = find_entry(model_name) if "." in model_name and not Path(model_name).exists() else None
     if entry is not None:  # a pretrained name: speed depends on the architecture and input size, not the weights
@@ -576,7 +669,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
               file=sys.stderr)
     settings = BenchSettings(
         model=model_name, batch_size=args.batch_size, img_size=img_size, precision=args.precision,
-        compile=args.compile, device=args.device, modes=tuple(args.modes.split(",")), warmup=args.warmup,
+        compile=args.compile, **({"device": args.device} if args.device else {}),
+        modes=tuple(args.modes.split(",")), warmup=args.warmup,
         repeats=args.repeats, reference=not args.no_reference, threads=args.threads,
         tune_allocator=not args.no_tune_allocator, matmul_size=args.matmul_size, profile=args.profile)
     pipelines = dict(load_pipelines(args.pipeline, settings)) if args.pipeline else {}
@@ -602,7 +696,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="bf16/fp16 run under autocast with fp32 weights")
     p.add_argument("--compile", action="store_true", help="torch.compile both vitkit and the reference")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    _add_device(p)
     p.add_argument("--modes", default="train,infer", help="comma-separated: train, infer")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per workload")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per workload (min/median/max)")
@@ -620,6 +714,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
+def _add_device(p: argparse.ArgumentParser) -> None:
+    # None is vitkit.runtime.resolve_device's default, one for every command (auto)
+    p.add_argument("--device", default=None,
+                   help="auto, cpu, cuda, cuda:1, mps (default auto: the GPU if there is one, else the CPU)")
+
+
 _PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_models, _add_download, _add_convert, _add_data, _add_train, _add_pretrain, _add_finetune, _add_export,
     _add_eval,
@@ -629,6 +729,7 @@ _PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitkit", description="Vision Transformers: build, convert, train, inspect.")
+    parser.add_argument("--version", action="version", version=f"vitkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _PARSERS:
         add(sub)
@@ -642,16 +743,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = extra  # config overrides such as --optim.lr 0.003, parsed by the command
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # exit codes as docs/failures.md gives them; each error is one line, without a traceback
+    command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, WeightsDownloadError) as e:  # user errors: one clear line, no traceback
-        print(f"vitkit {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # an unwritable, full or vanished directory: one line too
-        print(f"vitkit {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError, WorkStopped, ExportMismatch) as e:
+        code = exit_code(e)
+        assert code is not None
+        if isinstance(e, OSError) and not isinstance(e, DownloadError):  # an unwritable, full or vanished directory
+            from vitkit.fileio import describe_os_error
+
+            message = describe_os_error(e)
+        else:
+            message = str(e)
+        print(f"vitkit {command}: error: {message}", file=sys.stderr)
+        return code
     except KeyboardInterrupt as e:  # Ctrl-C outside a training loop, or a second one inside (the first saves)
-        print(f"vitkit {args.command}: {str(e) or 'interrupted by Ctrl-C'}", file=sys.stderr)
+        print(f"vitkit {command}: {str(e) or 'interrupted by Ctrl-C'}", file=sys.stderr)
         return 128 + signal.SIGINT
 
 

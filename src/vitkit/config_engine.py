@@ -7,7 +7,7 @@ training) is read, checked and written by these functions.
 - :func:`check_fields` (called by each dataclass's ``__post_init__``) checks every field against its hint
   and normalises what JSON and YAML read loosely (a list where a tuple belongs, ``1e-3`` read as a string
   by YAML 1.1, an int where a float belongs), so a config built in Python is checked like one read from
-  a file.
+  a file. A float is finite: NaN (which compares false with every bound) and infinity are refused by name.
 - :func:`from_mapping` builds a dataclass from a mapping; an unknown key is an error with a "did you
   mean" suggestion, and every error names the file (``source``) and the dotted key.
 - :func:`to_plain` turns a dataclass tree back into plain JSON/YAML values.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -138,13 +139,18 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, float) and value.is_integer():
             return int(value)
     elif hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # NaN compares false with every bound and would pass each check
+                raise ConfigError(f"{key} must be a finite number, got {_show(value)}")
+            return number
     elif hint is str:
         if isinstance(value, str):
             return value

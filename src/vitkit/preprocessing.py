@@ -2,10 +2,12 @@
 
 One typed record, written in the model's ``config.json`` (key ``preprocess``): the input size, the
 per-channel mean and std of the [0, 1] pixels, the crop fraction (the shorter side is resized to
-``size / crop_pct`` and the central ``size`` square kept, as timm's ``crop_pct``), and the resize
-interpolation. Training writes it; converters attach the source's (timm/Hugging Face configs, the
-known torchvision and Google constants). A model without one gets :data:`DEFAULT_PREPROCESSING`:
-the paper's [-1, 1] scaling (mean = std = 0.5), no crop, bilinear.
+``size / crop_pct`` and the central ``size`` square kept, as timm's ``crop_pct``), the crop mode (timm's
+``crop_mode``: ``center`` keeps the aspect ratio, ``squash`` resizes both sides, as transformers'
+ViTImageProcessor and Google's input pipeline do), and the resize interpolation. Training writes it;
+converters attach the source's (timm/Hugging Face configs, the known torchvision and Google constants).
+A model without one gets :data:`DEFAULT_PREPROCESSING`: the paper's [-1, 1] scaling (mean = std = 0.5), no crop,
+bilinear.
 
 This module imports only the config engine from vitkit, so model configs (the lowest layer) can hold the
 record.
@@ -21,6 +23,7 @@ from typing import Any, Literal, Optional
 from vitkit.config_engine import check_fields, from_mapping
 
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
+CropMode = Literal["center", "squash"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,6 +46,11 @@ class Preprocessing:
     """Fraction of the resized image kept by the centre crop: resize the shorter side to
     ``size / crop_pct``, then crop ``size``. 1.0 = resize only (square images are not cropped)."""
     interpolation: Interpolation = "bilinear"
+    """``nearest`` is PIL's (and transformers') nearest neighbour: the pixel whose centre is closest."""
+    crop_mode: CropMode = "center"
+    """``center``: resize the shorter side (a non-square input: both sides) to ``size / crop_pct``, keeping the
+    aspect ratio; ``squash``: resize both sides to ``size / crop_pct`` whatever the image's aspect ratio. Then
+    the centre ``size`` is kept, its offset rounded down (``(resized - size) // 2``), as transformers does."""
     dataset: Optional[str] = None
     """The data set the statistics come from (informational; ``vitkit eval``'s default data set)."""
 
@@ -72,10 +80,10 @@ class Preprocessing:
 
     @property
     def resize_size(self) -> int | tuple[int, int]:
-        """The resize before the centre crop: the shorter side for a square input (an int, as
-        torchvision's ``Resize``), else (height, width); ``floor(size / crop_pct)`` like timm."""
+        """The resize before the centre crop: the shorter side for a square input in ``center`` mode (an int,
+        as torchvision's ``Resize``), else (height, width); ``floor(size / crop_pct)`` like timm."""
         h, w = self.size
-        if h == w:
+        if h == w and self.crop_mode == "center":
             return math.floor(h / self.crop_pct + 1e-9)
         return math.floor(h / self.crop_pct + 1e-9), math.floor(w / self.crop_pct + 1e-9)
 
@@ -97,6 +105,8 @@ class Preprocessing:
         """Plain JSON types (lists, not tuples)."""
         out = {"size": list(self.size), "mean": list(self.mean), "std": list(self.std), "crop_pct": self.crop_pct,
                "interpolation": self.interpolation}
+        if self.crop_mode != "center":  # files of the default mode read the same by older versions
+            out["crop_mode"] = self.crop_mode
         if self.dataset is not None:
             out["dataset"] = self.dataset
         return out
@@ -127,8 +137,9 @@ KNOWN_SOURCES: dict[str, Preprocessing] = {
     "torchvision": Preprocessing(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=224 / 256, interpolation="bilinear"),
     # Google's vision_transformer / big_vision: pixels scaled to [-1, 1], images resized to the input size.
     "jax": Preprocessing(mean=HALF, std=HALF, crop_pct=1.0, interpolation="bilinear"),
-    # transformers' ViTImageProcessor defaults (image_mean = image_std = 0.5, resample bilinear).
-    "huggingface": Preprocessing(mean=HALF, std=HALF, crop_pct=1.0, interpolation="bilinear"),
+    # transformers' ViTImageProcessor defaults (image_mean = image_std = 0.5, resample bilinear, both sides
+    # resized to the input size).
+    "huggingface": Preprocessing(mean=HALF, std=HALF, crop_pct=1.0, interpolation="bilinear", crop_mode="squash"),
     # The official T2T-ViT release (models/t2t_vit.py default_cfgs): ImageNet stats, crop 0.9, bicubic.
     "t2t": Preprocessing(mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.9, interpolation="bicubic"),
 }

@@ -11,6 +11,8 @@ A SOURCE is, in the order tried:
    - a vitkit model directory (``config.json`` + ``model.safetensors``);
    - any other checkpoint :func:`vitkit.convert.read_checkpoint` recognises (timm, Hugging Face,
      torchvision, Google ``.npz``);
+   - an ``.onnx`` file written by ``vitkit export --format onnx``: run through onnxruntime
+     (:class:`vitkit.deploy.OnnxModel`, the optional extra ``vitkit[onnx]``);
 2. whatever a registered :data:`SourceHook` maps to a local path or builds: :mod:`vitkit.hub`'s hook
    (registered at the end of this module) takes pretrained names (``vit_base_patch16_224.augreg2_in21k_ft_in1k``,
    or a bare architecture with catalog weights), Hugging Face repo ids and URLs;
@@ -35,10 +37,11 @@ from torch import nn
 
 from vitkit.checkpoint import CheckpointError, read_config, torch_load_safely
 from vitkit.convert.detect import Checkpoint, is_vitkit_directory, read_checkpoint
-from vitkit.convert.pretrained import from_checkpoint, from_hub_source
+from vitkit.convert.pretrained import create_untrained, from_checkpoint, from_hub_source
+from vitkit.deploy.runtime import load_onnx
 from vitkit.fileio import CONFIG_NAME, WEIGHTS_NAME
 from vitkit.hub import fetch_source
-from vitkit.models.registry import create_model, get_model_config, get_model_entry, list_models
+from vitkit.models.registry import build_registered, get_model_config, get_model_entry, list_models
 from vitkit.runfiles import (
     CHECKPOINT_DIR,
     MODEL_DIR,
@@ -58,11 +61,11 @@ from vitkit.runfiles import (
     state_path,
 )
 
-SourceKind = Literal["registry", "vitkit", "training", "foreign", "pretrained"]
+SourceKind = Literal["registry", "vitkit", "training", "foreign", "pretrained", "onnx"]
 """``registry``: a registered name, random weights. ``vitkit``: a vitkit model directory (maybe a run's
 ``model/``). ``training``: a training checkpoint (maybe a run's state). ``foreign``: another library's
 checkpoint, read by :mod:`vitkit.convert`. ``pretrained``: published weights a :data:`SourceHook` fetched
-and builds itself (its ``build``)."""
+and builds itself (its ``build``). ``onnx``: an exported ONNX file, run by onnxruntime."""
 
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 _FORMAT_LABELS = {"vitkit": "vitkit", "timm": "timm", "huggingface": "Hugging Face", "torchvision": "torchvision",
@@ -100,7 +103,7 @@ class ModelSource:
         where = str(self.run_dir if self.run_dir is not None and self.state else self.path or self.spec)
         what = {"registry": "registered model, random weights", "vitkit": "vitkit model directory",
                 "training": "training checkpoint", "foreign": "checkpoint",
-                "pretrained": "pretrained weights"}[self.kind]
+                "pretrained": "pretrained weights", "onnx": "ONNX model"}[self.kind]
         if self.run_dir is not None and self.state:
             what = "exported final model" if self.state == "model" else f"{self.state} checkpoint"
         prefix = f"{self.origin} -> " if self.origin else ""
@@ -203,7 +206,8 @@ def resolve_path(path: str | Path, *, spec: str | None = None, checkpoint: str |
         return ModelSource(spec, kind, chosen, run_dir=path, state=state)
     if checkpoint is not None:
         raise ValueError(f"{path}: --checkpoint (a run's state: best, last, step-N, model) needs a run directory, "
-                         f"and {path} is not one (no {CHECKPOINT_DIR}/ or config.yaml)")
+                         f"and {path} is not one (no training checkpoint in {CHECKPOINT_DIR}/, no training "
+                         "config.yaml)")
     if format is None and is_sharded_checkpoint(path):
         return ModelSource(spec, "training", path, run_dir=run_of_checkpoint(path), state=_state_label(path))
     if path.is_dir():
@@ -213,9 +217,12 @@ def resolve_path(path: str | Path, *, spec: str | None = None, checkpoint: str |
         if (path / CONFIG_NAME).is_file():
             return ModelSource(spec, "foreign", path, format=format)
         raise CheckpointError(
-            f"{path}: not a model: a run directory has {CHECKPOINT_DIR}/ (or config.yaml), a vitkit model directory "
-            f"{CONFIG_NAME} + {WEIGHTS_NAME}, a Hugging Face or timm Hub directory a {CONFIG_NAME}; for a bare "
+            f"{path}: not a model: a run directory has a training checkpoint in {CHECKPOINT_DIR}/ (or its "
+            f"config.yaml), a vitkit model directory {CONFIG_NAME} + {WEIGHTS_NAME}, a Hugging Face or timm Hub "
+            f"directory a {CONFIG_NAME}; for a bare "
             "weights file pass the file itself")
+    if format is None and path.suffix.lower() == ".onnx":
+        return ModelSource(spec, "onnx", path)
     run_dir = run_of_checkpoint(path)
     if format is None and run_dir is not None and is_run_checkpoint_name(path.name):
         return ModelSource(spec, "training", path, run_dir=run_dir, state=_state_label(path))
@@ -247,13 +254,20 @@ def load_source(spec: str | Path | ModelSource, *, checkpoint: str | None = None
     prefix = f"{source.origin} -> " if source.origin else ""
     if source.kind == "registry":
         given = {k: v for k, v in options.items() if v is not None}
-        return ResolvedModel(create_model(source.spec, **given), source,
+        return ResolvedModel(build_registered(source.spec, **given), source,
                              f"{source.spec}: registered model with RANDOM weights (not trained)")
     if source.build is not None:
         where = f" ({source.path})" if source.path is not None else ""
         return ResolvedModel(source.build(**options), source,
                              f"{source.origin or source.spec}: {source.kind} weights{where}")
     assert source.path is not None
+    if source.kind == "onnx":
+        given = sorted(k for k, v in options.items() if v is not None and k != "threads")
+        if given:
+            raise ValueError(f"{source.path}: an ONNX model runs as exported; {', '.join(given)} cannot change it "
+                             "(export again from the eager model)")
+        model = load_onnx(source.path, threads=options.get("threads"))
+        return ResolvedModel(model, source, f"{prefix}{source.path}: ONNX model ({model.precision}, onnxruntime)")
     if source.kind == "training":
         state = load_checkpoint(source.path, mmap=True)
         config = checkpoint_config(state, source=str(source.path))
@@ -281,8 +295,26 @@ def load_source(spec: str | Path | ModelSource, *, checkpoint: str | None = None
 
 
 def load_model(spec: str | Path, *, map_location: str | torch.device = "cpu", **options: Any) -> nn.Module:
-    """The model ``spec`` names (see :func:`load_source`), on ``map_location``."""
+    """The model ``spec`` names, on ``map_location``: a vitkit model directory (``save_pretrained``), a training
+    run directory (its best checkpoint, else its last; ``checkpoint="last"``/``"step-N"``/``"model"`` picks
+    another), a training checkpoint (``best.pt``, ``last.pt``, ``step-N.pt``), a timm, Hugging Face, torchvision
+    or Google .npz checkpoint, and, fetched and cached by :mod:`vitkit.hub`, a pretrained name
+    (``vit_base_patch16_224.augreg2_in21k_ft_in1k``), a Hugging Face repo id (``google/vit-base-patch16-224``,
+    ``hf-hub:timm/...``) or a URL. ``img_size=`` resamples the position embeddings; the other keywords are
+    :func:`load_source`'s. ``vitkit.from_pretrained`` is this same function under the name the Hugging Face and
+    timm users know."""
     return load_source(spec, **options).model.to(map_location)
+
+
+def create_model(name: str, pretrained: bool = False, **overrides: Any) -> nn.Module:
+    """A registered model by name (``create_model('vit_base_patch16_224', num_classes=10)``); with
+    ``pretrained=True`` its weights fetched and loaded, timm-style: ``name`` is ``arch.tag``
+    (``vit_base_patch16_224.augreg2_in21k_ft_in1k``) or a bare architecture (its default weights);
+    ``overrides`` (``num_classes``, ``img_size``, ...) adapt it as in :func:`load_model`. Without
+    ``pretrained``, ``arch.tag`` builds the architecture shaped as those weights (classes, input size)."""
+    if pretrained:
+        return load_model(name, **overrides)
+    return create_untrained(name, **overrides)
 
 
 def source_config(spec: str | Path | ModelSource, *, checkpoint: str | None = None,
@@ -314,5 +346,6 @@ def hub_source(text: str) -> ModelSource | None:
 register_source_hook("hub", hub_source)
 
 
-__all__ = ["ModelSource", "ResolvedModel", "SourceHook", "SourceKind", "hub_source", "load_model", "load_source",
+__all__ = ["ModelSource", "ResolvedModel", "SourceHook", "SourceKind", "create_model", "hub_source", "load_model",
+           "load_source",
            "register_source_hook", "resolve_path", "resolve_source", "source_config", "unregister_source_hook"]

@@ -40,8 +40,13 @@ import yaml
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from vitkit.checkpoint import CheckpointError, UnsafeCheckpointError, torch_load_safely
-from vitkit.fileio import CONFIG_NAME
+from vitkit.checkpoint import (
+    CheckpointError,
+    UnsafeCheckpointError,
+    describe_nonfinite,
+    nonfinite_keys,
+    torch_load_safely,
+)
 from vitkit.models.registry import get_architecture
 
 FORMAT = "vitkit-train-checkpoint"
@@ -65,12 +70,30 @@ def step_name(step: int) -> str:
     return f"step-{step:08d}.pt"
 
 
+RUN_CONFIG_SECTIONS = frozenset({"model", "data", "optim"})
+"""Sections every training config has (``vitkit train --print-config``), which another tool's YAML seldom does."""
+
+
 def is_run_dir(path: str | Path) -> bool:
-    """Whether ``path`` is a training run directory (it has a ``config.yaml``, a ``checkpoints/`` folder or an
-    exported ``model/``)."""
+    """Whether ``path`` is a training run directory, told by what only runs have: a training checkpoint in
+    ``checkpoints/`` (``last.pt``, ``best.pt``, ``step-N.pt``), or a ``config.yaml`` with a training config's
+    sections (a run stopped before its first checkpoint). A ``model/`` folder, a ``checkpoints/`` folder or a
+    ``config.yaml`` alone are common in other folders (a saved model in the working directory) and do not make
+    a run."""
     path = Path(path)
-    return path.is_dir() and ((path / RUN_CONFIG_NAME).is_file() or (path / CHECKPOINT_DIR).is_dir()
-                              or (path / MODEL_DIR / CONFIG_NAME).is_file())
+    if not path.is_dir():
+        return False
+    checkpoints = path / CHECKPOINT_DIR
+    if checkpoints.is_dir() and any(is_run_checkpoint_name(p.name) for p in checkpoints.iterdir()):
+        return True
+    config = path / RUN_CONFIG_NAME
+    if not config.is_file():
+        return False
+    try:
+        record = yaml.safe_load(config.read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return False
+    return isinstance(record, dict) and RUN_CONFIG_SECTIONS <= record.keys()
 
 
 def run_of_checkpoint(path: str | Path) -> Path | None:
@@ -189,6 +212,10 @@ def load_checkpoint(path: str | Path, *, mmap: bool = False, weights: bool = Tru
                               "`vitkit.from_pretrained` and `vitkit convert` read model weights in other formats")
     if state.get("version", 0) > VERSION:
         raise CheckpointError(f"{path}: written by a newer vitkit (checkpoint version {state['version']})")
+    broken = nonfinite_keys(state["model"]) if isinstance(state.get("model"), dict) else []
+    if broken:
+        raise CheckpointError(f"{path}: {describe_nonfinite(broken)}: not a good state to resume, evaluate or "
+                              f"export{_alternatives(path)}")
     return state
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import torch
 
 from vitkit.analysis.inputs import describe_labels, load_images, prepare_images
 from vitkit.analysis.pipeline import ModelAnalysis, analyze_model
@@ -29,6 +30,7 @@ from vitkit.analysis.plots import (
 from vitkit.analysis.position import similarity_by_distance
 from vitkit.fileio import atomic_write_text
 from vitkit.resolver import ResolvedModel, load_source
+from vitkit.runtime import DEFAULT_DEVICE, resolve_device
 
 FILES = {
     "filters_png": "patch_embedding_pca.png",
@@ -47,13 +49,14 @@ FILES = {
 
 def analyze(source: str | ResolvedModel, dataset: str, out_dir: str | Path, *, num_images: int = 128,
             num_show: int = 8, num_head_rows: int = 4, batch_size: int = 32, data_dir: str | Path | None = None,
-            device: str = "cpu", seed: int = 0) -> Path:
+            device: str | torch.device | None = DEFAULT_DEVICE, seed: int = 0) -> Path:
     """Load ``source`` (any model SOURCE, see :func:`vitkit.resolver.load_source`, or a model already
     resolved), analyse it on ``num_images`` images of ``dataset`` and write the report to ``out_dir``.
     Returns the path of ``index.html``."""
     start = time.perf_counter()
     resolved = source if isinstance(source, ResolvedModel) else load_source(source)
     source, description = resolved.source.spec, resolved.description
+    device = str(resolve_device(device))
     model = resolved.model.to(device)
     sample = load_images(dataset, num_images, data_dir=data_dir, seed=seed)
     inputs, display = prepare_images(sample, model)

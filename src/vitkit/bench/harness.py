@@ -34,14 +34,15 @@ from vitkit.bench.timing import Stats, time_round_robin
 from vitkit.config_engine import check_fields
 from vitkit.data import DataConfig
 from vitkit.data.throughput import pipeline_throughput
+from vitkit.deploy.runtime import OnnxModel
 from vitkit.fileio import atomic_write_text
-from vitkit.models.registry import list_models
+from vitkit.models.registry import build_model, list_models
 from vitkit.resolver import load_source, source_config
-from vitkit.runtime import Precision, configure_cpu, physical_cores
+from vitkit.runtime import DEFAULT_DEVICE, DTYPES, Precision, autocast, configure_cpu, physical_cores, resolve_device
 from vitkit.version import __version__
 
 Mode = Literal["train", "infer"]
-PRECISIONS = dict(zip(typing.get_args(Precision), (torch.float32, torch.bfloat16, torch.float16)))
+PRECISIONS = {name: DTYPES[name] for name in typing.get_args(Precision)}
 MODES: tuple[Mode, ...] = typing.get_args(Mode)
 SCHEMA = "vitkit.bench/1"
 
@@ -60,7 +61,7 @@ class BenchSettings:
     img_size: int | None = None
     precision: Precision = "fp32"
     compile: bool = False
-    device: str = "auto"
+    device: str = DEFAULT_DEVICE
     modes: tuple[Mode, ...] = MODES
     warmup: int = 2
     repeats: int = 5
@@ -85,9 +86,7 @@ class BenchSettings:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
 
 # ----------------------------------------------------------------------------------- workloads
@@ -108,12 +107,12 @@ class Workload:
         self.model = model
         self.images, self.labels = images, labels
         self.device = device
-        self.dtype = PRECISIONS[settings.precision]
+        self.precision = settings.precision
         self.runner = torch.compile(model) if settings.compile else model
-        self.optimizer, self.optimizer_name = _adamw(model)
+        self.optimizer, self.optimizer_name = (None, None) if isinstance(model, OnnxModel) else _adamw(model)
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        return autocast(self.precision, self.device)
 
     def train_step(self) -> None:
         self.model.train()
@@ -231,9 +230,18 @@ def run_benchmark(settings: BenchSettings, pipelines: Mapping[str, PipelineFacto
     if settings.img_size is not None:
         overrides["img_size"] = settings.img_size
     torch.manual_seed(0)
+    if str(settings.model).lower().endswith(".onnx"):
+        overrides["threads"] = settings.threads
     resolved = load_source(settings.model, random_init=settings.model in list_models(), **overrides)
     say(f"model: {resolved.description}")
     model = resolved.model.to(device)
+    onnx = isinstance(model, OnnxModel)
+    if onnx:  # an exported graph: inference only, float32 input, nothing to compare with
+        if settings.compile or settings.precision != "fp32":
+            raise ValueError(f"{settings.model}: an ONNX model is timed as exported (no --compile, --precision fp32)")
+        if "train" in settings.modes:
+            say("an ONNX model is timed for inference only")
+        settings = dataclasses.replace(settings, modes=("infer",), reference=False)
     config = model.config
     h, w = config.image_hw
     images = torch.randn(settings.batch_size, config.in_chans, h, w, device=device)
@@ -253,7 +261,8 @@ def run_benchmark(settings: BenchSettings, pipelines: Mapping[str, PipelineFacto
             say(f"reference skipped: {e}")
 
     say("counting FLOPs")
-    flops = _count_model_flops(model, config, device)
+    twin = build_model(config) if onnx else model  # an ONNX graph's FLOPs and size: its eager architecture's
+    flops = _count_model_flops(twin, config, device)
     reference_flops = _count_model_flops(impls["timm"], config, device) if "timm" in impls else None
 
     workloads = {name: Workload(m, images, labels, settings, device) for name, m in impls.items()}
@@ -312,9 +321,10 @@ def run_benchmark(settings: BenchSettings, pipelines: Mapping[str, PipelineFacto
         "machine": {**machine_description(device), **runtime,
                     "load_average_1min": {"start": load_before, "end": _load_average()}},
         "settings": {**dataclasses.asdict(settings), "device": str(device)},
-        "model": {"name": settings.model, "params": sum(p.numel() for p in model.parameters()),
+        "model": {"name": settings.model, "params": sum(p.numel() for p in twin.parameters()),
                   "config": config.to_dict()},
         "optimizer": workloads["vitkit"].optimizer_name,
+        "runtime": f"onnxruntime ({model.precision})" if onnx else "torch eager",
         "flops_per_image": flops,
         "reference_flops_per_image": reference_flops,
         "matmul_peak": {"n": peak.n, "dtype": settings.precision, "backend": peak.best_backend,

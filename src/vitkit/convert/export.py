@@ -63,12 +63,54 @@ def save_state_dict_file(state_dict: dict[str, Tensor], path: str | Path) -> Pat
     return path
 
 
+_IN_MEMORY = {  # each format's conversion of the weights, without writing anything: it refuses what it cannot hold
+    "timm": timm.from_vitkit,
+    "huggingface": lambda weights, config: (huggingface.check_exportable(config),
+                                            huggingface.from_vitkit(weights, config)),
+    "torchvision": torchvision.from_vitkit,
+    "jax": jax.from_vitkit,
+    "t2t": t2t.from_vitkit,
+}
+CLI_NAMES = {"huggingface": "hf", "jax": "npz"}
+"""What ``vitkit convert --to`` calls a format, where that differs from its name here."""
+
+
+def exportable_formats(model: nn.Module) -> list[str]:
+    """The formats (as ``--to`` names them) that can hold ``model``, found by converting its weights in memory:
+    the advice a refused export gives names these, never a format that would refuse the model too."""
+    found = ["vitkit"]
+    for fmt, convert in _IN_MEMORY.items():
+        candidate = model
+        if isinstance(model, MaskedAutoencoder):
+            if fmt == "huggingface":
+                found.append(CLI_NAMES[fmt])
+                continue
+            candidate = model.export_encoder()
+        try:
+            convert(_weights(candidate), candidate.config)
+        except (ValueError, KeyError, AttributeError, TypeError):
+            continue
+        found.append(CLI_NAMES.get(fmt, fmt))
+    return found
+
+
 def save_as(model: nn.Module, destination: str | Path, format: str = "vitkit") -> Path:
-    """Save ``model`` as ``format``: a directory for vitkit and Hugging Face, a file for the others."""
+    """Save ``model`` as ``format``: a directory for vitkit and Hugging Face, a file for the others. A format that
+    cannot hold the model is a ``ValueError`` that says why and names the formats that can."""
     fmt = normalise_format(format)
     destination = Path(destination)
     if fmt == "vitkit":
         return model.save_pretrained(destination)
+    try:
+        return _save_foreign(model, destination, fmt)
+    except ValueError as e:
+        working = exportable_formats(model)
+        if CLI_NAMES.get(fmt, fmt) in working:  # the model fits the format: the problem is elsewhere (a file name)
+            raise
+        raise ValueError(f"{e}; formats that can hold this model: {', '.join(working)}") from None
+
+
+def _save_foreign(model: nn.Module, destination: Path, fmt: str) -> Path:
     if isinstance(model, MaskedAutoencoder):
         if fmt == "huggingface":
             return mae_to_huggingface(model, destination)

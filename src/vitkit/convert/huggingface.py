@@ -26,6 +26,7 @@ from vitkit.checkpoint import CheckpointError, load_state_dict
 from vitkit.config import ViTConfig
 from vitkit.convert.keymap import KeyMap
 from vitkit.fileio import atomic_write_text, save_state_dict
+from vitkit.hf_processor import PROCESSOR_CONFIG, ProcessorError, preprocessing_from_processor, processor_config
 from vitkit.preprocessing import KNOWN_SOURCES, Preprocessing
 
 FORMAT = "huggingface"
@@ -111,7 +112,7 @@ def from_vitkit(state_dict: dict[str, Tensor], config: ViTConfig) -> dict[str, T
 def check_exportable(config: ViTConfig) -> None:
     if config.stem is not None:
         raise ValueError("Hugging Face transformers has no hybrid ViT (its ViTHybrid is gone in 5.x, and a ViT "
-                         "directory cannot hold a ResNet stem); export this hybrid to 'timm', 'npz' or 'vitkit'")
+                         "directory cannot hold a ResNet stem)")
     problems = []
     if not config.class_token or config.global_pool != "token" or config.fc_norm:
         problems.append("pooling other than the class token")
@@ -139,48 +140,36 @@ def hints_from_config(data: dict[str, Any], source: str) -> dict[str, Any]:
         hints["img_size"] = tuple(size) if isinstance(size, (list, tuple)) else int(size)
     id2label = data.get("id2label") or {}
     labels = [id2label.get(str(i), id2label.get(i)) for i in range(len(id2label))]
-    if labels and None not in labels and not all(re.fullmatch(r"LABEL_\d+", str(x)) for x in labels):
+    # transformers' placeholders (LABEL_0, ...) and the indices vitkit writes for a model without names are no names
+    unnamed = all(str(x) in (f"LABEL_{i}", str(i)) for i, x in enumerate(labels))
+    if labels and None not in labels and not unnamed:
         hints["class_names"] = [str(x) for x in labels]
     return hints
 
 
-PREPROCESSOR_CONFIG = "preprocessor_config.json"
-_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL.Image.Resampling values in image processors
-
-
 def preprocessing_of(directory: Path) -> Preprocessing:
-    """The image processor of a Hugging Face directory (``preprocessor_config.json``: ``image_mean``,
-    ``image_std``, ``resample``, ``size``/``crop_size``), else transformers' ViTImageProcessor defaults.
-
-    ViTImageProcessor resizes straight to the input size (no crop: ``crop_pct`` 1.0); a processor
-    with a centre crop gives ``crop_pct = crop / shortest_edge``."""
-    path = Path(directory) / PREPROCESSOR_CONFIG
-    default = KNOWN_SOURCES["huggingface"]
+    """The image processor of a Hugging Face directory (``preprocessor_config.json``, read by
+    :func:`vitkit.hf_processor.preprocessing_from_processor`), else transformers' ViTImageProcessor defaults."""
+    path = Path(directory) / PROCESSOR_CONFIG
     if not path.is_file():
-        return default
+        return KNOWN_SOURCES["huggingface"]
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    crop_pct = 1.0
-    size, crop = data.get("size"), data.get("crop_size")
-    if data.get("do_center_crop") and isinstance(size, dict) and isinstance(crop, dict) and "shortest_edge" in size:
-        crop_pct = min(1.0, float(crop.get("height", size["shortest_edge"])) / float(size["shortest_edge"]))
-    resample = data.get("resample", 2)
-    if resample not in _RESAMPLE:
-        raise CheckpointError(f"{path}: resample={resample!r} is not one vitkit's eval transform reproduces "
-                              f"({', '.join(f'{k} ({v})' for k, v in _RESAMPLE.items())})")
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not an image processor (a JSON object)")
     try:
-        return Preprocessing(mean=data.get("image_mean", default.mean), std=data.get("image_std", default.std),
-                             crop_pct=crop_pct, interpolation=_RESAMPLE[resample])
-    except ValueError as e:
+        return preprocessing_from_processor(data)
+    except ProcessorError as e:
         raise CheckpointError(f"{path}: {e}") from None
 
 
 def config_to_hf(config: ViTConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     check_exportable(config)
     num_labels = max(config.num_classes, 0)
-    names = config.class_names or [f"LABEL_{i}" for i in range(num_labels)]
+    # without class names, the index: the label `vitkit predict` shows (transformers would show LABEL_i)
+    names = config.class_names or [str(i) for i in range(num_labels)]
     height, width = config.image_hw
     return {
         "architectures": ["ViTForImageClassification" if num_labels else "ViTModel"],
@@ -229,18 +218,16 @@ def read_weights(directory: Path) -> dict[str, Tensor]:
 
 def write_directory(state_dict: dict[str, Tensor], config: ViTConfig, directory: str | Path) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that ``ViTForImageClassification`` (or ``ViTModel``
-    when there is no classifier) loads with ``from_pretrained``."""
+    when there is no classifier) loads with ``from_pretrained``, and the ``preprocessor_config.json`` with which
+    ``AutoImageProcessor`` prepares images exactly as vitkit does (:func:`vitkit.hf_processor.processor_config`)."""
     directory = Path(directory)
     hf_config = config_to_hf(config, state_dict["pos_embed"].dtype)
     tensors = from_vitkit(state_dict, config)
     save_state_dict(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     atomic_write_text(json.dumps(hf_config, indent=2) + "\n", directory / "config.json")
-    record = config.preprocessing()
-    if record.crop_pct == 1.0 and len(record.mean) == 3:  # what ViTImageProcessor can express: resize, no crop
-        height, width = config.image_hw
-        processor = {"image_processor_type": "ViTImageProcessor", "do_resize": True, "do_rescale": True,
-                     "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(record.mean),
-                     "image_std": list(record.std), "size": {"height": height, "width": width},
-                     "resample": {v: k for k, v in _RESAMPLE.items()}[record.interpolation]}
-        atomic_write_text(json.dumps(processor, indent=2) + "\n", directory / PREPROCESSOR_CONFIG)
+    processor = processor_config(config.preprocessing())
+    if processor is not None:  # None: not 3 channels, which transformers' processors cannot make
+        atomic_write_text(json.dumps(processor, indent=2) + "\n", directory / PROCESSOR_CONFIG)
+    else:
+        (directory / PROCESSOR_CONFIG).unlink(missing_ok=True)  # not one left from an earlier export
     return directory

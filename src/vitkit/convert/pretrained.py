@@ -17,8 +17,7 @@ from vitkit.convert.infer import STEM_ASSUMED, infer_config, stem_spec
 from vitkit.convert.mae import infer_mae_config
 from vitkit.hub import HubSource, find_entry
 from vitkit.models.mae import ENCODER_PREFIXES, MAEConfig, MaskedAutoencoder
-from vitkit.models.registry import build_model, get_model_config, list_models
-from vitkit.models.registry import create_model as create_registered_model
+from vitkit.models.registry import build_model, build_registered, get_model_config, list_models
 from vitkit.models.t2t import T2TConfig
 
 # Fields the weights fix; a named model must agree with the checkpoint on them.
@@ -58,7 +57,25 @@ def from_hub_source(fetched: HubSource, **options: Any) -> nn.Module:
     publisher gives (:func:`hub_load_options`); ``options`` as for :func:`from_pretrained` win over them."""
     checkpoint = read_checkpoint(fetched.path, options.pop("format", None) or fetched.format)
     given = {k: v for k, v in options.items() if v is not None}
-    return from_checkpoint(checkpoint, **{**hub_load_options(fetched), **given})
+    stated = hub_load_options(fetched)
+    if (fetched.entry is None and "num_classes" not in given and "model" not in given
+            and isinstance(stated.get("model"), ViTConfig)):
+        # the publisher's metadata names the head size; weights with another head are a broken repo, not a
+        # request for a new zero head (which would predict 1/N for every class)
+        stated["num_classes"] = _checked_head(checkpoint, stated["model"], fetched)
+    return from_checkpoint(checkpoint, **{**stated, **given})
+
+
+def _checked_head(checkpoint: Checkpoint, target: ViTConfig, fetched: HubSource) -> int:
+    """The head size of the weights, which must be the one the metadata states."""
+    found = _config_for(checkpoint, target, None, None).num_classes
+    if found != target.num_classes:
+        where = fetched.path / "config.json" if fetched.path.is_dir() else fetched.source
+        raise CheckpointError(f"{fetched.source}: {where} states num_classes={target.num_classes} but the weights' "
+                              f"classifier has {found} outputs; the repo's files disagree (pass num_classes="
+                              f"{target.num_classes}, --num-classes on the command line, to replace the head on "
+                              "purpose)")
+    return found
 
 
 def hub_load_options(fetched: HubSource) -> dict[str, Any]:
@@ -90,9 +107,9 @@ def create_untrained(name: str, **overrides: Any) -> nn.Module:
     those weights are (their classes and input size), as ``timm.create_model(name)`` without weights is."""
     entry = find_entry(name) if "." in name else None
     if entry is None:
-        return create_registered_model(name, **overrides)
+        return build_registered(name, **overrides)
     shape = {"num_classes": entry.num_classes, "img_size": entry.input_size, **entry.config}
-    return create_registered_model(entry.architecture, **{**shape, **overrides})
+    return build_registered(entry.architecture, **{**shape, **overrides})
 
 
 def from_checkpoint(checkpoint: Checkpoint, *, img_size: int | tuple[int, int] | None = None,

@@ -59,10 +59,10 @@ def from_vitkit(state_dict: dict[str, Tensor], config: ViTConfig) -> dict[str, T
     if lost:
         raise ValueError(f"a timm state dict cannot record this hybrid stem's {lost}: no tensor holds them, and "
                          "timm's hybrids (what reading the file back assumes) use "
-                         f"{STEM_ASSUMED}; keep the 'vitkit' format")
+                         f"{STEM_ASSUMED}")
     if config.representation_size is not None:
         raise ValueError("timm's VisionTransformer has no representation layer (pre_logits) since timm 0.6; "
-                         "export to 'hf', 'torchvision' or 'npz', or drop it with model.reset_head(num_classes)")
+                         "drop it with model.reset_head(num_classes)")
     return dict(state_dict)
 
 

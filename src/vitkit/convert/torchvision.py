@@ -55,7 +55,7 @@ def to_vitkit(state_dict: dict[str, Tensor], source: str) -> dict[str, Tensor]:
 def from_vitkit(state_dict: dict[str, Tensor], config: ViTConfig) -> dict[str, Tensor]:
     if config.stem is not None:
         raise ValueError("torchvision has no hybrid ViT (its VisionTransformer embeds raw patches; conv_stem_configs "
-                         "is a plain Conv-BN stack, not a BiT ResNet); export this hybrid to 'timm', 'npz' or 'vitkit'")
+                         "is a plain Conv-BN stack, not a BiT ResNet)")
     problems = []
     if not config.class_token or config.global_pool != "token" or config.fc_norm:
         problems.append("pooling other than the class token")

@@ -18,11 +18,8 @@ import torchvision
 import torchvision.datasets as tv_datasets
 
 from vitkit.data.sources import DatasetSpec, channel_stats, default_download_root, named_spec
+from vitkit.errors import DownloadError
 from vitkit.fileio import atomic_path, atomic_write_text
-
-
-class DownloadError(RuntimeError):
-    """Fetching a data set failed (network, checksum, disk); the message says what and where."""
 
 
 def convert_torchvision_dataset(dataset: Any, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -88,6 +85,13 @@ def is_complete(directory: Path) -> bool:
     return all((directory / f).is_file() for f in ("train.npz", "test.npz", "meta.json"))
 
 
+def _remove_created(created: list[Path]) -> None:
+    """Undo the directories a failed download made (torchvision's partial files in them included), so that
+    the data root does not show an empty ``NAME/raw`` as if the set were there."""
+    for directory in reversed(created):
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def download(name: str, data_dir: str | Path | None = None, *, keep_raw: bool = False, force: bool = False) -> Path:
     """Download ``name`` with torchvision into ``DATA_DIR/name`` (``train.npz``, ``test.npz``, ``meta.json``).
 
@@ -100,14 +104,16 @@ def download(name: str, data_dir: str | Path | None = None, *, keep_raw: bool = 
     if is_complete(directory) and not force:
         return directory
     raw = directory / "raw"
+    created = [d for d in (directory, raw) if not d.exists()]
     dataset_class = getattr(tv_datasets, spec.torchvision_class)
     splits, classes = {}, None
     for split, train in (("train", True), ("test", False)):
         try:
             dataset = dataset_class(root=str(raw), train=train, download=True)
         except Exception as e:  # network, checksum or disk errors: say what failed and where
+            _remove_created(created)
             raise DownloadError(f"downloading {name} ({spec.torchvision_class}, {split}) into {raw} failed: "
-                               f"{type(e).__name__}: {e}") from e
+                                f"{type(e).__name__}: {e}") from e
         splits[split] = convert_torchvision_dataset(dataset, spec)
         classes = list(spec.class_names or dataset.classes)
     source = {"kind": "torchvision", "class": f"torchvision.datasets.{spec.torchvision_class}",

@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -186,12 +186,14 @@ def decoding(path: Path | str) -> Iterator[None]:
         raise CorruptImageError(path, f"cannot decode image ({type(e).__name__}: {e})") from e
 
 
-def read_image(path: str | Path | BinaryIO, min_side: int | None = None, *, name: str | None = None) -> Tensor:
+def read_image(path: str | Path | BinaryIO, min_side: int | None = None, *, orient: bool = False,
+               name: str | None = None) -> Tensor:
     """An image file as a uint8 tensor (C, H, W): C = 1 for grayscale files (8- or 16-bit, float), else
     3 (RGB); the eval transform turns it into the model's channels. With ``min_side``, a large JPEG is decoded at a
-    reduced scale (1/2, 1/4, 1/8) whose shorter side is still at least ``min_side`` (the size the
-    later resize produces): several times faster, and the same for every caller. ``path`` may be an open
-    binary file (an image read from a shard), ``name`` what errors call it."""
+    reduced scale (1/2, 1/4, 1/8) whose shorter side is still at least ``min_side``: several times faster,
+    but not the pixels of the full image resized (the eval transform decodes at full scale). ``orient``
+    turns the image as its EXIF orientation tag says (as ``PIL.ImageOps.exif_transpose``). ``path`` may be an
+    open binary file (an image read from a shard), ``name`` what errors call it."""
     path = Path(path) if isinstance(path, (str, os.PathLike)) else path
     with decoding(name or path), Image.open(path) as img:
         if min_side is not None and img.format == "JPEG":
@@ -200,7 +202,7 @@ def read_image(path: str | Path | BinaryIO, min_side: int | None = None, *, name
             if shrink >= 2:
                 img.draft("RGB", (int(width / shrink) + 1, int(height / shrink) + 1))
         img.load()
-        img = to_8bit(img)
+        img = to_8bit(ImageOps.exif_transpose(img) if orient else img)
     return _to_tensor(img)
 
 

@@ -9,6 +9,7 @@ import torch
 from vitkit.data.config import DataConfig
 from vitkit.data.pipeline import build_data
 from vitkit.data.sources import is_folder_dataset
+from vitkit.runtime import resolve_device
 
 
 def _sync(device: torch.device) -> None:
@@ -24,7 +25,7 @@ def pipeline_throughput(cfg: DataConfig, device: torch.device | str = "cpu", *, 
     whole epochs, worker start-up included (what training pays), after one warm-up epoch that also
     fills the page cache.
     """
-    device = torch.device(device)
+    device = resolve_device(device)
     data = build_data(cfg, device=device, seed=0)
     folder = is_folder_dataset(cfg.dataset)
     rates = []

@@ -22,6 +22,7 @@ from vitkit.checkpoint import load_state_dict
 from vitkit.data.splits import Split
 from vitkit.data.transforms import EvalTransform, eval_transform
 from vitkit.fileio import save_state_dict
+from vitkit.runtime import resolve_device
 
 
 class ExtractionProgress:
@@ -77,7 +78,7 @@ def extract_features(model: nn.Module, data: Split, *, transform: EvalTransform 
     """(N, F) float32 features of every image in ``data``, in order, with the model in eval mode;
     images go through ``transform`` (default: the model's eval transform)."""
     transform = transform or eval_transform(model.config)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = resolve_device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     chunks = []

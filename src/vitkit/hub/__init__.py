@@ -5,12 +5,13 @@ This package only fetches and describes files; turning them into models is the c
 local path.
 """
 
+from vitkit.errors import ChecksumError, DownloadError, OfflineError
 from vitkit.hub.catalog import (
                                 CatalogEntry,
                                 CatalogError,
                                 Checksum,
                                 Location,
-                                                            find_entry,
+                                find_entry,
                                 get_entry,
                                 list_entries,
                                 load_catalog,
@@ -25,7 +26,6 @@ from vitkit.hub.download import (
                                 is_offline,
                                 url_cache_path,
 )
-from vitkit.hub.errors import ChecksumError, DownloadError, OfflineError
 from vitkit.hub.resolve import HubSource, fetch_entry, fetch_hub_repo, fetch_source, fetch_url, is_hub_source
 
 __all__ = [

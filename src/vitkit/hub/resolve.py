@@ -20,16 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vitkit.errors import DownloadError, OfflineError
+from vitkit.hf_processor import ProcessorError, preprocessing_from_processor
 from vitkit.hub.catalog import CatalogEntry, find_entry, load_catalog
 from vitkit.hub.classes import class_names as bundled_class_names
 from vitkit.hub.download import download_hub_file, download_hub_repo, download_url
-from vitkit.hub.errors import DownloadError
 from vitkit.preprocessing import Preprocessing
 
 HF_PREFIXES = ("hf-hub:", "hf_hub:", "hf:")
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
-# Pillow's resampling codes, as transformers' preprocessor_config.json stores them
-_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
 
 
 @dataclass
@@ -77,7 +76,10 @@ def fetch_source(source: str, *, progress: bool = True) -> HubSource | None:
     if _REPO_ID.fullmatch(text) and not Path(text).parent.is_dir():  # 'runs/x' with a local runs/: a path
         try:
             return fetch_hub_repo(text, source=text)
-        except DownloadError as e:  # it may also be a mistyped local path: say both
+        except OfflineError as e:  # it may also be a mistyped local path: say both
+            raise OfflineError(text, f"no such file or directory, nor a Hugging Face repo vitkit can use: {e.problem}",
+                               e.advice) from None
+        except DownloadError as e:
             detail = str(e).removeprefix(f"{text}: ")
             raise type(e)(f"{text}: no such file or directory, nor a Hugging Face repo vitkit can use: {detail}") \
                 from None
@@ -156,22 +158,11 @@ def _timm_facts(config: dict[str, Any]) -> tuple[str | None, int | None, Preproc
 
 
 def _transformers_preprocessing(processor: dict[str, Any], config: dict[str, Any]) -> Preprocessing | None:
-    """transformers' ViTImageProcessor resizes straight to ``size`` (no crop) and normalises."""
+    """What the repo's image processor does (:func:`vitkit.hf_processor.preprocessing_from_processor`); None
+    when it has none, or one vitkit cannot reproduce (the directory reader then names the key at fault)."""
     if not processor:
         return None
-    size = processor.get("size", config.get("image_size"))
-    if isinstance(size, dict):
-        size = size.get("height") or size.get("shortest_edge")
-    mean, std = processor.get("image_mean"), processor.get("image_std")
-    if not size or not mean or not std:
-        return None
-    crop_pct = 1.0
-    crop = processor.get("crop_size")
-    if processor.get("do_center_crop") and crop:
-        crop = crop.get("height") if isinstance(crop, dict) else crop
-        crop_pct, size = float(crop) / float(size), crop
     try:
-        return Preprocessing(size=int(size), mean=mean, std=std, crop_pct=crop_pct,
-                             interpolation=_PIL_RESAMPLE.get(processor.get("resample", 2), "bilinear"))
-    except ValueError:
+        return preprocessing_from_processor(processor)
+    except ProcessorError:
         return None

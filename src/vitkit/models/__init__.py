@@ -9,7 +9,7 @@ from vitkit.models.layers import Attention, Block, DropPath, Mlp, PatchEmbed
 from vitkit.models.pos_embed import resample_pos_embed
 from vitkit.models.registry import (
     build_model,
-    create_model,
+    build_registered,
     get_model_config,
     list_models,
     register_architecture,
@@ -19,7 +19,7 @@ from vitkit.models.transfer import freeze_backbone, prepare_for_finetuning
 from vitkit.models.vit import VisionTransformer
 
 __all__ = [
-    "Attention", "Block", "DropPath", "Mlp", "PatchEmbed", "VisionTransformer", "build_model", "create_model",
+    "Attention", "Block", "DropPath", "Mlp", "PatchEmbed", "VisionTransformer", "build_model", "build_registered",
     "freeze_backbone", "get_model_config", "list_models", "prepare_for_finetuning", "register_architecture",
     "register_model", "resample_pos_embed",
 ]

@@ -6,10 +6,11 @@ dicts move between the two libraries without renaming.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkit.models.linear import Linear, linear_gelu
+from vitkit.models.linear import run_linear, run_linear_gelu
 
 
 class PatchEmbed(nn.Module):
@@ -40,14 +41,15 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = scale if scale is not None else self.head_dim ** -0.5
-        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _split_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         batch, tokens, _ = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim)
+        qkv = self.qkv(x) if torch.jit.is_scripting() else run_linear(self.qkv, x)
+        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim)
         # Views, no copies: (B, heads, N, head_dim) strided into qkv. Unbinding dim 2 makes the
         # backward one stack straight into qkv's layout (unbinding a permuted dim 0 needs two copies).
         q, k, v = qkv.unbind(2)
@@ -56,7 +58,7 @@ class Attention(nn.Module):
     def _merge_heads(self, x: Tensor) -> Tensor:
         batch, _, tokens, _ = x.shape
         x = x.transpose(1, 2).reshape(batch, tokens, self.num_heads * self.head_dim)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(self.proj(x) if torch.jit.is_scripting() else run_linear(self.proj, x))
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = self._split_heads(x)
@@ -76,24 +78,18 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
         super().__init__()
-        self.fc1 = Linear(dim, hidden_dim)
+        self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = Linear(hidden_dim, dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._can_fuse_gelu():  # fc1 + bias + GELU in one kernel where linear_gelu can
-            x = linear_gelu(x, self.fc1.weight, self.fc1.bias)
-        else:
-            x = self.act(self.fc1(x))
-        return self.drop2(self.fc2(self.drop1(x)))
-
-    def _can_fuse_gelu(self) -> bool:
-        """Fusing skips fc1's and act's own forward calls, so only when nobody hooks into them."""
-        return (type(self.act) is nn.GELU and self.act.approximate == "none"
-                and not (self.fc1._forward_hooks or self.fc1._forward_pre_hooks
-                         or self.act._forward_hooks or self.act._forward_pre_hooks))
+        if torch.jit.is_scripting():
+            return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        # fc1 + bias + GELU in one kernel, and the faster CPU GEMMs, where nothing wraps or hooks the layers
+        x = self.drop1(run_linear_gelu(self.fc1, self.act, x))
+        return self.drop2(run_linear(self.fc2, x))
 
 
 class DropPath(nn.Module):

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from vitkit.config import ModelConfig, Pooling
 from vitkit.models.inputs import check_image_batch
 from vitkit.models.layers import Block, Mlp
-from vitkit.models.linear import Linear
+from vitkit.models.linear import run_linear
 from vitkit.models.registry import register_architecture, register_model
 from vitkit.models.vit import VisionTransformer
 from vitkit.preprocessing import Preprocessing
@@ -150,12 +150,14 @@ class TokenAttention(nn.Module):
     def __init__(self, dim: int, out_dim: int) -> None:
         super().__init__()
         self.scale = dim ** -0.5
-        self.qkv = Linear(dim, 3 * out_dim, bias=False)
-        self.proj = Linear(out_dim, out_dim)
+        self.qkv = nn.Linear(dim, 3 * out_dim, bias=False)
+        self.proj = nn.Linear(out_dim, out_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        return v + self.proj(F.scaled_dot_product_attention(q, k, v, scale=self.scale))
+        scripted = torch.jit.is_scripting()
+        q, k, v = (self.qkv(x) if scripted else run_linear(self.qkv, x)).chunk(3, dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return v + (self.proj(y) if scripted else run_linear(self.proj, y))
 
 
 class TokenTransformer(nn.Module):
@@ -191,13 +193,13 @@ class TokenPerformer(nn.Module):
                  norm_eps: float = 1e-5) -> None:
         super().__init__()
         self.emb = out_dim
-        self.kqv = Linear(dim, 3 * out_dim)
+        self.kqv = nn.Linear(dim, 3 * out_dim)
         self.dp = nn.Dropout(drop)
-        self.proj = Linear(out_dim, out_dim)
+        self.proj = nn.Linear(out_dim, out_dim)
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.norm2 = nn.LayerNorm(out_dim, eps=norm_eps)
         self.epsilon = 1e-8
-        self.mlp = nn.Sequential(Linear(out_dim, out_dim), nn.GELU(), Linear(out_dim, out_dim), nn.Dropout(drop))
+        self.mlp = nn.Sequential(nn.Linear(out_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim), nn.Dropout(drop))
         self.m = int(out_dim * kernel_ratio)
         w = nn.init.orthogonal_(torch.empty(self.m, out_dim)) * math.sqrt(self.m)
         self.w = nn.Parameter(w, requires_grad=False)
@@ -209,12 +211,14 @@ class TokenPerformer(nn.Module):
         return torch.exp(x @ self.w.float().t() - norm) / math.sqrt(self.m)
 
     def attention(self, x: Tensor) -> Tensor:
-        k, q, v = torch.split(self.kqv(x), self.emb, dim=-1)
+        scripted = torch.jit.is_scripting()
+        k, q, v = torch.split(self.kqv(x) if scripted else run_linear(self.kqv, x), self.emb, dim=-1)
         kp, qp = self.random_features(k), self.random_features(q)  # (B, N, m)
         normaliser = qp @ kp.sum(dim=1).unsqueeze(-1)  # (B, N, 1): phi(q_t) . sum_s phi(k_s)
         context = kp.transpose(1, 2) @ v.float()  # (B, m, d): sum_s phi(k_s) v_s^T
         y = (qp @ context) / (normaliser + self.epsilon)
-        return v + self.dp(self.proj(y.to(v.dtype)))
+        y = y.to(v.dtype)
+        return v + self.dp(self.proj(y) if scripted else run_linear(self.proj, y))
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.attention(self.norm1(x))
@@ -239,14 +243,14 @@ class T2TModule(nn.Module):
         else:
             self.attention1 = TokenPerformer(dims[0], token_dim, config.kernel_ratio, config.token_drop_rate)
             self.attention2 = TokenPerformer(dims[1], token_dim, config.kernel_ratio, config.token_drop_rate)
-        self.project = Linear(token_dim * k2 * k2, config.embed_dim)
+        self.project = nn.Linear(token_dim * k2 * k2, config.embed_dim)
 
     def forward(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """(B, C, H, W) -> tokens (B, N, D) and their grid."""
         tokens, grid = self.soft_split0(images)
         tokens, grid = self.soft_split1(tokens_to_map(self.attention1(tokens), grid))
         tokens, grid = self.soft_split2(tokens_to_map(self.attention2(tokens), grid))
-        return self.project(tokens), grid
+        return (self.project(tokens) if torch.jit.is_scripting() else run_linear(self.project, tokens)), grid
 
 
 def sinusoid_table(num_positions: int, dim: int) -> Tensor:

@@ -24,7 +24,7 @@ from vitkit.models.mae import MAEConfig
 from vitkit.models.registry import get_model_entry
 from vitkit.models.transfer import PosEmbedInit
 from vitkit.resolver import source_config
-from vitkit.runtime import Precision
+from vitkit.runtime import DEFAULT_DEVICE, Precision
 
 OptimizerName = Literal["adamw", "sgd"]
 Progress = Literal["auto", "bar", "plain", "none"]
@@ -159,8 +159,8 @@ class TrainConfig:
     """fp32, bf16 autocast, or fp16 autocast (with a gradient scaler on CUDA)."""
     compile: bool = False
     """Run the model through ``torch.compile``."""
-    device: str = "auto"
-    """auto (CUDA if available, else CPU), cpu, cuda, cuda:N, mps."""
+    device: str = DEFAULT_DEVICE
+    """auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N, mps."""
     seed: int = 0
     deterministic: bool = False
     """Use deterministic kernels only, so a run (and its resumption) is bit-for-bit repeatable."""

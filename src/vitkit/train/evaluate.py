@@ -20,9 +20,9 @@ from torch import Tensor, nn
 from vitkit.data import ClassMismatchError, DataConfig, build_data
 from vitkit.fileio import atomic_write_text
 from vitkit.resolver import load_source
+from vitkit.runtime import autocast, resolve_device
 from vitkit.train.distributed import World, all_reduce_sum
 from vitkit.train.plots import plot_confusion
-from vitkit.train.runtime import autocast, resolve_device
 
 
 @dataclass
@@ -153,7 +153,7 @@ def _names(names: list[str], limit: int = 5) -> str:
 
 
 def evaluate_trained(source: str | Path, *, dataset: Optional[str] = None, data_dir: Optional[str] = None,
-                     batch_size: int = 256, device: str = "auto", precision: str = "fp32",
+                     batch_size: int = 256, device: str | None = None, precision: str = "fp32",
                      out_dir: Optional[str | Path] = None, hflip_tta: bool = False,
                      checkpoint: Optional[str] = None, allow_class_mismatch: bool = False) -> EvalReport:
     """Evaluate any model SOURCE (a run: its best state, or ``checkpoint``; a training checkpoint; a model
@@ -186,6 +186,9 @@ def evaluate_trained(source: str | Path, *, dataset: Optional[str] = None, data_
     batches = ((images, lookup[labels.to(device_)]) for images, labels in data.val.batches())
     result = evaluate(model.to(device_), batches, config.num_classes, device=device_, precision=precision,
                       hflip_tta=hflip_tta)
+    if not math.isfinite(result.loss):
+        raise ValueError(f"{resolved.description}: the model's logits are NaN or infinite on {dataset} (loss "
+                         f"{result.loss}); its weights or --precision {precision} cannot give an answer")
     class_names = list(config.class_names or data.class_names)
 
     tag = dataset.removeprefix("folder:").rstrip("/").rsplit("/", 1)[-1]

@@ -24,9 +24,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vitkit.checkpoint import CheckpointError, load_weights
+from vitkit.checkpoint import CheckpointError, describe_nonfinite, load_weights, nonfinite_keys
 from vitkit.data import CorruptImageError, Data, build_data
+from vitkit.errors import WorkStopped
 from vitkit.models.registry import architecture_of
+from vitkit.runtime import grad_scaler, resolve_device
 from vitkit.train.checkpoints import CheckpointWriter, capture_rng, load_checkpoint, resolve_checkpoint, restore_rng
 from vitkit.train.config import GRAD_CHECKPOINTING, TrainConfig, expand_shortcuts, merge_configs, parse_overrides
 from vitkit.train.distributed import (
@@ -47,7 +49,7 @@ from vitkit.train.monitor import Progress, RunLog, format_duration
 from vitkit.train.optim import build_optimizer, lr_at, peak_lr, set_lr
 from vitkit.train.plots import plot_curves
 from vitkit.train.rundir import create_run_dir, remove_partial_writes, write_config
-from vitkit.train.runtime import StopSignals, grad_scaler, resolve_device, seed_everything
+from vitkit.train.runtime import StopSignals, seed_everything
 from vitkit.train.sharded_checkpoint import ShardedCheckpointWriter, full_state_dict, restore_sharded
 from vitkit.train.task import Task, build_task, format_metric
 
@@ -455,9 +457,8 @@ def _saving_on_corrupt_in(save: Callable[[], None], world: World, checkpoints: C
         if world.distributed:  # the other processes are not here to join the checkpoint's collectives
             raise
         save()
-        raise CorruptImageError(e.path, f"{e.reason}; saved the finished steps to {checkpoints.last}: remove or "
-                                        f"fix the file (or set data.skip_corrupt), then `vitkit train --resume "
-                                        f"{run_dir}`") from None
+        raise WorkStopped(f"{e.path}: {e.reason}; saved the finished steps to {checkpoints.last}: remove or fix the "
+                          f"file (or set data.skip_corrupt), then `vitkit train --resume {run_dir}`") from None
 
 
 def _means(task: Task, sums: Tensor) -> dict[str, float]:
@@ -536,7 +537,15 @@ def _check_finite(nonfinite: Tensor, state: LoopState, world: World, device: tor
 def _save_checkpoint(checkpoints: CheckpointWriter | ShardedCheckpointWriter, parts: Trained, state: LoopState,
                      cfg: TrainConfig, world: World, elapsed: float, window_start: float, is_best: bool) -> None:
     """Write ``last`` (and ``best``) from rank 0, with every rank's RNG streams (dropout masks); sharded
-    checkpoints from every rank, with the epoch's sums of all ranks (so any number of processes resumes them)."""
+    checkpoints from every rank, with the epoch's sums of all ranks (so any number of processes resumes them).
+    Weights that are no longer finite are never saved: ``last`` stays the last good state."""
+    broken = nonfinite_keys(parts.raw.state_dict())  # identical on every rank, so every rank stops
+    if broken:
+        good = f"the last good checkpoint is {checkpoints.last}" if checkpoints.last.exists() else \
+            "no checkpoint had been written yet"
+        raise TrainingDiverged(f"{describe_nonfinite(broken)} by optimizer step {state.step} (epoch "
+                               f"{state.epoch + 1}); training stopped and nothing was saved; {good}. Try a lower "
+                               "optim.lr, a longer optim.warmup_epochs, optim.clip_grad, or bf16 instead of fp16.")
     rngs = gather_objects(capture_rng(), world)
     window_seconds = time.perf_counter() - window_start if state.batch else 0.0
     if isinstance(checkpoints, ShardedCheckpointWriter):

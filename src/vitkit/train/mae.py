@@ -19,6 +19,7 @@ from vitkit.config import ViTConfig
 from vitkit.data import Data
 from vitkit.models.mae import MAEConfig, MaskedAutoencoder, mae_config_for
 from vitkit.models.registry import get_model_entry
+from vitkit.runtime import autocast
 from vitkit.train.config import (
     GRAD_CHECKPOINTING,
     TrainConfig,
@@ -30,7 +31,6 @@ from vitkit.train.config import (
 )
 from vitkit.train.distributed import World, all_reduce_sum
 from vitkit.train.rundir import MODEL_DIR
-from vitkit.train.runtime import autocast
 
 ENCODER_DIR = "encoder"
 RECONSTRUCTION_NAME = "reconstruction"

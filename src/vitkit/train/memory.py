@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitkit.runtime import autocast
 from vitkit.train.grad_checkpointing import transformer_blocks
-from vitkit.train.runtime import autocast
 
 MEMORY_LIMIT_ENV = "VITKIT_MEMORY_LIMIT"
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,

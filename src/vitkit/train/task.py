@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.data import Data
+from vitkit.runtime import autocast
 from vitkit.train.config import TrainConfig
 from vitkit.train.distributed import World
 from vitkit.train.evaluate import evaluate
 from vitkit.train.mae import MAEPretraining
 from vitkit.train.rundir import build_run_model, export_model
-from vitkit.train.runtime import autocast
 
 
 class Task(Protocol):
