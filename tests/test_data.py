@@ -83,8 +83,8 @@ def test_missing_set_error_names_where_it_looked_and_how_to_get_it(tmp_path, mon
 
 
 def test_unknown_set_and_bad_config_name_the_culprit():
-    with pytest.raises(ValueError, match="unknown data set 'imagenet21k'"):
-        build_data(DataConfig("imagenet21k"), device="cpu")
+    with pytest.raises(DatasetNotFoundError, match="data set 'imagenet21k' not found: not a named set"):
+        build_data(DataConfig("imagenet21k"), device="cpu")  # the resolution every command uses
     with pytest.raises(ValueError,
                        match=r"data\.crop must be one of random_crop, random_resized_crop, none; got 'center'"):
         DataConfig(crop="center")

@@ -270,6 +270,7 @@ EXIT_CODE_TESTS = {
     2: ["test_faults.py::test_a_step_that_does_not_fit_fails_before_training_with_the_numbers_and_a_split_that_fits",
         "test_faults.py::test_eval_matches_class_folders_to_the_model_by_name_not_by_sorted_position"],
     3: ["test_train.py::test_cli_exit_code_of_a_diverged_run"],
+    4: ["test_deploy.py::test_a_disagreeing_export_is_not_written_and_exits_4"],
     130: ["test_faults.py::test_a_second_ctrl_c_stops_at_once_with_one_line_and_exit_130",
           "test_faults.py::test_signal_to_the_whole_process_group_saves_and_exits_like_a_signal_to_the_main_process"],
     143: ["test_train.py::test_sigterm_saves_last_and_exits_cleanly",

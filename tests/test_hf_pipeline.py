@@ -75,9 +75,10 @@ def _sharpen(head: torch.nn.Linear) -> None:
         head.weight.normal_(0, 5 / head.in_features ** 0.5)
 
 
-def _vitkit_model(record: Preprocessing | None, class_names: list[str] | None = NAMES) -> torch.nn.Module:
+def _vitkit_model(record: Preprocessing | None, class_names: list[str] | None = NAMES,
+                  img_size: int | tuple[int, int] = 224) -> torch.nn.Module:
     model = vitkit.create_model("vit_tiny_patch16_224", depth=2, num_classes=NUM_CLASSES, preprocess=record,
-                                class_names=class_names)
+                                class_names=class_names, img_size=img_size)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1 and name.startswith("blocks"):
@@ -103,15 +104,20 @@ RECORDS = {
     "squash_crop": Preprocessing(crop_pct=0.9, crop_mode="squash", interpolation="bicubic"),
     "squash": Preprocessing(crop_mode="squash"),
     "nearest": Preprocessing(crop_pct=0.95, interpolation="nearest"),
+    "wide_input": Preprocessing(crop_pct=0.875, interpolation="bicubic"),  # a 224x320 model: both sides resized
 }
+IMG_SIZE = {"wide_input": (224, 320)}
 
 
 # ------------------------------------------------------------------- vitkit -> Hugging Face directory
 @pytest.mark.parametrize("record", list(RECORDS))
 def test_an_exported_directory_predicts_in_transformers_what_vitkit_predicts(tmp_path, photos, record, one_thread):
-    model = _vitkit_model(RECORDS[record])
+    model = _vitkit_model(RECORDS[record], img_size=IMG_SIZE.get(record, 224))
     vitkit_dir = model.save_pretrained(tmp_path / "vitkit")
     hf_dir = save_as(model, tmp_path / "hf", "hf")
+    assert main(["convert", str(vitkit_dir), str(tmp_path / "cli"), "--to", "hf"]) == 0  # the command writes the same
+    for name in ("config.json", "preprocessor_config.json"):
+        assert (tmp_path / "cli" / name).read_text() == (hf_dir / name).read_text()
     ours = predict_files(vitkit_dir, photos, top_k=NUM_CLASSES)
 
     classify = pipeline("image-classification", model=str(hf_dir), top_k=5)
@@ -129,10 +135,11 @@ def test_an_exported_directory_predicts_in_transformers_what_vitkit_predicts(tmp
         expected = torch.tensor([dict(zip(mine.labels, mine.probabilities))[name] for name in NAMES])
         torch.testing.assert_close(probs, expected, atol=TOLERANCE, rtol=0)
 
-    # and vitkit reads its own export back to the same geometry (crop_pct 0.9 comes back as 224 / 248)
+    # and vitkit reads its own export back to the same geometry (crop_pct 0.9 comes back as 224 / 248; a
+    # non-square input is resized on both sides in either mode, and comes back as squash)
     back, record = from_pretrained(hf_dir).config.preprocessing(), model.config.preprocessing()
     assert back.resize_size == record.resize_size
-    assert dataclasses.replace(back, crop_pct=record.crop_pct) == record
+    assert dataclasses.replace(back, crop_pct=record.crop_pct, crop_mode=record.crop_mode) == record
 
 
 def test_the_processor_gives_the_pixels_vitkit_gives(photos):
@@ -259,3 +266,22 @@ def test_predict_refuses_such_a_directory_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("vitkit predict: error: ") and "preprocessor_config.json: resample=4" in err
     assert "\n" not in err
+
+
+@pytest.mark.parametrize("crop_mode", ["squash", "center", None])
+def test_a_timm_hub_directory_states_its_crop_mode(tmp_path, crop_mode):
+    """timm's ``pretrained_cfg.crop_mode`` has the record's meaning (squash: both sides to size / crop_pct)."""
+    directory = tmp_path / "timm_hub"
+    directory.mkdir()
+    save_as(_vitkit_model(None), directory / "model.safetensors", "timm")
+    cfg = {"mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.9, "interpolation": "bicubic", "crop_mode": crop_mode}
+    (directory / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224",
+                                                       "num_classes": NUM_CLASSES, "pretrained_cfg": cfg}))
+    record = from_pretrained(directory).config.preprocessing()
+    assert record.crop_mode == (crop_mode or "center")
+    assert record.resize_size == ((248, 248) if crop_mode == "squash" else 248)
+    cfg["crop_mode"] = "border"
+    (directory / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224",
+                                                       "num_classes": NUM_CLASSES, "pretrained_cfg": cfg}))
+    with pytest.raises(ValueError, match=r"config.json: pretrained_cfg crop_mode='border' is not one"):
+        from_pretrained(directory)

@@ -294,7 +294,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     dl.add_argument("--keep-raw", action="store_true", help="keep torchvision's raw download files")
     dl.add_argument("--force", action="store_true", help="download again even if a complete copy is there")
     info = actions.add_parser("info", help="show where a data set is, its classes and split sizes")
-    info.add_argument("name", help="a named data set or folder:PATH")
+    info.add_argument("name", help="a named data set, folder:PATH, or a data set directory")
     info.add_argument("--data-dir", default=None, help="root holding NAME/ (default: search $VITKIT_DATA, "
                       "~/.cache/vitkit/data, <repo>/../shared/data)")
     shard = actions.add_parser("shard", help="write a data set as webdataset tar shards (read back as shards:DIR)")
@@ -520,7 +520,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default=None, metavar="STATE",
                    help="for a run directory: best (default), last, step-N or model")
     p.add_argument("--dataset", help="data set to evaluate on (default: the one the model was trained on): "
-                                     "a named set or folder:PATH")
+                                     "a named set, folder:PATH, or a data set directory")
     p.add_argument("--data-dir", help="where named data sets live (default: VITKIT_DATA, ../shared/data, ...)")
     p.add_argument("--batch-size", type=int, default=256)
     _add_device(p)
@@ -649,7 +649,8 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", required=True, help="pre-trained SOURCE: a run directory (its best state), a training "
                                                  "checkpoint, a vitkit model directory, or anything "
                                                  "vitkit.from_pretrained reads")
-    p.add_argument("--dataset", required=True, help="named data set (cifar10, mnist, ...) or folder:PATH")
+    p.add_argument("--dataset", required=True,
+                   help="named data set (cifar10, mnist, ...), folder:PATH, or a data set directory")
     p.add_argument("--img-size", type=int, default=None, help="fine-tuning resolution (default: the data set's)")
     p.add_argument("--config", default=None, help="YAML training config applied over the fine-tuning recipe")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

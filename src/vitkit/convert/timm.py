@@ -85,15 +85,19 @@ def hints_from_hub_config(data: dict[str, Any]) -> dict[str, Any]:
 
 def preprocessing_from_hub_config(data: dict[str, Any], source: str) -> Preprocessing | None:
     """The eval preprocessing a timm Hub ``config.json`` states (``pretrained_cfg``: ``mean``, ``std``,
-    ``crop_pct``, ``interpolation``); None when it states no mean/std."""
+    ``crop_pct``, ``interpolation``, ``crop_mode``); None when it states no mean/std."""
     cfg = data.get("pretrained_cfg") or {}
     if "mean" not in cfg or "std" not in cfg:
         return None
     interpolation = cfg.get("interpolation", "bicubic")
     if interpolation not in ("bilinear", "bicubic", "nearest"):
         interpolation = "bicubic"  # timm's "random" or "lanczos" have no v2 counterpart here; bicubic is timm's default
+    crop_mode = cfg.get("crop_mode") or "center"
+    if crop_mode not in ("center", "squash"):  # timm's "border": the longer side resized, then padded
+        raise CheckpointError(f"{source}: pretrained_cfg crop_mode={crop_mode!r} is not one vitkit's eval transform "
+                              "reproduces (center, squash)")
     try:
         return Preprocessing(mean=cfg["mean"], std=cfg["std"], crop_pct=cfg.get("crop_pct", 0.875),
-                             interpolation=interpolation)
+                             interpolation=interpolation, crop_mode=crop_mode)
     except ValueError as e:
         raise CheckpointError(f"{source}: pretrained_cfg {e}") from None

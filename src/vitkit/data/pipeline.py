@@ -298,25 +298,25 @@ def build_data(cfg: DataConfig, *, device: torch.device | str = "cpu", seed: int
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     cfg.validate()
     device = torch.device(device)
-    if sources.is_folder_dataset(cfg.dataset):
-        return _build_folder(cfg, device, seed, rank, world_size)
     if is_shards_dataset(cfg.dataset):
         return _build_shards(cfg, device, seed, rank, world_size)
-    return _build_named(cfg, device, seed, rank, world_size)
+    location = sources.locate(cfg.dataset, cfg.data_dir)  # the one name resolution of every command
+    if location.layout == "folder":
+        return _build_folder(cfg, location, device, seed, rank, world_size)
+    return _build_npz(cfg, location, device, seed, rank, world_size)
 
 
-def _build_named(cfg: DataConfig, device: torch.device, seed: int, rank: int, world_size: int) -> Data:
-    spec = sources.named_spec(cfg.dataset)
-    directory = sources.locate_named(cfg.dataset, cfg.data_dir)
+def _build_npz(cfg: DataConfig, location: sources.DatasetLocation, device: torch.device, seed: int, rank: int,
+               world_size: int) -> Data:
+    directory = location.path
     train_x, train_y = sources.load_npz_split(directory, "train")
-    val_x, val_y = sources.load_npz_split(directory, "test")
-    num_classes = spec.num_classes
-    for split, labels in (("train", train_y), ("test", val_y)):
-        if len(labels) and not 0 <= labels.min() <= labels.max() < num_classes:
-            raise ValueError(f"{directory / (split + '.npz')}: labels outside [0, {num_classes}) for {cfg.dataset}")
+    val_x, val_y = sources.load_npz_split(directory, "test" if (directory / "test.npz").is_file() or
+                                          not (directory / "val.npz").is_file() else "val")
+    class_names = sources.npz_classes(location, np.concatenate([train_y, val_y]))
+    num_classes = len(class_names)
     native_chans, native = train_x.shape[3], train_x.shape[1]
     in_chans = cfg.in_chans or native_chans
-    mean, std = spec.mean, spec.std
+    mean, std = sources.npz_normalisation(location, train_x)
     if in_chans == 1 and native_chans == 3:  # luma, once, before anything is copied to the device
         train_x, val_x = _luma(train_x), _luma(val_x)
         mean, std = sources.channel_stats(train_x)  # of the whole training split, like the named constants
@@ -344,7 +344,7 @@ def _build_named(cfg: DataConfig, device: torch.device, seed: int, rank: int, wo
                                   interpolation=cfg.eval_interpolation, dataset=cfg.dataset)
     val = TensorValStream(*to_device(val_x, val_y), EvalTransform(preprocessing, in_chans),
                           batch_size=cfg.eval_batch_size, rank=rank, world_size=world_size)
-    return Data(train, val, num_classes, sources.class_names_of(directory, num_classes), in_chans, img_size,
+    return Data(train, val, num_classes, class_names, in_chans, img_size,
                 tuple(mean), tuple(std), cfg.soft_targets, cfg.dataset, str(directory), [], preprocessing)
 
 
@@ -357,10 +357,11 @@ def _luma(images: np.ndarray) -> np.ndarray:
     return out
 
 
-def _build_folder(cfg: DataConfig, device: torch.device, seed: int, rank: int, world_size: int) -> Data:
+def _build_folder(cfg: DataConfig, location: sources.DatasetLocation, device: torch.device, seed: int, rank: int,
+                  world_size: int) -> Data:
     if cfg.in_chans not in (None, 3):
         raise ValueError(f"in_chans={cfg.in_chans}: folder data sets are read as RGB (in_chans 3)")
-    root = sources.locate_folder(cfg.dataset, cfg.data_dir)
+    root = location.path
     train_dir, val_dir = find_split_dir(root, "train"), find_split_dir(root, "val")
     classes = list_classes(train_dir)
     train_split = scan_split(train_dir, classes, skip_corrupt=cfg.skip_corrupt)

@@ -217,6 +217,39 @@ def class_names_of(directory: Path, num_classes: int) -> list[str]:
     return [str(c) for c in classes]
 
 
+def npz_classes(location: DatasetLocation, labels: np.ndarray) -> list[str]:
+    """The class names of an ``.npz`` data set: a named set's count, else ``meta.json``'s classes, else one per
+    label value; ``labels`` (any split's) must lie among them."""
+    directory = location.path
+    spec = NAMED_DATASETS.get(location.dataset)
+    meta_classes = read_meta(directory).get("classes")
+    if spec is not None:
+        num_classes = spec.num_classes
+    elif meta_classes:
+        num_classes = len(meta_classes)
+    else:
+        num_classes = int(labels.max()) + 1 if len(labels) else 0
+    if len(labels) and not 0 <= labels.min() <= labels.max() < num_classes:
+        raise ValueError(f"{directory}: labels outside [0, {num_classes}) for {location.dataset}")
+    return class_names_of(directory, num_classes)
+
+
+def npz_normalisation(location: DatasetLocation,
+                      train_images: np.ndarray | None = None) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of an ``.npz`` set's training images: a named set's constants, else those
+    ``meta.json`` records (``vitkit data download`` writes them), else computed from ``train_images`` (read
+    from ``train.npz`` when not given)."""
+    spec = NAMED_DATASETS.get(location.dataset)
+    if spec is not None:
+        return list(spec.mean), list(spec.std)
+    meta = read_meta(location.path)
+    if "train_pixel_mean_0_1" in meta and "train_pixel_std_0_1" in meta:
+        return list(meta["train_pixel_mean_0_1"]), list(meta["train_pixel_std_0_1"])
+    if train_images is None:
+        train_images = load_npz_split(location.path, "train")[0]
+    return channel_stats(train_images)
+
+
 def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 images (N, H, W, C), on the [0, 1] scale."""
     channels = images.shape[-1]

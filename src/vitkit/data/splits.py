@@ -146,17 +146,7 @@ def _npz_split(location: sources.DatasetLocation, which: str, classes: Sequence[
     if which != "train" and not (directory / "test.npz").is_file() and (directory / "val.npz").is_file():
         file_split = "val"
     images, labels = sources.load_npz_split(directory, file_split)
-    spec = sources.NAMED_DATASETS.get(location.dataset)
-    meta_classes = sources.read_meta(directory).get("classes")
-    if spec is not None:
-        num_classes = spec.num_classes
-    elif meta_classes:
-        num_classes = len(meta_classes)
-    else:
-        num_classes = int(labels.max()) + 1 if len(labels) else 0
-    names = sources.class_names_of(directory, num_classes)
-    if len(labels) and not 0 <= labels.min() <= labels.max() < num_classes:
-        raise ValueError(f"{directory / (file_split + '.npz')}: labels outside [0, {num_classes})")
+    names = sources.npz_classes(location, labels)
     if classes is not None and list(classes) != names:
         raise ClassMismatchError(f"{directory}: classes {names} differ from the expected {list(classes)}")
     return Split(f"{location.dataset}/{file_split}", labels, names, images=images,

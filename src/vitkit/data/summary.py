@@ -24,8 +24,9 @@ def _npz_shape(path: Path, key: str) -> tuple[int, ...]:
 
 def dataset_summary(dataset: str, data_dir: str | Path | None = None) -> dict[str, Any]:
     """Location, classes, image shape and per-class counts of each split of ``dataset``."""
-    if sources.is_folder_dataset(dataset):
-        root = sources.locate_folder(dataset, data_dir)
+    location = sources.locate(dataset, data_dir)  # the resolution every command uses
+    if location.layout == "folder":
+        root = location.path
         classes = list_classes(find_split_dir(root, "train"))
         splits, unreadable = {}, {}
         for split in ("train", "val"):
@@ -36,20 +37,20 @@ def dataset_summary(dataset: str, data_dir: str | Path | None = None) -> dict[st
         return {"dataset": dataset, "location": str(root), "classes": classes, "image_shape": "any (resized)",
                 "splits": splits, "unreadable": unreadable,
                 "mean": list(sources.IMAGENET_MEAN), "std": list(sources.IMAGENET_STD)}
-    spec = sources.named_spec(dataset)
-    directory = sources.locate_named(dataset, data_dir)
-    splits, shape = {}, None
-    for split in ("train", "test"):
+    directory = location.path
+    labels, shape = {}, None
+    for split in ("train", "val", "test"):
         path = directory / f"{split}.npz"
         if path.is_file():
             with np.load(path, allow_pickle=False) as npz:
-                labels = npz["labels"]
-            splits[split] = np.bincount(labels, minlength=spec.num_classes).tolist()
+                labels[split] = npz["labels"].astype(np.int64)
             shape = shape or _npz_shape(path, "images")[1:]
-    return {"dataset": dataset, "location": str(directory),
-            "classes": sources.class_names_of(directory, spec.num_classes),
+    classes = sources.npz_classes(location, np.concatenate(list(labels.values())))
+    splits = {split: np.bincount(y, minlength=len(classes)).tolist() for split, y in labels.items()}
+    mean, std = sources.npz_normalisation(location)
+    return {"dataset": dataset, "location": str(directory), "classes": classes,
             "image_shape": "x".join(map(str, shape)) if shape else "?", "splits": splits,
-            "mean": list(spec.mean), "std": list(spec.std)}
+            "mean": list(mean), "std": list(std)}
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -8,7 +8,7 @@ import torch
 
 from vitkit.data.config import DataConfig
 from vitkit.data.pipeline import build_data
-from vitkit.data.sources import is_folder_dataset
+from vitkit.data.sources import locate
 from vitkit.runtime import resolve_device
 
 
@@ -27,7 +27,7 @@ def pipeline_throughput(cfg: DataConfig, device: torch.device | str = "cpu", *, 
     """
     device = resolve_device(device)
     data = build_data(cfg, device=device, seed=0)
-    folder = is_folder_dataset(cfg.dataset)
+    folder = locate(cfg.dataset, cfg.data_dir).layout == "folder"
     rates = []
     for epoch in range(repeats + (1 if folder else 0)):
         batches = data.train.batches(epoch)

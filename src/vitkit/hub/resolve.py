@@ -142,7 +142,8 @@ def _timm_facts(config: dict[str, Any]) -> tuple[str | None, int | None, Preproc
     try:
         size = (int(cfg["input_size"][-2]), int(cfg["input_size"][-1]))
         preprocessing = Preprocessing(size=size, mean=cfg["mean"], std=cfg["std"], crop_pct=cfg.get("crop_pct", 1.0),
-                                      interpolation=cfg.get("interpolation", "bicubic"))
+                                      interpolation=cfg.get("interpolation", "bicubic"),
+                                      crop_mode=cfg.get("crop_mode") or "center")
     except (KeyError, TypeError, ValueError, IndexError):
         pass
     num_classes = config.get("num_classes", cfg.get("num_classes"))

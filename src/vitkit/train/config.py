@@ -25,6 +25,7 @@ from vitkit.models.registry import get_model_entry
 from vitkit.models.transfer import PosEmbedInit
 from vitkit.resolver import source_config
 from vitkit.runtime import DEFAULT_DEVICE, Precision
+from vitkit.train.budget import parse_duration
 
 OptimizerName = Literal["adamw", "sgd"]
 Progress = Literal["auto", "bar", "plain", "none"]
@@ -153,6 +154,15 @@ class TrainConfig:
     max_steps: Optional[int] = None
     """Stop after this many optimizer steps (the learning-rate schedule spans them), even within an epoch;
     null: ``epochs`` full epochs."""
+    time_budget: Optional[str] = None
+    """Train for this long (``60m``, ``1h30m``, ``90s``), evaluations included: a run with a budget and no
+    ``max_steps`` times its first steps, then fixes ``max_steps`` (and ``epochs``) so that warmup, decay and
+    every evaluation end inside it, and writes them to its config.yaml; at each evaluation it re-plans the
+    remaining decay if the host's pace changed (``budget_replans``). ``--epochs`` or ``--max_steps`` given
+    over a config turns the budget off (a fixed length wins)."""
+    budget_replans: list[tuple[int, int]] = field(default_factory=list)
+    """Written by a run with a budget: ``[step, total_steps]`` for each re-plan, where the remaining cosine
+    decay was compressed or stretched to end at the new total. A run of this config replays them."""
     ema_decay: Optional[float] = None
     """Keep an exponential moving average of the weights (e.g. 0.9998); it is evaluated and exported."""
     precision: Precision = "fp32"
@@ -190,6 +200,13 @@ class TrainConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.time_budget is not None:
+            parse_duration(self.time_budget)
+        if self.budget_replans and self.max_steps is None:
+            raise ValueError("budget_replans needs the max_steps they re-plan (both are written by a budgeted run)")
+        if any(at < 1 or total < at for at, total in self.budget_replans):
+            raise ValueError(f"budget_replans: each entry is [step, total_steps] with 0 < step <= total_steps, got "
+                             f"{[list(r) for r in self.budget_replans]}")
         for key in ("ckpt_every_steps", "keep_last_k"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
@@ -373,10 +390,13 @@ def expand_shortcuts(overrides: dict[str, Any]) -> dict[str, Any]:
 
 def merge_configs(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     """``update`` over ``base``, section by section; a ``model`` that names its model replaces the base's
-    model section (the overrides of one model mean nothing for another)."""
+    model section (the overrides of one model mean nothing for another), and an ``epochs`` or ``max_steps``
+    turns off the base's ``time_budget`` (unless the update sets one too)."""
     update = dict(update)
     if isinstance(update.get("model"), str):  # `model: vit_tiny_patch4_32` is short for {name: ...}
         update["model"] = {"name": update["model"]}
+    if ("epochs" in update or "max_steps" in update) and "time_budget" not in update:
+        update |= {"time_budget": None, "budget_replans": []}  # a length given over a budget wins over it
     merged = _merge(base, update)
     if isinstance(update.get("model"), Mapping) and "name" in update["model"]:
         merged["model"] = dict(update["model"])

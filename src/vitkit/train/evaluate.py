@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vitkit.data import ClassMismatchError, DataConfig, build_data
+from vitkit.data import ClassMismatchError, EvalTransform, load_split
 from vitkit.fileio import atomic_write_text
 from vitkit.resolver import load_source
 from vitkit.runtime import autocast, resolve_device
@@ -171,25 +171,21 @@ def evaluate_trained(source: str | Path, *, dataset: Optional[str] = None, data_
         raise ValueError(f"{source}: the model does not record its training data set; pass --dataset")
     if data_dir is None and dataset == trained_on.get("dataset"):
         data_dir = trained_on.get("data_dir")
-    height, width = config.image_hw
-    if height != width:
-        raise ValueError(f"{source}: non-square models ({height}x{width}) are not supported by vitkit eval")
-    data_cfg = DataConfig(dataset=dataset, data_dir=data_dir, img_size=height, batch_size=1,
-                          eval_batch_size=batch_size, mean=preprocessing.mean, std=preprocessing.std,
-                          eval_crop_pct=preprocessing.crop_pct, eval_interpolation=preprocessing.interpolation,
-                          in_chans=config.in_chans)
     device_ = resolve_device(device)
-    data = build_data(data_cfg, device=device_)
-    to_model = model_labels(list(config.class_names or []), list(data.class_names), config.num_classes,
+    # the evaluation split alone, through the reader and the eval transform fewshot, analyze and predict use
+    split = load_split(dataset, "test", data_dir=data_dir)
+    transform = EvalTransform(preprocessing, config.in_chans)
+    to_model = model_labels(list(config.class_names or []), list(split.class_names), config.num_classes,
                             source=str(source), dataset=dataset, allow_mismatch=allow_class_mismatch)
-    lookup = to_model.to(device_)
-    batches = ((images, lookup[labels.to(device_)]) for images, labels in data.val.batches())
+    labels = to_model[torch.from_numpy(split.labels)]
+    batches = ((images, labels[start:start + len(images)])
+               for start, images in zip(range(0, len(split), batch_size), split.batches(transform, batch_size)))
     result = evaluate(model.to(device_), batches, config.num_classes, device=device_, precision=precision,
                       hflip_tta=hflip_tta)
     if not math.isfinite(result.loss):
         raise ValueError(f"{resolved.description}: the model's logits are NaN or infinite on {dataset} (loss "
                          f"{result.loss}); its weights or --precision {precision} cannot give an answer")
-    class_names = list(config.class_names or data.class_names)
+    class_names = list(config.class_names or split.class_names)
 
     tag = dataset.removeprefix("folder:").rstrip("/").rsplit("/", 1)[-1]
     out = Path(out_dir) if out_dir is not None else (run_dir or Path(".")) / f"eval-{tag}"

@@ -1,5 +1,7 @@
 """The training loop, read top to bottom: set up, then for each epoch, for each batch, step; evaluate
-and checkpoint at the end of every epoch.
+and checkpoint at the end of every epoch. :func:`_train` is that loop in a dozen lines; each stage it calls
+(one step, its log line and checkpoint, the end of an epoch, the stop on a signal) is a method of
+:class:`_Run`, which holds what the set-up built.
 
 ``train(cfg)`` starts a run, ``resume(run_dir)`` continues one exactly where its last checkpoint left
 it; both return a :class:`TrainResult`. What is trained for (the loss of a batch, the evaluation) is a
@@ -29,6 +31,17 @@ from vitkit.data import CorruptImageError, Data, build_data
 from vitkit.errors import WorkStopped
 from vitkit.models.registry import architecture_of
 from vitkit.runtime import grad_scaler, resolve_device
+from vitkit.train.budget import (
+    EVAL_COST,
+    MEASURE_STEPS,
+    REPLAN_TOLERANCE,
+    RESERVE,
+    Cadence,
+    Pace,
+    format_budget,
+    parse_duration,
+    steps_that_fit,
+)
 from vitkit.train.checkpoints import CheckpointWriter, capture_rng, load_checkpoint, resolve_checkpoint, restore_rng
 from vitkit.train.config import GRAD_CHECKPOINTING, TrainConfig, expand_shortcuts, merge_configs, parse_overrides
 from vitkit.train.distributed import (
@@ -44,6 +57,7 @@ from vitkit.train.distributed import (
 from vitkit.train.ema import ModelEMA
 from vitkit.train.fsdp import full_value, gathered, is_sharded, resident_bytes, shard_model, skip_gradient_sync
 from vitkit.train.grad_checkpointing import enable_grad_checkpointing
+from vitkit.train.invocation import vitkit_command
 from vitkit.train.memory import ensure_step_fits
 from vitkit.train.monitor import Progress, RunLog, format_duration
 from vitkit.train.optim import build_optimizer, lr_at, peak_lr, set_lr
@@ -52,6 +66,9 @@ from vitkit.train.rundir import create_run_dir, remove_partial_writes, write_con
 from vitkit.train.runtime import StopSignals, seed_everything
 from vitkit.train.sharded_checkpoint import ShardedCheckpointWriter, full_state_dict, restore_sharded
 from vitkit.train.task import Task, build_task, format_metric
+
+_now = time.perf_counter
+"""The clock of a run's training seconds (a test replaces it to play a host of a given speed)."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -77,27 +94,52 @@ class Schedule:
     warmup_steps: int
     lr: float
     min_lr: float
+    replans: tuple[tuple[int, int], ...] = ()
+    """A time budget's re-plans (``budget_replans``): from each ``step`` on, the decay left ends at its total
+    (the last one is ``total_steps``)."""
+    planned_steps: Optional[int] = None
+    """With re-plans: the total they started from (``max_steps``)."""
 
     @classmethod
     def from_config(cls, cfg: TrainConfig, batches_per_epoch: int, world_size: int) -> Schedule:
-        """``epochs`` epochs, or ``max_steps`` steps if that is fewer; the peak learning rate is ``optim.lr``
-        or ``optim.blr`` scaled by the global batch."""
+        """``epochs`` epochs, or ``max_steps`` steps if that is fewer (or the last re-plan's total); the peak
+        learning rate is ``optim.lr`` or ``optim.blr`` scaled by the global batch."""
         accum = cfg.optim.accum_steps
         steps = batches_per_epoch // accum
         if steps == 0:
             raise ValueError(f"the training set gives {batches_per_epoch} batch(es) per epoch, fewer than "
                              f"optim.accum_steps={accum}; lower data.batch_size or optim.accum_steps")
         total = cfg.epochs * steps if cfg.max_steps is None else min(cfg.epochs * steps, cfg.max_steps)
+        replans = tuple((int(at), int(new)) for at, new in cfg.budget_replans)
         lr = peak_lr(cfg.optim, cfg.data.batch_size * world_size * accum)
-        return cls(accum, steps, total, round(cfg.optim.warmup_epochs * steps), lr, cfg.optim.min_lr)
+        warmup = round(cfg.optim.warmup_epochs * steps)
+        if replans:
+            return cls(accum, steps, replans[-1][1], warmup, lr, cfg.optim.min_lr, replans, cfg.max_steps)
+        return cls(accum, steps, total, warmup, lr, cfg.optim.min_lr)
 
     @property
     def batches_per_epoch(self) -> int:
         return self.steps_per_epoch * self.accum
 
     def lr_at(self, step: int) -> float:
-        return lr_at(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps, lr=self.lr,
-                     min_lr=self.min_lr)
+        if not self.replans or step < self.warmup_steps:
+            return lr_at(step, total_steps=self.total_steps, warmup_steps=self.warmup_steps, lr=self.lr,
+                         min_lr=self.min_lr)
+        # The cosine's progress runs from 0 at the end of warmup to 1 at the last step; a re-plan at step a
+        # keeps the progress reached at a and spreads what is left over the steps to its new total.
+        anchor, done, total = self.warmup_steps, 0.0, self.planned_steps
+        for at, new_total in self.replans:
+            if at > step:
+                break
+            if at > anchor:
+                done, anchor = _progress(at, anchor, done, total), at
+            total = new_total
+        progress = min(1.0, _progress(step, anchor, done, total))
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def _progress(step: int, anchor: int, done: float, total: int) -> float:
+    return done + (1.0 - done) * (step - anchor) / max(1, total - 1 - anchor)
 
 
 @dataclass
@@ -193,171 +235,324 @@ def _run(cfg: TrainConfig, run_dir: Optional[Path] = None, saved: Optional[dict[
 
 def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optional[dict[str, Any]],
            signals: StopSignals) -> TrainResult:
-    # ------------------------------------------------------------------------------------- setup
-    device = resolve_device(cfg.device, world.local_rank)
-    if saved is not None:
-        cfg = keep_global_batch(cfg, saved, world)
-    seed_everything(cfg.seed, cfg.deterministic)  # same seed on every rank: identical initial weights
-    data = build_data(cfg.data, device=device, seed=cfg.seed, rank=world.rank, world_size=world.size)
-    task = build_task(cfg, data, device=device, world=world)
-    parts = _build_parts(task.build_model().to(device), cfg, device)
-    schedule = Schedule.from_config(cfg, len(data.train), world.size)
-    size = data.img_size if isinstance(data.img_size, (tuple, list)) else (data.img_size, data.img_size)
-    no_labels = lambda n: torch.zeros(n, dtype=torch.long, device=device)  # noqa: E731
-    fsdp = cfg.distributed.strategy == "fsdp"
-    ensure_step_fits(parts.raw, parts.optimizer, input_shape=(data.in_chans, *size), batch_size=cfg.data.batch_size,
-                     accum_steps=schedule.accum, device=device, precision=cfg.precision,  # before an OOM kill
-                     loss_fn=lambda model, images: task.train_step(model, images, no_labels(len(images)))[0],
-                     grad_checkpointing=bool(cfg.model.get(GRAD_CHECKPOINTING)),
-                     shards=world.size if fsdp else 1)
-    if cfg.model.get(GRAD_CHECKPOINTING):
-        enable_grad_checkpointing(parts.raw)
-    if fsdp and world.distributed:  # in place; the optimizer then holds (and steps) the shards
-        shard_model(parts.raw, precision=cfg.precision, cpu_offload=cfg.distributed.cpu_offload)
-        parts.optimizer = build_optimizer(parts.raw, cfg.optim)
-    stats = len(task.stat_names) + 1
-    state = LoopState(epoch_sums=torch.zeros(stats, dtype=torch.float64, device=device),
-                      window_sums=torch.zeros(stats, dtype=torch.float64, device=device))
-    if saved is not None:
-        _restore(parts, saved, world)
-        state = LoopState.from_checkpoint(saved, device)
-        if "sharded" in saved and not world.is_main:  # its sums are of all processes: counted once, on rank 0
-            state.epoch_sums.zero_()
-            state.window_sums.zero_()
-    parts.model = _wrap(parts.raw, cfg, world, device)
-
-    run_dir = broadcast_object(run_dir or (create_run_dir(cfg) if world.is_main else None), world)
-    log = RunLog(run_dir, resume_step=state.step if saved else None, enabled=world.is_main)
-    checkpoints = ShardedCheckpointWriter(run_dir, cfg.keep_last_k, world) if fsdp else \
-        CheckpointWriter(run_dir, cfg.keep_last_k)
-    progress = Progress(cfg.progress, enabled=world.is_main)
-    if world.is_main:
-        partial = remove_partial_writes(run_dir) if saved is not None else []
-        write_config(cfg, run_dir)
-        _announce(progress, cfg, parts.raw, run_dir, state, schedule, world, device, resumed=saved is not None)
-        if partial:
-            progress.print(f"removed {len(partial)} partial file(s) of an interrupted write: "
-                           + ", ".join(p.name for p in partial))
-    reported_skips: set[str] = set()
-    _report_skipped(data, reported_skips, world, log, state.step)
-    if saved is not None and len(saved["rng"]) == world.size:
-        restore_rng(saved["rng"][world.rank])
-    else:  # dropout and drop-path draw different masks on each rank
-        seed_everything(cfg.seed + 1_000_003 * world.rank + state.step, cfg.deterministic)
-
-    # -------------------------------------------------------------------------------------- loop
-    started = time.perf_counter()
-    clock = lambda: state.elapsed + time.perf_counter() - started  # noqa: E731  training seconds of the run
-    nonfinite = torch.zeros((), device=device)  # NaN/inf losses (or gradient norms) since the last check
-
-    def save(is_best: bool = False, at: Optional[LoopState] = None) -> None:
-        _check_finite(nonfinite, state, world, device, checkpoints)
-        _save_checkpoint(checkpoints, parts, at or state, cfg, world, clock(), window_start, is_best)
-        log.flush()
-
-    def save_finished_steps() -> None:  # an unreadable image mid-epoch: keep every finished optimizer step
-        save(at=dataclasses.replace(state, batch=state.batch - state.batch % schedule.accum))
-
-    def save_finished_epoch() -> None:  # an unreadable image in the evaluation: the epoch's training is done
-        save(at=dataclasses.replace(state, epoch=state.epoch + 1, batch=0))
-
-    epoch_times: list[float] = []
-    first_step = state.step
-    while state.epoch < cfg.epochs and state.step < schedule.total_steps:
-        parts.model.train()
-        progress.start_epoch(state.epoch, cfg.epochs, schedule.steps_per_epoch, state.batch // schedule.accum)
-        epoch_start, epoch_cpu = time.perf_counter(), time.process_time()
-        window_start = time.perf_counter() - state.window_seconds
-        grad_norm: Optional[Tensor] = None
-        for images, targets in _saving_on_corrupt(data.train.batches(state.epoch, state.batch), save_finished_steps,
-                                                  world, checkpoints, run_dir):
-            if state.batch >= schedule.batches_per_epoch or state.step >= schedule.total_steps:
-                break
-            boundary = (state.batch + 1) % schedule.accum == 0
-            loss = _forward_backward(task, parts, images, targets, state, world, boundary, schedule.accum)
-            nonfinite += ~torch.isfinite(loss)
-            state.batch += 1
-            if not boundary:
+    run = _Run(cfg, world, run_dir, saved, signals)
+    while run.state.epoch < run.cfg.epochs and run.state.step < run.schedule.total_steps:
+        run.start_epoch()
+        for images, targets in run.epoch_batches():
+            if not run.step(images, targets):  # a micro-batch short of an optimizer step (accumulation)
                 continue
-
-            lr = schedule.lr_at(state.step)
-            if state.step == first_step + 1:  # gradients and optimizer state both exist now
-                _log_resident_memory(parts, world, log, state.step)
-            grad_norm = _optimizer_step(parts, cfg, lr, nonfinite)
-            state.step += 1
-            progress.step()
-            if state.step % cfg.log_every == 0:
-                _check_finite(nonfinite, state, world, device, checkpoints)
-                metrics = _window_metrics(task, state, world, lr, grad_norm, time.perf_counter() - window_start)
-                log.log("train", state.step, epoch=round(state.epoch + state.batch / schedule.batches_per_epoch, 4),
-                        **metrics)
-                progress.show(state.batch // schedule.accum, metrics)
-                state.window_sums.zero_()
-                window_start = time.perf_counter()
-            elif progress.due():  # a plain log hears from a long window at least every minute or so
-                progress.show(state.batch // schedule.accum, _means(task, state.window_sums) | dict(lr=lr))
-
-            stop = any_process(signals.received is not None, world, device)
-            if stop or (cfg.ckpt_every_steps and state.step % cfg.ckpt_every_steps == 0):
-                save()
+            stop = run.signalled()  # one collective per step: every process stops at the same step
+            run.fit_budget()
+            run.log_and_checkpoint(save=stop)
             if stop:
-                progress.end_epoch()
-                log.close()
-                why = signals.name or "a signal on another process"
-                raise TrainingInterrupted(
-                    f"stopped by {why} at epoch {state.epoch + 1}, optimizer step {state.step}; saved "
-                    f"{checkpoints.last}; continue with: vitkit train --resume {run_dir}", signals.received or 15)
-        progress.end_epoch()
+                run.stop(f"at epoch {run.state.epoch + 1}, optimizer step {run.state.step}")
+        run.end_epoch()
+        if run.signalled():  # the signal came during the evaluation; the epoch's checkpoint is written
+            run.stop(f"after epoch {run.state.epoch} (optimizer step {run.state.step})")
+    return run.finish()
 
-        # ----------------------------------------------------------------------------- epoch end
-        _check_finite(nonfinite, state, world, device, checkpoints)
+
+class _Run:
+    """One process's part of a run: what the loop set up, and the steps it takes. The methods are the loop's
+    stages, called by :func:`_train` in order; everything they change lives in ``state`` (checkpointed),
+    the model parts, or the per-process counters below (timings, the non-finite count)."""
+
+    def __init__(self, cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optional[dict[str, Any]],
+                 signals: StopSignals) -> None:
+        self.cfg, self.world, self.signals = cfg, world, signals
+        self.device = device = resolve_device(cfg.device, world.local_rank)
+        if saved is not None:  # on another number of processes: the same global batch
+            self.cfg = cfg = keep_global_batch(cfg, saved, world)
+        seed_everything(cfg.seed, cfg.deterministic)  # same seed on every rank: identical initial weights
+        self.data = data = build_data(cfg.data, device=device, seed=cfg.seed, rank=world.rank, world_size=world.size)
+        self.task = task = build_task(cfg, data, device=device, world=world)
+        self.parts = parts = _build_parts(task.build_model().to(device), cfg, device)
+        self.schedule = schedule = Schedule.from_config(cfg, len(data.train), world.size)
+        size = data.img_size if isinstance(data.img_size, (tuple, list)) else (data.img_size, data.img_size)
+        no_labels = lambda n: torch.zeros(n, dtype=torch.long, device=device)  # noqa: E731
+        fsdp = cfg.distributed.strategy == "fsdp"
+        ensure_step_fits(parts.raw, parts.optimizer, input_shape=(data.in_chans, *size),
+                         batch_size=cfg.data.batch_size, accum_steps=schedule.accum, device=device,
+                         precision=cfg.precision,  # before an out-of-memory kill can take the run down
+                         loss_fn=lambda model, images: task.train_step(model, images, no_labels(len(images)))[0],
+                         grad_checkpointing=bool(cfg.model.get(GRAD_CHECKPOINTING)), shards=world.size if fsdp else 1)
+        if cfg.model.get(GRAD_CHECKPOINTING):
+            enable_grad_checkpointing(parts.raw)
+        if fsdp and world.distributed:  # in place; the optimizer then holds (and steps) the shards
+            shard_model(parts.raw, precision=cfg.precision, cpu_offload=cfg.distributed.cpu_offload)
+            parts.optimizer = build_optimizer(parts.raw, cfg.optim)
+        stats = len(task.stat_names) + 1
+        self.state = LoopState(epoch_sums=torch.zeros(stats, dtype=torch.float64, device=device),
+                               window_sums=torch.zeros(stats, dtype=torch.float64, device=device))
+        if saved is not None:
+            _restore(parts, saved, world)
+            self.state = LoopState.from_checkpoint(saved, device)
+            if "sharded" in saved and not world.is_main:  # its sums are of all processes: counted once, on rank 0
+                self.state.epoch_sums.zero_()
+                self.state.window_sums.zero_()
+        parts.model = _wrap(parts.raw, cfg, world, device)
+
+        self.run_dir = broadcast_object(run_dir or (create_run_dir(cfg) if world.is_main else None), world)
+        self.log = RunLog(self.run_dir, resume_step=self.state.step if saved else None, enabled=world.is_main)
+        self.checkpoints = ShardedCheckpointWriter(self.run_dir, cfg.keep_last_k, world) if fsdp else \
+            CheckpointWriter(self.run_dir, cfg.keep_last_k)
+        self.progress = Progress(cfg.progress, enabled=world.is_main)
+        if world.is_main:
+            partial = remove_partial_writes(self.run_dir) if saved is not None else []
+            write_config(cfg, self.run_dir)
+            _announce(self.progress, cfg, parts.raw, self.run_dir, self.state, schedule, world, device,
+                      resumed=saved is not None)
+            if partial:
+                self.progress.print(f"removed {len(partial)} partial file(s) of an interrupted write: "
+                                    + ", ".join(p.name for p in partial))
+        self.reported_skips: set[str] = set()
+        _report_skipped(data, self.reported_skips, world, self.log, self.state.step)
+        if saved is not None and len(saved["rng"]) == world.size:
+            restore_rng(saved["rng"][world.rank])
+        else:  # dropout and drop-path draw different masks on each rank
+            seed_everything(cfg.seed + 1_000_003 * world.rank + self.state.step, cfg.deterministic)
+
+        self.started = _now()
+        self.pace = Pace(_now)  # not self.clock: a reference cycle would keep the DataLoader workers alive
+        self.budget = parse_duration(cfg.time_budget) if cfg.time_budget else None
+        self.plan_at = None if self.budget is None or cfg.max_steps is not None else min(
+            MEASURE_STEPS + 1, schedule.warmup_steps + 1, schedule.steps_per_epoch)
+        """The step after which a budget fixes the run's length: the steps before it do not depend on the length
+        (warmup's learning rate does not), so a re-run with the chosen ``max_steps`` repeats them exactly."""
+        if self.plan_at is not None and world.is_main:
+            self.progress.print(f"budget {format_budget(self.budget)}: timing the first {self.plan_at} steps")
+        self.nonfinite = torch.zeros((), device=device)
+        """NaN/inf losses (or gradient norms) since the last check: counted on the device, read (a sync) only
+        when a log line or a checkpoint needs it."""
+        self.epoch_times: list[float] = []
+        self.epoch_start = self.epoch_cpu = self.window_start = 0.0
+        self.lr = schedule.lr_at(self.state.step)
+        self.grad_norm: Optional[Tensor] = None
+        self.first_step = self.state.step
+
+    def clock(self) -> float:
+        """Training seconds of the run: this process's, plus those of the processes it resumes."""
+        return self.state.elapsed + _now() - self.started
+
+    # ------------------------------------------------------------------------------ the loop's stages
+    def start_epoch(self) -> None:
+        state = self.state
+        self.parts.model.train()
+        self.progress.start_epoch(state.epoch, self.cfg.epochs, self.schedule.steps_per_epoch,
+                                  state.batch // self.schedule.accum)
+        self.epoch_start, self.epoch_cpu = time.perf_counter(), time.process_time()
+        self.window_start = time.perf_counter() - state.window_seconds  # a resumed window keeps its seconds
+        self.grad_norm = None
+        self.pace.start()
+
+    def epoch_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """The epoch's remaining micro-batches, up to the last full optimizer step or the run's last step.
+        An unreadable image first saves the finished steps, then ends the run with one line naming it."""
+        state, schedule = self.state, self.schedule
+        batches = self.data.train.batches(state.epoch, state.batch)
+        for images, targets in _saving_on_corrupt(batches, self.save_finished_steps, self.world, self.checkpoints,
+                                                  self.run_dir):
+            if state.batch >= schedule.batches_per_epoch or state.step >= schedule.total_steps:
+                return
+            yield images, targets
+
+    def step(self, images: Tensor, targets: Tensor) -> bool:
+        """Forward and backward one micro-batch; on the last micro-batch of ``accum``, an optimizer step.
+        Says whether the step was taken."""
+        state, schedule = self.state, self.schedule
+        boundary = (state.batch + 1) % schedule.accum == 0
+        loss = _forward_backward(self.task, self.parts, images, targets, state, self.world, boundary, schedule.accum)
+        self.nonfinite += ~torch.isfinite(loss)
+        state.batch += 1
+        if not boundary:
+            return False
+        self.lr = schedule.lr_at(state.step)
+        if state.step == self.first_step + 1:  # gradients and optimizer state both exist now
+            _log_resident_memory(self.parts, self.world, self.log, state.step)
+        self.grad_norm = _optimizer_step(self.parts, self.cfg, self.lr, self.nonfinite)
+        state.step += 1
+        self.progress.step()
+        self.pace.step()
+        return True
+
+    def fit_budget(self) -> None:
+        """With a time budget, after the first steps: fix ``max_steps`` (and ``epochs``) to what fits, in the
+        config the run writes and checkpoints (so a resumption keeps it), and say so."""
+        if self.plan_at is None or self.state.step < self.plan_at:
+            return
+        self.plan_at = None
+        per_step = self.pace.seconds_per_step() or self.clock() / max(1, self.state.step)
+        total = self._steps_that_fit(per_step, first_epoch=self.state.epoch)
+        self._set_length(total, replans=list(self.cfg.budget_replans))
+        self._say(f"budget {format_budget(self.budget)}: {total:,} steps = "
+                  f"{total / self.schedule.steps_per_epoch:.1f} epochs at {per_step:.3g} s/step measured")
+
+    def log_and_checkpoint(self, *, save: bool) -> None:
+        """Every ``log_every`` steps a ``train`` line (and the finite check); every ``ckpt_every_steps`` steps,
+        or when ``save``, the ``last`` checkpoint."""
+        state, cfg = self.state, self.cfg
+        if state.step % cfg.log_every == 0:
+            _check_finite(self.nonfinite, state, self.world, self.device, self.checkpoints)
+            metrics = _window_metrics(self.task, state, self.world, self.lr, self.grad_norm,
+                                      time.perf_counter() - self.window_start)
+            self.log.log("train", state.step, epoch=round(state.epoch + state.batch / self.schedule.batches_per_epoch,
+                                                          4), **metrics)
+            self.progress.show(state.batch // self.schedule.accum, metrics, eta=self.eta())
+            state.window_sums.zero_()
+            self.window_start = time.perf_counter()
+        elif self.progress.due():  # numbers on the bar from the first step; a plain log's heartbeat
+            metrics = _means(self.task, state.window_sums) | dict(lr=self.lr)
+            self.progress.show(state.batch // self.schedule.accum, metrics, eta=self.eta())
+        if save or (cfg.ckpt_every_steps and state.step % cfg.ckpt_every_steps == 0):
+            self.save()
+
+    def end_epoch(self) -> None:
+        """Evaluate (every ``eval_every`` epochs and after the last), log the epoch's record, draw the curves,
+        print the summary line and checkpoint, ``best`` too when the evaluation is the best so far."""
+        state, cfg, task, world = self.state, self.cfg, self.task, self.world
+        self.progress.end_epoch()
+        _check_finite(self.nonfinite, state, world, self.device, self.checkpoints)
         epoch_sums = all_reduce_sum(state.epoch_sums.clone(), world)
         record: dict[str, Any] = dict(epoch=state.epoch + 1)
         record |= {f"train_{name}": value for name, value in _means(task, epoch_sums).items()}
-        record["lr"] = schedule.lr_at(state.step - 1)
+        record["lr"] = self.schedule.lr_at(state.step - 1)
         is_best = False
-        last = state.epoch + 1 == cfg.epochs or state.step >= schedule.total_steps
-        if (state.epoch + 1) % cfg.eval_every == 0 or last:
-            with _saving_on_corrupt_in(save_finished_epoch, world, checkpoints, run_dir), gathered(parts.raw):
-                is_best = _evaluate(task, parts, state, record)  # ranks' validation shards may differ in batches
+        last = state.epoch + 1 == cfg.epochs or state.step >= self.schedule.total_steps
+        evaluated = (state.epoch + 1) % cfg.eval_every == 0 or last
+        if evaluated:
+            started = self.clock()
+            with _saving_on_corrupt_in(self.save_finished_epoch, world, self.checkpoints, self.run_dir), \
+                    gathered(self.parts.raw):  # under FSDP the ranks' validation shards may differ in batches
+                is_best = _evaluate(task, self.parts, state, record)
                 if world.is_main:
-                    log.figures(task.figures(parts.ema.module if parts.ema is not None else parts.raw), state.step,
-                                state.epoch + 1)
-        epoch_times.append(time.perf_counter() - epoch_start)
-        record["epoch_time"] = epoch_times[-1]
-        record["epoch_cpu_time"] = time.process_time() - epoch_cpu  # this process, all threads
+                    self.log.figures(task.figures(self._exported_model()), state.step, state.epoch + 1)
+            self.pace.evaluation(self.clock() - started)
+        self.epoch_times.append(time.perf_counter() - self.epoch_start)
+        record["epoch_time"] = self.epoch_times[-1]
+        record["epoch_cpu_time"] = time.process_time() - self.epoch_cpu  # this process, all threads
         if cfg.data.skip_corrupt:
-            record["skipped_files"] = _report_skipped(data, reported_skips, world, log, state.step)
-        log.log("epoch", state.step, **record)
+            record["skipped_files"] = _report_skipped(self.data, self.reported_skips, world, self.log, state.step)
+        self.log.log("epoch", state.step, **record)
         if world.is_main and f"best_{task.best_metric.removeprefix('val_')}" in record:
-            plot_curves(run_dir)  # redrawn at each evaluation, so a stopped run has its curves too
-        eta = sum(epoch_times) / len(epoch_times) * (cfg.epochs - state.epoch - 1) if not last else 0.0
-        progress.print(_summary_line(task, record, cfg.epochs, eta, parts.ema is not None))
+            plot_curves(self.run_dir)  # redrawn at each evaluation, so a stopped run has its curves too
+        eta = 0.0 if last else self.eta(first_epoch=state.epoch + 1)
+        if eta is None:
+            eta = sum(self.epoch_times) / len(self.epoch_times) * (cfg.epochs - state.epoch - 1)
+        self.progress.print(_summary_line(task, record, cfg.epochs, eta, self.parts.ema is not None))
         state.last_record = record
         state.epoch, state.batch, state.window_seconds = state.epoch + 1, 0, 0.0
         state.epoch_sums.zero_()
         state.window_sums.zero_()  # a log window does not span epochs
-        save(is_best)
-        if any_process(signals.received is not None, world, device):  # it came during the evaluation
-            log.close()
-            raise TrainingInterrupted(
-                f"stopped by {signals.name or 'a signal on another process'} after epoch {state.epoch} (optimizer "
-                f"step {state.step}); saved {checkpoints.last}; continue with: vitkit train --resume {run_dir}",
-                signals.received or 15)
+        if evaluated and not last and self.budget is not None and self.plan_at is None:
+            self._replan()
+        self.save(is_best)
 
-    # ------------------------------------------------------------------------------------ finish
-    train_seconds = round(clock(), 1)
-    final = _whole_model(task, parts)
-    if world.is_main:
-        task.export(final, run_dir, best=state.best, train_seconds=train_seconds)
-        log.close()
-        best = "never evaluated" if state.best is None else format_metric(
-            task.best_metric, state.best, "best " + task.best_metric.replace("_", " "))
-        progress.print(f"done in {format_duration(train_seconds)}: {best}; model in {run_dir / 'model'}")
-    val_size = int(all_reduce_sum(torch.tensor([float(data.val.num_samples)], device=device), world).item())
-    return TrainResult(run_dir, dict(state.last_record), state.best, task.best_metric, state.step,
-                       state.step * cfg.data.batch_size * world.size * schedule.accum, train_seconds,
-                       data.train.num_samples, val_size)
+    def eta(self, first_epoch: Optional[int] = None) -> Optional[float]:
+        """Seconds to the end of the run at the pace measured so far: its steps left and the evaluations at
+        the ends of epochs ``first_epoch`` (default: the current one) onwards; None before a step was timed."""
+        cadence = Cadence(self.schedule.steps_per_epoch, self.cfg.eval_every)
+        evaluations = cadence.evaluations(self.schedule.total_steps,
+                                          self.state.epoch if first_epoch is None else first_epoch)
+        return self.pace.eta(self.schedule.total_steps - self.state.step, evaluations, self._eval_estimate())
+
+    def signalled(self) -> bool:
+        """Whether SIGTERM or SIGINT reached any process (a collective: every process calls it together)."""
+        return any_process(self.signals.received is not None, self.world, self.device)
+
+    def stop(self, where: str) -> None:
+        """End the run on a signal, its state saved: the exception says where and how to continue."""
+        self.progress.end_epoch()
+        self.log.close()
+        raise TrainingInterrupted(
+            f"stopped by {self.signals.name or 'a signal on another process'} {where}; saved {self.checkpoints.last}; "
+            f"continue with: {vitkit_command('train', '--resume', str(self.run_dir))}", self.signals.received or 15)
+
+    def finish(self) -> TrainResult:
+        """Export the model (the EMA model when there is one) and say what the run measured."""
+        state, world = self.state, self.world
+        train_seconds = round(self.clock(), 1)
+        final = _whole_model(self.task, self.parts)  # every process: under FSDP it gathers the weights
+        if world.is_main:
+            self.task.export(final, self.run_dir, best=state.best, train_seconds=train_seconds)
+            self.log.close()
+            best = "never evaluated" if state.best is None else format_metric(
+                self.task.best_metric, state.best, "best " + self.task.best_metric.replace("_", " "))
+            self.progress.print(f"done in {format_duration(train_seconds)}: {best}; model in {self.run_dir / 'model'}")
+        val_size = int(all_reduce_sum(torch.tensor([float(self.data.val.num_samples)], device=self.device),
+                                      world).item())
+        return TrainResult(self.run_dir, dict(state.last_record), state.best, self.task.best_metric, state.step,
+                           state.step * self.cfg.data.batch_size * world.size * self.schedule.accum, train_seconds,
+                           self.data.train.num_samples, val_size)
+
+    # ------------------------------------------------------------------------------------ saving
+    def save(self, is_best: bool = False, at: Optional[LoopState] = None) -> None:
+        """Write ``last`` (and ``best``) of ``at`` (default: now); never after a non-finite step."""
+        _check_finite(self.nonfinite, self.state, self.world, self.device, self.checkpoints)
+        _save_checkpoint(self.checkpoints, self.parts, at or self.state, self.cfg, self.world, self.clock(),
+                         self.window_start, is_best)
+        self.log.flush()
+
+    def save_finished_steps(self) -> None:
+        """An unreadable image mid-epoch: keep every finished optimizer step (not a partial accumulation)."""
+        state = self.state
+        self.save(at=dataclasses.replace(state, batch=state.batch - state.batch % self.schedule.accum))
+
+    def save_finished_epoch(self) -> None:
+        """An unreadable image in the evaluation: the epoch's training is done, so resume at the next one."""
+        self.save(at=dataclasses.replace(self.state, epoch=self.state.epoch + 1, batch=0))
+
+    # ---------------------------------------------------------------------------------- time budget
+    def _replan(self) -> None:
+        """After an evaluation: if the pace since the previous one (steps and evaluation) makes a different
+        number of steps fit the budget, spread the decay left over the steps to the new total."""
+        state, planned = self.state, self.schedule.total_steps
+        per_step = self.pace.seconds_per_step(recent=True)
+        self.pace.new_window()
+        if per_step is None:
+            return
+        total = self._steps_that_fit(per_step, first_epoch=state.epoch)
+        if abs(total - planned) <= max(1.0, REPLAN_TOLERANCE * (planned - state.step)):
+            return
+        self._set_length(self.cfg.max_steps, replans=[*self.cfg.budget_replans, (state.step, total)])
+        self._say(f"budget {format_budget(self.budget)}: {per_step:.3g} s/step and "
+                  f"{self.pace.seconds_per_evaluation(0.0):.3g} s/evaluation since the last evaluation: re-planned "
+                  f"from {planned:,} to {total:,} steps ({total / self.schedule.steps_per_epoch:.1f} epochs), the "
+                  f"decay left now spread over steps {state.step:,}-{total:,}")
+
+    def _steps_that_fit(self, per_step: float, first_epoch: int) -> int:
+        """The run's total steps that fit what is left of the budget (decided by the main process, whose clock
+        every process follows)."""
+        left = self.budget * (1 - RESERVE) - self.clock()
+        total = steps_that_fit(left, step=self.state.step, seconds_per_step=per_step,
+                               seconds_per_evaluation=self.pace.seconds_per_evaluation(self._eval_estimate(per_step)),
+                               cadence=Cadence(self.schedule.steps_per_epoch, self.cfg.eval_every),
+                               first_epoch=first_epoch)
+        return broadcast_object(total, self.world)
+
+    def _set_length(self, max_steps: int, replans: list[tuple[int, int]]) -> None:
+        """Make the run ``max_steps`` long (or as the last re-plan says) in its config, schedule and run
+        directory's config.yaml; the checkpoints that follow carry it."""
+        total = replans[-1][1] if replans else max_steps
+        self.cfg = dataclasses.replace(self.cfg, max_steps=max_steps, budget_replans=replans,
+                                       epochs=max(1, math.ceil(total / self.schedule.steps_per_epoch)))
+        self.schedule = Schedule.from_config(self.cfg, len(self.data.train), self.world.size)
+        if self.world.is_main:
+            write_config(self.cfg, self.run_dir)
+
+    def _eval_estimate(self, per_step: Optional[float] = None) -> float:
+        """Seconds of one evaluation before one was timed: its images (views: flip TTA, the EMA model) at
+        ``EVAL_COST`` of a trained image's time."""
+        per_step = per_step or self.pace.seconds_per_step() or 0.0
+        views = (2 if self.cfg.eval_hflip_tta else 1) * (2 if self.parts.ema is not None else 1)
+        images_per_step = self.cfg.data.batch_size * self.schedule.accum
+        return views * self.data.val.num_samples / images_per_step * per_step * EVAL_COST
+
+    def _say(self, line: str) -> None:
+        if self.world.is_main:
+            self.progress.print(line)
+
+    def _exported_model(self) -> nn.Module:
+        return self.parts.ema.module if self.parts.ema is not None else self.parts.raw
 
 
 # ------------------------------------------------------------------------------------ the steps
@@ -458,7 +653,8 @@ def _saving_on_corrupt_in(save: Callable[[], None], world: World, checkpoints: C
             raise
         save()
         raise WorkStopped(f"{e.path}: {e.reason}; saved the finished steps to {checkpoints.last}: remove or fix the "
-                          f"file (or set data.skip_corrupt), then `vitkit train --resume {run_dir}`") from None
+                          f"file (or set data.skip_corrupt), then "
+                          f"`{vitkit_command('train', '--resume', str(run_dir))}`") from None
 
 
 def _means(task: Task, sums: Tensor) -> dict[str, float]:

@@ -140,9 +140,11 @@ def _plain(value: Any) -> Any:
 class Progress:
     """A tqdm bar per epoch on a terminal; otherwise (output to a file or a pipe) a plain line every
     ``log_every`` steps and, for long windows, at least every :attr:`HEARTBEAT_SECONDS`, so logs stay
-    clean but never silent for long."""
+    clean but never silent for long. The bar shows the running numbers from an epoch's first step (refreshed
+    every :attr:`BAR_SECONDS`), and the run's time left beside tqdm's time left in the epoch."""
 
     HEARTBEAT_SECONDS = 60.0
+    BAR_SECONDS = 1.0
 
     def __init__(self, mode: str, *, enabled: bool = True) -> None:
         if mode == "auto":
@@ -151,6 +153,7 @@ class Progress:
         self._bar = None
         self._epoch_label = ""
         self._last_line = time.perf_counter()
+        self._bar_shown: float | None = None
 
     def start_epoch(self, epoch: int, epochs: int, total_steps: int, done_steps: int) -> None:
         self._epoch_label = f"epoch {epoch + 1}/{epochs}"
@@ -158,17 +161,23 @@ class Progress:
         if self.mode == "bar":
             self._bar = tqdm(total=total_steps, initial=done_steps, desc=self._epoch_label, unit="step",
                              dynamic_ncols=True, leave=True, file=sys.stderr)
+            self._bar_shown = None
 
     def step(self, n: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(n)
 
     def due(self) -> bool:
-        """True in plain mode when no line was printed for :attr:`HEARTBEAT_SECONDS`."""
-        return self.mode == "plain" and time.perf_counter() - self._last_line >= self.HEARTBEAT_SECONDS
+        """True when the running numbers should be shown between log lines: on a bar that has none yet (or
+        older than :attr:`BAR_SECONDS`), in plain mode when no line was printed for :attr:`HEARTBEAT_SECONDS`."""
+        now = time.perf_counter()
+        if self._bar is not None:
+            return self._bar_shown is None or now - self._bar_shown >= self.BAR_SECONDS
+        return self.mode == "plain" and now - self._last_line >= self.HEARTBEAT_SECONDS
 
-    def show(self, step_in_epoch: int, metrics: dict[str, float]) -> None:
-        """The running metrics (``loss``, ``acc``, ``lr``, ``img_per_s`` ... whichever are given)."""
+    def show(self, step_in_epoch: int, metrics: dict[str, float], eta: float | None = None) -> None:
+        """The running metrics (``loss``, ``acc``, ``lr``, ``img_per_s`` ... whichever are given) and the
+        run's time left ``eta`` (seconds), when known."""
         parts = []
         for name, value in metrics.items():
             if name == "lr":
@@ -179,8 +188,11 @@ class Progress:
                 parts.append(f"{name} {100 * value:.2f}%")
             elif name != "grad_norm":
                 parts.append(f"{name} {value:.4f}")
+        if eta is not None:
+            parts.append(f"run ETA {format_duration(eta)}")
         if self._bar is not None:
             self._bar.set_postfix_str(" ".join(parts))
+            self._bar_shown = time.perf_counter()
         elif self.mode == "plain":
             print(f"{self._epoch_label} step {step_in_epoch}/{self._total} | " + " | ".join(parts), flush=True)
         self._last_line = time.perf_counter()

@@ -19,6 +19,7 @@ from vitkit.resolver import ResolvedModel, load_source
 from vitkit.runfiles import CHECKPOINT_DIR, MODEL_DIR
 from vitkit.runfiles import RUN_CONFIG_NAME as CONFIG_NAME
 from vitkit.train.config import GRAD_CHECKPOINTING, FinetuneConfig, TrainConfig
+from vitkit.train.invocation import vitkit_command
 
 
 class RunDirectoryError(OSError):
@@ -33,7 +34,7 @@ def create_run_dir(cfg: TrainConfig) -> Path:
         run_dir = out_dir / cfg.run_name
         if (run_dir / CONFIG_NAME).exists():
             raise ValueError(f"run directory {run_dir} already holds a run; continue it with "
-                                  f"`vitkit train --resume {run_dir}` or choose another --run_name")
+                             f"`{vitkit_command('train', '--resume', str(run_dir))}` or choose another --run_name")
     else:
         dataset = cfg.data.dataset.removeprefix("folder:").rstrip("/").rsplit("/", 1)[-1]
         base = f"{dataset}-{_model_label(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
