@@ -328,7 +328,10 @@ class _Run:
         self.epoch_start = self.epoch_cpu = self.window_start = 0.0
         self.lr = schedule.lr_at(self.state.step)
         self.grad_norm: Optional[Tensor] = None
-        self.first_step = self.state.step
+        new_layout = saved is None or int(saved.get("world_size", world.size)) != world.size
+        self.memory_step = self.state.step + 1 if new_layout else None
+        """The step before which the resident bytes per process are logged: a run's first, and a resumption's on
+        another number of processes (a resumption on the same number logs what the run logged)."""
 
     def clock(self) -> float:
         """Training seconds of the run: this process's, plus those of the processes it resumes."""
@@ -367,7 +370,7 @@ class _Run:
         if not boundary:
             return False
         self.lr = schedule.lr_at(state.step)
-        if state.step == self.first_step + 1:  # gradients and optimizer state both exist now
+        if state.step == self.memory_step:  # gradients and optimizer state both exist now
             _log_resident_memory(self.parts, self.world, self.log, state.step)
         self.grad_norm = _optimizer_step(self.parts, self.cfg, self.lr, self.nonfinite)
         state.step += 1
