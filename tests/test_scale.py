@@ -197,12 +197,14 @@ def one_process_run(tmp_path_factory):
 
 def test_a_sharded_checkpoint_is_a_directory_with_links_and_every_command_reads_it(one_process_run, tmp_path):
     from vitkit import load_model
-    from vitkit.runfiles import available_states, load_checkpoint
+    from vitkit.runfiles import available_states, load_checkpoint, state_path
 
     checkpoints = one_process_run / "checkpoints"
     assert os.readlink(checkpoints / "last.dcp") == "step-00000010.1.dcp"  # the epoch end, after step 10's
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best.dcp", "last.dcp", "step-00000010.1.dcp"]
     assert available_states(one_process_run) == ["best", "last", "step-00000010.1", "model"]
+    assert state_path(one_process_run, "step-00000010.1") == state_path(one_process_run, "step-10") == \
+        checkpoints / "step-00000010.1.dcp"
     state = load_checkpoint(checkpoints / "last.dcp")
     assert state["global_step"] == 10 and state["world_size"] == 1 and len(state["rng"]) == 1
     assert state["param_groups"] and set(state["model"]) == set(load_model(one_process_run / "model").state_dict())

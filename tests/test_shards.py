@@ -66,6 +66,7 @@ def test_every_image_is_written_once_as_it_was_with_its_class_and_checksums(shar
     # the training images are written in a seeded random order: every shard mixes the classes
     first_shard = [int(s["cls"]) for s in read_samples([shard_dir / "train-000000.tar"])]
     assert len(set(first_shard)) >= 8
+    assert manifest["splits"]["train"]["class_counts"] == [100] * 10
     assert parse_shard_size("500MB") == 500_000_000 and parse_shard_size("1GiB") == 1 << 30
     with pytest.raises(ValueError, match="--shard-size"):
         parse_shard_size("lots")
@@ -80,6 +81,8 @@ def test_a_brace_pattern_names_some_training_shards_and_errors_name_what_is_wron
         locate_shards(f"shards:{shard_dir}/train-000999.tar")
     assert cli_main(["train", *TINY, "--dataset", f"shards:{shard_dir}/nothing", "--epochs", "1"]) == 2
     assert "shard set" in capsys.readouterr().err
+    assert cli_main(["data", "info", f"shards:{shard_dir}"]) == 0
+    assert "train 1000  val 500" in capsys.readouterr().out
 
 
 def _batches(shard_dir: Path, rank: int, world: int, start: int = 0, epoch: int = 0) -> list[torch.Tensor]:

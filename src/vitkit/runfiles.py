@@ -144,10 +144,11 @@ def state_path(run_dir: str | Path, state: str) -> Path:
             path = run_dir / CHECKPOINT_DIR / f"{name}{SHARDED_SUFFIX}"
     elif name in ("model", "final"):
         path = run_dir / MODEL_DIR
-    elif (m := re.fullmatch(r"step-?(\d+)", name)) is not None:
+    elif (m := re.fullmatch(r"step-?(\d+)(?:\.(\d+))?", name)) is not None:  # step-N.K: a sharded one's K-th save
         path = run_dir / CHECKPOINT_DIR / step_name(int(m.group(1)))
-        sharded = [p for p in sharded_step_checkpoints(run_dir) if _sharded_key(p)[0] == int(m.group(1))]
-        if not path.exists() and sharded:
+        sharded = [p for p in sharded_step_checkpoints(run_dir) if _sharded_key(p)[0] == int(m.group(1))
+                   and (m.group(2) is None or _sharded_key(p)[1] == int(m.group(2)))]
+        if (not path.exists() or m.group(2) is not None) and sharded:
             path = sharded[-1]
     else:
         raise ValueError(f"unknown run state {state!r}: choose best, last, step-N or model")

@@ -85,4 +85,5 @@ def _write_split(split: Split, name: str, order: np.ndarray, out: Path, shard_si
         current["samples"] += 1
     close()
     bar.close()
-    return {"samples": len(order), "shards": shards}
+    counts = np.bincount(split.labels, minlength=split.num_classes).tolist()
+    return {"samples": len(order), "class_counts": counts, "shards": shards}
