@@ -130,9 +130,10 @@ def _rewind(run: Path, copy: Path, checkpoint: str) -> Path:
 
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory):
-    """The same 20 steps (global batch 16) under FSDP on 2 processes and on 1."""
+    """The same 20 steps (global batch 16) under FSDP on 2 processes, with activation checkpointing, and on 1."""
     out = tmp_path_factory.mktemp("fsdp")
-    _launch(2, [*TINY, "--batch_size", str(GLOBAL_BATCH // 2), "--out_dir", str(out), "--run_name", "two"])
+    _launch(2, [*TINY, "--batch_size", str(GLOBAL_BATCH // 2), "--model.grad_checkpointing", "true", "--out_dir",
+                str(out), "--run_name", "two"])
     _launch(1, [*TINY, "--batch_size", str(GLOBAL_BATCH), "--out_dir", str(out), "--run_name", "one"])
     return out
 
