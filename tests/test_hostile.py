@@ -8,6 +8,7 @@ can mount one (root), else by making the lowest-level write fail with ENOSPC.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import typing
 from pathlib import Path
@@ -190,3 +191,272 @@ def test_nan_learning_rate_blames_lr_and_the_command_line_says_so_in_one_line(ca
     for cls, key in ((OptimConfig, "weight_decay"), (DataConfig, "mixup_alpha")):
         with pytest.raises(ConfigError, match=f"{key} must be a finite number"):
             cls(**{key: float("nan")})
+
+
+# ------------------------------------------------------------------------------------- 9: a full disk
+class SmallDisk:
+    """A directory on a filesystem of a given size: a real tmpfs when the test may mount one (root), else the
+    same failures simulated where vitkit's writers meet them (torch.save's and safetensors' own errors, a
+    write of text that raises ENOSPC, and statvfs reporting no free space), which this says in ``kind``."""
+
+    def __init__(self, path: Path, monkeypatch):
+        self.path, self.monkeypatch = path, monkeypatch
+        path.mkdir()
+        simulate = os.environ.get("VITKIT_TEST_SIMULATE_DISK_FULL") == "1"
+        self.kind = "tmpfs" if not simulate and self._mount("size=64m") else "simulated"
+        self.full = False
+
+    def _mount(self, options: str, remount: bool = False) -> bool:
+        import subprocess
+
+        if os.geteuid() != 0:
+            return False
+        opts = f"remount,{options}" if remount else options
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(self.path)], capture_output=True)
+        return done.returncode == 0
+
+    def fill(self, leave: int) -> None:
+        """Leave about ``leave`` bytes free for what comes next."""
+        if self.kind == "tmpfs":
+            used = sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+            pages = (used + leave) // 4096 + 64
+            assert self._mount(f"size={pages * 4096}", remount=True)
+            ballast = self.path / ".ballast"
+            free = os.statvfs(self.path).f_bavail * os.statvfs(self.path).f_frsize
+            if free > leave:
+                ballast.write_bytes(b"\0" * (free - leave))
+            return
+        self._simulate()
+
+    def _simulate(self) -> None:
+        import errno
+
+        import safetensors.torch
+
+        inside = str(self.path)
+        real_save, real_save_file, real_write_text = torch.save, safetensors.torch.save_file, Path.write_text
+
+        def save(obj, f, *args, **kwargs):
+            if inside in str(f):
+                Path(f).write_bytes(b"PK\x03\x04 half")
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+            return real_save(obj, f, *args, **kwargs)
+
+        def save_file(tensors, filename, *args, **kwargs):
+            if inside in str(filename):
+                raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+            return real_save_file(tensors, filename, *args, **kwargs)
+
+        def write_text(self_, data, *args, **kwargs):
+            if inside in str(self_):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write_text(self_, data, *args, **kwargs)
+
+        self.monkeypatch.setattr(torch, "save", save)
+        self.monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+        self.monkeypatch.setattr("vitkit.fileio.save_file", save_file)
+        self.monkeypatch.setattr("vitkit.convert.huggingface.save_file", save_file)
+        self.monkeypatch.setattr(Path, "write_text", write_text)
+        self.monkeypatch.setattr(os, "statvfs", lambda p: os.statvfs_result((4096, 4096, 16, 0, 0, 0, 0, 0, 0, 255)))
+
+    def close(self) -> None:
+        if self.kind == "tmpfs":
+            import subprocess
+
+            done = subprocess.run(["umount", str(self.path)], capture_output=True, text=True)
+            if done.returncode != 0:  # a file still open on it (a failed run's log): detach it now, free later
+                subprocess.run(["umount", "-l", str(self.path)], capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path, monkeypatch):
+    disk = SmallDisk(tmp_path / "disk", monkeypatch)
+    yield disk
+    disk.close()
+
+
+def _leftovers(directory: Path) -> list[Path]:
+    return [p for p in directory.rglob("*") if p.name.endswith(".tmp") or p.name.endswith(".part")]
+
+
+def test_a_full_disk_during_training_is_one_line_and_the_last_checkpoint_stays_whole(trained_run, small_disk,
+                                                                                     tmp_path, capsys):
+    import shutil
+
+    run = small_disk.path / "run"
+    shutil.copytree(trained_run, run)
+    before = load_checkpoint(run / "checkpoints" / "last.pt")
+    small_disk.fill(leave=(run / "checkpoints" / "last.pt").stat().st_size // 3)
+    code = cli_main(["train", "--resume", str(run), "--epochs", "3"])
+    err = _one_line(capsys.readouterr().err.strip().splitlines()[-1])
+    assert code == 1, (small_disk.kind, err)
+    assert "No space left on device" in err and str(run) in err, (small_disk.kind, err)
+    assert not _leftovers(run), _leftovers(run)
+    after = load_checkpoint(run / "checkpoints" / "last.pt")  # the earlier checkpoint: whole, unchanged
+    assert after["global_step"] == before["global_step"]
+    assert all(torch.equal(after["model"][k], before["model"][k]) for k in before["model"])
+
+
+def test_a_full_disk_in_export_and_convert_is_one_line_and_leaves_nothing(trained_run, small_disk, capsys):
+    small_disk.fill(leave=2048)
+    out = small_disk.path
+    cases = [(["export", str(trained_run), "--out", str(out / "exported")], out / "exported", "model.safetensors"),
+             (["convert", str(trained_run), str(out / "hf"), "--to", "hf"], out / "hf", "model.safetensors"),
+             (["convert", str(trained_run), str(out / "w.safetensors"), "--to", "timm"], out / "w.safetensors",
+              "w.safetensors"),
+             (["convert", str(trained_run), str(out / "w.pth"), "--to", "timm"], out / "w.pth", "w.pth")]
+    for argv, target, named in cases:
+        code = cli_main(argv)
+        err = _one_line(capsys.readouterr().err)
+        assert code == 1, (small_disk.kind, argv, err)
+        assert "No space left on device" in err and named in err and str(out) in err, (small_disk.kind, err)
+        assert not target.exists(), f"{target} left behind ({small_disk.kind})"
+        assert not _leftovers(out)
+
+
+# --------------------------------------------------------------------- 11: stale files of a format
+def test_writing_hf_into_a_sharded_directory_removes_that_formats_stale_files_only(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    import vitkit
+
+    torch.manual_seed(0)
+    old = vitkit.create_model("vit_mini_patch4_32", num_classes=4)
+    torch.manual_seed(1)
+    new = vitkit.create_model("vit_mini_patch4_32", num_classes=4).eval()
+    directory = tmp_path / "hf"
+    vitkit.convert.save_as(old, directory, "hf")
+    sharded = transformers.ViTForImageClassification.from_pretrained(directory)
+    shutil_dir = tmp_path / "sharded"
+    sharded.save_pretrained(shutil_dir, max_shard_size="100KB", safe_serialization=True)
+    index = json.loads((shutil_dir / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    for p in directory.iterdir():
+        p.unlink()
+    for p in shutil_dir.iterdir():
+        (directory / p.name).write_bytes(p.read_bytes())
+    (directory / "README.md").write_text("my notes\n")
+    (directory / "config.json").write_text((directory / "config.json").read_text().replace("}", ', "mine": 1}', 1))
+    capsys.readouterr()
+
+    assert cli_main(["convert", str(tmp_path / "new"), str(directory), "--to", "hf"]) != 0  # (no such source)
+    new.save_pretrained(tmp_path / "new")
+    capsys.readouterr()
+    assert cli_main(["convert", str(tmp_path / "new"), str(directory), "--to", "hf"]) == 0
+    err = capsys.readouterr().err
+    assert f"replaced the existing {directory / 'config.json'}" in err
+    assert f"removed {directory / 'model.safetensors.index.json'}" in err
+    names = sorted(p.name for p in directory.iterdir())
+    assert "model.safetensors.index.json" not in names and not set(shards) & set(names)
+    assert "README.md" in names and (directory / "README.md").read_text() == "my notes\n"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = new(x)
+        ours = vitkit.from_pretrained(str(directory)).eval()(x)
+        theirs = transformers.ViTForImageClassification.from_pretrained(directory).eval()(pixel_values=x).logits
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(theirs, expected, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------- 10: a study directory and a run in use
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for name in ("RANK", "WORLD_SIZE", "VITKIT_MEMORY_LIMIT"):
+        env.pop(name, None)
+    return env
+
+
+def _train_lines(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    return path.read_text().count('"kind": "train"') if path.is_file() else 0
+
+
+def _wait(proc, done, timeout: float = 120) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not done():
+        time.sleep(0.05)
+    assert proc.poll() is None and done(), f"the first process ended or stalled: {proc.stderr.read()}"
+
+
+def test_a_second_study_with_the_same_out_says_so_and_leaves_the_first_alone(tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+
+    base = tmp_path / "base.yaml"
+    base.write_text(f"data: {{dataset: mnist, data_dir: {DATA}, samples_per_class: 50, batch_size: 10, "
+                    "hflip: false}\noptim: {warmup_epochs: 0}\nlog_every: 1\nckpt_every_steps: 0\n"
+                    "eval_hflip_tta: false\nprogress: plain\n")
+    out = tmp_path / "study"
+    argv = ["study", "data", "--models", "vit_mnist_patch4_28", "--fractions", "1", "--epochs", "30",
+            "--out", str(out), "--config", str(base)]
+    first = subprocess.Popen([sys.executable, "-m", "vitkit", *argv], env=_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        runs = out / "runs"
+        _wait(first, lambda: runs.is_dir() and any(_train_lines(r) >= 2 for r in runs.iterdir()))
+        cell = next(runs.iterdir())
+        assert not (cell / "checkpoints" / "last.pt").exists()  # what the second study took for a crashed cell
+        assert cli_main(argv) == 1
+        err = _one_line(capsys.readouterr().err)
+        assert "another vitkit study is running in this --out directory" in err and str(out) in err
+        assert f"vitkit process {first.pid}" in err
+        lines = _train_lines(cell)
+        _wait(first, lambda: _train_lines(cell) > lines)  # the first goes on, its cell untouched
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+    # the lock died with its process: the study can be taken over
+    from vitkit.fileio import lock_directory, unlock_directory
+
+    lock_directory(out, "test", "busy")
+    unlock_directory(out)
+
+
+def test_resume_of_a_run_that_is_still_going_says_so_instead_of_racing_it(tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    run = tmp_path / "live"
+    live = subprocess.Popen([sys.executable, "-m", "vitkit", "train", *TINY_MNIST, "--epochs", "50",
+                             "--data.samples_per_class", "50", "--batch_size", "10", "--ckpt_every_steps", "2",
+                             "--out_dir", str(tmp_path), "--run_name", "live", "--progress", "plain"],
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(live, lambda: (run / "checkpoints" / "last.pt").is_file() and _train_lines(run) >= 3)
+        fd, tmp = tempfile.mkstemp(prefix=".last.pt.", suffix=".tmp", dir=run / "checkpoints")  # a write in flight
+        os.close(fd)
+        assert cli_main(["train", "--resume", str(run)]) == 1
+        err = _one_line(capsys.readouterr().err)
+        assert f"the run {run} is still going in another process" in err and f"vitkit process {live.pid}" in err
+        assert Path(tmp).exists()  # its partial writes were not taken for a dead run's
+        lines = _train_lines(run)
+        _wait(live, lambda: _train_lines(run) > lines)
+        live.send_signal(signal.SIGTERM)
+        _, stderr = live.communicate(timeout=60)
+    finally:
+        if live.poll() is None:
+            live.kill()
+    assert live.returncode == 128 + signal.SIGTERM, stderr
+    assert "deleted or moved" not in stderr and "stopped by SIGTERM" in stderr
+
+
+# ------------------------------------------------------------- smaller: a half-written figure
+def test_resume_removes_a_half_written_figure(trained_run, tmp_path, capsys):
+    import shutil
+    import tempfile
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "figures").mkdir(exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".curves-epoch002.png.", suffix=".tmp", dir=run / "figures")
+    os.write(fd, b"\x89PNG half")
+    os.close(fd)
+    assert cli_main(["train", "--resume", str(run), "--epochs", "2", "--progress", "plain"]) == 0
+    assert not Path(tmp).exists()
+    assert "removed 1 partial file(s) of an interrupted write" in capsys.readouterr().out

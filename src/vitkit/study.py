@@ -41,7 +41,7 @@ from torch import nn
 
 from vitkit.bench.flops import count_flops
 from vitkit.data import build_data
-from vitkit.fileio import atomic_write_text
+from vitkit.fileio import atomic_write_text, lock_directory, unlock_directory
 from vitkit.models.registry import architecture_of, get_model_entry
 from vitkit.resolver import load_model
 from vitkit.train import resume, train
@@ -157,6 +157,18 @@ def run_study(kind: StudyKind, cells: Sequence[Cell], base: Any, out_dir: str | 
     plot. ``base`` is the :class:`vitkit.train.TrainConfig` every cell starts from."""
     out_dir = Path(out_dir)
     (out_dir / "cells").mkdir(parents=True, exist_ok=True)
+    # one study per directory: a second one would take the first's unfinished cells for crashed ones and
+    # delete them under it
+    lock_directory(out_dir, f"vitkit study {kind}", "another vitkit study is running in this --out directory; "
+                   "wait for it to finish (a finished study's cells are reused), or choose another --out")
+    try:
+        return _run_study(kind, cells, base, out_dir, workers, log)
+    finally:
+        unlock_directory(out_dir)
+
+
+def _run_study(kind: StudyKind, cells: Sequence[Cell], base: Any, out_dir: Path, workers: int,
+               log: Callable[[str], None]) -> list[dict[str, Any]]:
     atomic_write_text(json.dumps({"kind": kind, "cells": [asdict(c) for c in cells], "base": base.to_dict()},
                                  indent=2) + "\n", out_dir / "study.json")
     todo = [c for c in cells if not _result_path(out_dir, c).is_file()]

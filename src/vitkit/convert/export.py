@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from vitkit.convert import huggingface, jax, mae, t2t, timm, torchvision
 from vitkit.convert.detect import normalise_format
-from vitkit.fileio import atomic_torch_save, atomic_write_text, save_state_dict
+from vitkit.fileio import atomic_torch_save, save_state_dict
 from vitkit.models.mae import MaskedAutoencoder
 
 STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -38,11 +38,9 @@ def to_huggingface(model: nn.Module, directory: str | Path) -> Path:
 
 def mae_to_huggingface(model: MaskedAutoencoder, directory: str | Path) -> Path:
     """A directory ``transformers.ViTMAEForPreTraining.from_pretrained`` loads (decoder included)."""
-    directory = Path(directory)
-    save_state_dict(mae.vitkit_to_hf(_weights(model), model.config), directory / "model.safetensors",
-                    metadata={"format": "pt"})
-    atomic_write_text(json.dumps(mae.vitkit_config_to_hf(model.config), indent=2) + "\n", directory / "config.json")
-    return directory
+    tensors = mae.vitkit_to_hf(_weights(model), model.config)
+    config = json.dumps(mae.vitkit_config_to_hf(model.config), indent=2) + "\n"
+    return huggingface.write_files(Path(directory), {"model.safetensors": tensors, "config.json": config})
 
 
 def to_npz(model: nn.Module, path: str | Path) -> Path:

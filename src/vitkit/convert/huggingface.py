@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
 from vitkit.checkpoint import CheckpointError, load_state_dict
 from vitkit.config import ViTConfig
 from vitkit.convert.keymap import KeyMap
-from vitkit.fileio import atomic_write_text, save_state_dict
+from vitkit.fileio import atomic_files
 from vitkit.hf_processor import PROCESSOR_CONFIG, ProcessorError, preprocessing_from_processor, processor_config
 from vitkit.preprocessing import KNOWN_SOURCES, Preprocessing
 
@@ -216,18 +217,48 @@ def read_weights(directory: Path) -> dict[str, Tensor]:
                           ".index.json shards)")
 
 
+def stale_files(directory: Path, writing: set[str]) -> list[str]:
+    """The Hugging Face weight and processor files in ``directory`` that a new export of the files ``writing``
+    would contradict: sharding indexes (read before ``model.safetensors``) and the shards they list,
+    ``pytorch_model.bin``, and a ``preprocessor_config.json`` the new export does not write. Other files,
+    such as a README or TensorFlow weights, are left alone."""
+    names: list[str] = []
+    for weights in WEIGHT_FILES:
+        index = directory / f"{weights}.index.json"
+        if index.is_file():
+            try:
+                shards = set(json.loads(index.read_text())["weight_map"].values())
+            except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                shards = set()
+            names += [index.name] + sorted(str(s) for s in shards if "/" not in str(s) and str(s) not in writing)
+    names += [n for n in ("pytorch_model.bin", PROCESSOR_CONFIG) if n not in writing]
+    return [n for n in names if (directory / n).is_file()]
+
+
 def write_directory(state_dict: dict[str, Tensor], config: ViTConfig, directory: str | Path) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that ``ViTForImageClassification`` (or ``ViTModel``
     when there is no classifier) loads with ``from_pretrained``, and the ``preprocessor_config.json`` with which
-    ``AutoImageProcessor`` prepares images exactly as vitkit does (:func:`vitkit.hf_processor.processor_config`)."""
+    ``AutoImageProcessor`` prepares images exactly as vitkit does (:func:`vitkit.hf_processor.processor_config`).
+    All files or none; the files of an older export that would contradict them are removed (:func:`stale_files`:
+    a processor config is one when this model has none, not being 3-channel)."""
     directory = Path(directory)
     hf_config = config_to_hf(config, state_dict["pos_embed"].dtype)
-    tensors = from_vitkit(state_dict, config)
-    save_state_dict(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    atomic_write_text(json.dumps(hf_config, indent=2) + "\n", directory / "config.json")
+    files: dict[str, dict[str, Tensor] | str] = {"model.safetensors": from_vitkit(state_dict, config),
+                                                 "config.json": json.dumps(hf_config, indent=2) + "\n"}
     processor = processor_config(config.preprocessing())
     if processor is not None:  # None: not 3 channels, which transformers' processors cannot make
-        atomic_write_text(json.dumps(processor, indent=2) + "\n", directory / PROCESSOR_CONFIG)
-    else:
-        (directory / PROCESSOR_CONFIG).unlink(missing_ok=True)  # not one left from an earlier export
+        files[PROCESSOR_CONFIG] = json.dumps(processor, indent=2) + "\n"
+    return write_files(directory, files)
+
+
+def write_files(directory: Path, files: dict[str, dict[str, Tensor] | str]) -> Path:
+    """Write a Hugging Face directory's files (tensors as safetensors, text as is) as one, removing stale ones."""
+    stale = stale_files(directory, set(files)) if directory.is_dir() else []
+    with atomic_files(directory, stale=stale) as stage:
+        for name, content in files.items():
+            if isinstance(content, str):
+                stage(name).write_text(content)
+            else:
+                tensors = {k: v.detach().contiguous().cpu() for k, v in content.items()}
+                save_file(tensors, str(stage(name)), metadata={"format": "pt"})
     return directory

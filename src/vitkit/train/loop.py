@@ -59,7 +59,7 @@ from vitkit.train.memory import ensure_step_fits
 from vitkit.train.monitor import Progress, RunLog, format_duration
 from vitkit.train.optim import build_optimizer, lr_at, peak_lr, set_lr
 from vitkit.train.plots import plot_curves
-from vitkit.train.rundir import create_run_dir, remove_partial_writes, write_config
+from vitkit.train.rundir import create_run_dir, lock_run_dir, remove_partial_writes, unlock_run_dirs, write_config
 from vitkit.train.runtime import StopSignals, seed_everything
 from vitkit.train.task import Task, build_task, format_metric
 
@@ -226,6 +226,7 @@ def _run(cfg: TrainConfig, run_dir: Optional[Path] = None, saved: Optional[dict[
         with StopSignals() as signals:
             return _train(cfg, world, run_dir, saved, signals)
     finally:
+        unlock_run_dirs()
         shutdown(world)
 
 
@@ -277,6 +278,8 @@ class _Run:
         parts.model = _wrap(parts.raw, cfg, world, device)
 
         self.run_dir = broadcast_object(run_dir or (create_run_dir(cfg) if world.is_main else None), world)
+        if world.is_main:  # before anything in it changes: a second process must not resume a live run
+            lock_run_dir(self.run_dir)
         self.log = RunLog(self.run_dir, resume_step=self.state.step if saved else None, enabled=world.is_main)
         self.checkpoints = CheckpointWriter(self.run_dir, cfg.keep_last_k)
         self.progress = Progress(cfg.progress, enabled=world.is_main)

@@ -53,6 +53,7 @@ class RunLog:
         record = {"kind": kind, "step": step, **{k: _plain(v) for k, v in metrics.items()}}
         with self._writing():
             self._file.write(json.dumps(record) + "\n")
+        with self._writing(self.path.parent / "tensorboard"):
             for name, value in record.items():
                 if name not in ("kind", "step", "epoch") and isinstance(value, (int, float)):
                     self._writer.add_scalar(f"{kind}/{name}", value, step)
@@ -78,6 +79,7 @@ class RunLog:
             self._check_run_dir()
             with self._writing():
                 self._file.flush()
+            with self._writing(self.path.parent / "tensorboard"):
                 self._writer.flush()
 
     def close(self) -> None:
@@ -94,12 +96,15 @@ class RunLog:
                                     "training stopped, as nothing more could be saved")
 
     @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
+    def _writing(self, target: Optional[Path] = None) -> Iterator[None]:
+        """Turn a failed write into one line naming ``target`` (default: ``metrics.jsonl``)."""
         try:
             yield
         except RunDirectoryError:
             raise
         except OSError as e:
+            if e.filename is None:  # a write to an open file says neither which file nor where
+                e = OSError(e.errno, e.strerror or str(e), str(target or self.path))
             raise RunDirectoryError(f"cannot write the run's logs in {self.path.parent} "
                                     f"({describe_os_error(e)})") from None
 

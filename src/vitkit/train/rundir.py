@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from vitkit.fileio import atomic_write_text, describe_os_error
+from vitkit.fileio import atomic_write_text, describe_os_error, lock_directory, unlock_directory
 from vitkit.models.mae import MaskedAutoencoder
 from vitkit.models.registry import build_model, get_model_entry
 from vitkit.models.transfer import freeze_backbone, prepare_for_finetuning
@@ -49,11 +49,29 @@ def create_run_dir(cfg: TrainConfig) -> Path:
     return run_dir
 
 
+_locked: list[Path] = []
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Hold the run directory's lock while this process trains in it: ``--resume`` of a run that is still
+    going (or a second run with its --run_name) then says so, instead of deleting the live run's partial
+    writes and racing it for its checkpoints."""
+    lock_directory(run_dir, "training", f"the run {run_dir} is still going in another process; wait for it to "
+                   f"finish or stop it (its last checkpoint is kept), then `vitkit train --resume {run_dir}`")
+    _locked.append(run_dir)
+
+
+def unlock_run_dirs() -> None:
+    """Release the run directory locks this process holds (the end of a training call)."""
+    while _locked:
+        unlock_directory(_locked.pop())
+
+
 def remove_partial_writes(run_dir: Path) -> list[Path]:
     """Delete the temporary files that a kill during an atomic write leaves (``.NAME.XXXX.tmp``, and the
     ``.NAME.link`` of older versions) in the run directory, its checkpoints and its exported model."""
     removed = []
-    for directory in (run_dir, run_dir / "checkpoints", run_dir / MODEL_DIR):
+    for directory in (run_dir, run_dir / "checkpoints", run_dir / MODEL_DIR, run_dir / "figures"):
         for path in [*directory.glob(".*.tmp"), *directory.glob(".*.link")]:
             if path.is_file():
                 path.unlink(missing_ok=True)
