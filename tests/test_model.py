@@ -123,9 +123,9 @@ def test_forward_intermediates_match_timm(data_root):
         for a, b in zip(ours, theirs, strict=True):
             assert a.shape == (8, 48, 4, 4)
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-        last_two = model.forward_intermediates(images, indices=2, intermediates_only=True, norm=True)
-        assert [t.shape for t in last_two] == [(8, 17, 48)] * 2
-        torch.testing.assert_close(last_two[-1], model.forward_features(images), rtol=0, atol=1e-6)
+        last_two = model.forward_intermediates(images, indices=2, intermediates_only=True, norm=True, output_fmt="NLC")
+        assert [t.shape for t in last_two] == [(8, 16, 48)] * 2  # patch tokens: timm drops the class token
+        torch.testing.assert_close(last_two[-1], model.forward_features(images)[:, 1:], rtol=0, atol=1e-6)
 
 
 def test_attention_probabilities_match_the_fused_path(data_root):

@@ -12,7 +12,9 @@ from vitkit.config_engine import check_fields, from_mapping, to_plain
 from vitkit.preprocessing import DEFAULT_PREPROCESSING, KNOWN_SOURCES, Preprocessing
 
 C = TypeVar("C", bound="ModelConfig")
-Pooling = Literal["token", "avg"]
+Pooling = Literal["token", "avg", "max", "avgmax", "map", ""]
+"""timm's global_pool values: class token, mean / max / their average over the patch tokens, multihead attention
+pooling, or none (all tokens)."""
 HeadInit = Literal["xavier", "zeros"]
 StemType = Literal["bit", "conv"]
 
@@ -247,3 +249,8 @@ class ViTConfig(ModelConfig):
     @property
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
+
+    @property
+    def qk_scale(self) -> None:
+        """The attention scale: None, i.e. head_dim ** -0.5 as in the paper (T2T-ViT's config can set one)."""
+        return None

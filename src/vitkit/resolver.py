@@ -41,6 +41,7 @@ from vitkit.convert.pretrained import create_untrained, from_checkpoint, from_hu
 from vitkit.deploy.runtime import load_onnx
 from vitkit.fileio import CONFIG_NAME, WEIGHTS_NAME
 from vitkit.hub import fetch_source
+from vitkit.models.features import maybe_feature_extractor, split_feature_options
 from vitkit.models.registry import build_registered, get_model_config, get_model_entry, list_models
 from vitkit.runfiles import (
     CHECKPOINT_DIR,
@@ -239,7 +240,7 @@ def load_source(spec: str | Path | ModelSource, *, checkpoint: str | None = None
                 format: str | None = None, use_ema: bool = True, **options: Any) -> ResolvedModel:
     """Resolve ``spec`` and build its model.
 
-    ``options`` are :func:`vitkit.convert.from_pretrained`'s: ``img_size`` (position embeddings resampled),
+    ``options`` are :func:`vitkit.convert.read_model`'s: ``img_size`` (position embeddings resampled),
     ``num_classes`` (a fresh zero head when it differs), ``num_heads``, ``model`` (a registry name or config
     to load into, checked field by field), ``interpolation``, and other config fields (``drop_path_rate``).
     A training checkpoint gives its EMA weights unless ``use_ema=False``.
@@ -307,10 +308,11 @@ def create_model(name: str, pretrained: bool = False, **overrides: Any) -> nn.Mo
     ``pretrained=True`` its weights fetched and loaded, timm-style: ``name`` is ``arch.tag``
     (``vit_base_patch16_224.augreg2_in21k_ft_in1k``) or a bare architecture (its default weights);
     ``overrides`` (``num_classes``, ``img_size``, ...) adapt it as in :func:`load_model`. Without
-    ``pretrained``, ``arch.tag`` builds the architecture shaped as those weights (classes, input size)."""
-    if pretrained:
-        return load_model(name, **overrides)
-    return create_untrained(name, **overrides)
+    ``pretrained``, ``arch.tag`` builds the architecture shaped as those weights (classes, input size).
+    ``features_only=True`` (with ``out_indices``, ``feature_norm``, ``output_fmt``) gives timm's feature extractor."""
+    overrides, features = split_feature_options(overrides)
+    model = load_model(name, **overrides) if pretrained else create_untrained(name, **overrides)
+    return maybe_feature_extractor(model, features)
 
 
 def source_config(spec: str | Path | ModelSource, *, checkpoint: str | None = None,

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from vitkit.config import ModelConfig, ViTConfig
 from vitkit.config_engine import from_mapping
 from vitkit.fileio import write_model_dir
-from vitkit.models.layers import Block, PatchEmbed
+from vitkit.models.init import check_mode, init_module_, init_token_
+from vitkit.models.layers import Block, PatchEmbed, block_stack
 from vitkit.models.pos_embed import sincos_2d_pos_embed
 from vitkit.models.registry import config_record, get_model_entry, register_architecture, register_model
 from vitkit.models.vit import VisionTransformer
@@ -138,26 +139,59 @@ def mae_config_for(encoder: ViTConfig, **changes: Any) -> MAEConfig:
     return MAEConfig(encoder=encoder, **{**decoder_for(encoder), **changes})
 
 
+def random_masking(tokens: Tensor, mask_ratio: float, noise: Optional[Tensor] = None,
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """Keep the ``int(N * (1 - mask_ratio))`` tokens of lowest noise (uniform noise by default).
+
+    Returns the kept tokens (B, keep, D) in ascending-noise order, the mask (B, N) with 0 = kept,
+    1 = removed, and ``ids_restore`` (B, N), the permutation that undoes the sort. FX records it as one call.
+    """
+    batch, length, dim = tokens.shape
+    keep = int(length * (1 - mask_ratio))
+    if noise is None:
+        noise = torch.rand(batch, length, device=tokens.device)
+    elif noise.shape[0] != batch or noise.shape[1] != length or noise.dim() != 2:
+        raise ValueError(f"noise must have shape (batch, patches) = ({batch}, {length}), got {list(noise.shape)}")
+    ids_shuffle = torch.argsort(noise.to(tokens.device), dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    kept = torch.gather(tokens, 1, ids_shuffle[:, :keep, None].expand(-1, -1, dim))
+    mask = torch.ones(batch, length, device=tokens.device, dtype=tokens.dtype)
+    mask[:, :keep] = 0
+    return kept, torch.gather(mask, 1, ids_restore), ids_restore
+
+
+torch.fx.wrap("random_masking")
+
+
 # -------------------------------------------------------------------------------------- the model
 class MaskedAutoencoder(nn.Module):
     """An MAE built from an :class:`MAEConfig`: ``model(images, mask_ratio, noise) -> (loss, pred, mask)``."""
+
+    weight_init = "mae"
 
     def __init__(self, config: MAEConfig) -> None:
         super().__init__()
         self.config = config
         enc = config.encoder
-        vit = VisionTransformer(enc)  # borrow its modules: the encoder keeps timm's names at the top level
-        self.patch_embed: PatchEmbed = vit.patch_embed
-        self.grid_size = vit.grid_size
-        self.cls_token = vit.cls_token
-        self.pos_embed = nn.Parameter(torch.zeros_like(vit.pos_embed), requires_grad=False)  # fixed sin-cos
-        self.blocks = vit.blocks
-        self.norm = vit.norm
+        # what forward reads, as plain attributes (TorchScript cannot read the config dataclass)
+        self.patch_size = enc.patch_size
+        self.mask_ratio = config.mask_ratio
+        self.norm_pix_loss = config.norm_pix_loss
+        self.num_features = enc.embed_dim
+        # the encoder: a ViT's modules under timm's names at the top level, with a fixed sin-cos position table
+        self.patch_embed = PatchEmbed(enc.patch_size, enc.in_chans, enc.embed_dim)
+        self.grid_size = (enc.image_hw[0] // enc.patch_size, enc.image_hw[1] // enc.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, enc.embed_dim))
+        self.pos_embed = nn.Parameter(sincos_2d_pos_embed(enc.embed_dim, self.grid_size), requires_grad=False)
+        self.blocks = block_stack(enc.embed_dim, enc.depth, enc.num_heads, enc.mlp_dim, qkv_bias=enc.qkv_bias,
+                                  drop=enc.drop_rate, attn_drop=enc.attn_drop_rate,
+                                  drop_path_rate=enc.drop_path_rate, norm_eps=enc.norm_eps)
+        self.norm = nn.LayerNorm(enc.embed_dim, eps=enc.norm_eps)
 
         dim, patch_pixels = config.decoder_embed_dim, enc.patch_size ** 2 * enc.in_chans
         self.decoder_embed = nn.Linear(enc.embed_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, vit.pos_embed.shape[1], dim), requires_grad=False)
+        self.decoder_pos_embed = nn.Parameter(sincos_2d_pos_embed(dim, self.grid_size), requires_grad=False)
         self.decoder_blocks = nn.ModuleList([
             Block(dim, config.decoder_num_heads, config.decoder_mlp_dim, qkv_bias=True, norm_eps=enc.norm_eps)
             for _ in range(config.decoder_depth)
@@ -166,24 +200,18 @@ class MaskedAutoencoder(nn.Module):
         self.decoder_pred = nn.Linear(dim, patch_pixels)
         self.init_weights()
 
-    def init_weights(self) -> None:
-        """The official initialisation: sin-cos position tables, Xavier-uniform linears (and patch projection,
-        viewed as a linear), zero biases, unit LayerNorms, N(0, 0.02) class and mask tokens."""
+    def init_weights(self, mode: Optional[str] = None) -> None:
+        """Initialise by ``mode`` (default ``"mae"``, the official initialisation: Xavier-uniform linears and patch
+        projection viewed as a linear, zero biases, unit LayerNorms, N(0, 0.02) class and mask tokens); the
+        sin-cos position tables are fixed."""
+        mode = mode or self.weight_init
+        check_mode(mode)
         with torch.no_grad():
-            self.pos_embed.copy_(sincos_2d_pos_embed(self.pos_embed.shape[-1], self.grid_size))
-            self.decoder_pos_embed.copy_(sincos_2d_pos_embed(self.decoder_pos_embed.shape[-1], self.grid_size))
-        proj = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(proj.view(proj.shape[0], -1))
-        nn.init.normal_(self.cls_token, std=0.02)
-        nn.init.normal_(self.mask_token, std=0.02)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+            init_token_(self.cls_token, mode)
+            init_token_(self.mask_token, mode)
+            for module in (self.patch_embed, *self.blocks, self.norm, self.decoder_embed, *self.decoder_blocks,
+                           self.decoder_norm, self.decoder_pred):
+                init_module_(module, mode)
 
     def no_weight_decay(self) -> set[str]:
         """None by name, as the official pre-training (timm's ``add_weight_decay`` without a skip list): the
@@ -191,10 +219,6 @@ class MaskedAutoencoder(nn.Module):
         return set()
 
     # ------------------------------------------------------------------------------------ patches
-    @property
-    def patch_size(self) -> int:
-        return self.config.encoder.patch_size
-
     def patchify(self, images: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, H/P * W/P, P*P*C): each patch's pixels, row by row, channels last."""
         p, (b, c, h, w) = self.patch_size, images.shape
@@ -213,32 +237,17 @@ class MaskedAutoencoder(nn.Module):
     @staticmethod
     def random_masking(tokens: Tensor, mask_ratio: float, noise: Optional[Tensor] = None,
                        ) -> tuple[Tensor, Tensor, Tensor]:
-        """Keep the ``int(N * (1 - mask_ratio))`` tokens of lowest noise (uniform noise by default).
-
-        Returns the kept tokens (B, keep, D) in ascending-noise order, the mask (B, N) with 0 = kept,
-        1 = removed, and ``ids_restore`` (B, N), the permutation that undoes the sort.
-        """
-        batch, length, dim = tokens.shape
-        keep = int(length * (1 - mask_ratio))
-        if noise is None:
-            noise = torch.rand(batch, length, device=tokens.device)
-        elif noise.shape != (batch, length):
-            raise ValueError(f"noise must have shape (batch, patches) = {(batch, length)}, got {tuple(noise.shape)}")
-        ids_shuffle = torch.argsort(noise.to(tokens.device), dim=1)
-        ids_restore = torch.argsort(ids_shuffle, dim=1)
-        kept = torch.gather(tokens, 1, ids_shuffle[:, :keep, None].expand(-1, -1, dim))
-        mask = torch.ones(batch, length, device=tokens.device, dtype=tokens.dtype)
-        mask[:, :keep] = 0
-        return kept, torch.gather(mask, 1, ids_restore), ids_restore
+        """See :func:`random_masking`."""
+        return random_masking(tokens, mask_ratio, noise)
 
     # ------------------------------------------------------------------------------------ forward
     def forward_encoder(self, images: Tensor, mask_ratio: Optional[float] = None, noise: Optional[Tensor] = None,
                         ) -> tuple[Tensor, Tensor, Tensor]:
         """Encode the visible patches: returns (latent (B, 1 + keep, D), mask (B, N), ids_restore (B, N))."""
-        ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
+        ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         tokens, _ = self.patch_embed(images)
         tokens = tokens + self.pos_embed[:, 1:]
-        tokens, mask, ids_restore = self.random_masking(tokens, ratio, noise)
+        tokens, mask, ids_restore = random_masking(tokens, ratio, noise)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
         x = self.blocks(torch.cat([cls, tokens], dim=1))
         return self.norm(x), mask, ids_restore
@@ -258,7 +267,7 @@ class MaskedAutoencoder(nn.Module):
     def target(self, images: Tensor) -> Tensor:
         """What the decoder regresses: the patches' pixels, per-patch normalised under ``norm_pix_loss``."""
         target = self.patchify(images)
-        if self.config.norm_pix_loss:
+        if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1e-6) ** 0.5
@@ -286,7 +295,7 @@ class MaskedAutoencoder(nn.Module):
         hidden pixels (B, 1, H, W) as 1."""
         _, pred, mask = self(images, mask_ratio, noise)
         patches = self.patchify(images)
-        if self.config.norm_pix_loss:
+        if self.norm_pix_loss:
             mean, var = patches.mean(dim=-1, keepdim=True), patches.var(dim=-1, keepdim=True)
             pred = pred * (var + 1e-6) ** 0.5 + mean
         grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
@@ -333,10 +342,6 @@ class MaskedAutoencoder(nn.Module):
         own.update(state)
         vit.load_state_dict(own)
         return vit
-
-    @property
-    def num_features(self) -> int:
-        return self.config.encoder.embed_dim
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write ``model.safetensors`` and ``config.json`` (architecture ``mae``) to ``directory``."""

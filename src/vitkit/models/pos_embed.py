@@ -34,13 +34,20 @@ def resample_pos_embed(pos_embed: Tensor, new_grid: tuple[int, int], *, old_grid
     """
     if mode not in ("bicubic", "bilinear"):
         raise ValueError(f"mode must be 'bicubic' or 'bilinear', got {mode!r}")
-    prefix, grid_tokens = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    grid_tokens = pos_embed[:, num_prefix_tokens:]
     old_grid = old_grid or grid_of(grid_tokens.shape[1])
     if old_grid[0] * old_grid[1] != grid_tokens.shape[1]:
         raise ValueError(f"old_grid {old_grid} does not match {grid_tokens.shape[1]} position embeddings")
-    new_grid = (int(new_grid[0]), int(new_grid[1]))
-    if tuple(old_grid) == new_grid:
+    return resample_grid(pos_embed, (int(new_grid[0]), int(new_grid[1])), (int(old_grid[0]), int(old_grid[1])),
+                         num_prefix_tokens, mode, antialias)
+
+
+def resample_grid(pos_embed: Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int], num_prefix_tokens: int,
+                  mode: str, antialias: bool = True) -> Tensor:
+    """:func:`resample_pos_embed` without the checks, positional arguments only (TorchScript compiles it)."""
+    if old_grid[0] == new_grid[0] and old_grid[1] == new_grid[1]:
         return pos_embed
+    prefix, grid_tokens = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     dim = grid_tokens.shape[-1]
     dtype = grid_tokens.dtype
     grid = grid_tokens.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2).float()

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitkit.models.features import maybe_feature_extractor, split_feature_options
 from vitkit.version import __version__
 
 
@@ -95,10 +96,12 @@ def build_model(config: Any) -> nn.Module:
 
 def build_registered(name: str, **overrides: Any) -> nn.Module:
     """Build a registered model with random weights, e.g. ``build_registered('vit_base_patch16_224', num_classes=10)``
-    (the models layer's part of :func:`vitkit.create_model`, which also takes catalog names and fetches weights)."""
+    (the models layer's part of :func:`vitkit.create_model`, which also takes catalog names and fetches weights);
+    ``features_only=True`` (with ``out_indices``, ``feature_norm``, ``output_fmt``) gives timm's feature extractor."""
+    overrides, options = split_feature_options(overrides)
     entry = get_model_entry(name)
     config = entry.config.replace(**overrides)
-    return get_architecture(entry.architecture).build(config)
+    return maybe_feature_extractor(get_architecture(entry.architecture).build(config), options)
 
 
 def count_parameters(name: str, **overrides: Any) -> int:

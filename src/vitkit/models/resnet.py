@@ -48,6 +48,10 @@ def pad_same(x: Tensor, kernel_size: int, stride: int, value: float = 0.0) -> Te
     return F.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=value)
 
 
+torch.fx.wrap("pad_same")  # FX records the padding as one call (its sizes come from the input's shape)
+torch.fx.wrap("check_image_batch")
+
+
 class StdConv2d(nn.Conv2d):
     """Conv2d whose kernel is standardised to zero mean and unit variance per output channel
     (Qiao et al., 2019) before every use; with GroupNorm it replaces BatchNorm in BiT."""
@@ -83,7 +87,7 @@ class GroupNormAct(nn.GroupNorm):
         self.act = nn.ReLU(inplace=True) if act else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.act(super().forward(x))
+        return self.act(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
 
 
 class MaxPoolSame(nn.Module):

@@ -18,7 +18,6 @@ the same quirks, each marked below where it happens. Official ``.pth.tar`` check
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -27,11 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.config import ModelConfig, Pooling
-from vitkit.models.inputs import check_image_batch
-from vitkit.models.layers import Block, Mlp
+from vitkit.models.init import init_module_
+from vitkit.models.layers import Mlp
 from vitkit.models.linear import run_linear
 from vitkit.models.registry import register_architecture, register_model
-from vitkit.models.vit import VisionTransformer
+from vitkit.models.vit import VisionTransformer, check_image_size
 from vitkit.preprocessing import Preprocessing
 
 TokensType = Literal["performer", "transformer"]
@@ -76,6 +75,8 @@ class T2TConfig(ModelConfig):
     """How images are prepared for these weights (see :mod:`vitkit.preprocessing`); None = not recorded."""
     head_init: T2THeadInit = "trunc_normal"
     """The official truncated normal (std 0.02), or ``zeros`` (uniform predictions at the start, for fine-tuning)."""
+    dynamic_img_size: bool = False
+    """Accept any input size, regenerating the sinusoid position table for its number of tokens."""
     class_names: Optional[list[str]] = None
     name: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -91,13 +92,21 @@ class T2TConfig(ModelConfig):
             raise ValueError(f"tokens_type must be 'performer' or 'transformer', got {self.tokens_type!r}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if self.global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool must be 'token' or 'avg', got {self.global_pool!r}")
         if self.head_init not in ("trunc_normal", "xavier", "zeros"):
             raise ValueError(f"head_init must be 'trunc_normal', 'xavier' or 'zeros', got {self.head_init!r}")
         if min(self.token_grid) < 1:
             raise ValueError(f"img_size {self.img_size} is too small for the soft splits "
                              f"(kernels {list(self.kernel_sizes)}, strides {list(self.strides)})")
+
+    # The backbone is a ViT's: what its config says, in ViTConfig's names (read by VisionTransformer).
+    class_token = True
+    fc_norm = False
+    representation_size = None
+    head_batchnorm = False
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
 
     @property
     def token_grid(self) -> tuple[int, int]:
@@ -154,10 +163,21 @@ class TokenAttention(nn.Module):
         self.proj = nn.Linear(out_dim, out_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        scripted = torch.jit.is_scripting()
-        q, k, v = (self.qkv(x) if scripted else run_linear(self.qkv, x)).chunk(3, dim=-1)
+        if torch.jit.is_scripting():
+            qkv = self.qkv(x)
+        else:
+            qkv = run_linear(self.qkv, x)
+        q, k, v = qkv.chunk(3, dim=-1)
         y = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return v + (self.proj(y) if scripted else run_linear(self.proj, y))
+        if torch.jit.is_scripting():
+            y = self.proj(y)
+        else:
+            y = run_linear(self.proj, y)
+        return v + y
+
+    def init_weights(self, mode: str) -> None:
+        init_module_(self.qkv, mode)
+        init_module_(self.proj, mode)
 
 
 class TokenTransformer(nn.Module):
@@ -173,6 +193,10 @@ class TokenTransformer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+    def init_weights(self, mode: str) -> None:
+        for module in (self.norm1, self.attn, self.norm2, self.mlp):
+            init_module_(module, mode)
 
 
 # ---------------------------------------------------------------------------- token performer
@@ -211,18 +235,30 @@ class TokenPerformer(nn.Module):
         return torch.exp(x @ self.w.float().t() - norm) / math.sqrt(self.m)
 
     def attention(self, x: Tensor) -> Tensor:
-        scripted = torch.jit.is_scripting()
-        k, q, v = torch.split(self.kqv(x) if scripted else run_linear(self.kqv, x), self.emb, dim=-1)
+        if torch.jit.is_scripting():
+            kqv = self.kqv(x)
+        else:
+            kqv = run_linear(self.kqv, x)
+        k, q, v = torch.split(kqv, self.emb, dim=-1)
         kp, qp = self.random_features(k), self.random_features(q)  # (B, N, m)
         normaliser = qp @ kp.sum(dim=1).unsqueeze(-1)  # (B, N, 1): phi(q_t) . sum_s phi(k_s)
         context = kp.transpose(1, 2) @ v.float()  # (B, m, d): sum_s phi(k_s) v_s^T
         y = (qp @ context) / (normaliser + self.epsilon)
         y = y.to(v.dtype)
-        return v + self.dp(self.proj(y) if scripted else run_linear(self.proj, y))
+        if torch.jit.is_scripting():
+            y = self.proj(y)
+        else:
+            y = run_linear(self.proj, y)
+        return v + self.dp(y)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.attention(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+    def init_weights(self, mode: str) -> None:
+        """Every layer by ``mode``; the random features ``w`` keep their orthogonal draw."""
+        for module in (self.kqv, self.proj, self.norm1, self.norm2, self.mlp[0], self.mlp[2]):
+            init_module_(module, mode)
 
 
 # ---------------------------------------------------------------------------------- T2T module
@@ -245,12 +281,25 @@ class T2TModule(nn.Module):
             self.attention2 = TokenPerformer(dims[1], token_dim, config.kernel_ratio, config.token_drop_rate)
         self.project = nn.Linear(token_dim * k2 * k2, config.embed_dim)
 
+    @property
+    def stride(self) -> int:
+        """Pixels per token along each side (the product of the soft splits' strides)."""
+        return self.soft_split0.stride * self.soft_split1.stride * self.soft_split2.stride
+
+    def init_weights(self, mode: str) -> None:
+        for module in (self.attention1, self.attention2, self.project):
+            init_module_(module, mode)
+
     def forward(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """(B, C, H, W) -> tokens (B, N, D) and their grid."""
         tokens, grid = self.soft_split0(images)
         tokens, grid = self.soft_split1(tokens_to_map(self.attention1(tokens), grid))
         tokens, grid = self.soft_split2(tokens_to_map(self.attention2(tokens), grid))
-        return (self.project(tokens) if torch.jit.is_scripting() else run_linear(self.project, tokens)), grid
+        if torch.jit.is_scripting():
+            tokens = self.project(tokens)
+        else:
+            tokens = run_linear(self.project, tokens)
+        return tokens, grid
 
 
 def sinusoid_table(num_positions: int, dim: int) -> Tensor:
@@ -267,105 +316,78 @@ def sinusoid_table(num_positions: int, dim: int) -> Tensor:
 class T2TViT(VisionTransformer):
     """T2T-ViT built from a :class:`T2TConfig`. Keys match the official ``T2T_ViT``.
 
-    The backbone after the tokens is a ViT's (vitkit's pre-norm :class:`Block`, no qkv bias), so the
-    encoder API (``forward_features``, ``forward_head``, ``forward_intermediates``, ``attention_maps``)
-    is :class:`VisionTransformer`'s; only the embedding differs.
+    The backbone after the tokens is a ViT's (vitkit's pre-norm :class:`Block`, no qkv bias), so everything
+    but the tokenizer and the position table is :class:`VisionTransformer`'s (``forward_features``,
+    ``forward_head``, ``forward_intermediates``, ``attention_maps``, timm's API).
 
     The position table is a fixed sinusoid (stored, as officially, as a parameter that is not trained),
     so at another resolution it is *regenerated* for the new number of tokens, exactly what the official
     model built at that size holds (its 384 px checkpoint contains that table), rather than resampled.
     """
 
+    weight_init = "timm"  # the official init: truncated normal (std 0.02) linears and class token, zero biases
+    default_head_init = "trunc_normal"
     pos_embed_is_fixed = True
     no_patch_filters_note = ("skipped: T2T-ViT has no linear patch projection: its tokens come from overlapping soft "
                              "splits re-structurised by small transformers, so no weight is a filter in pixel space")
 
-    def __init__(self, config: T2TConfig) -> None:
-        nn.Module.__init__(self)  # VisionTransformer's constructor builds a patch embedding; T2T has its own
-        self.config = config
-        dim = config.embed_dim
-        self.tokens_to_token = T2TModule(config)
-        self.grid_size = config.token_grid
-        self.num_prefix_tokens = 1
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        num_positions = 1 + self.grid_size[0] * self.grid_size[1]
-        self.pos_embed = nn.Parameter(sinusoid_table(num_positions, dim), requires_grad=False)
-        self.pos_drop = nn.Dropout(config.drop_rate)
-        drop_path = [config.drop_path_rate * i / max(config.depth - 1, 1) for i in range(config.depth)]
-        self.blocks = nn.Sequential(*[
-            Block(dim, config.num_heads, int(dim * config.mlp_ratio), qkv_bias=config.qkv_bias,
-                  qk_scale=config.qk_scale, drop=config.drop_rate, attn_drop=config.attn_drop_rate,
-                  drop_path=drop_path[i], norm_eps=config.norm_eps)
-            for i in range(config.depth)
-        ])
-        self.norm = nn.LayerNorm(dim, eps=config.norm_eps)
-        self.fc_norm = nn.Identity()
-        self.pre_logits = nn.Identity()
-        self.head_drop = nn.Identity()
-        self.head = self._new_head(config.num_classes, config.head_init)
-        self.init_weights()
+    def _build_tokenizer(self) -> None:
+        self.tokens_to_token = T2TModule(self.config)
 
-    def init_weights(self) -> None:
-        """The official initialisation: truncated normal (std 0.02) linears and class token, zero biases,
-        unit LayerNorms; the performer's random features keep their orthogonal draw."""
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        for name, module in self.named_modules():
-            if name.startswith("head"):
-                continue
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+    def _new_pos_embed(self, num_positions: int) -> nn.Parameter:
+        return nn.Parameter(sinusoid_table(num_positions, self.config.embed_dim), requires_grad=False)
 
-    def _new_head(self, num_classes: int, init: str) -> nn.Module:
-        if num_classes <= 0:
-            return nn.Identity()
-        head = nn.Linear(self.config.embed_dim, num_classes)
-        if init == "zeros":
-            nn.init.zeros_(head.weight)
-        elif init == "xavier":
-            nn.init.xavier_uniform_(head.weight)
-        else:
-            nn.init.trunc_normal_(head.weight, std=0.02)
-        nn.init.zeros_(head.bias)
-        return head
+    def _new_head_dropout(self) -> nn.Module:
+        return nn.Identity()  # the official head has no dropout
 
-    def reset_head(self, num_classes: int, *, class_names: Sequence[str] | None = None,
-                   zero_init: bool = True, keep_representation: bool = False) -> None:
-        """Replace the classifier by a fresh layer for ``num_classes`` classes (zero-initialised by default)."""
-        self.config = self.config.replace(num_classes=num_classes, class_names=None,
-                                          head_init="zeros" if zero_init else "trunc_normal")
-        self.config = self.config.replace(class_names=list(class_names) if class_names is not None else None)
-        device, dtype = self.cls_token.device, self.cls_token.dtype
-        self.head = self._new_head(num_classes, self.config.head_init).to(device=device, dtype=dtype)
+    def tokenizer_module(self) -> nn.Module:
+        return self.tokens_to_token
 
-    def no_weight_decay(self) -> set[str]:
-        return {"cls_token", "pos_embed"}
+    def tokenize(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        return self.tokens_to_token(images)
 
     @property
-    def num_features(self) -> int:
-        return self.config.embed_dim
+    def embed_stride(self) -> int:
+        return self.tokens_to_token.stride
+
+    @property
+    def first_conv(self) -> str:
+        """The first layer that sees the image's channels (timm's ``first_conv``)."""
+        performer = self.config.tokens_type == "performer"
+        return "tokens_to_token.attention1." + ("kqv" if performer else "attn.qkv")
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return dict(stem=r"^cls_token|pos_embed|tokens_to_token",
+                    blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
 
     # ---------------------------------------------------------------------------------- embeddings
     def patch_embed_grid(self, image_hw: tuple[int, int]) -> tuple[int, int]:
         return self.config.replace(img_size=tuple(image_hw)).token_grid
 
-    def _check_input(self, images: Tensor) -> None:
-        cfg = self.config
-        check_image_batch(images, cfg.in_chans)
-        if tuple(images.shape[-2:]) != cfg.image_hw:
-            raise ValueError(f"expected images of size {cfg.image_hw}, got {tuple(images.shape[-2:])}; build the "
-                             f"model with img_size={images.shape[-2]} (the sinusoid positions are regenerated)")
+    def _check_input(self, images: Tensor) -> Tensor:
+        # any size the soft splits take is fine when dynamic (no patch size to divide by)
+        return check_image_size(images, self.in_chans, self.img_size, 1, self.dynamic_img_size)
 
-    def embed(self, images: Tensor) -> Tensor:
-        """Images -> T2T tokens -> [class] token + sinusoid positions: the backbone's input sequence."""
-        self._check_input(images)
-        tokens, _ = self.tokens_to_token(images)
+    def _pos_embed_table(self, grid: tuple[int, int]) -> Tensor:
+        return sinusoid_table(1 + grid[0] * grid[1], self.config.embed_dim).to(self.pos_embed.device)
+
+    def _pos_embed(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+        pos_embed = self.pos_embed
+        if self.dynamic_img_size:
+            pos_embed = sinusoid_for_tokens(pos_embed, tokens.shape[1] + 1)
         tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-        return self.pos_drop(tokens + self.pos_embed)
+        return self.pos_drop(tokens + pos_embed)
+
+
+def sinusoid_for_tokens(table: Tensor, num_positions: int) -> Tensor:
+    """``table`` if it has ``num_positions`` rows, else the sinusoid table of that length; one FX call."""
+    if table.shape[1] == num_positions:
+        return table
+    return sinusoid_table(num_positions, table.shape[-1]).to(device=table.device, dtype=table.dtype)
+
+
+torch.fx.wrap("sinusoid_for_tokens")
+torch.fx.wrap("check_image_size")
 
 
 register_architecture("t2t", T2TConfig, T2TViT)

@@ -43,7 +43,7 @@ def prepare_for_finetuning(model: nn.Module, num_classes: int, *, class_names: S
                    head_init="zeros" if zero_init_head else "xavier", **config_overrides)
     if img_size is not None:
         changes["img_size"] = img_size
-    if not keep_representation and hasattr(old, "representation_size"):
+    if not keep_representation and getattr(old, "representation_size", None) is not None:
         changes["representation_size"] = None
     new_model = build_model(old.replace(**changes))
 
