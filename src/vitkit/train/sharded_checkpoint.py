@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from vitkit.fileio import atomic_torch_save, fsync_dir
+from vitkit.fileio import atomic_torch_save, atomic_write_text, fsync_dir
 from vitkit.runfiles import (
     CHECKPOINT_DIR,
     FORMAT,
@@ -42,6 +42,7 @@ from vitkit.runfiles import (
     sharded_step_checkpoints,
     single_process_dcp,
 )
+from vitkit.train.checkpoints import RUN_ID_NAME
 from vitkit.train.distributed import World, barrier, broadcast_object
 from vitkit.train.rundir import RunDirectoryError
 
@@ -51,10 +52,11 @@ LAST_LINK, BEST_LINK = "last" + SHARDED_SUFFIX, "best" + SHARDED_SUFFIX
 class ShardedCheckpointWriter:
     """Writes the sharded ``last``/``best``/step checkpoints of one run; :meth:`save` runs on every process."""
 
-    def __init__(self, run_dir: str | Path, keep_last_k: int, world: World) -> None:
+    def __init__(self, run_dir: str | Path, keep_last_k: int, world: World, run_id: str | None = None) -> None:
         self.directory = Path(run_dir) / CHECKPOINT_DIR
         self.keep_last_k = keep_last_k
         self.world = world
+        self.run_id = run_id
 
     @property
     def last(self) -> Path:
@@ -82,7 +84,8 @@ class ShardedCheckpointWriter:
             dcp.save({"model": model_state, "optim": optim_state["state"]},
                      storage_writer=FileSystemWriter(str(tmp), sync_files=True), no_dist=not self.world.distributed)
         if self.world.is_main:
-            atomic_torch_save({"format": FORMAT, "version": VERSION, **state,
+            identity = {} if self.run_id is None else {"run_id": self.run_id}
+            atomic_torch_save({"format": FORMAT, "version": VERSION, **state, **identity,
                                "param_groups": optim_state["param_groups"]}, tmp / SHARDED_STATE)
             fsync_dir(tmp)
             os.rename(tmp, self.directory / name)
@@ -93,6 +96,27 @@ class ShardedCheckpointWriter:
             self._prune()
         barrier(self.world)
         return self.last
+
+    def write_run_id(self) -> None:
+        """Record the run's identity in its directory (once), as :class:`CheckpointWriter` does."""
+        path = self.directory / RUN_ID_NAME
+        if self.run_id is not None and not path.is_file():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_id + "\n", path)
+
+    def retire_newer_than(self, step: int) -> list[Path]:
+        """Move the step checkpoints newer than ``step`` (the branch a resumption from an older state abandons)
+        to ``abandoned-at-step-N/``, out of the rotation; a ``best`` link into them goes with them."""
+        newer = [p for p in sharded_step_checkpoints(self.directory.parent) if _step_of(p) > step]
+        if not newer:
+            return []
+        aside = self.directory / f"abandoned-at-step-{step:08d}"
+        aside.mkdir(exist_ok=True)
+        if self.best.is_symlink() and os.readlink(self.best) in {p.name for p in newer}:
+            self.best.unlink()
+        for path in newer:
+            os.replace(path, aside / path.name)
+        return [aside / p.name for p in newer]
 
     def _free_name(self, step: int) -> str:
         name, k = f"step-{step:08d}{SHARDED_SUFFIX}", 0
@@ -107,6 +131,10 @@ class ShardedCheckpointWriter:
         for old in kept[:-self.keep_last_k] if self.keep_last_k else kept:
             if old.name not in linked:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step-").split(".")[0])
 
 
 def _point(link: Path, target: str) -> None:
