@@ -202,12 +202,13 @@ def test_a_sharded_checkpoint_is_a_directory_with_links_and_every_command_reads_
 
     checkpoints = one_process_run / "checkpoints"
     assert os.readlink(checkpoints / "last.dcp") == "step-00000010.1.dcp"  # the epoch end, after step 10's
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.dcp", "last.dcp", "step-00000010.1.dcp"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.dcp", "last.dcp", "run-id", "step-00000010.1.dcp"]
     assert available_states(one_process_run) == ["best", "last", "step-00000010.1", "model"]
     assert state_path(one_process_run, "step-00000010.1") == state_path(one_process_run, "step-10") == \
         checkpoints / "step-00000010.1.dcp"
     state = load_checkpoint(checkpoints / "last.dcp")
     assert state["global_step"] == 10 and state["world_size"] == 1 and len(state["rng"]) == 1
+    assert state["run_id"] == (checkpoints / "run-id").read_text().strip()  # the run's identity, as .pt files
     assert state["param_groups"] and set(state["model"]) == set(load_model(one_process_run / "model").state_dict())
     assert cli_main(["export", str(one_process_run), "--checkpoint", "last", "--out", str(tmp_path / "exp")]) == 0
     exported, final = load_model(tmp_path / "exp"), load_model(one_process_run / "model")
