@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar
 
 from vitkit.config_engine import check_fields, from_mapping, to_plain
+from vitkit.fileio import read_json_object
 from vitkit.preprocessing import DEFAULT_PREPROCESSING, KNOWN_SOURCES, Preprocessing
 
 C = TypeVar("C", bound="ModelConfig")
@@ -167,12 +168,7 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls: type[C], path: str | Path) -> C:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json_object(path, what="a JSON object of config fields"), source=str(path))
 
 
 def _at_least(config: Any, name: str, low: int) -> None:
