@@ -37,3 +37,30 @@ def test_every_json_record_is_read_with_the_same_errors(tmp_path, text, message)
         read_json_object(directory / "record.json")
     (directory / "record.json").write_text(json.dumps({"a": 1}))
     assert read_json_object(directory / "record.json") == {"a": 1}
+
+
+def test_every_config_record_becomes_a_mapping_one_way():
+    """Before: 6 to_dict styles over 12 dataclasses. Now each config record's to_dict is the engine's to_plain,
+    and the compact sections (a hybrid's stem, preprocessing) read and write the mappings they always did."""
+    import vitkit
+    from vitkit.config import StemConfig
+    from vitkit.config_engine import to_plain
+    from vitkit.data import DataConfig
+    from vitkit.preprocessing import Preprocessing
+    from vitkit.train import TrainConfig
+
+    records = [vitkit.get_model_config("vit_base_r50_s16_384"), vitkit.get_model_config("mae_vit_mini_patch4_32"),
+               vitkit.get_model_config("t2t_vit_mini_32"), vitkit.get_model_config("resnet20_cifar"),
+               StemConfig(type="conv", channels=(8, 16)), Preprocessing(size=32, dataset="cifar10"), DataConfig(),
+               TrainConfig()]
+    for record in records:
+        assert record.to_dict() == to_plain(record), type(record).__name__
+        assert json.loads(json.dumps(record.to_dict())) == record.to_dict()  # plain JSON values only
+    assert StemConfig(layers=(3, 4, 9)).to_dict() == {"layers": [3, 4, 9]}
+    assert StemConfig(type="conv", channels=(8,), strides=(1,)).to_dict() == {"type": "conv", "channels": [8],
+                                                                           "strides": [1]}
+    assert Preprocessing(size=32).to_dict() == {"size": [32, 32], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                                               "crop_pct": 1.0, "interpolation": "bilinear"}
+    assert Preprocessing(size=32, crop_mode="squash").to_dict()["crop_mode"] == "squash"
+    hybrid = vitkit.get_model_config("vit_base_r50_s16_384")
+    assert type(hybrid).from_dict(hybrid.to_dict()) == hybrid
