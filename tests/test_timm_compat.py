@@ -316,6 +316,7 @@ def _photo(data_root):
     ("vit_mini_patch4_32", dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], crop_pct=0.875,
                                 interpolation="bicubic")),
     ("t2t_vit_mini_32", dict(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], crop_pct=0.9)),
+    ("vit_mini_patch4_32", dict(crop_pct=0.9, crop_mode="squash")),  # transformers' resize of both sides
 ])
 def test_timm_data_config_and_transform_reproduce_the_record(name, preprocess, data_root):
 
@@ -324,7 +325,7 @@ def test_timm_data_config_and_transform_reproduce_the_record(name, preprocess, d
     record = model.config.preprocessing()
     config = resolve_data_config({}, model=model)
     assert config == {"input_size": (3, 48, 48), "interpolation": record.interpolation, "mean": record.mean,
-                      "std": record.std, "crop_pct": record.crop_pct, "crop_mode": "center"}
+                      "std": record.std, "crop_pct": record.crop_pct, "crop_mode": record.crop_mode}
     photo = _photo(data_root)
     theirs = create_transform(**config)(Image.open(photo).convert("RGB"))
     ours = eval_transform(model.config)(decode_image(str(photo)))  # the same decoded pixels
