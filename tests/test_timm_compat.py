@@ -9,6 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
@@ -428,3 +429,29 @@ def test_timm_attributes(mini):
     assert (with_rep.num_features, with_rep.head_hidden_size) == (128, 64)  # timm: pre-logits width apart
     assert mini.no_weight_decay() == {"pos_embed", "cls_token"}
     assert mini.group_matcher()["blocks"] == reference_twin(mini).group_matcher()["blocks"]
+
+
+def test_resnet_has_timms_api_and_features_equal_timms_resnet(data_root, one_thread):
+    """The ResNet baseline (torchvision's keys, which timm's ResNet shares): classifier reset, feature_info and
+    features_only equal timm's resnet18 holding the same weights."""
+    model = build_registered("resnet18").eval()
+    reference = timm.create_model("resnet18", num_classes=1000).eval()
+    reference.load_state_dict(model.state_dict())
+    images = nn.functional.interpolate(cifar_batch(data_root, 2), size=64, mode="bilinear")
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), reference(images), rtol=0, atol=1e-5)
+    assert model.get_classifier() is model.fc and model.pretrained_cfg["first_conv"] == "conv1"
+    assert resolve_data_config({}, model=model)["input_size"] == (3, 224, 224)
+    ours = build_registered("resnet18", features_only=True, out_indices=(1, 2, 4)).eval()
+    ours.model.load_state_dict(model.state_dict(), strict=False)
+    theirs = timm.create_model("resnet18", features_only=True, out_indices=(1, 2, 4)).eval()
+    theirs.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("fc.")})
+    assert ours.feature_info.channels() == theirs.feature_info.channels() == [64, 128, 512]
+    assert ours.feature_info.reduction() == theirs.feature_info.reduction() == [4, 8, 32]
+    with torch.no_grad():
+        for a, b in zip(ours(images), theirs(images), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    model.reset_classifier(3)
+    assert model(images).shape == (2, 3) and model.num_classes == 3
+    with pytest.raises(ValueError, match="average"):
+        model.reset_classifier(3, global_pool="max")
