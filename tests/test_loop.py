@@ -352,3 +352,92 @@ def test_a_replanned_schedule_continues_the_learning_rate_and_ends_at_the_minimu
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # still decaying, no jump up
     steps = [abs(a - b) for a, b in zip(lrs[10:], lrs[11:])]
     assert max(steps) < 0.06  # continuous: no step larger than the steepest of the compressed cosine
+
+
+# ------------------------------------------------------------------------------ resume on class folders
+def tiny_folders(root: Path, classes: int = 2, train: int = 12, val: int = 4) -> Path:
+    """A class-folder data set of real JPEGs (the first images of the first imagenette classes)."""
+    source = DATA / "imagenette_subset"
+    for wnid in sorted(p.name for p in (source / "train").iterdir())[:classes]:
+        for split, n in (("train", train), ("val", val)):
+            (root / split / wnid).mkdir(parents=True)
+            for image in sorted((source / split / wnid).iterdir())[:n]:
+                shutil.copy(image, root / split / wnid / image.name)
+    return root
+
+
+FOLDER = ["--data.img_size", "32", "--batch_size", "4", "--data.num_workers", "2", "--epochs", "2",
+          "--log_every", "1", "--ckpt_every_steps", "2", "--keep_last_k", "20", "--progress", "none",
+          "--device", "cpu", "--eval_hflip_tta", "false", "--data.hflip", "true"]
+
+
+@pytest.mark.parametrize("task", ["drop_path", "mae"])
+def test_a_run_on_class_folders_that_draws_from_the_global_rng_resumes_bit_for_bit(tmp_path: Path, task: str):
+    """Drop path and dropout (classification) or MAE's masks draw from the global RNG in every step; the
+    DataLoader used to take its workers' seed from that RNG when a pass started, so a resumed run (a new
+    pass, mid-epoch or at an epoch boundary, with 2 workers) drew other masks: weights differed by ~1e-2."""
+    from vitkit.train.mae import pretrain_config
+
+    root = tiny_folders(tmp_path / "folders")  # 24 training images, batch 4: 6 steps an epoch, 12 in all
+    args = [*FOLDER, "--dataset", f"folder:{root}", "--out_dir", str(tmp_path), "--run_name", "straight"]
+    if task == "mae":
+        cfg = pretrain_config(None, ["--model", "mae_vit_mini_patch4_32", "--model.patch_size", "8",
+                                     "--model.embed_dim", "32", "--model.depth", "1", "--model.num_heads", "2",
+                                     "--model.mlp_dim", "64", "--model.decoder_embed_dim", "32",
+                                     "--model.decoder_depth", "1", "--model.decoder_num_heads", "2",
+                                     "--model.decoder_mlp_dim", "64", "--warmup_epochs", "0.5", *args])
+    else:
+        cfg = load_config(None, [*TINY_MNIST[:10], "--model.in_chans", "3", "--model.patch_size", "8",
+                                 "--model.drop_path_rate", "0.2", "--model.drop_rate", "0.1", "--warmup_epochs", "0.5",
+                                 *args])
+    straight = train(cfg)
+    assert straight.steps == 12
+    expected = load_checkpoint(straight.run_dir / "checkpoints" / "last.pt")
+    for step in (4, 6):  # mid-epoch, and the epoch boundary
+        run = _resumed(straight.run_dir, tmp_path / f"from{step}", step)
+        got = load_checkpoint(run / "checkpoints" / "last.pt")
+        assert digest(got["model"]) == digest(expected["model"]), f"{task}: resumed from step {step}"
+        assert losses(run) == losses(straight.run_dir)
+
+
+# ------------------------------------------------------------------------------ which checkpoints are the run's
+def _mnist_run(tmp_path: Path, name: str, *extra: str):
+    root = tmp_path / "data" if (tmp_path / "data").is_dir() else tiny_named(tmp_path / "data", "mnist", 120, 20)
+    return train(load_config(None, [*TINY_MNIST, "--data_dir", str(root), "--batch_size", "10", "--epochs", "1",
+                                    "--ckpt_every_steps", "2", "--keep_last_k", "20", "--progress", "none",
+                                    "--out_dir", str(tmp_path), "--run_name", name, *extra]))
+
+
+def test_a_last_checkpoint_copied_in_from_another_run_is_refused(tmp_path: Path, capsys):
+    from vitkit.checkpoint import CheckpointError
+    from vitkit.cli import main as cli_main
+
+    ours, theirs = _mnist_run(tmp_path, "ours").run_dir, _mnist_run(tmp_path, "theirs", "--seed", "1").run_dir
+    assert (ours / "checkpoints" / "run-id").read_text() != (theirs / "checkpoints" / "run-id").read_text()
+    shutil.copy(theirs / "checkpoints" / "last.pt", ours / "checkpoints" / "last.pt")
+    with pytest.raises(CheckpointError, match=r"last\.pt: this checkpoint belongs to another run"):
+        resume(ours)
+    capsys.readouterr()
+    assert cli_main(["train", "--resume", str(ours)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "belongs to another run" in err and "Traceback" not in err
+
+    copy = tmp_path / "copy"  # a whole run copied (a backup, a move) is the same run, and resumes
+    shutil.copytree(theirs, copy)
+    shutil.rmtree(copy / "model")
+    assert resume(copy / "checkpoints" / "step-00000004.pt").steps == 12
+
+
+def test_resuming_from_an_older_step_moves_the_abandoned_branch_out_of_the_rotation(tmp_path: Path, capsys):
+    """Before: the abandoned branch's step-10 and step-12 outranked the new step-6 and step-8, which the
+    rotation (keep_last_k 2) deleted as soon as they were written."""
+    run = _mnist_run(tmp_path, "branch").run_dir  # 12 steps, a step checkpoint every 2
+    capsys.readouterr()
+    resumed = resume(run / "checkpoints" / "step-00000004.pt",
+                     ["--keep_last_k", "2", "--max_steps", "8", "--progress", "plain"])
+    assert resumed.steps == 8
+    names = sorted(p.name for p in (run / "checkpoints").glob("step-*.pt"))
+    assert names == ["step-00000006.pt", "step-00000008.pt"]
+    aside = run / "checkpoints" / "abandoned-at-step-00000004"
+    assert sorted(p.name for p in aside.iterdir()) == [f"step-{s:08d}.pt" for s in (6, 8, 10, 12)]
+    assert "moved 4 step checkpoint(s) newer than step 4" in capsys.readouterr().out

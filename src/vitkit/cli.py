@@ -705,10 +705,51 @@ def _add_device(p: argparse.ArgumentParser) -> None:
                    help="auto, cpu, cuda, cuda:1, mps (default auto: the GPU if there is one, else the CPU)")
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from vitkit.serve import Engine, run_server
+    except ImportError as e:
+        raise ValueError(f"vitkit serve needs aiohttp ({e}): pip install 'vitkit[serve]'") from None
+    from vitkit.resolver import load_source
+
+    options = {"threads": args.threads} if str(args.source).lower().endswith(".onnx") else {}
+    resolved = load_source(args.source, checkpoint=args.checkpoint, **options)
+    print(f"loaded: {resolved.description}", file=sys.stderr)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"vitkit serve: listening on {args.host}: reachable from other machines, without authentication",
+              file=sys.stderr)
+    run_server(Engine(resolved.model, resolved.description), host=args.host, port=args.port,
+               max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, top_k=args.top_k,
+               max_body_bytes=int(args.max_body_mb * 1024 * 1024), threads=args.threads,
+               announce=lambda m: print(m, file=sys.stderr, flush=True))
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="answer HTTP requests with a model (POST /predict, a page at /)",
+                       description="Serve SOURCE over HTTP on localhost: POST /predict (an image, raw bytes with an "
+                                   "image/* content type or a multipart file) -> top-k labels as JSON; POST /rollout; "
+                                   "GET /health; GET /metadata; GET / a page where you drop an image and see the top-5 "
+                                   "and the attention rollout. Requests are batched up to --max-batch within "
+                                   "--max-wait-ms. Needs the extra vitkit[serve] (aiohttp).")
+    p.add_argument("source", metavar="SOURCE", help="any model SOURCE: a run, a checkpoint, a model directory, a "
+                                                    "pretrained name, or an exported .onnx file")
+    p.add_argument("--checkpoint", default=None, metavar="STATE", help="for a run directory: best (default), last, ...")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: a free one, printed)")
+    p.add_argument("--max-batch", type=_positive_int, default=32, help="images per forward pass at most (default 32)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long the first request of a batch waits for others (default 5)")
+    p.add_argument("--top-k", type=_positive_int, default=5, help="labels per answer unless ?top_k= (default 5)")
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body accepted (default 20 MB)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads of the model (default: torch's)")
+    p.set_defaults(func=_cmd_serve)
+
+
 _PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_models, _add_download, _add_convert, _add_data, _add_train, _add_pretrain, _add_finetune, _add_export,
     _add_eval,
-    _add_predict, _add_fewshot, _add_study, _add_analyze, _add_bench,
+    _add_predict, _add_serve, _add_fewshot, _add_study, _add_analyze, _add_bench,
 ]
 
 

@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -90,6 +91,19 @@ def from_mapping(cls: type[T], data: Any, *, source: str = "config", prefix: str
         raise ConfigError(f"{_at(source)}{_prefixed(str(e), prefix)}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{_at(source)}{where + ': ' if where and where not in str(e) else ''}{e}") from None
+
+
+def describe_yaml_error(error: Exception) -> str:
+    """A ``yaml.YAMLError`` on one line, with its position; a Python tag (``!!python/object:...``) is said to be
+    refused, since configs are read as plain YAML (``yaml.safe_load``), never as objects that could run code."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = " ".join(str(getattr(error, "problem", None) or error).split())
+    tag = re.search(r"tag '(tag:yaml\.org,2002:)?([^']+)'", problem)
+    if tag and "constructor" in problem:
+        return (f"the YAML tag !!{tag.group(2)}{where} is refused: configs are plain YAML (numbers, strings, lists, "
+                "mappings), never Python objects")
+    return f"not valid YAML: {problem}{where}"
 
 
 def to_plain(value: Any) -> Any:

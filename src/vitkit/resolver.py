@@ -240,7 +240,7 @@ def load_source(spec: str | Path | ModelSource, *, checkpoint: str | None = None
                 format: str | None = None, use_ema: bool = True, **options: Any) -> ResolvedModel:
     """Resolve ``spec`` and build its model.
 
-    ``options`` are :func:`vitkit.convert.from_pretrained`'s: ``img_size`` (position embeddings resampled),
+    ``options`` are :func:`vitkit.convert.read_model`'s: ``img_size`` (position embeddings resampled),
     ``num_classes`` (a fresh zero head when it differs), ``num_heads``, ``model`` (a registry name or config
     to load into, checked field by field), ``interpolation``, and other config fields (``drop_path_rate``).
     A training checkpoint gives its EMA weights unless ``use_ema=False``.

@@ -28,6 +28,7 @@ from vitkit.checkpoint import (
     nonfinite_keys,
     torch_load_safely,
 )
+from vitkit.config_engine import describe_yaml_error
 from vitkit.models.registry import get_architecture
 
 FORMAT = "vitkit-train-checkpoint"
@@ -135,7 +136,7 @@ def read_run_config(run_dir: str | Path | None) -> dict[str, Any] | None:
     try:
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise CheckpointError(f"{path}: not valid YAML ({e})") from e
+        raise CheckpointError(f"{path}: {describe_yaml_error(e)}") from None
 
 
 # ------------------------------------------------------------------------------------ reading

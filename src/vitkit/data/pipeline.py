@@ -34,7 +34,16 @@ from vitkit.data.folder import (
     list_classes,
     scan_split,
 )
-from vitkit.data.sampling import batch_positions, epoch_order, eval_shard, steps_per_epoch, stratified_subset, to_device
+from vitkit.data.sampling import (
+    LOADER,
+    batch_positions,
+    epoch_order,
+    eval_shard,
+    seed_int,
+    steps_per_epoch,
+    stratified_subset,
+    to_device,
+)
 from vitkit.data.transforms import EvalTransform
 from vitkit.preprocessing import Preprocessing
 
@@ -121,6 +130,11 @@ class _WorkerPool:
 
     Each pass hands over its own list of batches of keys, so the order stays a pure function of
     ``(seed, epoch)``. One pass at a time: starting a new pass drains the previous one.
+
+    The loader has its own generator, seeded by ``(seed, epoch)`` at each pass: without one, a DataLoader
+    draws its workers' base seed from the *global* torch RNG when its iterator is created, a draw that
+    moves the dropout, drop-path and MAE masks of every later step, and that a resumed run (whose new
+    process creates its iterator at another moment) does not repeat.
     """
 
     class _Keys:
@@ -133,14 +147,18 @@ class _WorkerPool:
         def __len__(self) -> int:
             return len(self.batches)
 
-    def __init__(self, dataset: FolderImages, num_workers: int, device: torch.device) -> None:
+    def __init__(self, dataset: FolderImages, num_workers: int, device: torch.device, seed: int = 0) -> None:
         self.keys = self._Keys()
+        self.seed = seed
+        self.generator = torch.Generator()
         self.loader = DataLoader(dataset, batch_sampler=self.keys, num_workers=num_workers, collate_fn=collate,
                                  pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
-                                 persistent_workers=num_workers > 0, worker_init_fn=_ignore_stop_signals)
+                                 persistent_workers=num_workers > 0, worker_init_fn=_ignore_stop_signals,
+                                 generator=self.generator)
 
-    def run(self, batches: list[list]) -> Iterator[tuple[Tensor, Tensor, list[str], Tensor]]:
+    def run(self, batches: list[list], epoch: int = 0) -> Iterator[tuple[Tensor, Tensor, list[str], Tensor]]:
         self.keys.batches = batches
+        self.generator.manual_seed(seed_int(LOADER, self.seed, epoch))
         return iter(self.loader)
 
 
@@ -176,7 +194,7 @@ class FolderTrainStream(_TrainOrder):
         self.dataset, self.augmenter = dataset, augmenter
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.device = device
-        self.pool = _WorkerPool(dataset, num_workers, device)
+        self.pool = _WorkerPool(dataset, num_workers, device, seed)
         self.skip_corrupt = skip_corrupt
         self.skipped: list[str] = []
 
@@ -192,7 +210,7 @@ class FolderTrainStream(_TrainOrder):
                 for s in steps]
         global_size = self.batch_size * self.world_size
         all_rows = np.arange(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        for step, (images, labels, errors, indices) in zip(steps, self.pool.run(keys)):
+        for step, (images, labels, errors, indices) in zip(steps, self.pool.run(keys, epoch)):
             rows = all_rows
             ok = _check_decoded(self.dataset, errors, indices, self.skip_corrupt, self.skipped)
             if ok is not None:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 # Stream tags keep the generators of different purposes independent even for equal tuples.
-ORDER, SUBSET, AUGMENT, SAMPLE = 0, 1, 2, 3
+ORDER, SUBSET, AUGMENT, SAMPLE, LOADER = 0, 1, 2, 3, 4
 
 
 def rng(*key: int) -> np.random.Generator:

@@ -86,10 +86,11 @@ class EvalTransform:
     def __call__(self, images: Tensor) -> Tensor:
         return self.normalize(self.resize(images))
 
-    def load(self, path: str | Path, *, orient: bool = False) -> Tensor:
+    def load(self, path: str | Path, *, orient: bool = True) -> Tensor:
         """One image file -> uint8 (in_chans, *size), decoded as every command decodes it: at full scale (a
-        JPEG decoded at a reduced scale has other pixels than the resize of the full image); ``orient`` applies
-        the file's EXIF orientation first, as image viewers and transformers' pipeline do."""
+        JPEG decoded at a reduced scale has other pixels than the resize of the full image); ``orient`` (the
+        default, as for training crops) applies the file's EXIF orientation first, as image viewers and
+        transformers' pipeline do."""
         return self.resize(read_image(path, orient=orient))
 
     def __repr__(self) -> str:

@@ -2,14 +2,18 @@
 
 A run directory holds ``checkpoints/last.pt`` (rewritten every N steps and at each epoch end),
 ``checkpoints/best.pt`` (best validation accuracy) and the ``keep_last_k`` newest ``step-NNNNNNNN.pt``,
-each its own file (copies, not links). Files are written atomically (temporary file, fsync, rename) and read with
+each its own file (copies, not links), and ``checkpoints/run-id``, the run's identity, which every
+checkpoint it writes carries too (a checkpoint copied in from another run is refused on resume). Files
+are written atomically (temporary file, fsync, rename) and read with
 ``torch.load(weights_only=True)``, so every value in them is a tensor or a plain Python type.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +21,15 @@ import numpy as np
 import torch
 
 from vitkit.checkpoint import CheckpointError
-from vitkit.fileio import atomic_path, atomic_torch_save
+from vitkit.fileio import atomic_path, atomic_torch_save, atomic_write_text
 from vitkit.runfiles import BEST, CHECKPOINT_DIR, FORMAT, LAST, VERSION, load_checkpoint, step_name
 from vitkit.train.rundir import RunDirectoryError
 
-__all__ = ["BEST", "CHECKPOINT_DIR", "FORMAT", "LAST", "VERSION", "CheckpointWriter", "capture_rng",
-           "load_checkpoint", "resolve_checkpoint", "restore_rng"]
+__all__ = ["BEST", "CHECKPOINT_DIR", "FORMAT", "LAST", "RUN_ID_NAME", "VERSION", "CheckpointWriter", "capture_rng",
+           "check_run_identity", "load_checkpoint", "new_run_id", "read_run_id", "resolve_checkpoint", "restore_rng"]
+
+RUN_ID_NAME = "run-id"
+"""``RUN/checkpoints/run-id``: the run's identity, a random hex string written when the run is created."""
 
 
 # ------------------------------------------------------------------------------- RNG states
@@ -56,9 +63,10 @@ def restore_rng(state: dict[str, Any]) -> None:
 class CheckpointWriter:
     """Writes ``last``, ``best`` and the kept step checkpoints of one run directory."""
 
-    def __init__(self, run_dir: str | Path, keep_last_k: int) -> None:
+    def __init__(self, run_dir: str | Path, keep_last_k: int, run_id: str | None = None) -> None:
         self.directory = Path(run_dir) / CHECKPOINT_DIR
         self.keep_last_k = keep_last_k
+        self.run_id = run_id
 
     @property
     def last(self) -> Path:
@@ -78,6 +86,8 @@ class CheckpointWriter:
         if not self.directory.parent.is_dir():
             raise gone
         state = {"format": FORMAT, "version": VERSION, **state}
+        if self.run_id is not None:
+            state["run_id"] = self.run_id
         try:
             atomic_torch_save(state, self.last)
             if self.keep_last_k:
@@ -95,6 +105,57 @@ class CheckpointWriter:
     def step_checkpoints(self) -> list[Path]:
         """The kept step checkpoints, oldest first."""
         return sorted(self.directory.glob("step-*.pt"))
+
+    def write_run_id(self) -> None:
+        """Record the run's identity in its directory (once: a resumed run keeps the file it has)."""
+        path = self.directory / RUN_ID_NAME
+        if self.run_id is not None and not path.is_file():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_id + "\n", path)
+
+    def retire_newer_than(self, step: int) -> list[Path]:
+        """Move the step checkpoints newer than ``step`` (a branch that resuming from an older state abandons)
+        to ``abandoned-at-step-N/``, out of the rotation, where they would outrank every new checkpoint and
+        have them deleted as soon as written. Returns their new paths."""
+        newer = [p for p in self.step_checkpoints() if _step_of(p) > step]
+        if not newer:
+            return []
+        aside = self.directory / f"abandoned-at-{step_name(step).removesuffix('.pt')}"
+        aside.mkdir(exist_ok=True)
+        for path in newer:
+            os.replace(path, aside / path.name)
+        return [aside / p.name for p in newer]
+
+
+def _step_of(path: Path) -> int:
+    return int(path.stem.removeprefix("step-"))
+
+
+# ------------------------------------------------------------------------------------ identity
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def read_run_id(run_dir: str | Path) -> str | None:
+    """The identity recorded in ``run_dir``, or None (a run from before identities, or not a run)."""
+    path = Path(run_dir) / CHECKPOINT_DIR / RUN_ID_NAME
+    try:
+        return path.read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def check_run_identity(checkpoint: Path, saved: dict[str, Any], run_dir: Path) -> str | None:
+    """The identity a resumed run keeps: the run directory's (or the checkpoint's, in a directory that has
+    none). A checkpoint of another run (a ``last.pt`` copied in) is an error rather than silently becoming
+    this run; checkpoints written before identities existed carry none and are not checked."""
+    recorded, carried = read_run_id(run_dir), saved.get("run_id")
+    if recorded is not None and carried is not None and recorded != carried:
+        raise CheckpointError(
+            f"{checkpoint}: this checkpoint belongs to another run (run id {carried[:12]}), not to {run_dir} "
+            f"(run id {recorded[:12]}, in {Path(run_dir) / CHECKPOINT_DIR / RUN_ID_NAME}); resuming would continue "
+            "that run here under this run's name. Resume it in its own run directory, or start a new run")
+    return recorded or carried
 
 
 def _atomic_copy(source: Path, target: Path) -> None:

@@ -18,7 +18,15 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from vitkit.config_engine import ConfigError, check_fields, coerce, field_types, from_mapping, to_plain
+from vitkit.config_engine import (
+    ConfigError,
+    check_fields,
+    coerce,
+    describe_yaml_error,
+    field_types,
+    from_mapping,
+    to_plain,
+)
 from vitkit.data import DataConfig
 from vitkit.models.mae import MAEConfig
 from vitkit.models.registry import get_model_entry
@@ -304,7 +312,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML ({e})") from e
+        raise ValueError(f"{path}: {describe_yaml_error(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -330,7 +338,10 @@ def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
             else:
                 value = "true"
         i += 1
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as e:
+            raise ValueError(f"--{key}: {describe_yaml_error(e)}") from None
         node = result
         parts = key.replace("-", "_").split(".")
         if parts == ["model"] and isinstance(parsed, str):  # --model NAME

@@ -42,7 +42,15 @@ from vitkit.train.budget import (
     parse_duration,
     steps_that_fit,
 )
-from vitkit.train.checkpoints import CheckpointWriter, capture_rng, load_checkpoint, resolve_checkpoint, restore_rng
+from vitkit.train.checkpoints import (
+    CheckpointWriter,
+    capture_rng,
+    check_run_identity,
+    load_checkpoint,
+    new_run_id,
+    resolve_checkpoint,
+    restore_rng,
+)
 from vitkit.train.config import TrainConfig, expand_shortcuts, merge_configs, parse_overrides
 from vitkit.train.distributed import (
     World,
@@ -215,6 +223,7 @@ def resume(run_or_checkpoint: str | Path, overrides: Sequence[str] = ()) -> Trai
     optimizer, schedule, EMA, RNG states, data order and logged metrics as if it had never stopped."""
     path = resolve_checkpoint(run_or_checkpoint)
     saved = load_checkpoint(path)
+    saved["run_id"] = check_run_identity(path, saved, path.parent.parent)
     changes = expand_shortcuts(parse_overrides(overrides))
     cfg = TrainConfig.from_dict(merge_configs(saved["config"], changes), source=f"{path} (its config)")
     return _run(cfg, run_dir=path.parent.parent, saved=saved)
@@ -281,16 +290,25 @@ class _Run:
         if world.is_main:  # before anything in it changes: a second process must not resume a live run
             lock_run_dir(self.run_dir)
         self.log = RunLog(self.run_dir, resume_step=self.state.step if saved else None, enabled=world.is_main)
-        self.checkpoints = CheckpointWriter(self.run_dir, cfg.keep_last_k)
+        run_id = broadcast_object((saved or {}).get("run_id") or new_run_id(), world)  # one id on every process
+        self.checkpoints = CheckpointWriter(self.run_dir, cfg.keep_last_k, run_id)
         self.progress = Progress(cfg.progress, enabled=world.is_main)
         if world.is_main:
             partial = remove_partial_writes(self.run_dir) if saved is not None else []
+            # Resumed from an older step: the newer step files are another branch, which would outrank (and
+            # so delete) every checkpoint this one writes.
+            retired = self.checkpoints.retire_newer_than(self.state.step) if saved is not None else []
             write_config(cfg, self.run_dir)
+            self.checkpoints.write_run_id()
             _announce(self.progress, cfg, parts.raw, self.run_dir, self.state, schedule, world, device,
                       resumed=saved is not None)
             if partial:
                 self.progress.print(f"removed {len(partial)} partial file(s) of an interrupted write: "
                                     + ", ".join(p.name for p in partial))
+            if retired:
+                self.progress.print(f"moved {len(retired)} step checkpoint(s) newer than step {self.state.step} "
+                                    f"(the branch this resumption abandons) out of the rotation, to "
+                                    f"{retired[0].parent}: " + ", ".join(p.name for p in retired))
         self.reported_skips: set[str] = set()
         _report_skipped(data, self.reported_skips, world, self.log, self.state.step)
         if saved is not None and len(saved["rng"]) == world.size:

@@ -57,7 +57,8 @@ def lock_run_dir(run_dir: Path) -> None:
     going (or a second run with its --run_name) then says so, instead of deleting the live run's partial
     writes and racing it for its checkpoints."""
     lock_directory(run_dir, "training", f"the run {run_dir} is still going in another process; wait for it to "
-                   f"finish or stop it (its last checkpoint is kept), then `vitkit train --resume {run_dir}`")
+                   f"finish or stop it (its last checkpoint is kept), then "
+                   f"`{vitkit_command('train', '--resume', str(run_dir))}`")
     _locked.append(run_dir)
 
 
