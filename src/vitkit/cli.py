@@ -568,7 +568,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if not dataset:
         raise ValueError(f"{args.run}: the model records no data set to validate the export on; pass --validate-data "
                          "(e.g. cifar10 or folder:../shared/data/imagenette_subset)")
-    validation = validation_images(config, dataset, args.validate_images, data_dir=args.data_dir)
+    try:
+        validation = validation_images(config, dataset, args.validate_images, data_dir=args.data_dir)
+    except FileNotFoundError as e:
+        if args.validate_data:
+            raise
+        raise ValueError(f"{e}; name local images to validate the export on with --validate-data "
+                         "(e.g. folder:../shared/data/imagenette_subset)") from None
     report = export_model(resolved.model, out, format=args.format, validation=validation, int8=args.int8,
                           dynamic_size=args.dynamic_size, atol=args.atol, min_agreement=args.min_agreement,
                           log=lambda m: print(m, file=sys.stderr))
