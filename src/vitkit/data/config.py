@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
@@ -142,7 +141,7 @@ class DataConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (tuples become lists), ready for YAML or JSON."""
-        return to_plain({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        return to_plain(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "data config") -> DataConfig:
