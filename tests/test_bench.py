@@ -120,7 +120,19 @@ def test_cli_writes_json_and_table(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["settings"]["modes"] == ["infer"] and result["runs"].keys() == {"vitkit"}
     assert result["ratio_vitkit_over_timm"] == {}
-    assert result["runs"]["vitkit"]["infer"]["images_per_s"]["median"] > 0
+    run = result["runs"]["vitkit"]["infer"]
+    # the rates are the timed steps' (2 images each): the fastest step gives the highest rate, and so on
+    for fast, slow in (("max", "min"), ("min", "max")):  # (a median of an even count averages two: not exact)
+        assert run["images_per_s"][fast] == pytest.approx(2 / run["step_seconds"][slow], rel=1e-9)
+        assert run["flops_per_s"][fast] == pytest.approx(run["images_per_s"][fast] * result["flops_per_image"][
+            "forward"], rel=1e-9)
+    assert 0 < run["step_seconds"]["min"] <= run["step_seconds"]["median"] <= run["step_seconds"]["max"] < 60
+    assert run["images_per_s"]["min"] <= run["images_per_s"]["median"] <= run["images_per_s"]["max"]
+    cfg = vitkit.get_model_config("vit_tiny_patch4_32")
+    expected = vit_forward_flops(16, cfg.patch_size, cfg.in_chans, cfg.num_classes, cfg.embed_dim, cfg.depth,
+                                 cfg.mlp_dim)["forward"]
+    assert result["flops_per_image"]["forward"] == pytest.approx(expected, rel=0.02)  # matmuls; norms, softmax add
+    assert run["memory_per_image_bytes"] == pytest.approx(run["peak_memory_bytes"] / 2)
     ops = result["profile_vitkit"]["infer"]
     assert ops and sum(r["share"] for r in ops) <= 1 + 1e-9
     assert any("linear" in r["op"] or "addmm" in r["op"] for r in ops)  # the GEMMs show up

@@ -227,3 +227,28 @@ def test_readme_gives_a_cpu_only_install_beside_the_default_one():
     assert "--index-url https://download.pytorch.org/whl/cpu" in cpu and "--index-url" not in main
     # the same versions and the same steps, only the index differs
     assert cpu.replace(" --index-url https://download.pytorch.org/whl/cpu", "") == main
+
+
+def test_one_public_loading_entry_per_meaning():
+    """Before: vitkit.load_model and vitkit.from_pretrained had identical bodies, vitkit.convert.from_pretrained
+    shared the name and read local files only, checkpoint.load_model bypassed the resolver, and
+    vitkit.create_model and models.create_model shared a name and differed. Now one name per meaning."""
+    import re
+
+    import vitkit
+    import vitkit.checkpoint
+    import vitkit.convert
+    import vitkit.models
+    from vitkit import resolver
+
+    assert vitkit.from_pretrained is vitkit.load_model is resolver.load_model  # an alias, not a copy
+    assert vitkit.create_model is resolver.create_model
+    for module, gone in ((vitkit.convert, "from_pretrained"), (vitkit.checkpoint, "load_model"),
+                         (vitkit.models, "create_model")):
+        assert not hasattr(module, gone), f"{module.__name__}.{gone} is back"
+    assert callable(vitkit.convert.read_model) and callable(vitkit.models.build_registered)
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("One public entry per meaning:", 1)[1].split("\n\n", 2)[1]
+    documented = re.findall(r"^\| `(vitkit(?:\.\w+)+)\(", table, flags=re.MULTILINE)
+    assert documented == ["vitkit.load_model", "vitkit.from_pretrained", "vitkit.create_model", "vitkit.build_model",
+                          "vitkit.convert.read_model"]

@@ -480,8 +480,10 @@ def test_the_eval_transform_matches_the_validation_stream(odd_tree):
 def test_pipeline_throughput_reports_one_rate_per_repeat():
     from vitkit.data.throughput import pipeline_throughput
 
-    rates = pipeline_throughput(cfg("mnist", samples_per_class=20, batch_size=16), steps=3, repeats=2)
-    assert len(rates) == 2 and all(r > 0 for r in rates)
+    clock = iter(range(1000))  # a clock that advances 0.5 s per reading: each repeat is timed as 0.5 s
+    rates = pipeline_throughput(cfg("mnist", samples_per_class=20, batch_size=16), steps=3, repeats=2,
+                                clock=lambda: 0.5 * next(clock))
+    assert rates == [96.0, 96.0]  # 3 batches of 16 images (after one warm-up batch) per 0.5 s, once per repeat
 
 
 # ------------------------------------------------------------------------------ geometry with known answers

@@ -21,7 +21,7 @@ import vitkit
 from vitkit.analysis.inputs import load_images, prepare_images
 from vitkit.cli import main
 from vitkit.config import ViTConfig
-from vitkit.convert import from_pretrained, save_as
+from vitkit.convert import read_model, save_as
 from vitkit.data import ClassMismatchError, CorruptImageError, EvalTransform, load_split
 from vitkit.data.download import write_named_dataset
 from vitkit.data.sources import NAMED_DATASETS
@@ -146,27 +146,27 @@ def test_the_eval_transform_is_resize_then_centre_crop():
 
 def test_converters_attach_their_source_preprocessing(tmp_path):
     model = build_model(TINY.replace(num_classes=4))
-    tv = from_pretrained(save_as(model, tmp_path / "tv.pth", "torchvision"), num_heads=2)
+    tv = read_model(save_as(model, tmp_path / "tv.pth", "torchvision"), num_heads=2)
     assert tv.config.preprocess == Preprocessing(size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD, crop_pct=0.875)
     assert tv.config.preprocess.resize_size == 36  # 224 -> 256, as torchvision's weights.transforms()
-    jax = from_pretrained(save_as(model, tmp_path / "g.npz", "npz"), num_heads=2).config.preprocess
+    jax = read_model(save_as(model, tmp_path / "g.npz", "npz"), num_heads=2).config.preprocess
     assert (jax.mean, jax.std, jax.crop_pct) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 1.0)
     hf_dir = save_as(model, tmp_path / "hf", "hf")
-    assert from_pretrained(hf_dir).config.preprocess.mean == (0.5, 0.5, 0.5)  # ViTImageProcessor's defaults
+    assert read_model(hf_dir).config.preprocess.mean == (0.5, 0.5, 0.5)  # ViTImageProcessor's defaults
     (hf_dir / "preprocessor_config.json").write_text(json.dumps(
         {"image_processor_type": "ViTImageProcessor", "image_mean": [0.1, 0.2, 0.3], "image_std": [0.3, 0.2, 0.1],
          "resample": 3, "size": {"height": 32, "width": 32}}))
-    hf = from_pretrained(hf_dir).config.preprocess
+    hf = read_model(hf_dir).config.preprocess
     assert (hf.mean, hf.std, hf.interpolation, hf.crop_pct) == ((0.1, 0.2, 0.3), (0.3, 0.2, 0.1), "bicubic", 1.0)
-    again = save_as(from_pretrained(hf_dir), tmp_path / "hf_again", "hf")  # exported with its image processor
-    assert from_pretrained(again).config.preprocess == hf
+    again = save_as(read_model(hf_dir), tmp_path / "hf_again", "hf")  # exported with its image processor
+    assert read_model(again).config.preprocess == hf
     timm_dir = tmp_path / "timm_hub"
     timm_dir.mkdir()
     save_as(model, timm_dir / "model.safetensors", "timm")
     (timm_dir / "config.json").write_text(json.dumps(
         {"architecture": "vit_tiny_patch16_224", "num_classes": 4, "pretrained_cfg": {
             "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "crop_pct": 0.9, "interpolation": "bicubic"}}))
-    timm = from_pretrained(timm_dir, num_heads=2).config.preprocess
+    timm = read_model(timm_dir, num_heads=2).config.preprocess
     assert (timm.crop_pct, timm.interpolation) == (0.9, "bicubic")
     # `vitkit convert` writes the record into the new config.json
     assert main(["convert", str(tmp_path / "tv.pth"), str(tmp_path / "converted"), "--num-heads", "2"]) == 0

@@ -165,3 +165,19 @@ def test_predict_eval_and_bench_take_the_onnx_file(model_dir, tmp_path, capsys, 
     assert result.returncode == 0, result.stderr
     bench = json.loads((tmp_path / "b.json").read_text())
     assert bench["runtime"] == "onnxruntime (fp32)" and bench["runs"]["vitkit"]["infer"]["images_per_s"]["median"] > 0
+
+
+def test_the_default_recipes_conv_stem_model_exports(tmp_path, one_thread):
+    """The CIFAR-10 recipe's model (a ViT with a conv-BN stem) exports and validates; --dynamic-size says no."""
+    from vitkit.deploy import export_model, validation_images
+    from vitkit.errors import ExportMismatch
+
+    model = build_registered("vit_convstem_cifar_d4_32", head_init="xavier").eval()
+    images = validation_images(model.config, "cifar10", 8)
+    report = export_model(model, tmp_path / "c.onnx", format="onnx", validation=images)
+    assert report.checks[0][0].max_abs_diff < 1e-4 and report.checks[0][0].top1_agreement == 1.0
+    with pytest.raises(ValueError, match="--dynamic-size: supported for plain-patch ViTs only"):
+        export_model(model, tmp_path / "d.onnx", format="onnx", validation=images, dynamic_size=True)
+    with pytest.raises(ExportMismatch, match="nothing written"):
+        export_model(model, tmp_path / "e.onnx", format="onnx", validation=images, atol=0.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.onnx"]

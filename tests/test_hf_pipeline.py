@@ -31,7 +31,7 @@ from transformers.image_utils import load_image
 
 import vitkit
 from vitkit.cli import main
-from vitkit.convert import from_pretrained, save_as
+from vitkit.convert import read_model, save_as
 from vitkit.data.transforms import EvalTransform
 from vitkit.hf_processor import ProcessorError, preprocessing_from_processor, processor_config
 from vitkit.predict import predict_files
@@ -137,7 +137,7 @@ def test_an_exported_directory_predicts_in_transformers_what_vitkit_predicts(tmp
 
     # and vitkit reads its own export back to the same geometry (crop_pct 0.9 comes back as 224 / 248; a
     # non-square input is resized on both sides in either mode, and comes back as squash)
-    back, record = from_pretrained(hf_dir).config.preprocessing(), model.config.preprocessing()
+    back, record = read_model(hf_dir).config.preprocessing(), model.config.preprocessing()
     assert back.resize_size == record.resize_size
     assert dataclasses.replace(back, crop_pct=record.crop_pct, crop_mode=record.crop_mode) == record
 
@@ -163,11 +163,11 @@ def test_labels_come_from_the_class_names(tmp_path):
     # no names: the index, which `vitkit predict` shows too (transformers' default would be LABEL_7)
     unnamed = save_as(_vitkit_model(None, class_names=None), tmp_path / "unnamed", "hf")
     assert json.loads((unnamed / "config.json").read_text())["id2label"]["7"] == "7"
-    assert from_pretrained(unnamed).config.class_names is None  # read back as no names, as LABEL_7 is
+    assert read_model(unnamed).config.class_names is None  # read back as no names, as LABEL_7 is
     labels = json.loads((unnamed / "config.json").read_text())
     labels["id2label"] = {str(i): f"LABEL_{i}" for i in range(NUM_CLASSES)}
     (unnamed / "config.json").write_text(json.dumps(labels))
-    assert from_pretrained(unnamed).config.class_names is None
+    assert read_model(unnamed).config.class_names is None
 
 
 # ------------------------------------------------------------------- transformers -> vitkit predict
@@ -277,11 +277,11 @@ def test_a_timm_hub_directory_states_its_crop_mode(tmp_path, crop_mode):
     cfg = {"mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.9, "interpolation": "bicubic", "crop_mode": crop_mode}
     (directory / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224",
                                                        "num_classes": NUM_CLASSES, "pretrained_cfg": cfg}))
-    record = from_pretrained(directory).config.preprocessing()
+    record = read_model(directory).config.preprocessing()
     assert record.crop_mode == (crop_mode or "center")
     assert record.resize_size == ((248, 248) if crop_mode == "squash" else 248)
     cfg["crop_mode"] = "border"
     (directory / "config.json").write_text(json.dumps({"architecture": "vit_tiny_patch16_224",
                                                        "num_classes": NUM_CLASSES, "pretrained_cfg": cfg}))
     with pytest.raises(ValueError, match=r"config.json: pretrained_cfg crop_mode='border' is not one"):
-        from_pretrained(directory)
+        read_model(directory)

@@ -336,15 +336,14 @@ def test_writing_hf_into_a_sharded_directory_removes_that_formats_stale_files_on
     for p in shutil_dir.iterdir():
         (directory / p.name).write_bytes(p.read_bytes())
     (directory / "README.md").write_text("my notes\n")
-    (directory / "config.json").write_text((directory / "config.json").read_text().replace("}", ', "mine": 1}', 1))
-    capsys.readouterr()
-
-    assert cli_main(["convert", str(tmp_path / "new"), str(directory), "--to", "hf"]) != 0  # (no such source)
+    mine = {**json.loads((directory / "config.json").read_text()), "mine": 1}  # a key the user added
+    (directory / "config.json").write_text(json.dumps(mine))
     new.save_pretrained(tmp_path / "new")
     capsys.readouterr()
     assert cli_main(["convert", str(tmp_path / "new"), str(directory), "--to", "hf"]) == 0
     err = capsys.readouterr().err
-    assert f"replaced the existing {directory / 'config.json'}" in err
+    assert f"replaced the existing {directory / 'config.json'} (it held keys the new one does not: " in err
+    assert "mine" in err.split("replaced the existing", 1)[1].splitlines()[0]
     assert f"removed {directory / 'model.safetensors.index.json'}" in err
     names = sorted(p.name for p in directory.iterdir())
     assert "model.safetensors.index.json" not in names and not set(shards) & set(names)
@@ -356,6 +355,9 @@ def test_writing_hf_into_a_sharded_directory_removes_that_formats_stale_files_on
         theirs = transformers.ViTForImageClassification.from_pretrained(directory).eval()(pixel_values=x).logits
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(theirs, expected, atol=1e-5, rtol=1e-4)
+    # writing the same format again over vitkit's own files: nothing to say
+    assert cli_main(["convert", str(tmp_path / "new"), str(directory), "--to", "hf"]) == 0
+    assert "vitkit: " not in capsys.readouterr().err
 
 
 # ---------------------------------------------------------- 10: a study directory and a run in use
@@ -460,3 +462,111 @@ def test_resume_removes_a_half_written_figure(trained_run, tmp_path, capsys):
     assert cli_main(["train", "--resume", str(run), "--epochs", "2", "--progress", "plain"]) == 0
     assert not Path(tmp).exists()
     assert "removed 1 partial file(s) of an interrupted write" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------- 12: a decompression bomb
+def _bomb_png(path: Path, side: int = 20000) -> Path:
+    """A valid grayscale PNG of side x side black pixels: 390 KB on disk, 400 MB decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    packer, row = zlib.compressobj(9), b"\0" * (side + 1)
+    data = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bomb_folder(tmp_path_factory) -> tuple[Path, Path]:
+    """Four real Imagenette images per class and split, plus a decompression bomb among the training images."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("bomb") / "set"
+    for split in ("train", "val"):
+        for cls in sorted(p.name for p in (IMAGENETTE / split).iterdir()):
+            (root / split / cls).mkdir(parents=True)
+            for image in sorted((IMAGENETTE / split / cls).iterdir())[:4]:
+                shutil.copy(image, root / split / cls / image.name)
+    bomb = _bomb_png(root / "train" / sorted(p.name for p in (root / "train").iterdir())[0] / "huge.png")
+    assert bomb.stat().st_size < 500_000
+    return root, bomb
+
+
+def test_a_decompression_bomb_in_a_class_folder_is_one_line_and_skipped_under_skip_corrupt(bomb_folder, tmp_path,
+                                                                                           capsys):
+    root, bomb = bomb_folder
+    args = ["train", "--model", "vit_mnist_patch4_28", "--model.patch_size", "8", "--model.embed_dim", "32",
+            "--model.depth", "1", "--model.num_heads", "2", "--model.mlp_dim", "64", "--model.in_chans", "3",
+            "--dataset", f"folder:{root}", "--data.img_size", "32", "--batch_size", "4", "--epochs", "1",
+            "--eval_hflip_tta", "false", "--progress", "none", "--out_dir", str(tmp_path)]
+    assert cli_main(args) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert str(bomb) in err and "decompression-bomb" in err and "PIL.Image.MAX_IMAGE_PIXELS is 89478485" in err
+    assert "VITKIT_MAX_IMAGE_PIXELS" in err and "skip_corrupt" in err
+    assert cli_main([*args, "--data.skip_corrupt", "true", "--run_name", "skipped"]) == 0
+    import vitkit
+
+    report = vitkit.load_model(tmp_path / "skipped" / "model").config.extra["training"]
+    assert report["skipped_files"] == [str(bomb)]
+
+
+def test_the_pixel_limit_can_be_raised_from_the_environment(bomb_folder, monkeypatch):
+    from PIL import Image
+
+    from vitkit.data.folder import apply_pixel_limit, header_problem
+
+    _, bomb = bomb_folder
+    assert "decompression-bomb" in header_problem(bomb)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    monkeypatch.setenv("VITKIT_MAX_IMAGE_PIXELS", "500000000")
+    apply_pixel_limit()
+    assert Image.MAX_IMAGE_PIXELS == 500_000_000 and header_problem(bomb) is None
+    monkeypatch.setenv("VITKIT_MAX_IMAGE_PIXELS", "lots")
+    with pytest.raises(ValueError, match="VITKIT_MAX_IMAGE_PIXELS='lots'"):
+        apply_pixel_limit()
+
+
+# ---------------------------------------------------------------------- smaller: EXIF orientation
+def test_exif_orientation_is_applied_alike_in_training_crops_eval_and_predict(tmp_path):
+    """A photo stored sideways with orientation 6 (what phones write) is seen upright everywhere, exactly as
+    the same photo stored upright."""
+    import numpy as np
+    from PIL import Image
+
+    from vitkit.data.folder import FolderImages, FolderSplit, read_image
+    from vitkit.data.transforms import EvalTransform
+    from vitkit.preprocessing import Preprocessing
+
+    rng = np.random.default_rng(0)
+    upright = Image.fromarray(rng.integers(0, 256, (60, 40, 3), dtype=np.uint8))  # 40 wide, 60 high
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # as the sensor wrote it: 60 wide, 40 high
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    tagged, plain = tmp_path / "tagged.png", tmp_path / "plain.png"
+    stored.save(tagged, exif=exif)
+    upright.save(plain)
+    assert torch.equal(read_image(tagged), read_image(plain)) and read_image(tagged).shape == (3, 60, 40)
+
+    split = FolderSplit(tmp_path, [tagged, plain], np.zeros(2, dtype=np.int64), ["a"])
+    for mode in ("random_resized_crop", "resize_center"):
+        images = FolderImages(split, 16, mode, seed=3)
+        assert torch.equal(images[(0, 1, 5)][0], images[(1, 1, 5)][0]), mode  # same box, same pixels
+    transform = EvalTransform(Preprocessing(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=0.875), 3)
+    assert torch.equal(transform.load(tagged), transform.load(plain))
+
+
+# ------------------------------------------------------------------------- smaller: YAML tags
+def test_a_python_yaml_tag_is_refused_in_one_line(tmp_path, capsys):
+    config = tmp_path / "evil.yaml"
+    config.write_text("optim: !!python/object/apply:os.system ['touch pwned']\n")
+    assert cli_main(["train", "--config", str(config), "--print-config"]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert str(config) in err and "!!python/object/apply:os.system" in err and "refused" in err
+    assert "line 1, column 8" in err
+    assert cli_main(["train", "--optim.lr", "!!python/name:os.system", "--print-config"]) == 2
+    assert "--optim.lr: the YAML tag !!python/name:os.system" in _one_line(capsys.readouterr().err)
+    assert not Path("pwned").exists()

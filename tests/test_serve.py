@@ -184,3 +184,21 @@ def test_a_100_mb_body_is_refused_and_delays_no_one(server, data_root):
 def test_serve_errors_are_one_line(tmp_path, capsys):
     assert main(["serve", str(tmp_path / "missing"), "--port", "0"]) == 2
     assert "vitkit serve: error:" in capsys.readouterr().err
+
+
+def test_serving_an_int8_onnx_file(model_dir, tmp_path, data_root, capsys):
+    path = tmp_path / "m.int8.onnx"
+    assert main(["export", str(model_dir), "--format", "onnx", "--int8", "--out", str(path), "--validate-data",
+                 "cifar10", "--validate-images", "16", "--min-agreement", "0.9"]) == 0
+    capsys.readouterr()
+    s = Server(str(path), "--threads", "1")
+    try:
+        status, meta = s.request("GET", "/metadata")
+        assert status == 200 and meta["runtime"] == "onnxruntime (int8-dynamic)" and meta["classes"] == CIFAR10
+        image = _jpegs(data_root, 1)[0].read_bytes()
+        status, got = s.request("POST", "/predict", image, "image/jpeg")
+        assert status == 200 and len(got["top_k"]) == 5
+        status, got = s.request("POST", "/rollout", image, "image/jpeg")
+        assert status == 404 and "eager ViT" in got["error"]
+    finally:
+        s.stop()

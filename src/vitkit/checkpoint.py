@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import pickle
 import re
 from pathlib import Path
@@ -20,9 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vitkit.fileio import CONFIG_NAME, WEIGHTS_NAME, load_safetensors
+from vitkit.fileio import CONFIG_NAME, WEIGHTS_NAME, load_safetensors, read_json_object
 from vitkit.models.pos_embed import grid_of, resample_pos_embed
-from vitkit.models.registry import build_model, get_architecture
+from vitkit.models.registry import get_architecture
 
 
 class CheckpointError(ValueError):
@@ -123,10 +122,7 @@ def read_config(directory: str | Path) -> Any:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file (a vitkit model directory holds {CONFIG_NAME} and {WEIGHTS_NAME})")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    data = read_json_object(path, what="a JSON object of config fields", error=CheckpointError)
     return config_from_record(data, source=str(path))
 
 
@@ -142,23 +138,6 @@ def config_from_record(data: Any, *, source: str) -> Any:
         return arch.config_class.from_dict(data, source=source)
     except (TypeError, ValueError) as e:  # the config engine's errors already name the file and the field
         raise CheckpointError(str(e) if str(e).startswith(source) else f"{source}: {e}") from None
-
-
-def load_model(directory: str | Path, *, img_size: int | tuple[int, int] | None = None,
-               map_location: str | torch.device = "cpu", **overrides: Any) -> nn.Module:
-    """Load a directory written by a model's ``save_pretrained``.
-
-    ``img_size`` builds the model for another resolution and resamples the position embeddings in
-    2-D; other ``overrides`` replace config fields (e.g. ``drop_path_rate``).
-    """
-    directory = Path(directory)
-    config = read_config(directory)
-    state_dict = load_state_dict(directory / WEIGHTS_NAME)
-    if img_size is not None:
-        overrides["img_size"] = img_size
-    model = build_model(config.replace(**overrides) if overrides else config)
-    load_weights(model, state_dict, source=str(directory / WEIGHTS_NAME))
-    return model.to(map_location)
 
 
 def load_weights(model: nn.Module, state_dict: dict[str, Tensor], *, source: str = "state dict") -> None:

@@ -21,6 +21,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -92,10 +93,30 @@ def from_mapping(cls: type[T], data: Any, *, source: str = "config", prefix: str
         raise ConfigError(f"{_at(source)}{where + ': ' if where and where not in str(e) else ''}{e}") from None
 
 
+def describe_yaml_error(error: Exception) -> str:
+    """A ``yaml.YAMLError`` on one line, with its position; a Python tag (``!!python/object:...``) is said to be
+    refused, since configs are read as plain YAML (``yaml.safe_load``), never as objects that could run code."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = " ".join(str(getattr(error, "problem", None) or error).split())
+    tag = re.search(r"tag '(tag:yaml\.org,2002:)?([^']+)'", problem)
+    if tag and "constructor" in problem:
+        return (f"the YAML tag !!{tag.group(2)}{where} is refused: configs are plain YAML (numbers, strings, lists, "
+                "mappings), never Python objects")
+    return f"not valid YAML: {problem}{where}"
+
+
+OMIT_DEFAULT = {"omit_default": True}
+"""Field metadata (``field(default=..., metadata=OMIT_DEFAULT)``): :func:`to_plain` leaves the field out while it
+holds its default, for compact records that older files and readers share (a hybrid's stem, preprocessing)."""
+
+
 def to_plain(value: Any) -> Any:
-    """Dataclasses to dicts, tuples to lists: values ``json.dumps`` and ``yaml.safe_dump`` write as is."""
+    """Dataclasses to dicts, tuples to lists: values ``json.dumps`` and ``yaml.safe_dump`` write as is. The one
+    way every config record becomes a mapping (their ``to_dict``)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not (f.metadata.get("omit_default") and getattr(value, f.name) == f.default)}
     if isinstance(value, Mapping):
         return {k: to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

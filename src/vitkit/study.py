@@ -40,10 +40,10 @@ import torch
 from torch import nn
 
 from vitkit.bench.flops import count_flops
-from vitkit.checkpoint import load_model
 from vitkit.data import build_data
 from vitkit.fileio import atomic_write_text, lock_directory, unlock_directory
 from vitkit.models.registry import architecture_of, get_model_entry
+from vitkit.resolver import load_model
 from vitkit.train import resume, train
 from vitkit.train.checkpoints import CHECKPOINT_DIR, LAST
 from vitkit.train.config import TrainConfig, load_config, merge_configs
@@ -238,7 +238,7 @@ def run_cell(cell: Cell, base: dict[str, Any], out_dir: str | Path) -> dict[str,
 
 def _result_of(cell: Cell, result: Any) -> dict[str, Any]:
     """A cell's row, from what the training loop measured (a :class:`vitkit.train.loop.TrainResult`)."""
-    model = load_model(result.run_dir / "model")
+    model = load_model(result.run_dir / "model")  # the resolver: the one road to a model
     per_sample = training_flops_per_sample(model)
     return {
         "model": cell.model, "family": model_family(model.config),

@@ -9,9 +9,9 @@ hyper-parameters back from the tensor shapes.
 from vitkit.convert.detect import FORMATS, Checkpoint, read_checkpoint
 from vitkit.convert.export import save_as, to_huggingface, to_npz, to_timm, to_torchvision
 from vitkit.convert.infer import STANDARD_NUM_HEADS, STEM_ASSUMED, infer_config, infer_stem
-from vitkit.convert.pretrained import from_checkpoint, from_pretrained
+from vitkit.convert.pretrained import from_checkpoint, read_model
 
 __all__ = [
-    "FORMATS", "STANDARD_NUM_HEADS", "STEM_ASSUMED", "Checkpoint", "from_checkpoint", "from_pretrained", "infer_config",
+    "FORMATS", "STANDARD_NUM_HEADS", "STEM_ASSUMED", "Checkpoint", "from_checkpoint", "read_model", "infer_config",
     "infer_stem", "read_checkpoint", "save_as", "to_huggingface", "to_npz", "to_timm", "to_torchvision",
 ]

@@ -1,4 +1,5 @@
-"""``from_pretrained``: one entry point for every checkpoint format vitkit reads; ``from_hub_source`` and
+"""``read_model``: a model from a local checkpoint of any format vitkit reads (no network, no run directories:
+those are :func:`vitkit.load_model`'s, which comes here for the files it finds); ``from_hub_source`` and
 ``hub_load_options`` for weights :mod:`vitkit.hub` fetched (the resolver's hub hook builds with them)."""
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from vitkit.models.t2t import T2TConfig
 _STRUCTURE = ("patch_size", "in_chans", "embed_dim", "depth", "mlp_dim", "qkv_bias", "class_token", "fc_norm")
 
 
-def from_pretrained(source: str | Path, *, img_size: int | tuple[int, int] | None = None,
+def read_model(source: str | Path, *, img_size: int | tuple[int, int] | None = None,
                     num_classes: int | None = None, num_heads: int | None = None,
                     model: str | ViTConfig | None = None, format: str | None = None,
                     interpolation: Literal["bicubic", "bilinear"] | None = None, **overrides: Any) -> nn.Module:
@@ -33,8 +34,8 @@ def from_pretrained(source: str | Path, *, img_size: int | tuple[int, int] | Non
     Args:
         source: a vitkit or Hugging Face (or timm Hub) directory, a timm / torchvision / Hugging Face
             state-dict file (.pth, .pt, .bin, .safetensors), a Google .npz, or an official T2T-ViT
-            ``.pth.tar`` (its EMA weights when it holds them). (Pretrained names, Hugging Face repo
-            ids and URLs are the resolver's: :func:`vitkit.from_pretrained`.)
+            ``.pth.tar`` (its EMA weights when it holds them). (Run directories, training checkpoints,
+            pretrained names, Hugging Face repo ids and URLs are the resolver's: :func:`vitkit.load_model`.)
         img_size: build for this resolution; position embeddings are resampled in 2-D.
         num_classes: replace the classifier by a zero-initialised one of this size (dropping the
             representation layer, as in the paper's fine-tuning) if it differs; 0 removes it.
@@ -53,8 +54,8 @@ def from_pretrained(source: str | Path, *, img_size: int | tuple[int, int] | Non
 
 
 def from_hub_source(fetched: HubSource, **options: Any) -> nn.Module:
-    """:func:`from_pretrained` for weights :func:`vitkit.hub.fetch_source` fetched, with the facts their
-    publisher gives (:func:`hub_load_options`); ``options`` as for :func:`from_pretrained` win over them."""
+    """:func:`read_model` for weights :func:`vitkit.hub.fetch_source` fetched, with the facts their
+    publisher gives (:func:`hub_load_options`); ``options`` as for :func:`read_model` win over them."""
     checkpoint = read_checkpoint(fetched.path, options.pop("format", None) or fetched.format)
     given = {k: v for k, v in options.items() if v is not None}
     stated = hub_load_options(fetched)
@@ -116,7 +117,7 @@ def from_checkpoint(checkpoint: Checkpoint, *, img_size: int | tuple[int, int] |
                     num_classes: int | None = None, num_heads: int | None = None,
                     model: str | ViTConfig | T2TConfig | None = None,
                     interpolation: Literal["bicubic", "bilinear"] | None = None, **overrides: Any) -> nn.Module:
-    """:func:`from_pretrained` for a checkpoint already read with :func:`read_checkpoint`."""
+    """:func:`read_model` for a checkpoint already read with :func:`read_checkpoint`."""
 
     if checkpoint.architecture == "mae" or isinstance(checkpoint.config, MAEConfig):
         return _mae_from_checkpoint(checkpoint, img_size=img_size, num_classes=num_classes, num_heads=num_heads,

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -74,15 +75,48 @@ def list_classes(split_dir: Path) -> list[str]:
     return classes
 
 
+PIXEL_LIMIT_ENV = "VITKIT_MAX_IMAGE_PIXELS"
+
+
+def apply_pixel_limit() -> None:
+    """Set Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) from ``VITKIT_MAX_IMAGE_PIXELS``
+    (a number of pixels, or ``none`` for no limit), so that a user can raise it from the command line; the
+    DataLoader workers import this module and apply it too."""
+    text = os.environ.get(PIXEL_LIMIT_ENV, "").strip().lower()
+    if not text:
+        return
+    if text in ("none", "off", "0"):
+        Image.MAX_IMAGE_PIXELS = None
+        return
+    try:
+        Image.MAX_IMAGE_PIXELS = int(float(text))
+    except ValueError:
+        raise ValueError(f"{PIXEL_LIMIT_ENV}={text!r}: expected a number of pixels, or 'none'") from None
+
+
+apply_pixel_limit()
+
+
+def bomb_problem(error: Exception) -> str:
+    """What a :class:`PIL.Image.DecompressionBombError` means and how to get past it, on one line."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return (f"too many pixels for Pillow's decompression-bomb guard ({error}); PIL.Image.MAX_IMAGE_PIXELS is "
+            f"{limit}, and an image over twice that is refused. If the image is genuine, raise the limit: "
+            f"{PIXEL_LIMIT_ENV}=<pixels> (or 'none') in the environment, or set PIL.Image.MAX_IMAGE_PIXELS in Python")
+
+
 def header_problem(path: Path) -> str | None:
     """Why ``path`` is not a readable image, found cheaply (no pixel decoding), or None.
 
     PIL parses the header; a JPEG must end with its end-of-image marker and a PNG with its IEND
-    chunk, which catches files cut short by an interrupted copy or download."""
+    chunk, which catches files cut short by an interrupted copy or download. An image over Pillow's
+    decompression-bomb limit (a 20000x20000 PNG can be 390 KB) is refused here, before anything decodes it."""
     try:
         with Image.open(path) as img:
             fmt = img.format
             img.size  # noqa: B018 - parsing the header is the check
+    except Image.DecompressionBombError as e:
+        return bomb_problem(e)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         return f"not a readable image ({type(e).__name__}: {e})"
     if fmt in ("JPEG", "PNG"):
@@ -175,32 +209,54 @@ _DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Imag
 
 
 @contextmanager
-def decoding(path: Path) -> Iterator[None]:
+def decoding(path: Path | str) -> Iterator[None]:
     """Turn any decoder failure inside the block into a :class:`CorruptImageError` naming ``path``."""
     try:
         yield
     except CorruptImageError:
         raise
+    except Image.DecompressionBombError as e:
+        raise CorruptImageError(path, bomb_problem(e)) from e
     except _DECODE_ERRORS as e:
         raise CorruptImageError(path, f"cannot decode image ({type(e).__name__}: {e})") from e
 
 
-def read_image(path: str | Path, min_side: int | None = None, *, orient: bool = False) -> Tensor:
+def read_image(path: str | Path | BinaryIO, min_side: int | None = None, *, orient: bool = True,
+               name: str | None = None) -> Tensor:
     """An image file as a uint8 tensor (C, H, W): C = 1 for grayscale files (8- or 16-bit, float), else
     3 (RGB); the eval transform turns it into the model's channels. With ``min_side``, a large JPEG is decoded at a
     reduced scale (1/2, 1/4, 1/8) whose shorter side is still at least ``min_side``: several times faster,
     but not the pixels of the full image resized (the eval transform decodes at full scale). ``orient``
-    turns the image as its EXIF orientation tag says (as ``PIL.ImageOps.exif_transpose``)."""
-    path = Path(path)
-    with decoding(path), Image.open(path) as img:
+    (default) turns the image as its EXIF orientation tag says (as ``PIL.ImageOps.exif_transpose``), as
+    training crops and predict do. ``path`` may be an open binary file (an image read from a shard), ``name`` what
+    errors call it."""
+    path = Path(path) if isinstance(path, (str, os.PathLike)) else path
+    with decoding(name or path), Image.open(path) as img:
         if min_side is not None and img.format == "JPEG":
             width, height = img.size
             shrink = min(width, height) / min_side
             if shrink >= 2:
                 img.draft("RGB", (int(width / shrink) + 1, int(height / shrink) + 1))
         img.load()
-        img = to_8bit(ImageOps.exif_transpose(img) if orient else img)
+        img = to_8bit(oriented(img) if orient else img)
     return _to_tensor(img)
+
+
+_ORIENTATION = 0x0112
+_TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(_ORIENTATION, 1))
+    except (OSError, ValueError, TypeError, SyntaxError):  # a damaged EXIF block: show the pixels as stored
+        return 1
+
+
+def oriented(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation tag says (what an image viewer shows), for training, eval and
+    predict alike; an image without the tag is returned as is."""
+    return ImageOps.exif_transpose(img) if _orientation(img) != 1 else img
 
 
 def _to_tensor(img: Image.Image) -> Tensor:
@@ -239,26 +295,37 @@ class FolderImages(Dataset):
         return image, label, "", index
 
     def _crop(self, path: Path, epoch: int, position: int) -> Image.Image:
-        size = self.size
-        with decoding(path), Image.open(path) as img:
-            width, height = img.size  # from the header: the box decides how far JPEG decoding may shrink
-            if self.mode == "random_resized_crop":
-                top, left, h, w = sample_boxes(rng(SAMPLE, self.seed, epoch, position), 1, height, width,
-                                               self.scale, self.ratio)[0]
-                shrink = min(w, h) / size
-            else:
-                shrink = min(width, height) / size
-            if shrink >= 2 and img.format == "JPEG":
-                img.draft("RGB", (int(width / shrink) + 1, int(height / shrink) + 1))
-            img.load()
-            img = to_rgb(img)
-        if self.mode != "random_resized_crop":  # the central square, resized
-            side = min(img.width, img.height)
-            left, top = (img.width - side) / 2, (img.height - side) / 2
-            return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
-        sx, sy = img.width / width, img.height / height  # draft decoding may have reduced the scale
-        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-        return img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
+        return train_crop(path, self.size, self.mode, seed=self.seed, epoch=epoch, position=position,
+                          scale=self.scale, ratio=self.ratio)
+
+
+def train_crop(source: Path | BinaryIO, size: int, mode: str, *, seed: int, epoch: int, position: int,
+               scale: tuple[float, float], ratio: tuple[float, float], name: str | None = None) -> Image.Image:
+    """A training image, decoded and cropped in a DataLoader worker: ``random_resized_crop`` (the box seeded by
+    ``(seed, epoch, position)``, drawn on the image as it is shown: EXIF orientation applied) or ``resize_center``
+    (the central square), ``size`` x ``size`` RGB. ``source`` is a file or an open binary file (an image of a
+    shard), ``name`` what errors call it."""
+    with decoding(name or source), Image.open(source) as img:
+        width, height = img.size  # from the header: the box decides how far JPEG decoding may shrink
+        turned = _orientation(img) in _TRANSPOSED
+        if turned:  # the box is drawn on the image as it is shown (EXIF orientation applied)
+            width, height = height, width
+        if mode == "random_resized_crop":
+            top, left, h, w = sample_boxes(rng(SAMPLE, seed, epoch, position), 1, height, width, scale, ratio)[0]
+            shrink = min(w, h) / size
+        else:
+            shrink = min(width, height) / size
+        if shrink >= 2 and img.format == "JPEG":
+            img.draft("RGB", (int(img.width / shrink) + 1, int(img.height / shrink) + 1))
+        img.load()
+        img = to_rgb(oriented(img))
+    if mode != "random_resized_crop":  # the central square, resized
+        side = min(img.width, img.height)
+        left, top = (img.width - side) / 2, (img.height - side) / 2
+        return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+    sx, sy = img.width / width, img.height / height  # draft decoding may have reduced the scale
+    box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+    return img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
 
 
 def collate(batch: list[tuple[Tensor, int, str, int]]) -> tuple[Tensor, Tensor, list[str], Tensor]:

@@ -81,29 +81,27 @@ def export_model(model: nn.Module, out: str | Path, *, format: str, validation: 
     report = ExportReport(out, format)
     scratch: list[Path] = []
     try:
+        path = _scratch(out)
+        scratch.append(path)
         if format == "exported-program":
-            path = _scratch(out)
-            scratch.append(path)
             torch.export.save(program, str(path))
             candidate = torch.export.load(str(path)).module()
             label = "exported program"
         else:
-            path = _scratch(out)
-            scratch.append(path)
             log("translating to ONNX (torch.onnx.export, dynamo=True)")
             write_onnx(program, model, path, dynamic_size=dynamic_size)
             foreign = is_standard(path)
             if foreign:
                 raise ExportMismatch(f"{out}: the graph holds non-standard ops: {', '.join(foreign)}")
             candidate, label = OnnxModel(path), "onnxruntime fp32"
-        _validate(report, label, reference, candidate, validation, fp32, model, dynamic_size, log)
+        _validate(report, label, reference, candidate, validation, fp32, model, dynamic_size)
         if int8:
             fp32_path, path = path, _scratch(out)
             scratch.append(path)
             log("quantizing the Linear layers to int8 (onnxruntime quantize_dynamic)")
             quantize_int8(fp32_path, path)
             _validate(report, "onnxruntime int8", reference, OnnxModel(path), validation, quantized, model,
-                      dynamic_size, log)
+                      dynamic_size)
         os.replace(path, out)
         return report
     finally:
@@ -112,8 +110,7 @@ def export_model(model: nn.Module, out: str | Path, *, format: str, validation: 
 
 
 def _validate(report: ExportReport, label: str, reference: nn.Module, candidate: nn.Module,
-              validation: ValidationImages, tolerance: Tolerance, model: nn.Module, dynamic_size: bool,
-              log: Callable[[str], None]) -> None:
+              validation: ValidationImages, tolerance: Tolerance, model: nn.Module, dynamic_size: bool) -> None:
     sets = [(validation.images, validation.labels)]
     if dynamic_size:
         sets.append((resized(validation.images, _second_size(model)), validation.labels))

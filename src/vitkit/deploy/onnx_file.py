@@ -4,8 +4,9 @@ The exporter is ``torch.onnx.export(..., dynamo=True)``: it translates the ``tor
 (:func:`vitkit.deploy.graph.trace`, the same graph the ``exported-program`` format saves), handles the
 dynamic batch/height/width axes as symbolic shapes, and emits standard ``ai.onnx`` ops only (opset 20:
 ``Gelu`` and ``LayerNormalization`` are single ops). The TorchScript exporter (``dynamo=False``) also
-works on these models but is deprecated in torch 2.9+ and traces shapes as Python values, so
-``--dynamic-size`` would need the position-embedding branch traced by hand.
+works on these models but is the legacy path (a DeprecationWarning since torch 2.9, where dynamo became the
+default) and traces shapes as Python values, so ``--dynamic-size`` would need the position-embedding branch
+traced by hand.
 """
 
 from __future__ import annotations

@@ -103,6 +103,7 @@ class RunLog:
         except RunDirectoryError:
             raise
         except OSError as e:
+            self._check_run_dir()  # the directory itself vanished (TensorBoard's thread may notice first): say so
             if e.filename is None:  # a write to an open file says neither which file nor where
                 e = OSError(e.errno, e.strerror or str(e), str(target or self.path))
             raise RunDirectoryError(f"cannot write the run's logs in {self.path.parent} "
