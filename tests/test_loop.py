@@ -375,15 +375,22 @@ FOLDER = ["--data.img_size", "32", "--batch_size", "4", "--data.num_workers", "2
           "--device", "cpu", "--eval_hflip_tta", "false", "--data.hflip", "true"]
 
 
-@pytest.mark.parametrize("task", ["drop_path", "mae"])
-def test_a_run_on_class_folders_that_draws_from_the_global_rng_resumes_bit_for_bit(tmp_path: Path, task: str):
+@pytest.mark.parametrize(("task", "layout"), [("drop_path", "folder"), ("mae", "folder"), ("drop_path", "shards")])
+def test_a_run_on_class_folders_that_draws_from_the_global_rng_resumes_bit_for_bit(tmp_path: Path, task: str,
+                                                                                   layout: str):
     """Drop path and dropout (classification) or MAE's masks draw from the global RNG in every step; the
     DataLoader used to take its workers' seed from that RNG when a pass started, so a resumed run (a new
-    pass, mid-epoch or at an epoch boundary, with 2 workers) drew other masks: weights differed by ~1e-2."""
+    pass, mid-epoch or at an epoch boundary, with 2 workers) drew other masks: weights differed by ~1e-2.
+    The same for a shard set written from the folders."""
+    from vitkit.data.shard_writer import write_shards
     from vitkit.train.mae import pretrain_config
 
     root = tiny_folders(tmp_path / "folders")  # 24 training images, batch 4: 6 steps an epoch, 12 in all
-    args = [*FOLDER, "--dataset", f"folder:{root}", "--out_dir", str(tmp_path), "--run_name", "straight"]
+    dataset = f"folder:{root}"
+    if layout == "shards":
+        write_shards(dataset, tmp_path / "shards", shard_size=20_000, progress=False)
+        dataset = f"shards:{tmp_path / 'shards'}"
+    args = [*FOLDER, "--dataset", dataset, "--out_dir", str(tmp_path), "--run_name", "straight"]
     if task == "mae":
         cfg = pretrain_config(None, ["--model", "mae_vit_mini_patch4_32", "--model.patch_size", "8",
                                      "--model.embed_dim", "32", "--model.depth", "1", "--model.num_heads", "2",
