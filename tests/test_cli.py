@@ -252,3 +252,17 @@ def test_one_public_loading_entry_per_meaning():
     documented = re.findall(r"^\| `(vitkit(?:\.\w+)+)\(", table, flags=re.MULTILINE)
     assert documented == ["vitkit.load_model", "vitkit.from_pretrained", "vitkit.create_model", "vitkit.build_model",
                           "vitkit.convert.read_model"]
+
+
+def test_the_readme_test_command_runs_the_slow_tests_too():
+    """`pytest -m "not slow"` is the quick loop; the README's command (and CI) must not leave the slow ones out."""
+    import re
+    import tomllib
+
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"<!-- test-command -->\n```\n(.*?)\n```", readme, re.S).group(1)
+    after = command.split("pytest", 1)[1]
+    assert " -m " not in after and "not slow" not in after
+    ini = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert "-m" not in ini.get("addopts", "").split() and any(m.startswith("slow:") for m in ini["markers"])
+    assert 'pytest -m "not slow"' in readme  # and the quick loop is documented

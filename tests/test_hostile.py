@@ -382,6 +382,7 @@ def _wait(proc, done, timeout: float = 120) -> None:
     assert proc.poll() is None and done(), f"the first process ended or stalled: {proc.stderr.read()}"
 
 
+@pytest.mark.slow
 def test_a_second_study_with_the_same_out_says_so_and_leaves_the_first_alone(tmp_path, capsys):
     import signal
     import subprocess
@@ -418,6 +419,7 @@ def test_a_second_study_with_the_same_out_says_so_and_leaves_the_first_alone(tmp
     unlock_directory(out)
 
 
+@pytest.mark.slow
 def test_resume_of_a_run_that_is_still_going_says_so_instead_of_racing_it(tmp_path, capsys):
     import signal
     import subprocess
