@@ -278,3 +278,8 @@ def describe_os_error(e: OSError) -> str:
     """``No space left on device: /path`` rather than ``[Errno 28] No space left on device: b'/path'``."""
     name = e.filename.decode(errors="replace") if isinstance(e.filename, bytes) else e.filename
     return f"{e.strerror}: {name}" if e.strerror and name else str(e)
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Flush a directory's entries (a rename into it) to disk; a no-op where directories cannot be synced."""
+    _fsync_dir(Path(directory))
