@@ -257,6 +257,7 @@ def test_one_public_loading_entry_per_meaning():
 def test_the_readme_test_command_runs_the_slow_tests_too():
     """`pytest -m "not slow"` is the quick loop; the README's command (and CI) must not leave the slow ones out."""
     import re
+
     import tomllib
 
     readme = (ROOT / "README.md").read_text()
