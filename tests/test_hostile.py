@@ -336,15 +336,14 @@ def test_writing_hf_into_a_sharded_directory_removes_that_formats_stale_files_on
     for p in shutil_dir.iterdir():
         (directory / p.name).write_bytes(p.read_bytes())
     (directory / "README.md").write_text("my notes\n")
-    (directory / "config.json").write_text((directory / "config.json").read_text().replace("}", ', "mine": 1}', 1))
-    capsys.readouterr()
-
-    assert cli_main(["convert", str(tmp_path / "new"), str(directory), "--to", "hf"]) != 0  # (no such source)
+    mine = {**json.loads((directory / "config.json").read_text()), "mine": 1}  # a key the user added
+    (directory / "config.json").write_text(json.dumps(mine))
     new.save_pretrained(tmp_path / "new")
     capsys.readouterr()
     assert cli_main(["convert", str(tmp_path / "new"), str(directory), "--to", "hf"]) == 0
     err = capsys.readouterr().err
-    assert f"replaced the existing {directory / 'config.json'}" in err
+    assert f"replaced the existing {directory / 'config.json'} (it held keys the new one does not: " in err
+    assert "mine" in err.split("replaced the existing", 1)[1].splitlines()[0]
     assert f"removed {directory / 'model.safetensors.index.json'}" in err
     names = sorted(p.name for p in directory.iterdir())
     assert "model.safetensors.index.json" not in names and not set(shards) & set(names)
@@ -356,6 +355,9 @@ def test_writing_hf_into_a_sharded_directory_removes_that_formats_stale_files_on
         theirs = transformers.ViTForImageClassification.from_pretrained(directory).eval()(pixel_values=x).logits
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(theirs, expected, atol=1e-5, rtol=1e-4)
+    # writing the same format again over vitkit's own files: nothing to say
+    assert cli_main(["convert", str(tmp_path / "new"), str(directory), "--to", "hf"]) == 0
+    assert "vitkit: " not in capsys.readouterr().err
 
 
 # ---------------------------------------------------------- 10: a study directory and a run in use

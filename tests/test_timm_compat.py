@@ -9,6 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
@@ -316,6 +317,7 @@ def _photo(data_root):
     ("vit_mini_patch4_32", dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], crop_pct=0.875,
                                 interpolation="bicubic")),
     ("t2t_vit_mini_32", dict(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], crop_pct=0.9)),
+    ("vit_mini_patch4_32", dict(crop_pct=0.9, crop_mode="squash")),  # transformers' resize of both sides
 ])
 def test_timm_data_config_and_transform_reproduce_the_record(name, preprocess, data_root):
 
@@ -324,7 +326,7 @@ def test_timm_data_config_and_transform_reproduce_the_record(name, preprocess, d
     record = model.config.preprocessing()
     config = resolve_data_config({}, model=model)
     assert config == {"input_size": (3, 48, 48), "interpolation": record.interpolation, "mean": record.mean,
-                      "std": record.std, "crop_pct": record.crop_pct, "crop_mode": "center"}
+                      "std": record.std, "crop_pct": record.crop_pct, "crop_mode": record.crop_mode}
     photo = _photo(data_root)
     theirs = create_transform(**config)(Image.open(photo).convert("RGB"))
     ours = eval_transform(model.config)(decode_image(str(photo)))  # the same decoded pixels
@@ -427,3 +429,40 @@ def test_timm_attributes(mini):
     assert (with_rep.num_features, with_rep.head_hidden_size) == (128, 64)  # timm: pre-logits width apart
     assert mini.no_weight_decay() == {"pos_embed", "cls_token"}
     assert mini.group_matcher()["blocks"] == reference_twin(mini).group_matcher()["blocks"]
+
+
+def test_resnet_has_timms_api_and_features_equal_timms_resnet(data_root, one_thread):
+    """The ResNet baseline (torchvision's keys, which timm's ResNet shares): classifier reset, feature_info and
+    features_only equal timm's resnet18 holding the same weights."""
+    model = build_registered("resnet18").eval()
+    reference = timm.create_model("resnet18", num_classes=1000).eval()
+    reference.load_state_dict(model.state_dict())
+    images = nn.functional.interpolate(cifar_batch(data_root, 2), size=64, mode="bilinear")
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), reference(images), rtol=0, atol=1e-5)
+    assert model.get_classifier() is model.fc and model.pretrained_cfg["first_conv"] == "conv1"
+    assert resolve_data_config({}, model=model)["input_size"] == (3, 224, 224)
+    ours = build_registered("resnet18", features_only=True, out_indices=(1, 2, 4)).eval()
+    ours.model.load_state_dict(model.state_dict(), strict=False)
+    theirs = timm.create_model("resnet18", features_only=True, out_indices=(1, 2, 4)).eval()
+    theirs.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("fc.")})
+    assert ours.feature_info.channels() == theirs.feature_info.channels() == [64, 128, 512]
+    assert ours.feature_info.reduction() == theirs.feature_info.reduction() == [4, 8, 32]
+    with torch.no_grad():
+        for a, b in zip(ours(images), theirs(images), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    model.reset_classifier(3)
+    assert model(images).shape == (2, 3) and model.num_classes == 3
+    with pytest.raises(ValueError, match="average"):
+        model.reset_classifier(3, global_pool="max")
+
+
+def test_fx_graph_keeps_the_input_check(mini, data_root):
+    """FX records the input check as one call (torch.fx.wrap), so a traced graph still names a wrong size."""
+    graph = torch.fx.symbolic_trace(mini)
+    images = cifar_batch(data_root)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(images), mini(images), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"expected images of size \(32, 32\), got \(40, 40\)"):
+        graph(nn.functional.interpolate(images, size=40))
+    assert "check_image_size" in {getattr(n.target, "__name__", "") for n in graph.graph.nodes}

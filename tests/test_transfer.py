@@ -336,17 +336,17 @@ def _image_folder(root: Path, data_root: Path, classes: int = 3, train: int = 10
 def test_finetune_config_layers_recipe_file_and_overrides(tmp_path):
     model = tiny()
     model.config = model.config.replace(extra={"preprocess": {"mean": [0.4, 0.4, 0.4], "std": [0.2, 0.2, 0.2]}})
-    model.save_pretrained(tmp_path / "run" / "model")
+    model.save_pretrained(tmp_path / "pretrained")  # a model directory (a folder holding only model/ is no run)
     (tmp_path / "ft.yaml").write_text("epochs: 3\noptim:\n  lr: 0.003\n")
-    cfg = finetune_config(str(tmp_path / "run"), "cifar10", img_size=64, config=str(tmp_path / "ft.yaml"),
+    cfg = finetune_config(str(tmp_path / "pretrained"), "cifar10", img_size=64, config=str(tmp_path / "ft.yaml"),
                           overrides=["--optim.layer_decay", "0.75", "--model.drop_path_rate", "0.1"])
     assert (cfg.optim.name, cfg.optim.weight_decay, cfg.optim.clip_grad, cfg.optim.momentum) == ("sgd", 0.0, 1.0, 0.9)
     assert (cfg.epochs, cfg.optim.lr, cfg.optim.layer_decay) == (3, 0.003, 0.75)
-    assert (cfg.data.dataset, cfg.data.img_size, cfg.finetune.init) == ("cifar10", 64, str(tmp_path / "run"))
+    assert (cfg.data.dataset, cfg.data.img_size, cfg.finetune.init) == ("cifar10", 64, str(tmp_path / "pretrained"))
     assert cfg.data.mean == (0.4, 0.4, 0.4) and cfg.data.std == (0.2, 0.2, 0.2)  # pre-training normalisation
     assert cfg.model == {"name": "pretrained", "drop_path_rate": 0.1}  # no from-scratch architecture defaults
     with pytest.raises(ValueError, match="finetune.pos_embed"):
-        finetune_config(str(tmp_path / "run"), "cifar10", overrides=["--finetune.pos_embed", "zeros"])
+        finetune_config(str(tmp_path / "pretrained"), "cifar10", overrides=["--finetune.pos_embed", "zeros"])
 
 
 def test_layer_decay_survives_the_learning_rate_schedule():

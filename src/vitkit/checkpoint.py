@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import pickle
 import re
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vitkit.fileio import CONFIG_NAME, WEIGHTS_NAME, load_safetensors
+from vitkit.fileio import CONFIG_NAME, WEIGHTS_NAME, load_safetensors, read_json_object
 from vitkit.models.pos_embed import grid_of, resample_pos_embed
 from vitkit.models.registry import get_architecture
 
@@ -123,10 +122,7 @@ def read_config(directory: str | Path) -> Any:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file (a vitkit model directory holds {CONFIG_NAME} and {WEIGHTS_NAME})")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    data = read_json_object(path, what="a JSON object of config fields", error=CheckpointError)
     return config_from_record(data, source=str(path))
 
 

@@ -263,11 +263,21 @@ def _add_study(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_data(args: argparse.Namespace) -> int:
     from vitkit.data.download import download
+    from vitkit.data.shard_writer import write_shards
+    from vitkit.data.shards import parse_shard_size
     from vitkit.data.summary import dataset_summary, format_summary
 
     if args.data_command == "download":
         directory = download(args.name, args.data_dir, keep_raw=args.keep_raw, force=args.force)
         print(f"{args.name} is in {directory}")
+        return 0
+    if args.data_command == "shard":
+        manifest = write_shards(args.name, args.out, shard_size=parse_shard_size(args.shard_size),
+                                data_dir=args.data_dir, seed=args.seed, progress=sys.stderr.isatty())
+        for split, info in manifest["splits"].items():
+            size = sum(s["bytes"] for s in info["shards"])
+            print(f"{split}: {info['samples']} images in {len(info['shards'])} shard(s), {size / 1e6:.1f} MB")
+        print(f"wrote {args.out} ({len(manifest['classes'])} classes); train with --dataset shards:{args.out}")
         return 0
 
     print(format_summary(dataset_summary(args.name, args.data_dir)))
@@ -287,7 +297,13 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     info.add_argument("name", help="a named data set, folder:PATH, or a data set directory")
     info.add_argument("--data-dir", default=None, help="root holding NAME/ (default: search $VITKIT_DATA, "
                       "~/.cache/vitkit/data, <repo>/../shared/data)")
-    for parser in (p, dl, info):
+    shard = actions.add_parser("shard", help="write a data set as webdataset tar shards (read back as shards:DIR)")
+    shard.add_argument("name", metavar="SOURCE", help="a named data set, folder:PATH or a data set directory")
+    shard.add_argument("--out", required=True, metavar="DIR", help="an empty directory for the shards")
+    shard.add_argument("--shard-size", default="500MB", help="the largest shard, e.g. 500MB (default), 1GiB")
+    shard.add_argument("--data-dir", default=None, help="root holding named data sets")
+    shard.add_argument("--seed", type=int, default=0, help="seed of the training samples' order in the shards")
+    for parser in (p, dl, info, shard):
         parser.set_defaults(func=_cmd_data)
 
 

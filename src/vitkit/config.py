@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, TypeVar
 
-from vitkit.config_engine import check_fields, from_mapping, to_plain
+from vitkit.config_engine import OMIT_DEFAULT, check_fields, from_mapping, to_plain
+from vitkit.fileio import read_json_object
 from vitkit.preprocessing import DEFAULT_PREPROCESSING, KNOWN_SOURCES, Preprocessing
 
 C = TypeVar("C", bound="ModelConfig")
@@ -35,21 +36,21 @@ class StemConfig:
     ``{"type": "conv", "channels": [32, 64, 128], "strides": [1, 2, 2]}``.
     """
 
-    type: StemType = "bit"
-    layers: Optional[tuple[int, ...]] = None
+    type: StemType = field(default="bit", metadata=OMIT_DEFAULT)
+    layers: Optional[tuple[int, ...]] = field(default=None, metadata=OMIT_DEFAULT)
     """BiT: residual units per stage (default 3, 4, 9: R50's first three stages)."""
-    widths: Optional[tuple[int, ...]] = None
-    stem_width: Optional[int] = None
-    stem_kernel: Optional[int] = None
-    stem_stride: Optional[int] = None
-    stem_pool: Optional[bool] = None
-    same_padding: Optional[bool] = None
-    gn_groups: Optional[int] = None
-    gn_eps: Optional[float] = None
-    ws_eps: Optional[float] = None
-    channels: Optional[tuple[int, ...]] = None
+    widths: Optional[tuple[int, ...]] = field(default=None, metadata=OMIT_DEFAULT)
+    stem_width: Optional[int] = field(default=None, metadata=OMIT_DEFAULT)
+    stem_kernel: Optional[int] = field(default=None, metadata=OMIT_DEFAULT)
+    stem_stride: Optional[int] = field(default=None, metadata=OMIT_DEFAULT)
+    stem_pool: Optional[bool] = field(default=None, metadata=OMIT_DEFAULT)
+    same_padding: Optional[bool] = field(default=None, metadata=OMIT_DEFAULT)
+    gn_groups: Optional[int] = field(default=None, metadata=OMIT_DEFAULT)
+    gn_eps: Optional[float] = field(default=None, metadata=OMIT_DEFAULT)
+    ws_eps: Optional[float] = field(default=None, metadata=OMIT_DEFAULT)
+    channels: Optional[tuple[int, ...]] = field(default=None, metadata=OMIT_DEFAULT)
     """conv: output channels of each 3x3 layer."""
-    strides: Optional[tuple[int, ...]] = None
+    strides: Optional[tuple[int, ...]] = field(default=None, metadata=OMIT_DEFAULT)
     """conv: stride of each layer (default 2 each)."""
 
     def __post_init__(self) -> None:
@@ -75,12 +76,7 @@ class StemConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The compact mapping: the fields that are set, ``type`` only when it is not ``bit``."""
-        out: dict[str, Any] = {} if self.type == "bit" else {"type": self.type}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name != "type" and value is not None:
-                out[f.name] = to_plain(value)
-        return out
+        return to_plain(self)
 
     def bit_fields(self) -> dict[str, Any]:
         """The BiT ResNet fields that are set (for ``BiTSpec.from_dict``)."""
@@ -147,12 +143,8 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON values; a section (stem, preprocessing) in its own ``to_dict`` form."""
-        out = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = value.to_dict() if hasattr(value, "to_dict") else to_plain(value)
-        return out
+        """Plain JSON values; a section (stem, preprocessing) in its own compact form."""
+        return to_plain(self)
 
     @classmethod
     def from_dict(cls: type[C], data: dict[str, Any], *, source: str = "config") -> C:
@@ -167,12 +159,7 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls: type[C], path: str | Path) -> C:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json_object(path, what="a JSON object of config fields"), source=str(path))
 
 
 def _at_least(config: Any, name: str, low: int) -> None:

@@ -106,10 +106,17 @@ def describe_yaml_error(error: Exception) -> str:
     return f"not valid YAML: {problem}{where}"
 
 
+OMIT_DEFAULT = {"omit_default": True}
+"""Field metadata (``field(default=..., metadata=OMIT_DEFAULT)``): :func:`to_plain` leaves the field out while it
+holds its default, for compact records that older files and readers share (a hybrid's stem, preprocessing)."""
+
+
 def to_plain(value: Any) -> Any:
-    """Dataclasses to dicts, tuples to lists: values ``json.dumps`` and ``yaml.safe_dump`` write as is."""
+    """Dataclasses to dicts, tuples to lists: values ``json.dumps`` and ``yaml.safe_dump`` write as is. The one
+    way every config record becomes a mapping (their ``to_dict``)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not (f.metadata.get("omit_default") and getattr(value, f.name) == f.default)}
     if isinstance(value, Mapping):
         return {k: to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -257,7 +257,29 @@ def write_model_dir(directory: str | Path, state_dict: Mapping[str, Tensor], con
     return directory
 
 
+def read_json_object(path: str | Path, *, what: str = "a JSON object",
+                     error: type[ValueError] = ValueError) -> dict[str, Any]:
+    """The JSON object in ``path``; a file that is not valid JSON, or holds something other than an object, is
+    ``error`` (a ``ValueError``; a reader passes its own, e.g. ``CheckpointError``) naming the file and
+    saying what it holds instead of ``what``. The one reader of every JSON record vitkit takes as input."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e})") from e
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not a text file ({e})") from e
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected {what}, got {type(data).__name__}")
+    return data
+
+
 def describe_os_error(e: OSError) -> str:
     """``No space left on device: /path`` rather than ``[Errno 28] No space left on device: b'/path'``."""
     name = e.filename.decode(errors="replace") if isinstance(e.filename, bytes) else e.filename
     return f"{e.strerror}: {name}" if e.strerror and name else str(e)
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Flush a directory's entries (a rename into it) to disk; a no-op where directories cannot be synced."""
+    _fsync_dir(Path(directory))

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-from vitkit.config_engine import check_fields, from_mapping
+from vitkit.config_engine import OMIT_DEFAULT, check_fields, from_mapping, to_plain
 
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
 CropMode = Literal["center", "squash"]
@@ -47,11 +47,11 @@ class Preprocessing:
     ``size / crop_pct``, then crop ``size``. 1.0 = resize only (square images are not cropped)."""
     interpolation: Interpolation = "bilinear"
     """``nearest`` is PIL's (and transformers') nearest neighbour: the pixel whose centre is closest."""
-    crop_mode: CropMode = "center"
+    crop_mode: CropMode = dataclasses.field(default="center", metadata=OMIT_DEFAULT)  # older files lack it
     """``center``: resize the shorter side (a non-square input: both sides) to ``size / crop_pct``, keeping the
     aspect ratio; ``squash``: resize both sides to ``size / crop_pct`` whatever the image's aspect ratio. Then
     the centre ``size`` is kept, its offset rounded down (``(resized - size) // 2``), as transformers does."""
-    dataset: Optional[str] = None
+    dataset: Optional[str] = dataclasses.field(default=None, metadata=OMIT_DEFAULT)
     """The data set the statistics come from (informational; ``vitkit eval``'s default data set)."""
 
     def __post_init__(self) -> None:
@@ -102,14 +102,8 @@ class Preprocessing:
         return dataclasses.replace(self, size=tuple(size), mean=mean, std=std)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON types (lists, not tuples)."""
-        out = {"size": list(self.size), "mean": list(self.mean), "std": list(self.std), "crop_pct": self.crop_pct,
-               "interpolation": self.interpolation}
-        if self.crop_mode != "center":  # files of the default mode read the same by older versions
-            out["crop_mode"] = self.crop_mode
-        if self.dataset is not None:
-            out["dataset"] = self.dataset
-        return out
+        """Plain JSON types (lists, not tuples); ``crop_mode`` and ``dataset`` only when set."""
+        return to_plain(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "") -> Preprocessing:

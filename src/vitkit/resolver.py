@@ -46,6 +46,7 @@ from vitkit.models.registry import build_registered, get_model_config, get_model
 from vitkit.runfiles import (
     CHECKPOINT_DIR,
     MODEL_DIR,
+    SHARDED_SUFFIX,
     best_score,
     checkpoint_config,
     checkpoint_weights,
@@ -53,6 +54,7 @@ from vitkit.runfiles import (
     describe_checkpoint,
     is_run_checkpoint_name,
     is_run_dir,
+    is_sharded_checkpoint,
     is_training_checkpoint,
     load_checkpoint,
     read_run_config,
@@ -201,12 +203,14 @@ def resolve_path(path: str | Path, *, spec: str | None = None, checkpoint: str |
         state = checkpoint or default_state(path)
         chosen = state_path(path, state)
         state = _state_label(chosen)
-        kind: SourceKind = "vitkit" if chosen.is_dir() else "training"
+        kind: SourceKind = "vitkit" if chosen.is_dir() and not is_sharded_checkpoint(chosen) else "training"
         return ModelSource(spec, kind, chosen, run_dir=path, state=state)
     if checkpoint is not None:
         raise ValueError(f"{path}: --checkpoint (a run's state: best, last, step-N, model) needs a run directory, "
                          f"and {path} is not one (no training checkpoint in {CHECKPOINT_DIR}/, no training "
                          "config.yaml)")
+    if format is None and is_sharded_checkpoint(path):
+        return ModelSource(spec, "training", path, run_dir=run_of_checkpoint(path), state=_state_label(path))
     if path.is_dir():
         if (path / CONFIG_NAME).is_file() and format is None and is_vitkit_directory(path):
             run_dir = path.parent if path.name == MODEL_DIR and is_run_dir(path.parent) else None
@@ -232,7 +236,7 @@ def resolve_path(path: str | Path, *, spec: str | None = None, checkpoint: str |
 def _state_label(path: Path) -> str:
     if path.name == MODEL_DIR:
         return "model"
-    return path.name.removesuffix(".pt")
+    return path.name.removesuffix(".pt").removesuffix(SHARDED_SUFFIX)
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -326,7 +330,7 @@ def source_config(spec: str | Path | ModelSource, *, checkpoint: str | None = No
     if source.kind == "vitkit" and source.build is None and source.path is not None:
         return read_config(source.path)
     if source.kind == "training" and source.build is None and source.path is not None:
-        return checkpoint_config(load_checkpoint(source.path, mmap=True), source=str(source.path))
+        return checkpoint_config(load_checkpoint(source.path, mmap=True, weights=False), source=str(source.path))
     return load_source(source).model.config
 
 

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from torch import Tensor
 from vitkit.checkpoint import CheckpointError, load_state_dict, read_config
 from vitkit.config import ViTConfig
 from vitkit.convert import huggingface, jax, mae, t2t, timm, torchvision
-from vitkit.fileio import CONFIG_NAME, WEIGHTS_NAME
+from vitkit.fileio import CONFIG_NAME, WEIGHTS_NAME, read_json_object
 from vitkit.models.mae import MAEConfig
 from vitkit.preprocessing import KNOWN_SOURCES, Preprocessing
 
@@ -114,13 +113,7 @@ def _convert(fmt: str, raw: dict[str, Tensor], path: Path, hints: dict[str, Any]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object of config fields, got {type(data).__name__}")
-    return data
+    return read_json_object(path, what="a JSON object of config fields", error=CheckpointError)
 
 
 def _read_directory(directory: Path, wanted: str | None) -> Checkpoint:

@@ -26,7 +26,7 @@ from torch import Tensor
 from vitkit.checkpoint import CheckpointError, load_state_dict
 from vitkit.config import ViTConfig
 from vitkit.convert.keymap import KeyMap
-from vitkit.fileio import atomic_files
+from vitkit.fileio import atomic_files, read_json_object
 from vitkit.hf_processor import PROCESSOR_CONFIG, ProcessorError, preprocessing_from_processor, processor_config
 from vitkit.preprocessing import KNOWN_SOURCES, Preprocessing
 
@@ -154,12 +154,7 @@ def preprocessing_of(directory: Path) -> Preprocessing:
     path = Path(directory) / PROCESSOR_CONFIG
     if not path.is_file():
         return KNOWN_SOURCES["huggingface"]
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: not an image processor (a JSON object)")
+    data = read_json_object(path, what="an image processor (a JSON object)", error=CheckpointError)
     try:
         return preprocessing_from_processor(data)
     except ProcessorError as e:

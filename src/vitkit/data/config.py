@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
@@ -19,7 +18,8 @@ class DataConfig:
     """What to read and how to augment it. Every field is a plain type so the config round-trips YAML.
 
     ``dataset`` is a named data set (``cifar10``, ``cifar100``, ``mnist``, ``fashion_mnist``) in the
-    ``.npz`` layout, or ``folder:PATH`` for a class-folder tree with ``train/`` and ``val/``.
+    ``.npz`` layout, ``folder:PATH`` for a class-folder tree with ``train/`` and ``val/``, or ``shards:DIR``
+    for webdataset tar shards that ``vitkit data shard`` wrote (:mod:`vitkit.data.shards`).
     """
 
     dataset: str = "cifar10"
@@ -40,7 +40,9 @@ class DataConfig:
     """Keep this many training images per class (stratified, seeded by ``subset_seed``)."""
     subset_seed: int = 0
     num_workers: int = 2
-    """DataLoader worker processes (folder data sets only; in-memory sets need none)."""
+    """DataLoader worker processes (folder and shard data sets; in-memory sets need none)."""
+    shuffle_buffer: int = 2000
+    """``shards:`` data sets: samples each DataLoader worker holds to shuffle its sequential shard reads."""
     skip_corrupt: bool = False
     """Skip (and count) unreadable images instead of raising an error that names the file."""
     eval_crop_pct: float = 0.875
@@ -103,6 +105,8 @@ class DataConfig:
             bad("samples_per_class", "set either train_fraction or samples_per_class, not both")
         if self.num_workers < 0:
             bad("num_workers", "must be >= 0")
+        if self.shuffle_buffer < 1:
+            bad("shuffle_buffer", "must be >= 1")
         if not 0.0 < self.eval_crop_pct <= 1.0:
             bad("eval_crop_pct", "must be in (0, 1]")
         if self.crop_padding < 0:
@@ -142,7 +146,7 @@ class DataConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (tuples become lists), ready for YAML or JSON."""
-        return to_plain({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        return to_plain(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "data config") -> DataConfig:

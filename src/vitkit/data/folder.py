@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -208,7 +209,7 @@ _DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Imag
 
 
 @contextmanager
-def decoding(path: Path) -> Iterator[None]:
+def decoding(path: Path | str) -> Iterator[None]:
     """Turn any decoder failure inside the block into a :class:`CorruptImageError` naming ``path``."""
     try:
         yield
@@ -220,15 +221,17 @@ def decoding(path: Path) -> Iterator[None]:
         raise CorruptImageError(path, f"cannot decode image ({type(e).__name__}: {e})") from e
 
 
-def read_image(path: str | Path, min_side: int | None = None, *, orient: bool = True) -> Tensor:
+def read_image(path: str | Path | BinaryIO, min_side: int | None = None, *, orient: bool = True,
+               name: str | None = None) -> Tensor:
     """An image file as a uint8 tensor (C, H, W): C = 1 for grayscale files (8- or 16-bit, float), else
     3 (RGB); the eval transform turns it into the model's channels. With ``min_side``, a large JPEG is decoded at a
     reduced scale (1/2, 1/4, 1/8) whose shorter side is still at least ``min_side``: several times faster,
     but not the pixels of the full image resized (the eval transform decodes at full scale). ``orient``
     (default) turns the image as its EXIF orientation tag says (as ``PIL.ImageOps.exif_transpose``), as
-    training crops and predict do."""
-    path = Path(path)
-    with decoding(path), Image.open(path) as img:
+    training crops and predict do. ``path`` may be an open binary file (an image read from a shard), ``name`` what
+    errors call it."""
+    path = Path(path) if isinstance(path, (str, os.PathLike)) else path
+    with decoding(name or path), Image.open(path) as img:
         if min_side is not None and img.format == "JPEG":
             width, height = img.size
             shrink = min(width, height) / min_side
@@ -292,29 +295,37 @@ class FolderImages(Dataset):
         return image, label, "", index
 
     def _crop(self, path: Path, epoch: int, position: int) -> Image.Image:
-        size = self.size
-        with decoding(path), Image.open(path) as img:
-            width, height = img.size  # from the header: the box decides how far JPEG decoding may shrink
-            turned = _orientation(img) in _TRANSPOSED
-            if turned:  # the box is drawn on the image as it is shown (EXIF orientation applied)
-                width, height = height, width
-            if self.mode == "random_resized_crop":
-                top, left, h, w = sample_boxes(rng(SAMPLE, self.seed, epoch, position), 1, height, width,
-                                               self.scale, self.ratio)[0]
-                shrink = min(w, h) / size
-            else:
-                shrink = min(width, height) / size
-            if shrink >= 2 and img.format == "JPEG":
-                img.draft("RGB", (int(img.width / shrink) + 1, int(img.height / shrink) + 1))
-            img.load()
-            img = to_rgb(oriented(img))
-        if self.mode != "random_resized_crop":  # the central square, resized
-            side = min(img.width, img.height)
-            left, top = (img.width - side) / 2, (img.height - side) / 2
-            return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
-        sx, sy = img.width / width, img.height / height  # draft decoding may have reduced the scale
-        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-        return img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
+        return train_crop(path, self.size, self.mode, seed=self.seed, epoch=epoch, position=position,
+                          scale=self.scale, ratio=self.ratio)
+
+
+def train_crop(source: Path | BinaryIO, size: int, mode: str, *, seed: int, epoch: int, position: int,
+               scale: tuple[float, float], ratio: tuple[float, float], name: str | None = None) -> Image.Image:
+    """A training image, decoded and cropped in a DataLoader worker: ``random_resized_crop`` (the box seeded by
+    ``(seed, epoch, position)``, drawn on the image as it is shown: EXIF orientation applied) or ``resize_center``
+    (the central square), ``size`` x ``size`` RGB. ``source`` is a file or an open binary file (an image of a
+    shard), ``name`` what errors call it."""
+    with decoding(name or source), Image.open(source) as img:
+        width, height = img.size  # from the header: the box decides how far JPEG decoding may shrink
+        turned = _orientation(img) in _TRANSPOSED
+        if turned:  # the box is drawn on the image as it is shown (EXIF orientation applied)
+            width, height = height, width
+        if mode == "random_resized_crop":
+            top, left, h, w = sample_boxes(rng(SAMPLE, seed, epoch, position), 1, height, width, scale, ratio)[0]
+            shrink = min(w, h) / size
+        else:
+            shrink = min(width, height) / size
+        if shrink >= 2 and img.format == "JPEG":
+            img.draft("RGB", (int(img.width / shrink) + 1, int(img.height / shrink) + 1))
+        img.load()
+        img = to_rgb(oriented(img))
+    if mode != "random_resized_crop":  # the central square, resized
+        side = min(img.width, img.height)
+        left, top = (img.width - side) / 2, (img.height - side) / 2
+        return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+    sx, sy = img.width / width, img.height / height  # draft decoding may have reduced the scale
+    box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+    return img.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
 
 
 def collate(batch: list[tuple[Tensor, int, str, int]]) -> tuple[Tensor, Tensor, list[str], Tensor]:

@@ -44,6 +44,7 @@ from vitkit.data.sampling import (
     stratified_subset,
     to_device,
 )
+from vitkit.data.shards import ShardTrainStream, ShardValStream, is_shards_dataset, locate_shards
 from vitkit.data.transforms import EvalTransform
 from vitkit.preprocessing import Preprocessing
 
@@ -267,8 +268,8 @@ def _check_decoded(dataset: FolderImages, errors: list[str], indices: Tensor, sk
 class Data:
     """Everything the training loop needs from the data side."""
 
-    train: TensorTrainStream | FolderTrainStream
-    val: TensorValStream | FolderValStream
+    train: TensorTrainStream | FolderTrainStream | ShardTrainStream
+    val: TensorValStream | FolderValStream | ShardValStream
     num_classes: int
     class_names: list[str]
     in_chans: int
@@ -315,6 +316,8 @@ def build_data(cfg: DataConfig, *, device: torch.device | str = "cpu", seed: int
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     cfg.validate()
     device = torch.device(device)
+    if is_shards_dataset(cfg.dataset):
+        return _build_shards(cfg, device, seed, rank, world_size)
     location = sources.locate(cfg.dataset, cfg.data_dir)  # the one name resolution of every command
     if location.layout == "folder":
         return _build_folder(cfg, location, device, seed, rank, world_size)
@@ -406,6 +409,34 @@ def _build_folder(cfg: DataConfig, location: sources.DatasetLocation, device: to
     skipped = [str(p) for p in train_split.skipped + val_split.skipped]
     return Data(train, val, len(classes), classes, 3, img_size, tuple(mean), tuple(std), cfg.soft_targets,
                 cfg.dataset, str(root), skipped, preprocessing)
+
+
+def _build_shards(cfg: DataConfig, device: torch.device, seed: int, rank: int, world_size: int) -> Data:
+    """A ``shards:`` data set: streamed from tar shards, decoded and cropped as folder images are."""
+    if cfg.in_chans not in (None, 3):
+        raise ValueError(f"in_chans={cfg.in_chans}: shard data sets are read as RGB (in_chans 3)")
+    if cfg.train_fraction is not None or cfg.samples_per_class is not None:
+        raise ValueError("data.train_fraction / data.samples_per_class: a shard set is streamed whole; write a "
+                         "subset with `vitkit data shard`, or name fewer shards with a brace pattern")
+    shards = locate_shards(cfg.dataset, cfg.data_dir)
+    _check_steps(shards.samples("train"), cfg, world_size)
+    classes = shards.classes
+    img_size = cfg.img_size or 224
+    mean, std = (cfg.mean, cfg.std) if cfg.mean is not None else (sources.IMAGENET_MEAN, sources.IMAGENET_STD)
+    _check_channels(mean, 3)
+    augmenter = BatchAugmenter(cfg, img_size=img_size, num_classes=len(classes), mean=mean, std=std, device=device,
+                               seed=seed, crop_on_device=False)
+    mode = "random_resized_crop" if cfg.crop == "random_resized_crop" else "resize_center"
+    train = ShardTrainStream(shards, augmenter, img_size=img_size, mode=mode, scale=cfg.rrc_scale,
+                             ratio=cfg.rrc_ratio, batch_size=cfg.batch_size, seed=seed, rank=rank,
+                             world_size=world_size, num_workers=cfg.num_workers, buffer=cfg.shuffle_buffer,
+                             device=device, skip_corrupt=cfg.skip_corrupt)
+    preprocessing = Preprocessing(size=img_size, mean=mean, std=std, crop_pct=cfg.eval_crop_pct,
+                                  interpolation=cfg.eval_interpolation, dataset=cfg.dataset)
+    val = ShardValStream(shards, EvalTransform(preprocessing, 3), batch_size=cfg.eval_batch_size, rank=rank,
+                         world_size=world_size, device=device, skip_corrupt=cfg.skip_corrupt)
+    return Data(train, val, len(classes), classes, 3, img_size, tuple(mean), tuple(std), cfg.soft_targets,
+                cfg.dataset, str(shards.root), [], preprocessing)
 
 
 def _check_channels(mean: tuple[float, ...], in_chans: int) -> None:

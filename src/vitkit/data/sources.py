@@ -10,7 +10,6 @@ Layout of a named set (what ``vitkit data download`` writes)::
 from __future__ import annotations
 
 import functools
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Literal
 
 import numpy as np
 
+from vitkit.fileio import read_json_object
 from vitkit.preprocessing import IMAGENET_MEAN as IMAGENET_MEAN  # re-exported
 from vitkit.preprocessing import IMAGENET_STD as IMAGENET_STD
 
@@ -165,10 +165,7 @@ def read_meta(directory: Path) -> dict:
     path = directory / "meta.json"
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    return read_json_object(path, what="a JSON object (the data set's classes and facts)")
 
 
 def load_npz_split(directory: Path, split: str) -> tuple[np.ndarray, np.ndarray]:

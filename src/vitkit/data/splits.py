@@ -9,6 +9,7 @@ on demand. Either way, :meth:`Split.resized` hands out images through the one ev
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -20,6 +21,7 @@ from torch import Tensor
 
 from vitkit.data import sources
 from vitkit.data.folder import SPLIT_NAMES, ClassMismatchError, find_split_dir, list_classes, scan_split
+from vitkit.data.shards import is_shards_dataset, locate_shards, split_blobs
 from vitkit.data.transforms import EvalTransform
 
 
@@ -33,6 +35,9 @@ class Split:
     class_names: list[str]
     images: np.ndarray | None = None
     files: list[Path] | None = None
+    blobs: list[bytes] | None = None
+    """Encoded images held in memory (a ``shards:`` set), named by ``blob_names``."""
+    blob_names: list[str] | None = None
     location: str = ""
     skipped: list[Path] = field(default_factory=list)
     """Unreadable files left out (``skip_corrupt``)."""
@@ -49,7 +54,9 @@ class Split:
         idx = np.asarray(indices, dtype=np.int64)
         return replace(self, name=f"{self.name}[{tag}]", labels=self.labels[idx],
                        images=None if self.images is None else self.images[idx],
-                       files=None if self.files is None else [self.files[i] for i in idx])
+                       files=None if self.files is None else [self.files[i] for i in idx],
+                       blobs=None if self.blobs is None else [self.blobs[i] for i in idx],
+                       blob_names=None if self.blob_names is None else [self.blob_names[i] for i in idx])
 
     def resized(self, transform: EvalTransform, start: int = 0, stop: int | None = None) -> Tensor:
         """uint8 (B, C, h, w): images ``start:stop`` through the transform's geometry (channels, resize, crop)."""
@@ -57,6 +64,9 @@ class Split:
         if self.images is not None:
             batch = torch.from_numpy(np.array(self.images[start:stop])).permute(0, 3, 1, 2)  # a writable copy
             return transform.resize(batch)
+        if self.blobs is not None:
+            return torch.stack([transform.load(io.BytesIO(blob), name=name)
+                                for blob, name in zip(self.blobs[start:stop], self.blob_names[start:stop])])
         return torch.stack([transform.load(path) for path in self.files[start:stop]])
 
     def batches(self, transform: EvalTransform, batch_size: int) -> Iterator[Tensor]:
@@ -71,6 +81,10 @@ class Split:
         if self.images is not None:
             h.update(str(self.images.shape).encode())
             h.update(np.ascontiguousarray(self.images).tobytes())
+        elif self.blobs is not None:
+            for name, blob in zip(self.blob_names, self.blobs):
+                h.update(name.encode())
+                h.update(hashlib.sha256(blob).digest())
         else:
             for path in self.files:
                 stat = os.stat(path)
@@ -95,8 +109,10 @@ def load_split(dataset: str, split: str, *, data_dir: str | os.PathLike | None =
     model's), else the training split's. A class folder outside that list is an error that names it;
     with ``require_all_classes`` so is a class the split lacks.
     """
-    location = sources.locate(dataset, data_dir)
     which = _split_name(split)
+    if is_shards_dataset(dataset):
+        return _shards_split(dataset, which, data_dir, classes)
+    location = sources.locate(dataset, data_dir)
     if location.layout == "npz":
         return _npz_split(location, which, classes)
     root = location.path
@@ -112,6 +128,16 @@ def load_split(dataset: str, split: str, *, data_dir: str | os.PathLike | None =
     tag = f"{dataset}/{split_dir.name}"
     return Split(tag, found.labels, list(classes), files=found.files, location=str(split_dir),
                  skipped=found.skipped)
+
+
+def _shards_split(dataset: str, which: str, data_dir: str | os.PathLike | None,
+                  classes: Sequence[str] | None) -> Split:
+    shards = locate_shards(dataset, None if data_dir is None else str(data_dir))
+    if classes is not None and list(classes) != shards.classes:
+        raise ClassMismatchError(f"{shards.root}: classes {shards.classes} differ from the expected {list(classes)}")
+    blobs, labels, names = split_blobs(shards, which)
+    return Split(f"{dataset}/{which}", labels, shards.classes, blobs=blobs, blob_names=names,
+                 location=str(shards.root))
 
 
 def _npz_split(location: sources.DatasetLocation, which: str, classes: Sequence[str] | None) -> Split:

@@ -11,6 +11,7 @@ import numpy as np
 
 from vitkit.data import sources
 from vitkit.data.folder import find_split_dir, list_classes, scan_split
+from vitkit.data.shards import is_shards_dataset, locate_shards
 
 
 def _npz_shape(path: Path, key: str) -> tuple[int, ...]:
@@ -24,6 +25,13 @@ def _npz_shape(path: Path, key: str) -> tuple[int, ...]:
 
 def dataset_summary(dataset: str, data_dir: str | Path | None = None) -> dict[str, Any]:
     """Location, classes, image shape and per-class counts of each split of ``dataset``."""
+    if is_shards_dataset(dataset):
+        shards = locate_shards(dataset, None if data_dir is None else str(data_dir))
+        splits = {name: info.get("class_counts") or [0] * len(shards.classes)
+                  for name, info in shards.manifest["splits"].items()}
+        return {"dataset": dataset, "location": str(shards.root), "classes": shards.classes,
+                "image_shape": f"any (resized); {len(shards.train)} train + {len(shards.val)} val shards",
+                "splits": splits, "mean": list(sources.IMAGENET_MEAN), "std": list(sources.IMAGENET_STD)}
     location = sources.locate(dataset, data_dir)  # the resolution every command uses
     if location.layout == "folder":
         root = location.path

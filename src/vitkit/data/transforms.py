@@ -11,6 +11,7 @@ size, the centre crop's offset rounded down), so a model exported to Hugging Fac
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import Tensor
@@ -86,12 +87,12 @@ class EvalTransform:
     def __call__(self, images: Tensor) -> Tensor:
         return self.normalize(self.resize(images))
 
-    def load(self, path: str | Path, *, orient: bool = True) -> Tensor:
-        """One image file -> uint8 (in_chans, *size), decoded as every command decodes it: at full scale (a
-        JPEG decoded at a reduced scale has other pixels than the resize of the full image); ``orient`` (the
-        default, as for training crops) applies the file's EXIF orientation first, as image viewers and
-        transformers' pipeline do."""
-        return self.resize(read_image(path, orient=orient))
+    def load(self, path: str | Path | BinaryIO, *, orient: bool = True, name: str | None = None) -> Tensor:
+        """One image file (or open binary file, ``name`` naming it) -> uint8 (in_chans, *size), decoded as every
+        command decodes it: at full scale (a JPEG decoded at a reduced scale has other pixels than the resize of
+        the full image); ``orient`` (the default, as for training crops) applies the file's EXIF orientation
+        first, as image viewers and transformers' pipeline do."""
+        return self.resize(read_image(path, orient=orient, name=name))
 
     def __repr__(self) -> str:
         return f"EvalTransform({self.preprocessing!r}, in_chans={self.in_chans})"

@@ -14,13 +14,13 @@ Accepted forms:
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vitkit.errors import DownloadError, OfflineError
+from vitkit.fileio import read_json_object
 from vitkit.hf_processor import ProcessorError, preprocessing_from_processor
 from vitkit.hub.catalog import CatalogEntry, find_entry, load_catalog
 from vitkit.hub.classes import class_names as bundled_class_names
@@ -117,11 +117,11 @@ def fetch_hub_repo(repo: str, *, source: str | None = None) -> HubSource:
 
 # --------------------------------------------------------------------------- repo metadata
 def _read_json(path: Path) -> dict[str, Any]:
+    """Best effort: a Hub snapshot's metadata file, or nothing (its weights are read, and checked, anyway)."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return read_json_object(path)
+    except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _directory_facts(directory: Path) -> tuple[str, str | None, int | None, Preprocessing | None,

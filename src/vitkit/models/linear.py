@@ -41,7 +41,7 @@ def uses_fast_path(x: Tensor) -> bool:
     """Whether a call on ``x`` may take the oneDNN path: an eager float32 CPU call that no transform,
     tracer or compiler is watching (they need the standard operator)."""
     return (_fast_path_enabled and not isinstance(x, fx.Proxy) and type(x) is Tensor
-            and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.is_cpu and x.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing() and not torch._C._are_functorch_transforms_active()
             and forward_ad._current_level < 0)
@@ -55,12 +55,13 @@ def _no_global_hooks() -> bool:
 def is_plain_linear(layer: nn.Module) -> bool:
     """``layer`` is exactly an ``nn.Linear`` that nobody wraps, hooks or parametrizes (a parametrized module
     has another type), with plain float32 weights: calling its weights directly skips nothing."""
-    return (type(layer) is nn.Linear
-            and not (layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
-                     or layer._backward_pre_hooks)
-            and type(layer.weight) is nn.Parameter and layer.weight.dtype == torch.float32
-            and (layer.bias is None or type(layer.bias) is nn.Parameter)
-            and _no_global_hooks())
+    if type(layer) is not nn.Linear or (layer._forward_hooks or layer._forward_pre_hooks or layer._backward_hooks
+                                        or layer._backward_pre_hooks):
+        return False
+    params = layer._parameters  # not layer.weight: nn.Module.__getattr__ costs a microsecond per look-up
+    weight, bias = params["weight"], params["bias"]
+    return (type(weight) is nn.Parameter and weight.dtype == torch.float32
+            and (bias is None or type(bias) is nn.Parameter) and _no_global_hooks())
 
 
 _ones_cache = torch.ones(0)
@@ -124,7 +125,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 def run_linear(layer: nn.Module, x: Tensor) -> Tensor:
     """``layer(x)``, through oneDNN when ``layer`` is the plain ``nn.Linear`` vitkit built and the call may."""
     if is_plain_linear(layer) and uses_fast_path(x):
-        return linear(x, layer.weight, layer.bias)
+        return linear(x, layer._parameters["weight"], layer._parameters["bias"])
     return layer(x)
 
 
@@ -137,10 +138,12 @@ def run_linear_gelu(layer: nn.Module, act: nn.Module, x: Tensor) -> Tensor:
     """``act(layer(x))``; one fused oneDNN kernel at inference when both are the plain modules vitkit built
     (exact erf GELU), so fusing skips no wrapper or hook of either."""
     if _is_plain_gelu(act) and is_plain_linear(layer) and uses_fast_path(x) and not _needs_grad(x, layer):
-        return _onednn_linear(x.contiguous(), layer.weight, layer.bias, "gelu", [], "none")
+        return _onednn_linear(x.contiguous(), layer._parameters["weight"], layer._parameters["bias"], "gelu", [],
+                              "none")
     return act(run_linear(layer, x))
 
 
 def _needs_grad(x: Tensor, layer: nn.Linear) -> bool:
-    return torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad
-                                        or (layer.bias is not None and layer.bias.requires_grad))
+    weight, bias = layer._parameters["weight"], layer._parameters["bias"]
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))

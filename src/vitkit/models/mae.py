@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from vitkit.config import ModelConfig, ViTConfig
-from vitkit.config_engine import from_mapping
+from vitkit.config_engine import from_mapping, to_plain
 from vitkit.fileio import write_model_dir
 from vitkit.models.init import check_mode, init_module_, init_token_
 from vitkit.models.layers import Block, PatchEmbed, block_stack
@@ -111,11 +111,7 @@ class MAEConfig(ModelConfig):
         return dataclasses.replace(self, **mine)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["encoder"] = self.encoder.to_dict()
-        d["extra"] = dict(self.extra)
-        d["preprocess"] = self.preprocess.to_dict() if self.preprocess is not None else None
-        return d
+        return to_plain(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> MAEConfig:

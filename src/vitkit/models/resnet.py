@@ -23,11 +23,13 @@ from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from vitkit.config import ModelConfig
 from vitkit.config_engine import check_fields, from_mapping
 from vitkit.fileio import write_model_dir
+from vitkit.models.features import FeatureInfo
 from vitkit.models.inputs import check_image_batch
 from vitkit.models.layers import DropPath
 from vitkit.models.registry import config_record, register_architecture, register_model
@@ -380,10 +382,16 @@ class ResNet(nn.Module):
         self.head_drop = nn.Dropout(config.drop_rate)
         self.init_weights()
         self.fc = self._new_head(config.num_classes, config.head_init)
+        # timm's names: the classifier's input width, the pooling, the stages a feature extractor may keep
+        self.head_hidden_size = self.num_features
+        self.global_pool = "avg"
+        self.num_classes = config.num_classes
+        self.num_stages = len(config.layers)
+        self.grad_checkpointing = False
 
     @property
-    def stages(self) -> list[nn.Sequential]:
-        return [getattr(self, f"layer{i + 1}") for i in range(len(self.config.layers))]
+    def stages(self) -> list[nn.Module]:
+        return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
 
     def init_weights(self) -> None:
         """torchvision's initialisation: He-normal (fan-out) convolutions, unit BatchNorms, and the
@@ -416,6 +424,97 @@ class ResNet(nn.Module):
         self.config = self.config.replace(class_names=list(class_names) if class_names is not None else None)
         device, dtype = self.conv1.weight.device, self.conv1.weight.dtype
         self.fc = self._new_head(num_classes, self.config.head_init).to(device=device, dtype=dtype)
+        self.fc.train(self.training)
+        self.num_classes = num_classes
+
+    # ------------------------------------------------------------------------------- timm's model API
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """timm's name: a fresh ``num_classes`` classifier (0: none) after the global average pool."""
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"global_pool={global_pool!r}: vitkit's ResNet pools by average only")
+        self.reset_head(num_classes, zero_init=False)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's ResNet groups: the stem, then each block (each stage when ``coarse``)."""
+        return dict(stem=r"^conv1|bn1|maxpool", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """timm's record of the input preparation (from the model's preprocessing record)."""
+        cfg = self.config
+        p = cfg.preprocessing()
+        return {"architecture": cfg.name or "resnet", "input_size": (cfg.in_chans, *p.size), "fixed_input_size": False,
+                "interpolation": p.interpolation, "crop_pct": p.crop_pct, "crop_mode": p.crop_mode,
+                "mean": tuple(p.mean), "std": tuple(p.std), "num_classes": cfg.num_classes,
+                "label_names": list(cfg.class_names) if cfg.class_names else None, "first_conv": "conv1",
+                "classifier": "fc"}
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        return self.pretrained_cfg
+
+    @property
+    def feature_info(self) -> FeatureInfo:
+        """The stem's output (after its ReLU), then each stage's, as timm's ResNet lists them."""
+        stem_reduction = 4 if self.config.stem == "imagenet" else 1
+        info = [dict(module="relu", num_chs=self.config.stem_width, reduction=stem_reduction // 2 or 1)]
+        channels, reduction = self.config.stem_width, stem_reduction
+        for i, stage in enumerate(self.stages):
+            blocks = list(stage.children()) if isinstance(stage, nn.Sequential) else []
+            if blocks:
+                channels = blocks[-1].last_norm().num_features
+            reduction = reduction * (2 if i > 0 else 1)
+            info.append(dict(module=f"layer{i + 1}", num_chs=channels, reduction=reduction))
+        return FeatureInfo(info)
+
+    def _resolve_indices(self, indices: int | Sequence[int] | None) -> list[int]:
+        count = 1 + self.num_stages
+        if indices is None:
+            return list(range(count))
+        if isinstance(indices, int):
+            if not 0 < indices <= count:
+                raise ValueError(f"indices={indices}: asks for the last {indices} of {count} features")
+            return list(range(count - indices, count))
+        resolved = sorted({i + count if i < 0 else i for i in indices})
+        if resolved and not 0 <= resolved[0] <= resolved[-1] < count:
+            raise ValueError(f"feature indices {list(indices)} out of range for {count} features")
+        return resolved
+
+    def forward_intermediates(self, x: Tensor, indices: int | Sequence[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              ) -> Any:
+        """timm's signature: the stem's and the stages' feature maps (``indices`` of those 1 + stages), and the
+        final map unless ``intermediates_only``."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW' for a CNN, got {output_fmt!r}")
+        take = self._resolve_indices(indices)
+        check_image_batch(x, self.config.in_chans)
+        x = self.relu(self.bn1(self.conv1(x)))
+        intermediates = [x] if 0 in take else []
+        x = self.maxpool(x)
+        stages = self.stages[: max(take)] if stop_early else self.stages
+        for i, stage in enumerate(stages, start=1):
+            x = stage(x)
+            if i in take:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last of ``indices`` (and the classifier); returns the kept indices."""
+        take = self._resolve_indices(indices)
+        self.num_stages = max(max(take), 1)
+        for i in range(self.num_stages, len(self.config.layers)):
+            setattr(self, f"layer{i + 1}", nn.Identity())
+        if prune_head:
+            self.reset_classifier(0)
+        return take
 
     def no_weight_decay(self) -> set[str]:
         """Parameters that AdamW should not decay besides norms and biases: none."""
@@ -426,7 +525,10 @@ class ResNet(nn.Module):
         check_image_batch(images, self.config.in_chans)
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
         for stage in self.stages:
-            x = stage(x)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)
         return x
 
     def forward_head(self, features: Tensor, pre_logits: bool = False) -> Tensor:

@@ -235,7 +235,7 @@ class VisionTransformer(nn.Module):
         return {
             "architecture": cfg.name or type(self).__name__, "input_size": (cfg.in_chans, *p.size),
             "fixed_input_size": not self.dynamic_img_size, "interpolation": p.interpolation,
-            "crop_pct": p.crop_pct, "crop_mode": "center", "mean": tuple(p.mean), "std": tuple(p.std),
+            "crop_pct": p.crop_pct, "crop_mode": p.crop_mode, "mean": tuple(p.mean), "std": tuple(p.std),
             "num_classes": cfg.num_classes, "label_names": list(cfg.class_names) if cfg.class_names else None,
             "first_conv": self.first_conv, "classifier": "head",
         }

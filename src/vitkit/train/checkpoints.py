@@ -22,7 +22,17 @@ import torch
 
 from vitkit.checkpoint import CheckpointError
 from vitkit.fileio import atomic_path, atomic_torch_save, atomic_write_text
-from vitkit.runfiles import BEST, CHECKPOINT_DIR, FORMAT, LAST, VERSION, load_checkpoint, step_name
+from vitkit.runfiles import (
+    BEST,
+    CHECKPOINT_DIR,
+    FORMAT,
+    LAST,
+    SHARDED_SUFFIX,
+    VERSION,
+    is_sharded_checkpoint,
+    load_checkpoint,
+    step_name,
+)
 from vitkit.train.rundir import RunDirectoryError
 
 __all__ = ["BEST", "CHECKPOINT_DIR", "FORMAT", "LAST", "RUN_ID_NAME", "VERSION", "CheckpointWriter", "capture_rng",
@@ -166,10 +176,16 @@ def _atomic_copy(source: Path, target: Path) -> None:
 
 # ------------------------------------------------------------------------------------ reading
 def resolve_checkpoint(run_or_checkpoint: str | Path) -> Path:
-    """A training checkpoint file from a run directory (its ``last.pt``) or a checkpoint path."""
+    """A training checkpoint from a run directory (its ``last.pt``, or ``last.dcp`` when sharded) or a
+    checkpoint path (a file, or a sharded checkpoint directory)."""
     path = Path(run_or_checkpoint)
+    if is_sharded_checkpoint(path):
+        return path
     if path.is_dir():
         candidate = path / CHECKPOINT_DIR / LAST
+        sharded = path / CHECKPOINT_DIR / ("last" + SHARDED_SUFFIX)
+        if not candidate.is_file() and is_sharded_checkpoint(sharded):
+            return sharded
         if not candidate.is_file():
             raise CheckpointError(f"{path}: no checkpoint to resume from ({candidate} does not exist)")
         return candidate

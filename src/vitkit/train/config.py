@@ -38,7 +38,12 @@ from vitkit.train.budget import parse_duration
 OptimizerName = Literal["adamw", "sgd"]
 Progress = Literal["auto", "bar", "plain", "none"]
 TaskName = Literal["classification", "mae"]
+Strategy = Literal["ddp", "fsdp"]
 """What a run trains for; each name has a :class:`vitkit.train.task.Task` in ``vitkit.train.task.TASKS``."""
+
+GRAD_CHECKPOINTING = "grad_checkpointing"
+"""``model.grad_checkpointing: true``: recompute each transformer block's activations in the backward pass
+(:mod:`vitkit.train.grad_checkpointing`); not a field of the model's config, so never exported."""
 
 DEFAULT_CONFIG = "cifar10_convstem"
 """The bundled config that ``vitkit train`` runs when given none: the README's main job."""
@@ -98,6 +103,23 @@ class OptimConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """How a run under ``torchrun`` spreads over its processes (a single process is unaffected)."""
+
+    strategy: Strategy = "ddp"
+    """``ddp``: a whole replica per process; ``fsdp``: parameters, gradients and optimizer state sharded per
+    transformer block (FSDP2), checkpoints written sharded (Distributed Checkpoint) and resumable on any
+    number of processes."""
+    cpu_offload: bool = False
+    """With ``fsdp``: keep parameters, gradients and optimizer state in CPU memory between uses."""
+
+    def __post_init__(self) -> None:
+        check_fields(self, prefix="distributed.")
+        if self.cpu_offload and self.strategy != "fsdp":
+            raise ValueError("distributed.cpu_offload needs distributed.strategy fsdp")
+
+
+@dataclass
 class FinetuneConfig:
     """The ``finetune`` section of a training config. With ``init`` unset, training starts from scratch."""
 
@@ -135,6 +157,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     """Start from pre-trained weights (``finetune.init``) instead of a fresh ``model.name``."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     epochs: int = 30
     max_steps: Optional[int] = None
     """Stop after this many optimizer steps (the learning-rate schedule spans them), even within an epoch;
@@ -197,6 +220,9 @@ class TrainConfig:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1) or null, got {self.ema_decay}")
+        if self.ema_decay is not None and self.distributed.strategy == "fsdp":
+            raise ValueError("ema_decay is not supported with distributed.strategy fsdp (the average would be a "
+                             "whole replica per process); use ddp, or no EMA")
 
     # ------------------------------------------------------------------------------- conversions
     def to_dict(self) -> dict[str, Any]:
@@ -232,6 +258,9 @@ def check_model_section(model: Mapping[str, Any], *, fine_tuning: bool = False,
     checked = {"name": name}
     for key, value in model.items():
         if key == "name":
+            continue
+        if key == GRAD_CHECKPOINTING:  # a training switch, valid for any model with transformer blocks
+            checked[key] = coerce(value, bool, f"model.{key}")
             continue
         if key not in fields:
             if fine_tuning:

@@ -5,6 +5,7 @@ A plain ``vitkit train`` is a world of one process and every helper here is then
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -12,6 +13,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from vitkit.train.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -91,3 +94,19 @@ def gather_objects(obj: Any, world: World) -> list[Any]:
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
+
+
+def keep_global_batch(cfg: TrainConfig, saved: dict[str, Any], world: World) -> TrainConfig:
+    """``cfg`` of a run resumed on a different number of processes, with its per-process batch changed so the
+    global batch (batch x processes x accumulation) stays what it was; unchanged on the same number, or when
+    the resume itself set another ``data.batch_size``."""
+    before = int(saved.get("world_size", world.size))
+    saved_batch = int(((saved.get("config") or {}).get("data") or {}).get("batch_size", cfg.data.batch_size))
+    if before == world.size or cfg.data.batch_size != saved_batch:
+        return cfg
+    global_batch = saved_batch * before
+    if global_batch % world.size:
+        raise ValueError(f"the run's global batch ({saved_batch} x {before} processes) does not split over "
+                         f"{world.size} processes; resume on a number of processes that divides {global_batch}, "
+                         "or set --batch_size (and --accum_steps) yourself")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=global_batch // world.size))

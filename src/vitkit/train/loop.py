@@ -51,7 +51,7 @@ from vitkit.train.checkpoints import (
     resolve_checkpoint,
     restore_rng,
 )
-from vitkit.train.config import TrainConfig, expand_shortcuts, merge_configs, parse_overrides
+from vitkit.train.config import GRAD_CHECKPOINTING, TrainConfig, expand_shortcuts, merge_configs, parse_overrides
 from vitkit.train.distributed import (
     World,
     all_reduce_sum,
@@ -59,9 +59,20 @@ from vitkit.train.distributed import (
     broadcast_object,
     gather_objects,
     init_world,
+    keep_global_batch,
     shutdown,
 )
 from vitkit.train.ema import ModelEMA
+from vitkit.train.fsdp import (
+    check_cpu_offload,
+    full_value,
+    gathered,
+    is_sharded,
+    resident_bytes,
+    shard_model,
+    skip_gradient_sync,
+)
+from vitkit.train.grad_checkpointing import enable_grad_checkpointing
 from vitkit.train.invocation import vitkit_command
 from vitkit.train.memory import ensure_step_fits
 from vitkit.train.monitor import Progress, RunLog, format_duration
@@ -69,6 +80,7 @@ from vitkit.train.optim import build_optimizer, lr_at, peak_lr, set_lr
 from vitkit.train.plots import plot_curves
 from vitkit.train.rundir import create_run_dir, lock_run_dir, remove_partial_writes, unlock_run_dirs, write_config
 from vitkit.train.runtime import StopSignals, seed_everything
+from vitkit.train.sharded_checkpoint import ShardedCheckpointWriter, full_state_dict, restore_sharded
 from vitkit.train.task import Task, build_task, format_metric
 
 _now = time.perf_counter
@@ -222,11 +234,11 @@ def resume(run_or_checkpoint: str | Path, overrides: Sequence[str] = ()) -> Trai
     """Continue a run from its ``last`` checkpoint (or the given checkpoint file), exactly: same weights,
     optimizer, schedule, EMA, RNG states, data order and logged metrics as if it had never stopped."""
     path = resolve_checkpoint(run_or_checkpoint)
-    saved = load_checkpoint(path)
-    saved["run_id"] = check_run_identity(path, saved, path.parent.parent)
+    saved = load_checkpoint(path, weights=False)
+    saved["run_id"] = check_run_identity(path, saved, Path(path).absolute().parent.parent)
     changes = expand_shortcuts(parse_overrides(overrides))
     cfg = TrainConfig.from_dict(merge_configs(saved["config"], changes), source=f"{path} (its config)")
-    return _run(cfg, run_dir=path.parent.parent, saved=saved)
+    return _run(cfg, run_dir=Path(path).absolute().parent.parent, saved=saved)
 
 
 def _run(cfg: TrainConfig, run_dir: Optional[Path] = None, saved: Optional[dict[str, Any]] = None) -> TrainResult:
@@ -267,6 +279,8 @@ class _Run:
                  signals: StopSignals) -> None:
         self.cfg, self.world, self.signals = cfg, world, signals
         self.device = device = resolve_device(cfg.device, world.local_rank)
+        if saved is not None:  # on another number of processes: the same global batch
+            self.cfg = cfg = keep_global_batch(cfg, saved, world)
         seed_everything(cfg.seed, cfg.deterministic)  # same seed on every rank: identical initial weights
         self.data = data = build_data(cfg.data, device=device, seed=cfg.seed, rank=world.rank, world_size=world.size)
         self.task = task = build_task(cfg, data, device=device, world=world)
@@ -274,16 +288,27 @@ class _Run:
         self.schedule = schedule = Schedule.from_config(cfg, len(data.train), world.size)
         size = data.img_size if isinstance(data.img_size, (tuple, list)) else (data.img_size, data.img_size)
         no_labels = lambda n: torch.zeros(n, dtype=torch.long, device=device)  # noqa: E731
+        fsdp = cfg.distributed.strategy == "fsdp"
+        check_cpu_offload(cfg.distributed.cpu_offload, device)
         ensure_step_fits(parts.raw, parts.optimizer, input_shape=(data.in_chans, *size),
                          batch_size=cfg.data.batch_size, accum_steps=schedule.accum, device=device,
                          precision=cfg.precision,  # before an out-of-memory kill can take the run down
-                         loss_fn=lambda model, images: task.train_step(model, images, no_labels(len(images)))[0])
+                         loss_fn=lambda model, images: task.train_step(model, images, no_labels(len(images)))[0],
+                         grad_checkpointing=bool(cfg.model.get(GRAD_CHECKPOINTING)), shards=world.size if fsdp else 1)
+        if cfg.model.get(GRAD_CHECKPOINTING):
+            enable_grad_checkpointing(parts.raw)
+        if fsdp and world.distributed:  # in place; the optimizer then holds (and steps) the shards
+            shard_model(parts.raw, precision=cfg.precision, cpu_offload=cfg.distributed.cpu_offload, device=device)
+            parts.optimizer = build_optimizer(parts.raw, cfg.optim)
         stats = len(task.stat_names) + 1
         self.state = LoopState(epoch_sums=torch.zeros(stats, dtype=torch.float64, device=device),
                                window_sums=torch.zeros(stats, dtype=torch.float64, device=device))
         if saved is not None:
-            _restore(parts, saved)
+            _restore(parts, saved, world)
             self.state = LoopState.from_checkpoint(saved, device)
+            if "sharded" in saved and not world.is_main:  # its sums are of all processes: counted once, on rank 0
+                self.state.epoch_sums.zero_()
+                self.state.window_sums.zero_()
         parts.model = _wrap(parts.raw, cfg, world, device)
 
         self.run_dir = broadcast_object(run_dir or (create_run_dir(cfg) if world.is_main else None), world)
@@ -291,7 +316,8 @@ class _Run:
             lock_run_dir(self.run_dir)
         self.log = RunLog(self.run_dir, resume_step=self.state.step if saved else None, enabled=world.is_main)
         run_id = broadcast_object((saved or {}).get("run_id") or new_run_id(), world)  # one id on every process
-        self.checkpoints = CheckpointWriter(self.run_dir, cfg.keep_last_k, run_id)
+        self.checkpoints = ShardedCheckpointWriter(self.run_dir, cfg.keep_last_k, world, run_id) if fsdp else \
+            CheckpointWriter(self.run_dir, cfg.keep_last_k, run_id)
         self.progress = Progress(cfg.progress, enabled=world.is_main)
         if world.is_main:
             partial = remove_partial_writes(self.run_dir) if saved is not None else []
@@ -332,6 +358,10 @@ class _Run:
         self.epoch_start = self.epoch_cpu = self.window_start = 0.0
         self.lr = schedule.lr_at(self.state.step)
         self.grad_norm: Optional[Tensor] = None
+        new_layout = saved is None or int(saved.get("world_size", world.size)) != world.size
+        self.memory_step = self.state.step + 1 if new_layout else None
+        """The step before which the resident bytes per process are logged: a run's first, and a resumption's on
+        another number of processes (a resumption on the same number logs what the run logged)."""
 
     def clock(self) -> float:
         """Training seconds of the run: this process's, plus those of the processes it resumes."""
@@ -370,6 +400,8 @@ class _Run:
         if not boundary:
             return False
         self.lr = schedule.lr_at(state.step)
+        if state.step == self.memory_step:  # gradients and optimizer state both exist now
+            _log_resident_memory(self.parts, self.world, self.log, state.step)
         self.grad_norm = _optimizer_step(self.parts, self.cfg, self.lr, self.nonfinite)
         state.step += 1
         self.progress.step()
@@ -422,10 +454,11 @@ class _Run:
         evaluated = (state.epoch + 1) % cfg.eval_every == 0 or last
         if evaluated:
             started = self.clock()
-            with _saving_on_corrupt_in(self.save_finished_epoch, world, self.checkpoints, self.run_dir):
+            with _saving_on_corrupt_in(self.save_finished_epoch, world, self.checkpoints, self.run_dir), \
+                    gathered(self.parts.raw):  # under FSDP the ranks' validation shards may differ in batches
                 is_best = _evaluate(task, self.parts, state, record)
-            if world.is_main:
-                self.log.figures(task.figures(self._exported_model()), state.step, state.epoch + 1)
+                if world.is_main:
+                    self.log.figures(task.figures(self._exported_model()), state.step, state.epoch + 1)
             self.pace.evaluation(self.clock() - started)
         self.epoch_times.append(time.perf_counter() - self.epoch_start)
         record["epoch_time"] = self.epoch_times[-1]
@@ -471,8 +504,9 @@ class _Run:
         """Export the model (the EMA model when there is one) and say what the run measured."""
         state, world = self.state, self.world
         train_seconds = round(self.clock(), 1)
+        final = _whole_model(self.task, self.parts)  # every process: under FSDP it gathers the weights
         if world.is_main:
-            self.task.export(self._exported_model(), self.run_dir, best=state.best, train_seconds=train_seconds)
+            self.task.export(final, self.run_dir, best=state.best, train_seconds=train_seconds)
             self.log.close()
             best = "never evaluated" if state.best is None else format_metric(
                 self.task.best_metric, state.best, "best " + self.task.best_metric.replace("_", " "))
@@ -559,7 +593,8 @@ def _forward_backward(task: Task, parts: Trained, images: Tensor, targets: Tenso
                       world: World, boundary: bool, accum: int) -> Tensor:
     """Loss and gradients of one micro-batch (gradients are synchronised across processes only on the
     last micro-batch of an optimizer step); its sums go into the epoch's and the log window's."""
-    sync = contextlib.nullcontext() if boundary or not world.distributed else parts.model.no_sync()
+    sync = contextlib.nullcontext() if boundary or not world.distributed else \
+        skip_gradient_sync(parts.raw if is_sharded(parts.raw) else parts.model)
     with sync:
         loss, sums = task.train_step(parts.model, images, targets)
         parts.scaler.scale(loss / accum).backward()
@@ -575,7 +610,7 @@ def _optimizer_step(parts: Trained, cfg: TrainConfig, lr: float, nonfinite: Tens
     grad_norm = None
     if cfg.optim.clip_grad:
         parts.scaler.unscale_(parts.optimizer)
-        grad_norm = nn.utils.clip_grad_norm_(parts.raw.parameters(), cfg.optim.clip_grad)
+        grad_norm = full_value(nn.utils.clip_grad_norm_(parts.raw.parameters(), cfg.optim.clip_grad))
         if not parts.scaler.is_enabled():  # with a scaler, overflowing steps are skipped, not fatal
             nonfinite += ~torch.isfinite(grad_norm)
     parts.scaler.step(parts.optimizer)
@@ -584,6 +619,13 @@ def _optimizer_step(parts: Trained, cfg: TrainConfig, lr: float, nonfinite: Tens
     if parts.ema is not None:
         parts.ema.update(parts.raw)
     return grad_norm
+
+
+def _log_resident_memory(parts: Trained, world: World, log: RunLog, step: int) -> None:
+    """Log (``kind: memory``) the bytes of parameters, gradients and optimizer state each process holds:
+    a whole replica under DDP, ``1/world`` of it under FSDP."""
+    per_rank = gather_objects(resident_bytes(parts.raw, parts.optimizer), world)
+    log.log("memory", step, **{key: [r[key] for r in per_rank] for key in per_rank[0]})
 
 
 def _window_metrics(task: Task, state: LoopState, world: World, lr: float, grad_norm: Optional[Tensor],
@@ -660,9 +702,12 @@ def _build_parts(model: nn.Module, cfg: TrainConfig, device: torch.device) -> Tr
     return Trained(model, model, build_optimizer(model, cfg.optim), grad_scaler(cfg.precision, device), ema)
 
 
-def _restore(parts: Trained, saved: dict[str, Any]) -> None:
-    load_weights(parts.raw, saved["model"], source="the checkpoint's model weights")
-    parts.optimizer.load_state_dict(saved["optimizer"])
+def _restore(parts: Trained, saved: dict[str, Any], world: World) -> None:
+    if "sharded" in saved:  # any number of processes wrote it; DCP reshards to this world
+        restore_sharded(saved, parts.raw, parts.optimizer, world)
+    else:
+        load_weights(parts.raw, saved["model"], source="the checkpoint's model weights")
+        parts.optimizer.load_state_dict(saved["optimizer"])
     parts.scaler.load_state_dict(saved["scaler"])
     if parts.ema is not None:
         if saved.get("ema") is None:
@@ -670,9 +715,23 @@ def _restore(parts: Trained, saved: dict[str, Any]) -> None:
         parts.ema.load_state_dict(saved["ema"])
 
 
+def _whole_model(task: Task, parts: Trained) -> nn.Module:
+    """The model to export: the EMA model, the model itself, or under FSDP a whole copy gathered on rank 0
+    (every process must call this)."""
+    if parts.ema is not None:
+        return parts.ema.module
+    if not is_sharded(parts.raw):
+        return parts.raw
+    weights = full_state_dict(parts.raw)
+    whole = task.build_model()
+    if weights:  # rank 0
+        whole.load_state_dict(weights)
+    return whole
+
+
 def _wrap(model: nn.Module, cfg: TrainConfig, world: World, device: torch.device) -> nn.Module:
-    """The model as the loop calls it: DDP across processes, ``torch.compile`` if asked."""
-    if world.distributed:
+    """The model as the loop calls it: DDP across processes (unless FSDP shards it), ``torch.compile`` if asked."""
+    if world.distributed and not is_sharded(model):
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
@@ -694,9 +753,9 @@ def _announce(progress: Progress, cfg: TrainConfig, model: nn.Module, run_dir: P
 
 # ------------------------------------------------------------------------------ checkpoints, checks
 def _check_finite(nonfinite: Tensor, state: LoopState, world: World, device: torch.device,
-                  checkpoints: CheckpointWriter) -> None:
+                  checkpoints: CheckpointWriter | ShardedCheckpointWriter) -> None:
     if any_process(bool(nonfinite.item()), world, device):
-        saved = f"the last good checkpoint is {checkpoints.last}" if checkpoints.last.is_file() else \
+        saved = f"the last good checkpoint is {checkpoints.last}" if checkpoints.last.exists() else \
             "no checkpoint had been written yet"
         raise TrainingDiverged(
             f"non-finite loss or gradient norm by optimizer step {state.step} (epoch {state.epoch + 1}); training "
@@ -704,21 +763,30 @@ def _check_finite(nonfinite: Tensor, state: LoopState, world: World, device: tor
             "optim.warmup_epochs, optim.clip_grad, or bf16 instead of fp16.")
 
 
-def _save_checkpoint(checkpoints: CheckpointWriter, parts: Trained, state: LoopState, cfg: TrainConfig,
-                     world: World, elapsed: float, window_start: float, is_best: bool) -> None:
-    """Write ``last`` (and ``best``) from rank 0, with every rank's RNG streams (dropout masks). Weights
-    that are no longer finite are never saved: ``last.pt`` stays the last good state."""
+def _save_checkpoint(checkpoints: CheckpointWriter | ShardedCheckpointWriter, parts: Trained, state: LoopState,
+                     cfg: TrainConfig, world: World, elapsed: float, window_start: float, is_best: bool) -> None:
+    """Write ``last`` (and ``best``) from rank 0, with every rank's RNG streams (dropout masks); sharded
+    checkpoints from every rank, with the epoch's sums of all ranks (so any number of processes resumes them).
+    Weights that are no longer finite are never saved: ``last`` stays the last good state."""
     broken = nonfinite_keys(parts.raw.state_dict())  # identical on every rank, so every rank stops
     if broken:
-        good = f"the last good checkpoint is {checkpoints.last}" if checkpoints.last.is_file() else \
+        good = f"the last good checkpoint is {checkpoints.last}" if checkpoints.last.exists() else \
             "no checkpoint had been written yet"
         raise TrainingDiverged(f"{describe_nonfinite(broken)} by optimizer step {state.step} (epoch "
                                f"{state.epoch + 1}); training stopped and nothing was saved; {good}. Try a lower "
                                "optim.lr, a longer optim.warmup_epochs, optim.clip_grad, or bf16 instead of fp16.")
     rngs = gather_objects(capture_rng(), world)
+    window_seconds = time.perf_counter() - window_start if state.batch else 0.0
+    if isinstance(checkpoints, ShardedCheckpointWriter):
+        sums = {k: all_reduce_sum(getattr(state, k).clone(), world) for k in ("epoch_sums", "window_sums")}
+        loop = LoopState(**{**state.__dict__, **sums, "elapsed": elapsed, "window_seconds": window_seconds})
+        checkpoints.save(parts.raw, parts.optimizer, {
+            "model_config": _config_dict(parts.raw), "scaler": parts.scaler.state_dict(), "ema": None,
+            **loop.to_checkpoint(), "rng": rngs, "config": cfg.to_dict(), "world_size": world.size,
+        }, is_best=is_best)
+        return
     if not world.is_main:
         return
-    window_seconds = time.perf_counter() - window_start if state.batch else 0.0
     loop = LoopState(**{**state.__dict__, "elapsed": elapsed, "window_seconds": window_seconds})
     checkpoints.save({
         "model": parts.raw.state_dict(), "model_config": _config_dict(parts.raw),

@@ -20,7 +20,15 @@ from vitkit.data import Data
 from vitkit.models.mae import MAEConfig, MaskedAutoencoder, mae_config_for
 from vitkit.models.registry import get_model_entry
 from vitkit.runtime import autocast
-from vitkit.train.config import TrainConfig, expand_shortcuts, find_config, merge_configs, parse_overrides, read_yaml
+from vitkit.train.config import (
+    GRAD_CHECKPOINTING,
+    TrainConfig,
+    expand_shortcuts,
+    find_config,
+    merge_configs,
+    parse_overrides,
+    read_yaml,
+)
 from vitkit.train.distributed import World, all_reduce_sum
 from vitkit.train.rundir import MODEL_DIR
 
@@ -46,7 +54,7 @@ def mae_model_config(model_section: dict[str, Any], data: Data) -> MAEConfig:
     """The MAE a run's ``model`` section describes: a registered MAE, or any registered plain-patch ViT
     wrapped as one (:func:`vitkit.models.mae.mae_config_for`); the other keys override encoder or decoder
     fields, and the image size and channels default to the data set's."""
-    spec = dict(model_section)
+    spec = {k: v for k, v in model_section.items() if k != GRAD_CHECKPOINTING}
     name = spec.pop("name")
     base = get_model_entry(name).config
     if isinstance(base, ViTConfig):

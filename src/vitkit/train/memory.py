@@ -4,8 +4,12 @@ fails at once with the numbers and a way out, instead of being killed by the ker
 The estimate adds what a step holds at its peak: the activations autograd saves for the backward pass
 (counted exactly, tensor by tensor, on two probe forwards of 1 and 2 images, so the per-image part and the
 fixed part separate), the weights' gradients, and the optimizer state the first step allocates. It is
-deterministic, the same on every device, and costs two small forward passes. The memory available is what the
-OS reports (``MemAvailable`` and the cgroup limit on CPU, free memory on a GPU), or ``VITKIT_MEMORY_LIMIT``.
+deterministic, the same on every device, and costs two small forward passes. It knows the two levers of
+large models: with activation checkpointing (``model.grad_checkpointing``) a block keeps only its input and one
+block's activations exist at a time (recomputed in the backward pass); with FSDP over ``shards`` processes each
+holds ``1/shards`` of the weights, gradients and optimizer state, plus one block's weights and gradients
+gathered whole at a time. The memory available is what the OS reports (``MemAvailable`` and the cgroup limit
+on CPU, free memory on a GPU), or ``VITKIT_MEMORY_LIMIT``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.runtime import autocast
+from vitkit.train.grad_checkpointing import transformer_blocks
 
 MEMORY_LIMIT_ENV = "VITKIT_MEMORY_LIMIT"
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
@@ -41,36 +46,71 @@ class StepMemory:
     """Saved tensors that do not grow with the batch (e.g. weights cast for autocast)."""
     gradients: int
     optimizer_state: int
+    weights: int = 0
+    """The weights this process keeps (not part of :meth:`total`: they are allocated before the check)."""
+    gathered: int = 0
+    """FSDP: the largest block's weights and gradients, all-gathered whole for its forward and backward."""
 
     @property
     def fixed(self) -> int:
-        return self.batch_independent + self.gradients + self.optimizer_state
+        return self.batch_independent + self.gradients + self.optimizer_state + self.gathered
 
     def total(self, batch_size: int) -> int:
         return batch_size * self.per_image + self.fixed
 
+    def per_process(self, batch_size: int) -> int:
+        """Everything a process holds at the step's peak: :meth:`total` plus its weights."""
+        return self.total(batch_size) + self.weights
+
 
 def saved_activation_bytes(model: nn.Module, images: Tensor, *, precision: str = "fp32",
-                           loss_fn: Callable[[nn.Module, Tensor], Tensor] | None = None) -> int:
+                           loss_fn: Callable[[nn.Module, Tensor], Tensor] | None = None,
+                           grad_checkpointing: bool = False) -> int:
     """Bytes of the tensors autograd keeps for the backward pass of one forward of ``images`` (parameters and
-    tensors sharing storage counted once; nothing is run backward)."""
+    tensors sharing storage counted once; nothing is run backward). With ``grad_checkpointing``, what it keeps
+    when every transformer block is checkpointed: the blocks' inputs instead of their activations, plus the
+    largest block's activations (recomputed, one block at a time, in the backward pass)."""
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
+    owner: dict[int, int] = {}  # storage -> the block (index) whose forward saved it; -1: outside any block
+    inputs: dict[int, int] = {}  # block -> bytes of its input
+    current = [-1]
 
     def pack(t: Tensor) -> Tensor:
         try:
             storage = t.untyped_storage()
         except (RuntimeError, NotImplementedError):  # a tensor without storage of its own
             return t
-        if storage.data_ptr() not in param_storages:
+        if storage.data_ptr() not in param_storages and storage.data_ptr() not in seen:
             seen[storage.data_ptr()] = storage.nbytes()
+            owner[storage.data_ptr()] = current[0]
         return t
 
+    def enter(index: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple) -> None:
+            current[0] = index
+            inputs[index] = sum(a.untyped_storage().nbytes() for a in args if isinstance(a, Tensor))
+        return hook
+
+    def leave(_module: nn.Module, _args: tuple, _output: object) -> None:
+        current[0] = -1
+
+    blocks = transformer_blocks(model) if grad_checkpointing else []
+    handles = [h for i, b in enumerate(blocks) for h in (b.register_forward_pre_hook(enter(i)),
+                                                          b.register_forward_hook(leave))]
     loss_fn = loss_fn or _classification_loss
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(precision, images.device):
-        loss = loss_fn(model, images)
-    del loss
-    return sum(seen.values())
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(precision, images.device):
+            loss = loss_fn(model, images)
+        del loss
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not blocks:
+        return sum(seen.values())
+    per_block = [sum(n for ptr, n in seen.items() if owner[ptr] == i) for i in range(len(blocks))]
+    outside = sum(n for ptr, n in seen.items() if owner[ptr] == -1)
+    return outside + sum(inputs.values()) + max(per_block)
 
 
 def _classification_loss(model: nn.Module, images: Tensor) -> Tensor:
@@ -80,8 +120,11 @@ def _classification_loss(model: nn.Module, images: Tensor) -> Tensor:
 
 def estimate_step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, input_shape: tuple[int, ...], *,
                          device: torch.device, precision: str = "fp32",
-                         loss_fn: Callable[[nn.Module, Tensor], Tensor] | None = None) -> StepMemory:
-    """Estimate a training step's memory from two probe forwards (1 and 2 images of ``input_shape``).
+                         loss_fn: Callable[[nn.Module, Tensor], Tensor] | None = None,
+                         grad_checkpointing: bool = False, shards: int = 1) -> StepMemory:
+    """Estimate a training step's memory from two probe forwards (1 and 2 images of ``input_shape``) of the
+    unsharded, uncheckpointed model; ``grad_checkpointing`` and ``shards`` (FSDP processes) say how it will
+    be trained.
 
     The model's state is left exactly as it was: RNG streams (dropout) are forked and buffers (BatchNorm
     statistics) restored."""
@@ -91,7 +134,7 @@ def estimate_step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, inp
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         saved = [saved_activation_bytes(model, torch.randn(n, *input_shape, device=device), precision=precision,
-                                     loss_fn=loss_fn) for n in (1, 2)]
+                                        loss_fn=loss_fn, grad_checkpointing=grad_checkpointing) for n in (1, 2)]
     with torch.no_grad():
         for live, kept in zip(model.buffers(), buffers):
             live.copy_(kept)
@@ -99,8 +142,16 @@ def estimate_step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, inp
     per_image = max(saved[1] - saved[0], 0)
     trainable = [p for p in model.parameters() if p.requires_grad]
     gradients = sum(p.numel() * p.element_size() for p in trainable)
-    return StepMemory(per_image=per_image, batch_independent=max(saved[0] - per_image, 0), gradients=gradients,
-                      optimizer_state=_optimizer_state_bytes(optimizer))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    gathered = 0
+    if shards > 1:
+        largest = max((sum(p.numel() * p.element_size() for p in b.parameters()) for b in transformer_blocks(model)),
+                      default=weights)
+        gathered = 2 * largest  # its weights and its gradients, whole, while it runs
+    optimizer_state = _optimizer_state_bytes(optimizer)
+    return StepMemory(per_image=per_image, batch_independent=max(saved[0] - per_image, 0),
+                      gradients=-(-gradients // shards), optimizer_state=-(-optimizer_state // shards),
+                      weights=-(-weights // shards), gathered=gathered)
 
 
 def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -187,11 +238,12 @@ def check_step_memory(estimate: StepMemory, *, batch_size: int, accum_steps: int
 
 def ensure_step_fits(model: nn.Module, optimizer: torch.optim.Optimizer, *, input_shape: tuple[int, ...],
                      batch_size: int, accum_steps: int, device: torch.device, precision: str = "fp32",
-                     loss_fn: Callable[[nn.Module, Tensor], Tensor] | None = None) -> StepMemory:
+                     loss_fn: Callable[[nn.Module, Tensor], Tensor] | None = None, grad_checkpointing: bool = False,
+                     shards: int = 1) -> StepMemory:
     """Estimate the step's memory and raise :class:`StepMemoryError` if it exceeds what is available."""
     available, source = available_memory(device)
     estimate = estimate_step_memory(model, optimizer, input_shape, device=device, precision=precision,
-                                    loss_fn=loss_fn)
+                                    loss_fn=loss_fn, grad_checkpointing=grad_checkpointing, shards=shards)
     check_step_memory(estimate, batch_size=batch_size, accum_steps=accum_steps, available=available, source=source)
     return estimate
 

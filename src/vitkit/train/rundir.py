@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from vitkit.models.transfer import freeze_backbone, prepare_for_finetuning
 from vitkit.resolver import ResolvedModel, load_source
 from vitkit.runfiles import CHECKPOINT_DIR, MODEL_DIR
 from vitkit.runfiles import RUN_CONFIG_NAME as CONFIG_NAME
-from vitkit.train.config import FinetuneConfig, TrainConfig
+from vitkit.train.config import GRAD_CHECKPOINTING, FinetuneConfig, TrainConfig
 from vitkit.train.invocation import vitkit_command
 
 
@@ -70,12 +71,16 @@ def unlock_run_dirs() -> None:
 
 def remove_partial_writes(run_dir: Path) -> list[Path]:
     """Delete the temporary files that a kill during an atomic write leaves (``.NAME.XXXX.tmp``, and the
-    ``.NAME.link`` of older versions) in the run directory, its checkpoints and its exported model."""
+    ``.NAME.link`` of older versions and of sharded checkpoints' links) in the run directory, its checkpoints
+    and its exported model, and a sharded checkpoint's unfinished directory (``.step-N.dcp.tmp``)."""
     removed = []
     for directory in (run_dir, run_dir / "checkpoints", run_dir / MODEL_DIR, run_dir / "figures"):
         for path in [*directory.glob(".*.tmp"), *directory.glob(".*.link")]:
-            if path.is_file():
+            if path.is_file() or path.is_symlink():
                 path.unlink(missing_ok=True)
+                removed.append(path)
+            elif path.is_dir() and path.name.endswith(".dcp.tmp"):
+                shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
     return removed
 
@@ -100,7 +105,7 @@ def build_run_model(cfg: TrainConfig, data: Any) -> nn.Module:
     travels in the config so that ``vitkit predict``/``eval``/``fewshot``/``analyze`` reapply it."""
     if cfg.finetune.init:
         return _build_finetune_model(cfg, data)
-    spec = dict(cfg.model)
+    spec = {k: v for k, v in cfg.model.items() if k != GRAD_CHECKPOINTING}
     name = spec.pop("name")
     entry = get_model_entry(name)
     fields = {f.name for f in dataclasses.fields(entry.config)}
@@ -147,7 +152,7 @@ def build_finetune_model(cfg: FinetuneConfig, *, num_classes: int, class_names: 
     """
     if not cfg.init:
         raise ValueError("finetune.init is not set: name the pre-trained SOURCE to start from")
-    overrides = {k: v for k, v in (model_overrides or {}).items() if k != "name"}
+    overrides = {k: v for k, v in (model_overrides or {}).items() if k not in ("name", GRAD_CHECKPOINTING)}
     for key in ("num_classes", "class_names", "img_size", "representation_size", "head_init"):
         overrides.pop(key, None)  # decided by the data set and by fine-tuning itself
     if cfg.freeze_backbone:  # a frozen backbone is a fixed feature extractor: no dropout or drop-path in it
