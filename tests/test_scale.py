@@ -89,13 +89,17 @@ def test_the_estimate_divides_weights_gradients_and_optimizer_state_over_fsdp_pr
     assert eight.gathered == 2 * block and eight.per_image == one.per_image
 
 
-def test_grad_checkpointing_is_a_model_key_that_trains_and_is_not_exported(tmp_path):
+def test_grad_checkpointing_is_a_model_key_that_trains_and_is_not_exported(tmp_path, capsys):
     args = [*TINY, "--model.grad_checkpointing", "true", "--distributed.strategy", "ddp", "--epochs", "1",
             "--batch_size", "16", "--out_dir", str(tmp_path), "--run_name", "gc"]
     assert cli_main(["train", *args]) == 0
     config = json.loads((tmp_path / "gc" / "model" / "config.json").read_text())
     assert "grad_checkpointing" not in config and config["depth"] == 2
     assert cli_main(["train", *TINY, "--model.grad_checkpointing", "maybe", "--out_dir", str(tmp_path)]) == 2
+    assert cli_main(["train", *TINY, "--distributed.cpu_offload", "true", "--out_dir", str(tmp_path)]) == 2
+    assert "distributed.cpu_offload moves GPU memory to the CPU; this run is on cpu" in capsys.readouterr().err
+    assert cli_main(["train", *TINY, "--ema_decay", "0.99", "--out_dir", str(tmp_path)]) == 2
+    assert "ema_decay is not supported with distributed.strategy fsdp" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ FSDP runs

@@ -4,6 +4,7 @@ ranks and workers, and a run killed mid-epoch resumes on exactly the samples and
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -70,6 +71,27 @@ def test_every_image_is_written_once_as_it_was_with_its_class_and_checksums(shar
     assert parse_shard_size("500MB") == 500_000_000 and parse_shard_size("1GiB") == 1 << 30
     with pytest.raises(ValueError, match="--shard-size"):
         parse_shard_size("lots")
+
+
+def test_an_in_memory_set_is_written_as_lossless_png_and_read_back_pixel_for_pixel(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "mini"
+    root.mkdir()
+    for split, n in (("train", 40), ("test", 12)):
+        np.savez(root / f"{split}.npz", images=rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8),
+                 labels=np.arange(n, dtype=np.int64) % 4)
+    (root / "meta.json").write_text(json.dumps({"classes": ["a", "b", "c", "d"]}))
+    assert cli_main(["data", "shard", str(root), "--out", str(tmp_path / "out")]) == 0
+    from PIL import Image
+
+    train = load_split(str(root), "train")
+    for sample in read_samples([tmp_path / "out" / "train-000000.tar"]):
+        index = int(json.loads(sample["json"])["source"].rsplit("[", 1)[1].rstrip("]"))
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(sample["png"]))), train.images[index])
+        assert int(sample["cls"]) == train.labels[index]
+    assert load_split(f"shards:{tmp_path / 'out'}", "val").class_names == ["a", "b", "c", "d"]
 
 
 def test_a_brace_pattern_names_some_training_shards_and_errors_name_what_is_wrong(shard_dir, capsys):

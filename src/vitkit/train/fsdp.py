@@ -23,8 +23,11 @@ from vitkit.train.grad_checkpointing import transformer_blocks
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def shard_model(model: nn.Module, *, precision: str = "fp32", cpu_offload: bool = False) -> nn.Module:
+def shard_model(model: nn.Module, *, precision: str = "fp32", cpu_offload: bool = False,
+                device: torch.device | None = None) -> nn.Module:
     """Shard ``model`` in place across the default process group: each transformer block, then the root."""
+    if device is not None:
+        check_cpu_offload(cpu_offload, device)
     dtype = _DTYPES.get(precision)
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
@@ -32,6 +35,13 @@ def shard_model(model: nn.Module, *, precision: str = "fp32", cpu_offload: bool 
         fully_shard(block, mp_policy=policy, offload_policy=offload)
     fully_shard(model, mp_policy=policy, offload_policy=offload)
     return model
+
+
+def check_cpu_offload(cpu_offload: bool, device: torch.device) -> None:
+    """CPU offload moves GPU memory to the CPU: on any other device it is a mistake, said at once."""
+    if cpu_offload and device.type != "cuda":
+        raise ValueError(f"distributed.cpu_offload moves GPU memory to the CPU; this run is on {device.type}, where "
+                         "the parameters already are in CPU memory: drop distributed.cpu_offload")
 
 
 def is_sharded(model: nn.Module) -> bool:

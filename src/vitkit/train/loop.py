@@ -63,7 +63,15 @@ from vitkit.train.distributed import (
     shutdown,
 )
 from vitkit.train.ema import ModelEMA
-from vitkit.train.fsdp import full_value, gathered, is_sharded, resident_bytes, shard_model, skip_gradient_sync
+from vitkit.train.fsdp import (
+    check_cpu_offload,
+    full_value,
+    gathered,
+    is_sharded,
+    resident_bytes,
+    shard_model,
+    skip_gradient_sync,
+)
 from vitkit.train.grad_checkpointing import enable_grad_checkpointing
 from vitkit.train.invocation import vitkit_command
 from vitkit.train.memory import ensure_step_fits
@@ -281,6 +289,7 @@ class _Run:
         size = data.img_size if isinstance(data.img_size, (tuple, list)) else (data.img_size, data.img_size)
         no_labels = lambda n: torch.zeros(n, dtype=torch.long, device=device)  # noqa: E731
         fsdp = cfg.distributed.strategy == "fsdp"
+        check_cpu_offload(cfg.distributed.cpu_offload, device)
         ensure_step_fits(parts.raw, parts.optimizer, input_shape=(data.in_chans, *size),
                          batch_size=cfg.data.batch_size, accum_steps=schedule.accum, device=device,
                          precision=cfg.precision,  # before an out-of-memory kill can take the run down
@@ -289,7 +298,7 @@ class _Run:
         if cfg.model.get(GRAD_CHECKPOINTING):
             enable_grad_checkpointing(parts.raw)
         if fsdp and world.distributed:  # in place; the optimizer then holds (and steps) the shards
-            shard_model(parts.raw, precision=cfg.precision, cpu_offload=cfg.distributed.cpu_offload)
+            shard_model(parts.raw, precision=cfg.precision, cpu_offload=cfg.distributed.cpu_offload, device=device)
             parts.optimizer = build_optimizer(parts.raw, cfg.optim)
         stats = len(task.stat_names) + 1
         self.state = LoopState(epoch_sums=torch.zeros(stats, dtype=torch.float64, device=device),
