@@ -133,6 +133,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # three fresh processes
 def test_a_failed_download_exits_1_fast_leaves_nothing_behind_and_predict_agrees(tmp_path):
     """Before: offline, predict printed ten "Retrying in 8s" lines of huggingface_hub and exited 2 after 24-48 s;
     ``vitkit download`` exited 1 and advised running ``vitkit download``; a failed ``vitkit data download
