@@ -37,3 +37,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Module fixtures that train a run (20-40 s under load): every test that uses one is slow. `pytest -m "not slow"`
+# leaves them out; the README's command (plain pytest) runs everything, as CI does.
+SLOW_FIXTURES = {"trained_run", "stopped_run", "pretrained_run"}
+# Tests of 14 s and more under load in modules other branches are rewriting (marked here, not in their files).
+SLOW_TESTS = {
+    "test_the_loop_trains_the_default_recipe_and_resumes_as_it_did_before_its_rewrite",
+    "test_a_budget_times_the_first_steps_fixes_the_length_and_a_rerun_of_that_length_is_the_same_run",
+    "test_a_stopped_run_prints_a_resume_command_that_runs",
+    "test_a_host_that_slows_down_mid_run_still_ends_near_its_budget",
+    "test_a_run_on_class_folders_that_draws_from_the_global_rng_resumes_bit_for_bit",
+    "test_the_default_recipes_conv_stem_model_exports",
+    "test_int8_quantizes_linear_layers_and_agrees",
+    "test_dynamic_size_resamples_position_embeddings_in_the_graph",
+    "test_onnx_export_dynamic_batch_metadata_and_standard_ops",
+    "test_a_disagreeing_export_is_not_written_and_exits_4",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = getattr(item, "originalname", None) or item.name
+        if name in SLOW_TESTS or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

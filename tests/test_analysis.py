@@ -348,6 +348,7 @@ def test_load_images_draws_a_seeded_sample_of_cifar():
         np.testing.assert_array_equal(a.labels, data["labels"][a.indices])
 
 
+@pytest.mark.slow
 def test_cli_analyze_on_real_cifar_images(tmp_path, capsys):
     _need_cifar()
     torch.manual_seed(0)

@@ -133,6 +133,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # three fresh processes
 def test_a_failed_download_exits_1_fast_leaves_nothing_behind_and_predict_agrees(tmp_path):
     """Before: offline, predict printed ten "Retrying in 8s" lines of huggingface_hub and exited 2 after 24-48 s;
     ``vitkit download`` exited 1 and advised running ``vitkit download``; a failed ``vitkit data download
@@ -252,3 +253,18 @@ def test_one_public_loading_entry_per_meaning():
     documented = re.findall(r"^\| `(vitkit(?:\.\w+)+)\(", table, flags=re.MULTILINE)
     assert documented == ["vitkit.load_model", "vitkit.from_pretrained", "vitkit.create_model", "vitkit.build_model",
                           "vitkit.convert.read_model"]
+
+
+def test_the_readme_test_command_runs_the_slow_tests_too():
+    """`pytest -m "not slow"` is the quick loop; the README's command (and CI) must not leave the slow ones out."""
+    import re
+
+    import tomllib
+
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"<!-- test-command -->\n```\n(.*?)\n```", readme, re.S).group(1)
+    after = command.split("pytest", 1)[1]
+    assert " -m " not in after and "not slow" not in after
+    ini = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert "-m" not in ini.get("addopts", "").split() and any(m.startswith("slow:") for m in ini["markers"])
+    assert 'pytest -m "not slow"' in readme  # and the quick loop is documented

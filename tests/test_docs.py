@@ -77,7 +77,14 @@ def test_the_docs_have_python_examples():
     assert {s.page.name for s in SNIPPETS} >= {"README.md", "convert.md", "training.md"}
 
 
-@pytest.mark.parametrize("snippet", SNIPPETS, ids=lambda s: s.id)
+def _is_slow(snippet: Snippet) -> bool:
+    """Examples that load published weights (offline stand-ins of ViT-B size) or train: 15-45 s each under load."""
+    text = snippet.setup + snippet.code
+    return any(key in text for key in ("from_pretrained(", "pretrained=True", "train(", "resume("))
+
+
+@pytest.mark.parametrize("snippet", [pytest.param(s, marks=[pytest.mark.slow] if _is_slow(s) else [])
+                                     for s in SNIPPETS], ids=lambda s: s.id)
 def test_python_example_runs(snippet: Snippet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     code = snippet.code
     for old, new in snippet.replace:

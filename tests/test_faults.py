@@ -79,6 +79,7 @@ def _cfg(tmp_path: Path, *extra: str):
 
 
 # ------------------------------------------------------------------ 5: SIGTERM to the process group
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_to_the_whole_process_group_saves_and_exits_like_a_signal_to_the_main_process(tmp_path, sig):
     """What docker stop, Kubernetes, Slurm and timeout do: the signal reaches the DataLoader workers too. They
@@ -102,6 +103,7 @@ def test_signal_to_the_whole_process_group_saves_and_exits_like_a_signal_to_the_
 
 
 # ---------------------------------------------------------- 7, 8: checkpoint files and partial writes
+@pytest.mark.slow
 def test_checkpoint_names_are_independent_files_so_one_damaged_file_spares_the_others(tmp_path):
     run = train(_cfg(tmp_path, "--epochs", "2", "--ckpt_every_steps", "3", "--keep_last_k", "2")).run_dir
     ckpt = run / "checkpoints"
@@ -134,6 +136,7 @@ def test_resume_removes_partial_files_of_a_write_killed_midway(tmp_path, capsys)
 
 
 # --------------------------------------------------------------------- 9: the run directory itself
+@pytest.mark.slow
 def test_run_directory_deleted_mid_run_is_one_line_without_a_tensorboard_traceback(tmp_path):
     import shutil
 
@@ -172,6 +175,7 @@ def test_file_valued_or_unwritable_out_dir_is_one_line(tmp_path, capsys, monkeyp
                    f"{tmp_path / 'ro' / 'r'}); choose a writable --out_dir\n")
 
 
+@pytest.mark.slow
 def test_disk_error_mid_run_is_one_line_and_the_resumed_metrics_are_complete(tmp_path, capsys, monkeypatch):
     from vitkit.train import checkpoints
 

@@ -297,6 +297,14 @@ def test_a_full_disk_during_training_is_one_line_and_the_last_checkpoint_stays_w
     assert all(torch.equal(after["model"][k], before["model"][k]) for k in before["model"])
 
 
+def test_a_new_run_on_a_disk_with_2_kb_free_names_the_file_it_could_not_write(small_disk, capsys):
+    small_disk.fill(leave=2048)
+    code = cli_main(["train", *TINY_MNIST, "--out_dir", str(small_disk.path), "--run_name", "r", "--progress", "none"])
+    err = _one_line(capsys.readouterr().err)
+    assert code == 1, (small_disk.kind, err)
+    assert "No space left on device: " + str(small_disk.path / "r") in err, (small_disk.kind, err)
+
+
 def test_a_full_disk_in_export_and_convert_is_one_line_and_leaves_nothing(trained_run, small_disk, capsys):
     small_disk.fill(leave=2048)
     out = small_disk.path
@@ -382,6 +390,7 @@ def _wait(proc, done, timeout: float = 120) -> None:
     assert proc.poll() is None and done(), f"the first process ended or stalled: {proc.stderr.read()}"
 
 
+@pytest.mark.slow
 def test_a_second_study_with_the_same_out_says_so_and_leaves_the_first_alone(tmp_path, capsys):
     import signal
     import subprocess
@@ -418,6 +427,7 @@ def test_a_second_study_with_the_same_out_says_so_and_leaves_the_first_alone(tmp
     unlock_directory(out)
 
 
+@pytest.mark.slow
 def test_resume_of_a_run_that_is_still_going_says_so_instead_of_racing_it(tmp_path, capsys):
     import signal
     import subprocess

@@ -335,23 +335,29 @@ def test_catalog_entry_checksum_prefix_from_url(weights, caches):
 
 
 # ------------------------------------------------------------------------------------- catalog
+@pytest.mark.slow
 def test_catalog_every_entry_parses_names_a_registered_architecture_and_builds():
     entries = load_catalog()
     registered = set(list_models())
     assert len(entries) >= 63
+    shapes: dict[tuple, str] = {}
     for entry in entries:
         assert entry.architecture in registered, entry.name
         assert entry.format is None or entry.format in CONVERTER_FORMATS, entry.name
         assert entry.location.hf_hub or entry.location.url.startswith("https://"), entry.name
         if entry.classes:
             assert len(class_names(entry.classes)) == entry.num_classes, entry.name
-        size = entry.input_size
+        shapes.setdefault((entry.architecture, entry.num_classes, entry.input_size, repr(entry.config)), entry.name)
+    # entries that share architecture, classes, input size and config (the tags of one model) build the same
+    # network: each such shape is built once
+    for (architecture, num_classes, size, _), name in shapes.items():
+        entry = next(e for e in entries if e.name == name)
         with torch.device("meta"):  # real shapes, no memory, no download
-            net = create_registered(entry.architecture, num_classes=entry.num_classes, img_size=size, **entry.config)
+            net = create_registered(architecture, num_classes=num_classes, img_size=size, **entry.config)
             out = net(torch.empty(2, 3, size, size))
         if isinstance(out, torch.Tensor):  # a classifier, or a feature extractor without head
-            width = entry.num_classes or net.config.embed_dim
-            assert tuple(out.shape) == (2, width), entry.name
+            width = num_classes or net.config.embed_dim
+            assert tuple(out.shape) == (2, width), name
 
 
 def test_catalog_covers_the_papers_releases_and_resolves_names():
@@ -374,6 +380,7 @@ def test_catalog_covers_the_papers_releases_and_resolves_names():
     assert class_names("imagenet-21k")[0] and len(class_names("imagenet-21k")) == 21843
 
 
+@pytest.mark.slow
 def test_tagged_name_without_weights_is_the_architecture_shaped_as_the_weights():
     model = vitkit.create_model("vit_base_patch16_224.augreg_in21k")  # no download: random weights
     assert model.config.num_classes == 21843 and model.config.image_hw == (224, 224)

@@ -46,6 +46,7 @@ def _ours_like_timm(name: str, **kw) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------- registry
+@pytest.mark.slow
 def test_every_timm_hybrid_is_registered_with_timm_parameter_count_and_keys():
     assert set(TIMM_HYBRIDS) <= set(vitkit.list_models("vit_*_r*"))
     for name in TIMM_HYBRIDS:
@@ -113,6 +114,7 @@ def test_timm_hybrid_weights_fine_tune_at_higher_resolution():
     ("vit_small_r26_s32_224", SMALL),  # four stages, with projection units
     ("vit_tiny_r_s16_p8_224", dict(img_size=64, depth=2, num_classes=10)),  # root block only, patch 8
 ])
+@pytest.mark.slow
 def test_hybrid_npz_layout_round_trip_and_timm_reads_our_file(tmp_path, name, kw):
     torch.manual_seed(0)
     model = _ours_like_timm(name, **kw)
@@ -348,6 +350,7 @@ def cifar_batch():
     ("vit_hybrid_cifar_32", {"depth": 1}, 6),  # the full ResNet stem, a one-layer encoder for speed
     ("vit_convstem_cifar_32", {}, 6),
 ])
+@pytest.mark.slow
 def test_a_few_steps_on_real_cifar_images_reduce_the_loss(cifar_batch, name, overrides, steps):
     torch.manual_seed(0)
     images, labels = cifar_batch

@@ -314,6 +314,7 @@ def test_a_run_writes_figures_model_encoder_and_curves(pretrained_run):
                                    rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_resume_is_exact(pretrained_run, small_cifar, tmp_path):
     """Continuing from the mid-epoch checkpoint of step 14 ends with the weights and metrics of the run
     that never stopped (same masks, data order and optimizer state)."""
@@ -379,6 +380,7 @@ def test_finetune_and_linear_probe_of_an_mae_use_its_recipes(pretrained_run, sma
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.1.weight", "head.1.bias"]
 
 
+@pytest.mark.slow
 def test_pretraining_under_torchrun_with_two_processes(small_cifar, tmp_path):
     """DDP: two gloo processes pre-train one model (each draws its own masks), evaluate the whole
     validation set together, and only rank 0 writes the run."""

@@ -100,6 +100,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_data_study_cli_writes_table_and_plot_and_skips_finished_cells(tmp_path, base_config, monkeypatch, capsys):
     out = tmp_path / "study"
     argv = ["study", "data", "--models", ",".join(MODELS), "--fractions", "0.5,1", "--epochs", "1",
@@ -140,6 +141,7 @@ def test_data_study_cli_writes_table_and_plot_and_skips_finished_cells(tmp_path,
     assert _rows(out / "results.csv") == rows
 
 
+@pytest.mark.slow
 def test_interrupted_cell_resumes_from_its_checkpoint(tmp_path, base_config, monkeypatch):
     from vitkit.train.config import load_config
 
@@ -160,6 +162,7 @@ def test_interrupted_cell_resumes_from_its_checkpoint(tmp_path, base_config, mon
     assert again["test_acc"] == first["test_acc"] and again["steps"] == first["steps"]
 
 
+@pytest.mark.slow
 def test_compute_study_cli_on_two_processes(tmp_path, base_config):
     out = tmp_path / "study"
     argv = ["study", "compute", "--models", "resnet20_cifar", "--epochs", "1,2", "--fraction", "0.5",
@@ -200,6 +203,7 @@ def test_time_study_gives_every_model_the_same_wall_clock_budget():
         study_mod.plan_time_study(["fast"], [1.0], 0.0, {"fast": 1.0}, steps.__getitem__)
 
 
+@pytest.mark.slow
 def test_time_study_cli_stops_each_cell_at_its_step_budget(tmp_path, base_config, monkeypatch, capsys):
     """Step times measured back to back (kept for a resumed study), converted to per-model step counts;
     a T2T-ViT takes part as its own family."""

@@ -335,6 +335,7 @@ def tiny_cifar(tmp_path_factory, data_root) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_training_on_cifar10_lowers_the_loss_and_the_run_analyzes(tmp_path, tiny_cifar, monkeypatch):
     monkeypatch.setenv("VITKIT_DATA", str(tiny_cifar))
     out = tmp_path / "runs"

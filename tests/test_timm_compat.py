@@ -455,3 +455,14 @@ def test_resnet_has_timms_api_and_features_equal_timms_resnet(data_root, one_thr
     assert model(images).shape == (2, 3) and model.num_classes == 3
     with pytest.raises(ValueError, match="average"):
         model.reset_classifier(3, global_pool="max")
+
+
+def test_fx_graph_keeps_the_input_check(mini, data_root):
+    """FX records the input check as one call (torch.fx.wrap), so a traced graph still names a wrong size."""
+    graph = torch.fx.symbolic_trace(mini)
+    images = cifar_batch(data_root)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(images), mini(images), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"expected images of size \(32, 32\), got \(40, 40\)"):
+        graph(nn.functional.interpolate(images, size=40))
+    assert "check_image_size" in {getattr(n.target, "__name__", "") for n in graph.graph.nodes}

@@ -178,6 +178,7 @@ def test_predict_matches_the_model_on_real_images(trained_run: Path, tmp_path: P
 
 
 # ---------------------------------------------------------------------------- never lose work
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_then_resume_gives_identical_weights(tmp_path: Path):
     """Deterministic CPU run with dropout, drop-path, EMA, mixup and gradient accumulation: killed with
     SIGKILL at a random step and resumed, it ends bit-for-bit where the uninterrupted run ends, and its
@@ -243,6 +244,7 @@ def _assert_same_optimizer_state(a: dict, b: dict, where: str) -> None:
             assert same, f"optimizer state {index}.{name} differs {where}"
 
 
+@pytest.mark.slow
 def test_sigterm_saves_last_and_exits_cleanly(tmp_path: Path):
     run = tmp_path / "term"
     cmd = [sys.executable, "-m", "vitkit", "train", *TINY, "--data.samples_per_class", "50", "--batch_size", "10",
@@ -299,6 +301,7 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_good_checkpoin
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+@pytest.mark.slow
 def test_resume_mid_log_window_gives_the_metrics_of_an_uninterrupted_run(tmp_path: Path):
     """Checkpoints every 2 steps, a train line every 3: resumed from step 4, the first line (step 6)
     averages steps 5-6 *and* the saved steps 4's window share, so metrics.jsonl is line-identical
@@ -384,6 +387,7 @@ def test_truncated_or_corrupt_checkpoint_is_a_clear_error(trained_run: Path, tmp
 
 
 # ----------------------------------------------------------------------------- distributed
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path: Path):
     """2 processes x batch 16 == 1 process x batch 32 (no augmentation or dropout, so the math is the
     same): after 20 AdamW steps the weights agree to 1e-6 (float sums in another order; measured ~6e-8)
@@ -416,6 +420,7 @@ def test_ddp_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp
 
 
 # ---------------------------------------------------------------------- folder data, bf16, predict
+@pytest.mark.slow
 def test_folder_dataset_run_in_bf16_and_predict_prepares_images_like_evaluation(tmp_path: Path):
     """A class-folder data set (real JPEGs, some grayscale) trains under bf16 autocast with gradient
     accumulation; `predict` on a validation JPEG gives the probabilities the evaluation pipeline gives."""

@@ -281,6 +281,7 @@ def test_eval_transform_adapts_channels_and_size():
 
 
 # ------------------------------------------------------------------------------------- CLI
+@pytest.mark.slow
 def test_cli_fewshot_on_real_mnist_and_cifar(tmp_path, data_root, capsys):
     model = tiny(in_chans=3)
     model.save_pretrained(tmp_path / "model")
@@ -362,6 +363,7 @@ def test_layer_decay_survives_the_learning_rate_schedule():
     assert lrs["head.weight"] == pytest.approx(0.02) and lrs["pos_embed"] == pytest.approx(0.02 * 0.5 ** 3)
 
 
+@pytest.mark.slow
 def test_cli_finetune_at_a_new_resolution_with_a_frozen_backbone(tmp_path, data_root):
     pretrained = tiny(num_classes=10, representation_size=16, drop_path_rate=0.1)
     pretrained.save_pretrained(tmp_path / "pretrained")

@@ -193,8 +193,11 @@ def lock_directory(directory: str | Path, doing: str, busy: str) -> None:
     except BaseException:
         os.close(fd)
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"vitkit process {os.getpid()} ({doing})\n".encode(), 0)
+    try:  # who holds it, for the other process's message; the lock works without it (a full disk)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"vitkit process {os.getpid()} ({doing})\n".encode(), 0)
+    except OSError:
+        pass
     _held[key] = fd
 
 

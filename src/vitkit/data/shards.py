@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
-import json
 import random
 import re
 import signal
@@ -53,6 +52,7 @@ from vitkit.data.augment import BatchAugmenter
 from vitkit.data.folder import CorruptImageError, _to_tensor, train_crop
 from vitkit.data.sampling import LOADER, batch_positions, eval_shard, rng, seed_int, steps_per_epoch
 from vitkit.data.transforms import EvalTransform
+from vitkit.fileio import read_json_object
 
 SHARDS_PREFIX = "shards:"
 MANIFEST = "manifest.json"
@@ -118,10 +118,7 @@ def locate_shards(dataset: str, data_dir: Optional[str] = None) -> ShardSet:
         looked = "\n".join(f"  {(c / MANIFEST).resolve()}" for c in candidates)
         raise sources.DatasetNotFoundError(f"shard set {spec!r} not found: no {MANIFEST} at\n{looked}\n"
                                            "write one with `vitkit data shard SOURCE --out DIR`")
-    try:
-        manifest = json.loads((root / MANIFEST).read_text())
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{root / MANIFEST}: not valid JSON ({e})") from None
+    manifest = read_json_object(root / MANIFEST, what="a shard manifest (a JSON object)", error=ShardError)
     if manifest.get("format") != FORMAT:
         raise ShardError(f"{root / MANIFEST}: not a vitkit shard manifest (no format '{FORMAT}')")
     listed = {name: [root / s["name"] for s in manifest["splits"][name]["shards"]] for name in ("train", "val")}

@@ -43,7 +43,12 @@ class RunLog:
 
         threading.excepthook = _quiet_tensorboard_thread
         purge = resume_step + 1 if resume_step is not None else None
-        self._writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge)
+        tensorboard = Path(run_dir) / "tensorboard"
+        try:
+            self._writer = SummaryWriter(log_dir=str(tensorboard), purge_step=purge)
+        except OSError as e:  # a full disk: TensorBoard's first write names no file
+            raise RunDirectoryError(f"cannot write the run's logs in {run_dir} "
+                                    f"({describe_os_error(_named(e, tensorboard))})") from None
         self._file = open(self.path, "a", buffering=1)
 
     def log(self, kind: str, step: int, **metrics: Any) -> None:
@@ -104,10 +109,15 @@ class RunLog:
             raise
         except OSError as e:
             self._check_run_dir()  # the directory itself vanished (TensorBoard's thread may notice first): say so
-            if e.filename is None:  # a write to an open file says neither which file nor where
-                e = OSError(e.errno, e.strerror or str(e), str(target or self.path))
             raise RunDirectoryError(f"cannot write the run's logs in {self.path.parent} "
-                                    f"({describe_os_error(e)})") from None
+                                    f"({describe_os_error(_named(e, target or self.path))})") from None
+
+
+def _named(error: OSError, path: Path) -> OSError:
+    """``error`` naming ``path`` when it names no file (a write to an open file says neither which nor where)."""
+    if error.filename is not None:
+        return error
+    return OSError(error.errno, error.strerror or str(error), str(path))
 
 
 def _quiet_tensorboard_thread(args: threading.ExceptHookArgs) -> None:
