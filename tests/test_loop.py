@@ -452,3 +452,25 @@ def test_resuming_from_an_older_step_moves_the_abandoned_branch_out_of_the_rotat
     aside = run / "checkpoints" / "abandoned-at-step-00000004"
     assert sorted(p.name for p in aside.iterdir()) == [f"step-{s:08d}.pt" for s in (6, 8, 10, 12)]
     assert "moved 4 step checkpoint(s) newer than step 4" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_budget_under_torchrun_plans_on_the_main_process_and_every_process_follows(tmp_path: Path):
+    """Two gloo processes with a 25 s budget: each times its own steps, but the plan and every re-plan are
+    the main process's (broadcast), so both stop at the same step (a disagreement would hang DDP's all-reduce
+    or end the run with a timeout) and the run ends near its budget."""
+    root = tiny_named(tmp_path / "data", "mnist", 400, 50)  # batch 5 x 2 processes: 40 steps an epoch
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"), OMP_NUM_THREADS="1")
+    for name in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        env.pop(name, None)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+              "vitkit", "train", *TINY_MNIST, "--data_dir", str(root), "--time_budget", "25s", "--out_dir",
+              str(tmp_path), "--run_name", "ddp", "--log_every", "1", "--ckpt_every_steps", "0"]
+    proc = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("budget 25s: timing") == 1  # the main process speaks
+    saved = yaml.safe_load((tmp_path / "ddp" / "config.yaml").read_text())
+    state = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.pt")
+    total = saved["budget_replans"][-1][1] if saved["budget_replans"] else saved["max_steps"]
+    assert state["global_step"] == total and state["world_size"] == 2
+    assert state["elapsed"] <= 25 * 1.05, state["elapsed"]

@@ -447,7 +447,8 @@ class _Run:
             return
         self.plan_at = None
         per_step = self.pace.seconds_per_step() or self.clock() / max(1, self.state.step)
-        total = self._steps_that_fit(per_step, first_epoch=self.state.epoch)
+        # The main process's clock decides for all: a collective, so every process has the same schedule.
+        total, per_step = broadcast_object((self._steps_that_fit(per_step, self.state.epoch), per_step), self.world)
         self._set_length(total, replans=list(self.cfg.budget_replans))
         self.pace.new_window()
         self._say(f"budget {format_budget(self.budget)}: {total:,} steps = "
@@ -590,11 +591,15 @@ class _Run:
         state, planned = self.state, self.schedule.total_steps
         per_step = self.pace.seconds_per_step(recent=True)
         self.pace.new_window()
-        if per_step is None:
+        decision = None
+        if per_step is not None:
+            total = self._steps_that_fit(per_step, first_epoch=state.epoch)
+            if abs(total - planned) * per_step > REPLAN_TOLERANCE * self.budget:
+                decision = (total, per_step)
+        decision = broadcast_object(decision, self.world)  # the main process decides for all (a collective)
+        if decision is None:
             return
-        total = self._steps_that_fit(per_step, first_epoch=state.epoch)
-        if abs(total - planned) * per_step <= REPLAN_TOLERANCE * self.budget:
-            return
+        total, per_step = decision
         self._set_length(self.cfg.max_steps, replans=[*self.cfg.budget_replans, (state.step, total)])
         evaluation = (f"{self.pace.eval_seconds[-1]:.3g} s/evaluation" if self.pace.eval_seconds else
                       f"an evaluation estimated at {self._eval_estimate(per_step):.3g} s")
@@ -603,14 +608,13 @@ class _Run:
                   f"epochs), the decay left now spread over steps {state.step:,}-{total:,}")
 
     def _steps_that_fit(self, per_step: float, first_epoch: int) -> int:
-        """The run's total steps that fit what is left of the budget (decided by the main process, whose clock
-        every process follows)."""
+        """The run's total steps that fit what is left of the budget at ``per_step`` seconds a step."""
         left = self.budget * (1 - RESERVE) - self.clock()
         total = steps_that_fit(left, step=self.state.step, seconds_per_step=per_step,
                                seconds_per_evaluation=self.pace.seconds_per_evaluation(self._eval_estimate(per_step)),
                                cadence=Cadence(self.schedule.steps_per_epoch, self.cfg.eval_every),
                                first_epoch=first_epoch)
-        return broadcast_object(total, self.world)
+        return total
 
     def _set_length(self, max_steps: int, replans: list[tuple[int, int]]) -> None:
         """Make the run ``max_steps`` long (or as the last re-plan says) in its config, schedule and run
