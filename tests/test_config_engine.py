@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,8 @@ def _edit(model_dir: Path, **changes) -> Path:
     ("num_heads", [3], "num_heads must be an integer, got [3] (a list)"),
     ("mlp_dim", 0, "mlp_dim must be >= 1, got 0"),
     ("img_size", [32, "x"], "img_size must be an integer or a list of 2 integers, got [32, 'x'] (a list)"),
-    ("global_pool", "mean", "global_pool must be one of token, avg; got 'mean' (a string)"),
+    ("global_pool", "mean",
+     "global_pool must be one of token, avg, max, avgmax, map, '' (none); got 'mean' (a string)"),
     ("drop_path_rate", 1.5, "drop_path_rate must be in [0, 1), got 1.5"),
     ("qkv_bias", "yes", "qkv_bias must be true or false, got 'yes' (a string)"),
     ("stem", {"layers": "3"}, "stem.layers must be a list of integers, got '3' (a string)"),
@@ -79,7 +81,8 @@ def test_every_literal_field_rejects_other_values_by_its_type_alone(cls):
     base = {"layers": [1]} if cls is BiTSpec else {}
     literals = {name: hint for name, hint in field_types(cls).items() if allowed_values(hint)}
     for name, hint in literals.items():
-        with pytest.raises(ValueError, match=rf"{name} must be one of {', '.join(map(str, allowed_values(hint)))}"):
+        shown = ", ".join("'' (none)" if v == "" else str(v) for v in allowed_values(hint))
+        with pytest.raises(ValueError, match=re.escape(f"{name} must be one of {shown}")):
             cls(**base, **{name: "no-such-value"})
         for value in allowed_values(hint):
             if value is not None and not (cls is StemConfig and value == "conv"):

@@ -152,7 +152,7 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         raise ConfigError(f"{key} must be {_describe(hint)}, got {_show(value)}")
     if origin is Literal:
         if isinstance(value, bool) or value not in args:
-            raise ConfigError(f"{key} must be one of {', '.join(map(str, args))}; got {_show(value)}")
+            raise ConfigError(f"{key} must be one of {_choices(args)}; got {_show(value)}")
         return value
     if hint is Any or hint is object:
         return value
@@ -245,6 +245,11 @@ def _describe(hint: Any) -> str:
     if dataclasses.is_dataclass(hint):
         return f"a mapping of {hint.__name__} keys"
     return f"a {getattr(hint, '__name__', hint)}"
+
+
+def _choices(values: tuple) -> str:
+    """Allowed values for a message; the empty string is shown so that a reader can see it is one."""
+    return ", ".join("'' (none)" if value == "" else str(value) for value in values)
 
 
 def _show(value: Any) -> str:

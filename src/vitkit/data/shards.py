@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vitkit.data import sources
 from vitkit.data.augment import BatchAugmenter
 from vitkit.data.folder import CorruptImageError, _to_tensor, train_crop
-from vitkit.data.sampling import batch_positions, eval_shard, rng, seed_int, steps_per_epoch
+from vitkit.data.sampling import LOADER, batch_positions, eval_shard, rng, seed_int, steps_per_epoch
 from vitkit.data.transforms import EvalTransform
 from vitkit.fileio import read_json_object
 
@@ -245,9 +245,12 @@ class ShardTrainStream:
         return torch.stack(images), torch.tensor(labels, dtype=torch.int64), errors, names
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        generator = torch.Generator()  # not the global RNG: a resumed run draws the masks an unbroken one does
+        generator.manual_seed(seed_int(LOADER, self.seed, epoch))
         loader = DataLoader(_EpochSamples(self, epoch, start_step, max(self.workers, 1)), batch_size=None,
                             num_workers=self.workers, worker_init_fn=_ignore_stop_signals,
-                            prefetch_factor=4 if self.workers else None, pin_memory=self.device.type == "cuda")
+                            prefetch_factor=4 if self.workers else None, pin_memory=self.device.type == "cuda",
+                            generator=generator)
         global_size = self.batch_size * self.world_size
         all_rows = np.arange(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         for step, (images, labels, errors, names) in zip(range(start_step, len(self)), loader):

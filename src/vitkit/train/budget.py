@@ -3,9 +3,10 @@ time left, and the number of optimizer steps that fit a time budget (``time_budg
 
 The budget fixes the schedule once, early: the first steps (still in warmup, where the learning rate does not
 depend on the run's length) are timed, and the total number of steps is chosen so that the remaining steps,
-every evaluation on the way and the last one end inside the budget. At each evaluation the plan is checked
-against the pace since the previous one; a host that slowed down (or sped up) gets its remaining cosine decay
-compressed (or stretched) to the new total, the learning rate continuing from where it is.
+every evaluation on the way and the last one end inside the budget. After each evaluation and at every tenth
+of the run's steps the plan is checked against the pace since the previous check; a host that slowed down (or
+sped up) gets its remaining cosine decay compressed (or stretched) to the new total, the learning rate
+continuing from where it is.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ MEASURE_STEPS = 20
 """Step intervals timed before the plan (after the first step, which pays one-off start-up costs)."""
 RESERVE = 0.01
 """Fraction of the budget left for the end of the run (export, figures) and rounding."""
-REPLAN_TOLERANCE = 0.01
+REPLAN_CHECKS = 10
+"""Besides after each evaluation, the plan is checked at every ``1 / REPLAN_CHECKS`` of the run's steps (a run
+on a slow host may have no evaluation before its last)."""
+REPLAN_TOLERANCE = 0.02
 """A re-plan changes the schedule only when the steps that fit differ from the plan's by more than this
-fraction of the steps left (so measurement noise does not move it at every evaluation)."""
+fraction of the budget in time (so the noise of a loaded host does not move it at every check)."""
 EVAL_COST = 1 / 3
 """Before the first evaluation is timed: an evaluated image costs this fraction of a trained one (a forward
 pass without the backward, which costs about two forwards)."""
@@ -61,7 +65,7 @@ class Pace:
         self.steps = 0
         self.window_seconds = 0.0
         self.window_steps = 0
-        """The same since :meth:`new_window` (the previous evaluation): the pace a re-plan trusts."""
+        """The same since :meth:`new_window` (the previous re-plan check): the pace a re-plan trusts."""
         self.eval_seconds: list[float] = []
         self._last: float | None = None
         self._first = True

@@ -165,9 +165,9 @@ class TrainConfig:
     time_budget: Optional[str] = None
     """Train for this long (``60m``, ``1h30m``, ``90s``), evaluations included: a run with a budget and no
     ``max_steps`` times its first steps, then fixes ``max_steps`` (and ``epochs``) so that warmup, decay and
-    every evaluation end inside it, and writes them to its config.yaml; at each evaluation it re-plans the
-    remaining decay if the host's pace changed (``budget_replans``). ``--epochs`` or ``--max_steps`` given
-    over a config turns the budget off (a fixed length wins)."""
+    every evaluation end inside it, and writes them to its config.yaml; after each evaluation and every tenth of
+    the run it re-plans the remaining decay if the host's pace changed (``budget_replans``). ``--epochs`` or
+    ``--max_steps`` given over a config turns the budget off (a fixed length wins)."""
     budget_replans: list[tuple[int, int]] = field(default_factory=list)
     """Written by a run with a budget: ``[step, total_steps]`` for each re-plan, where the remaining cosine
     decay was compressed or stretched to end at the new total. A run of this config replays them."""

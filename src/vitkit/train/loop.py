@@ -34,6 +34,7 @@ from vitkit.runtime import grad_scaler, resolve_device
 from vitkit.train.budget import (
     EVAL_COST,
     MEASURE_STEPS,
+    REPLAN_CHECKS,
     REPLAN_TOLERANCE,
     RESERVE,
     Cadence,
@@ -260,7 +261,7 @@ def _train(cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optio
             if not run.step(images, targets):  # a micro-batch short of an optimizer step (accumulation)
                 continue
             stop = run.signalled()  # one collective per step: every process stops at the same step
-            run.fit_budget()
+            run.fit_budget()  # a time budget fixes (or re-plans) the length before a checkpoint records it
             run.log_and_checkpoint(save=stop)
             if stop:
                 run.stop(f"at epoch {run.state.epoch + 1}, optimizer step {run.state.step}")
@@ -278,17 +279,29 @@ class _Run:
     def __init__(self, cfg: TrainConfig, world: World, run_dir: Optional[Path], saved: Optional[dict[str, Any]],
                  signals: StopSignals) -> None:
         self.cfg, self.world, self.signals = cfg, world, signals
-        self.device = device = resolve_device(cfg.device, world.local_rank)
+        self.device = resolve_device(cfg.device, world.local_rank)
         if saved is not None:  # on another number of processes: the same global batch
             self.cfg = cfg = keep_global_batch(cfg, saved, world)
         seed_everything(cfg.seed, cfg.deterministic)  # same seed on every rank: identical initial weights
+        self._build(saved)
+        self._open_run_dir(run_dir, saved)
+        if saved is not None and len(saved["rng"]) == world.size:
+            restore_rng(saved["rng"][world.rank])
+        else:  # dropout and drop-path draw different masks on each rank
+            seed_everything(cfg.seed + 1_000_003 * world.rank + self.state.step, cfg.deterministic)
+        self._start_clocks(saved)
+
+    # --------------------------------------------------------------------------------------- set-up
+    def _build(self, saved: Optional[dict[str, Any]]) -> None:
+        """Data, task, model, optimizer and schedule; the memory check; the loop state (restored when resuming)."""
+        cfg, world, device = self.cfg, self.world, self.device
         self.data = data = build_data(cfg.data, device=device, seed=cfg.seed, rank=world.rank, world_size=world.size)
         self.task = task = build_task(cfg, data, device=device, world=world)
         self.parts = parts = _build_parts(task.build_model().to(device), cfg, device)
         self.schedule = schedule = Schedule.from_config(cfg, len(data.train), world.size)
         size = data.img_size if isinstance(data.img_size, (tuple, list)) else (data.img_size, data.img_size)
         no_labels = lambda n: torch.zeros(n, dtype=torch.long, device=device)  # noqa: E731
-        fsdp = cfg.distributed.strategy == "fsdp"
+        self.fsdp = fsdp = cfg.distributed.strategy == "fsdp"
         check_cpu_offload(cfg.distributed.cpu_offload, device)
         ensure_step_fits(parts.raw, parts.optimizer, input_shape=(data.in_chans, *size),
                          batch_size=cfg.data.batch_size, accum_steps=schedule.accum, device=device,
@@ -311,54 +324,63 @@ class _Run:
                 self.state.window_sums.zero_()
         parts.model = _wrap(parts.raw, cfg, world, device)
 
+    def _open_run_dir(self, run_dir: Optional[Path], saved: Optional[dict[str, Any]]) -> None:
+        """The run directory (new, or the resumed run's), its lock, log, checkpoints and config; the first lines."""
+        cfg, world, resumed = self.cfg, self.world, saved is not None
         self.run_dir = broadcast_object(run_dir or (create_run_dir(cfg) if world.is_main else None), world)
         if world.is_main:  # before anything in it changes: a second process must not resume a live run
             lock_run_dir(self.run_dir)
-        self.log = RunLog(self.run_dir, resume_step=self.state.step if saved else None, enabled=world.is_main)
+        self.log = RunLog(self.run_dir, resume_step=self.state.step if resumed else None, enabled=world.is_main)
         run_id = broadcast_object((saved or {}).get("run_id") or new_run_id(), world)  # one id on every process
-        self.checkpoints = ShardedCheckpointWriter(self.run_dir, cfg.keep_last_k, world, run_id) if fsdp else \
+        self.checkpoints = ShardedCheckpointWriter(self.run_dir, cfg.keep_last_k, world, run_id) if self.fsdp else \
             CheckpointWriter(self.run_dir, cfg.keep_last_k, run_id)
         self.progress = Progress(cfg.progress, enabled=world.is_main)
         if world.is_main:
-            partial = remove_partial_writes(self.run_dir) if saved is not None else []
-            # Resumed from an older step: the newer step files are another branch, which would outrank (and
-            # so delete) every checkpoint this one writes.
-            retired = self.checkpoints.retire_newer_than(self.state.step) if saved is not None else []
+            tidied = self._tidy_for_resume() if resumed else []
             write_config(cfg, self.run_dir)
             self.checkpoints.write_run_id()
-            _announce(self.progress, cfg, parts.raw, self.run_dir, self.state, schedule, world, device,
-                      resumed=saved is not None)
-            if partial:
-                self.progress.print(f"removed {len(partial)} partial file(s) of an interrupted write: "
-                                    + ", ".join(p.name for p in partial))
-            if retired:
-                self.progress.print(f"moved {len(retired)} step checkpoint(s) newer than step {self.state.step} "
-                                    f"(the branch this resumption abandons) out of the rotation, to "
-                                    f"{retired[0].parent}: " + ", ".join(p.name for p in retired))
+            _announce(self.progress, cfg, self.parts.raw, self.run_dir, self.state, self.schedule, world,
+                      self.device, resumed=resumed)
+            for line in tidied:
+                self.progress.print(line)
         self.reported_skips: set[str] = set()
-        _report_skipped(data, self.reported_skips, world, self.log, self.state.step)
-        if saved is not None and len(saved["rng"]) == world.size:
-            restore_rng(saved["rng"][world.rank])
-        else:  # dropout and drop-path draw different masks on each rank
-            seed_everything(cfg.seed + 1_000_003 * world.rank + self.state.step, cfg.deterministic)
+        _report_skipped(self.data, self.reported_skips, world, self.log, self.state.step)
 
+    def _tidy_for_resume(self) -> list[str]:
+        """Remove what a killed process left half-written, and move the step checkpoints newer than the
+        resumed one (another branch, which would outrank and so delete every checkpoint this one writes) out
+        of the rotation; what was done, as lines to print."""
+        lines = []
+        partial = remove_partial_writes(self.run_dir)
+        if partial:
+            lines.append(f"removed {len(partial)} partial file(s) of an interrupted write: "
+                         + ", ".join(p.name for p in partial))
+        retired = self.checkpoints.retire_newer_than(self.state.step)
+        if retired:
+            lines.append(f"moved {len(retired)} step checkpoint(s) newer than step {self.state.step} (the branch "
+                         f"this resumption abandons) out of the rotation, to {retired[0].parent}: "
+                         + ", ".join(p.name for p in retired))
+        return lines
+
+    def _start_clocks(self, saved: Optional[dict[str, Any]]) -> None:
+        """The run's clock and pace, the time budget's first plan, and the per-process counters."""
         self.started = _now()
         self.pace = Pace(_now)  # not self.clock: a reference cycle would keep the DataLoader workers alive
-        self.budget = parse_duration(cfg.time_budget) if cfg.time_budget else None
-        self.plan_at = None if self.budget is None or cfg.max_steps is not None else min(
-            MEASURE_STEPS + 1, schedule.warmup_steps + 1, schedule.steps_per_epoch)
+        self.budget = parse_duration(self.cfg.time_budget) if self.cfg.time_budget else None
+        self.plan_at = None if self.budget is None or self.cfg.max_steps is not None else min(
+            MEASURE_STEPS + 1, self.schedule.warmup_steps + 1, self.schedule.steps_per_epoch)
         """The step after which a budget fixes the run's length: the steps before it do not depend on the length
         (warmup's learning rate does not), so a re-run with the chosen ``max_steps`` repeats them exactly."""
-        if self.plan_at is not None and world.is_main:
-            self.progress.print(f"budget {format_budget(self.budget)}: timing the first {self.plan_at} steps")
-        self.nonfinite = torch.zeros((), device=device)
+        if self.plan_at is not None:
+            self._say(f"budget {format_budget(self.budget)}: timing the first {self.plan_at} steps")
+        self.nonfinite = torch.zeros((), device=self.device)
         """NaN/inf losses (or gradient norms) since the last check: counted on the device, read (a sync) only
         when a log line or a checkpoint needs it."""
         self.epoch_times: list[float] = []
         self.epoch_start = self.epoch_cpu = self.window_start = 0.0
-        self.lr = schedule.lr_at(self.state.step)
+        self.lr = self.schedule.lr_at(self.state.step)
         self.grad_norm: Optional[Tensor] = None
-        new_layout = saved is None or int(saved.get("world_size", world.size)) != world.size
+        new_layout = saved is None or int(saved.get("world_size", self.world.size)) != self.world.size
         self.memory_step = self.state.step + 1 if new_layout else None
         """The step before which the resident bytes per process are logged: a run's first, and a resumption's on
         another number of processes (a resumption on the same number logs what the run logged)."""
@@ -381,11 +403,12 @@ class _Run:
     def epoch_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         """The epoch's remaining micro-batches, up to the last full optimizer step or the run's last step.
         An unreadable image first saves the finished steps, then ends the run with one line naming it."""
-        state, schedule = self.state, self.schedule
+        state = self.state
         batches = self.data.train.batches(state.epoch, state.batch)
         for images, targets in _saving_on_corrupt(batches, self.save_finished_steps, self.world, self.checkpoints,
                                                   self.run_dir):
-            if state.batch >= schedule.batches_per_epoch or state.step >= schedule.total_steps:
+            # self.schedule, not a copy: a time budget's re-plan may shorten the run within the epoch
+            if state.batch >= self.schedule.batches_per_epoch or state.step >= self.schedule.total_steps:
                 return
             yield images, targets
 
@@ -410,15 +433,29 @@ class _Run:
 
     def fit_budget(self) -> None:
         """With a time budget, after the first steps: fix ``max_steps`` (and ``epochs``) to what fits, in the
-        config the run writes and checkpoints (so a resumption keeps it), and say so."""
-        if self.plan_at is None or self.state.step < self.plan_at:
+        config the run writes and checkpoints (so a resumption keeps it), and say so; then at every tenth of
+        the run's steps (and after each evaluation, see :meth:`end_epoch`), re-plan to the pace since."""
+        if self.budget is None:
+            return
+        if self.plan_at is None:
+            # A check after every tenth of the run's steps; every process counts the same steps, and checks
+            # together (a re-plan is a collective).
+            if self.pace.window_steps >= max(1, self.schedule.total_steps // REPLAN_CHECKS):
+                self._replan()
+            return
+        if self.state.step < self.plan_at:
             return
         self.plan_at = None
         per_step = self.pace.seconds_per_step() or self.clock() / max(1, self.state.step)
         total = self._steps_that_fit(per_step, first_epoch=self.state.epoch)
         self._set_length(total, replans=list(self.cfg.budget_replans))
+        self.pace.new_window()
         self._say(f"budget {format_budget(self.budget)}: {total:,} steps = "
                   f"{total / self.schedule.steps_per_epoch:.1f} epochs at {per_step:.3g} s/step measured")
+        if total <= self.schedule.warmup_steps:  # warmup is not shortened: the steps taken so far assumed it
+            self._say(f"budget {format_budget(self.budget)}: the {self.schedule.warmup_steps:,} warmup steps "
+                      f"(optim.warmup_epochs {self.cfg.optim.warmup_epochs:g}) do not fit, so the run ends in "
+                      "warmup, before any decay; a shorter optim.warmup_epochs fits the budget better")
 
     def log_and_checkpoint(self, *, save: bool) -> None:
         """Every ``log_every`` steps a ``train`` line (and the finite check); every ``ckpt_every_steps`` steps,
@@ -442,24 +479,40 @@ class _Run:
     def end_epoch(self) -> None:
         """Evaluate (every ``eval_every`` epochs and after the last), log the epoch's record, draw the curves,
         print the summary line and checkpoint, ``best`` too when the evaluation is the best so far."""
-        state, cfg, task, world = self.state, self.cfg, self.task, self.world
+        state, cfg = self.state, self.cfg
         self.progress.end_epoch()
-        _check_finite(self.nonfinite, state, world, self.device, self.checkpoints)
-        epoch_sums = all_reduce_sum(state.epoch_sums.clone(), world)
+        _check_finite(self.nonfinite, state, self.world, self.device, self.checkpoints)
+        epoch_sums = all_reduce_sum(state.epoch_sums.clone(), self.world)
         record: dict[str, Any] = dict(epoch=state.epoch + 1)
-        record |= {f"train_{name}": value for name, value in _means(task, epoch_sums).items()}
+        record |= {f"train_{name}": value for name, value in _means(self.task, epoch_sums).items()}
         record["lr"] = self.schedule.lr_at(state.step - 1)
-        is_best = False
         last = state.epoch + 1 == cfg.epochs or state.step >= self.schedule.total_steps
         evaluated = (state.epoch + 1) % cfg.eval_every == 0 or last
-        if evaluated:
-            started = self.clock()
-            with _saving_on_corrupt_in(self.save_finished_epoch, world, self.checkpoints, self.run_dir), \
-                    gathered(self.parts.raw):  # under FSDP the ranks' validation shards may differ in batches
-                is_best = _evaluate(task, self.parts, state, record)
-                if world.is_main:
-                    self.log.figures(task.figures(self._exported_model()), state.step, state.epoch + 1)
-            self.pace.evaluation(self.clock() - started)
+        is_best = self._evaluate(record) if evaluated else False
+        self._log_epoch(record, last)
+        state.last_record = record
+        state.epoch, state.batch, state.window_seconds = state.epoch + 1, 0, 0.0
+        state.epoch_sums.zero_()
+        state.window_sums.zero_()  # a log window does not span epochs
+        if evaluated and not last and self.budget is not None and self.plan_at is None:
+            self._replan()
+        self.save(is_best)
+
+    def _evaluate(self, record: dict[str, Any]) -> bool:
+        """Evaluate into ``record`` (timed, for the budget) and keep the figures; whether it is the best so far.
+        An unreadable image here saves the finished epoch first."""
+        started = self.clock()
+        with _saving_on_corrupt_in(self.save_finished_epoch, self.world, self.checkpoints, self.run_dir), \
+                gathered(self.parts.raw):  # under FSDP the ranks' validation shards may differ in batches
+            is_best = _evaluate(self.task, self.parts, self.state, record)
+            if self.world.is_main:
+                self.log.figures(self.task.figures(self._exported_model()), self.state.step, self.state.epoch + 1)
+        self.pace.evaluation(self.clock() - started)
+        return is_best
+
+    def _log_epoch(self, record: dict[str, Any], last: bool) -> None:
+        """The epoch's times (and skipped files) into ``record``, its ``epoch`` line, the curves, the summary."""
+        state, cfg, task, world = self.state, self.cfg, self.task, self.world
         self.epoch_times.append(time.perf_counter() - self.epoch_start)
         record["epoch_time"] = self.epoch_times[-1]
         record["epoch_cpu_time"] = time.process_time() - self.epoch_cpu  # this process, all threads
@@ -472,17 +525,13 @@ class _Run:
         if eta is None:
             eta = sum(self.epoch_times) / len(self.epoch_times) * (cfg.epochs - state.epoch - 1)
         self.progress.print(_summary_line(task, record, cfg.epochs, eta, self.parts.ema is not None))
-        state.last_record = record
-        state.epoch, state.batch, state.window_seconds = state.epoch + 1, 0, 0.0
-        state.epoch_sums.zero_()
-        state.window_sums.zero_()  # a log window does not span epochs
-        if evaluated and not last and self.budget is not None and self.plan_at is None:
-            self._replan()
-        self.save(is_best)
 
     def eta(self, first_epoch: Optional[int] = None) -> Optional[float]:
         """Seconds to the end of the run at the pace measured so far: its steps left and the evaluations at
-        the ends of epochs ``first_epoch`` (default: the current one) onwards; None before a step was timed."""
+        the ends of epochs ``first_epoch`` (default: the current one) onwards; None before a step was timed.
+        While a time budget is still timing the first steps: what is left of the budget."""
+        if self.budget is not None and self.plan_at is not None:
+            return max(0.0, self.budget - self.clock())
         cadence = Cadence(self.schedule.steps_per_epoch, self.cfg.eval_every)
         evaluations = cadence.evaluations(self.schedule.total_steps,
                                           self.state.epoch if first_epoch is None else first_epoch)
@@ -536,21 +585,22 @@ class _Run:
 
     # ---------------------------------------------------------------------------------- time budget
     def _replan(self) -> None:
-        """After an evaluation: if the pace since the previous one (steps and evaluation) makes a different
-        number of steps fit the budget, spread the decay left over the steps to the new total."""
+        """If the pace since the previous check (steps, and the last evaluation) makes a different number of
+        steps fit the budget, spread the decay left over the steps to the new total."""
         state, planned = self.state, self.schedule.total_steps
         per_step = self.pace.seconds_per_step(recent=True)
         self.pace.new_window()
         if per_step is None:
             return
         total = self._steps_that_fit(per_step, first_epoch=state.epoch)
-        if abs(total - planned) <= max(1.0, REPLAN_TOLERANCE * (planned - state.step)):
+        if abs(total - planned) * per_step <= REPLAN_TOLERANCE * self.budget:
             return
         self._set_length(self.cfg.max_steps, replans=[*self.cfg.budget_replans, (state.step, total)])
-        self._say(f"budget {format_budget(self.budget)}: {per_step:.3g} s/step and "
-                  f"{self.pace.seconds_per_evaluation(0.0):.3g} s/evaluation since the last evaluation: re-planned "
-                  f"from {planned:,} to {total:,} steps ({total / self.schedule.steps_per_epoch:.1f} epochs), the "
-                  f"decay left now spread over steps {state.step:,}-{total:,}")
+        evaluation = (f"{self.pace.eval_seconds[-1]:.3g} s/evaluation" if self.pace.eval_seconds else
+                      f"an evaluation estimated at {self._eval_estimate(per_step):.3g} s")
+        self._say(f"budget {format_budget(self.budget)}: {per_step:.3g} s/step since the last check and {evaluation}: "
+                  f"re-planned from {planned:,} to {total:,} steps ({total / self.schedule.steps_per_epoch:.1f} "
+                  f"epochs), the decay left now spread over steps {state.step:,}-{total:,}")
 
     def _steps_that_fit(self, per_step: float, first_epoch: int) -> int:
         """The run's total steps that fit what is left of the budget (decided by the main process, whose clock
