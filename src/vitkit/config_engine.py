@@ -95,6 +95,11 @@ def from_mapping(cls: type[T], data: Any, *, source: str = "config", prefix: str
     if isinstance(data, cls):
         return data
     kwargs = checked_fields(cls, data, source=source, prefix=prefix)
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{_at(source)}missing key(s) {', '.join(prefix + name for name in missing)}"
+                          f"{' in ' + where if where else ''}")
     try:
         return cls(**kwargs)
     except ConfigError as e:
