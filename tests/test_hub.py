@@ -395,8 +395,17 @@ def test_catalog_entry_errors_name_the_key():
     parse_entry(good)
     with pytest.raises(CatalogError, match="missing key.*crop_pct"):
         parse_entry({k: v for k, v in good.items() if k != "crop_pct"})
-    with pytest.raises(CatalogError, match="unknown key.*sha"):
+    with pytest.raises(CatalogError, match="unknown config key sha"):
         parse_entry({**good, "sha": "00"})
+    # parsed by the config engine (issue 25; before, a hand-written parser): types, choices and did-you-mean
+    with pytest.raises(CatalogError, match=r"unknown config key crop_pc \(did you mean crop_pct\?\)"):
+        parse_entry({**{k: v for k, v in good.items() if k != "crop_pct"}, "crop_pc": 0.9})
+    with pytest.raises(CatalogError, match="num_classes must be an integer, got 'many'"):
+        parse_entry({**good, "num_classes": "many"})
+    with pytest.raises(CatalogError, match="format must be one of timm, huggingface"):
+        parse_entry({**good, "format": "onnx"})
+    with pytest.raises(CatalogError, match=r"unknown config key location\.repo"):
+        parse_entry({**good, "location": {"repo": "a/b"}})
     with pytest.raises(CatalogError, match="checksum"):
         parse_entry({**good, "checksum": {"crc32": "abcdef"}})
     with pytest.raises(CatalogError, match="architecture.tag"):

@@ -64,3 +64,22 @@ def test_every_config_record_becomes_a_mapping_one_way():
     assert Preprocessing(size=32, crop_mode="squash").to_dict()["crop_mode"] == "squash"
     hybrid = vitkit.get_model_config("vit_base_r50_s16_384")
     assert type(hybrid).from_dict(hybrid.to_dict()) == hybrid
+
+
+def test_the_model_section_is_typed_by_the_one_config_engine():
+    """Before: TrainConfig.model had a second validator (its own unknown-key and did-you-mean code). Now its
+    overrides are the model config's fields, checked by the engine's checked_fields, nested sections included."""
+    from vitkit.config_engine import ConfigError
+    from vitkit.train import TrainConfig
+
+    assert [str(p.relative_to(SRC)) for p in SRC.rglob("*.py") if "unknown config key" in p.read_text()] == [
+        "config_engine.py"]
+    with pytest.raises(ConfigError, match=r"^f\.yaml: unknown config key model\.stem\.layerz \(did you mean "
+                                          r"model\.stem\.layers\?\)"):
+        TrainConfig.from_dict({"model": {"name": "vit_hybrid_cifar_32", "stem": {"layerz": [1]}}}, source="f.yaml")
+    with pytest.raises(ConfigError, match=r"^f\.yaml: unknown config key model\.depht \(did you mean model\.depth\?\)"):
+        TrainConfig.from_dict({"model": {"name": "mae_vit_mini_patch4_32", "depht": 2}}, source="f.yaml")
+    with pytest.raises(ConfigError, match=r"model\.mask_ratio must be a number, got 'x'"):
+        TrainConfig.from_dict({"model": {"name": "mae_vit_mini_patch4_32", "mask_ratio": "x"}})
+    cfg = TrainConfig.from_dict({"model": {"name": "vit_hybrid_cifar_32", "stem": {"layers": [2]}, "depth": 3}})
+    assert cfg.model == {"name": "vit_hybrid_cifar_32", "stem": {"layers": [2]}, "depth": 3}

@@ -58,13 +58,12 @@ def check_fields(obj: Any, *, prefix: str = "") -> None:
             object.__setattr__(obj, name, coerced)  # works for frozen dataclasses too
 
 
-def from_mapping(cls: type[T], data: Any, *, source: str = "config", prefix: str = "") -> T:
-    """An instance of the dataclass ``cls`` from a mapping of its field names; keys it does not have are
-    errors (with the closest known key), and every error starts with ``source`` (unless empty) and names
-    the key, dotted with ``prefix`` (e.g. ``stem.``)."""
+def checked_fields(cls: type, data: Any, *, source: str = "config", prefix: str = "",
+                   known: str | None = None) -> dict[str, Any]:
+    """Some fields of the dataclass ``cls``, each checked against its type hint (nested sections built), without
+    building ``cls``: the overrides of a config another step completes (a training config's ``model`` section).
+    Keys ``cls`` does not have are errors with the closest known key; ``known`` names what has the keys."""
     where = prefix.rstrip(".")
-    if isinstance(data, cls):
-        return data
     if not isinstance(data, Mapping):
         raise ConfigError(f"{_at(source)}{where or 'the config'} must be a mapping of keys, got {_show(data)}")
     fields = field_types(cls)
@@ -73,7 +72,7 @@ def from_mapping(cls: type[T], data: Any, *, source: str = "config", prefix: str
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
             raise ConfigError(f"{_at(source)}unknown config key {prefix}{key}{hint}; "
-                              f"{where or 'the top level'} has: {', '.join(fields)}")
+                              f"{known or where or 'the top level'} has: {', '.join(fields)}")
     kwargs = {}
     for key, value in data.items():
         hint = fields[key]
@@ -85,6 +84,22 @@ def from_mapping(cls: type[T], data: Any, *, source: str = "config", prefix: str
                 kwargs[key] = coerce(value, hint, f"{prefix}{key}")
             except ConfigError as e:
                 raise ConfigError(f"{_at(source)}{e}") from None
+    return kwargs
+
+
+def from_mapping(cls: type[T], data: Any, *, source: str = "config", prefix: str = "") -> T:
+    """An instance of the dataclass ``cls`` from a mapping of its field names; keys it does not have are
+    errors (with the closest known key), and every error starts with ``source`` (unless empty) and names
+    the key, dotted with ``prefix`` (e.g. ``stem.``)."""
+    where = prefix.rstrip(".")
+    if isinstance(data, cls):
+        return data
+    kwargs = checked_fields(cls, data, source=source, prefix=prefix)
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{_at(source)}missing key(s) {', '.join(prefix + name for name in missing)}"
+                          f"{' in ' + where if where else ''}")
     try:
         return cls(**kwargs)
     except ConfigError as e:

@@ -12,18 +12,22 @@ publishers' READMEs; nothing here runs code from them.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 import functools
 import json
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
-from vitkit.preprocessing import Preprocessing
+from vitkit.config_engine import ConfigError, from_mapping
+from vitkit.preprocessing import Interpolation, Preprocessing
 
 ClassSet = Literal["imagenet-1k", "imagenet-21k"]
-FORMATS = ("timm", "huggingface", "torchvision", "jax", "vitkit", "t2t")
+CatalogFormat = Literal["timm", "huggingface", "torchvision", "jax", "vitkit", "t2t"]
+FORMATS = typing.get_args(CatalogFormat)
 """Checkpoint formats an entry may name (``null``: detected from the file, as for any local file)."""
 CHECKSUM_ALGORITHMS = ("sha256", "md5")
 
@@ -97,54 +101,68 @@ class CatalogEntry:
         return (self.location.file or str(self.location.url)).rstrip("/").rsplit("/", 1)[-1]
 
 
-_KEYS = {"name", "architecture", "default", "aliases", "location", "origin", "format", "checksum", "license",
-         "input_size", "mean", "std", "crop_pct", "interpolation", "num_classes", "classes", "config", "top1",
-         "top1_source", "publisher", "paper", "notes"}
-_REQUIRED = ("name", "architecture", "location", "input_size", "mean", "std", "crop_pct", "interpolation",
-             "num_classes")
+@dataclass(frozen=True)
+class CatalogRecord:
+    """One entry of ``catalog.json`` as written: the config engine checks its keys (unknown or missing ones are
+    errors naming them, with the closest known key) and the type of each value; :func:`parse_entry` then checks
+    what types cannot say and builds the :class:`CatalogEntry`."""
+
+    name: str
+    architecture: str
+    location: Location
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float
+    interpolation: Interpolation
+    num_classes: int
+    format: Optional[CatalogFormat] = None
+    checksum: Optional[dict[str, str]] = None
+    license: Optional[str] = None
+    classes: Optional[ClassSet] = None
+    default: bool = False
+    aliases: tuple[str, ...] = ()
+    config: dict[str, Any] = field(default_factory=dict)
+    top1: Optional[float] = None
+    top1_source: Optional[str] = None
+    publisher: str = ""
+    paper: Optional[str] = None
+    origin: Optional[str] = None
+    notes: str = ""
 
 
 def parse_entry(data: dict[str, Any], where: str = "catalog") -> CatalogEntry:
-    """One JSON object -> a :class:`CatalogEntry`; a missing or unknown key is an error naming it."""
-    name = data.get("name", "?")
+    """One JSON object -> a :class:`CatalogEntry`; a missing or unknown key, or a value of the wrong type, is an
+    error naming it."""
+    name = data.get("name", "?") if isinstance(data, dict) else "?"
     what = f"{where}: entry {name!r}"
-    unknown = sorted(set(data) - _KEYS)
-    if unknown:
-        raise CatalogError(f"{what}: unknown key(s) {', '.join(unknown)}")
-    missing = [k for k in _REQUIRED if k not in data]
-    if missing:
-        raise CatalogError(f"{what}: missing key(s) {', '.join(missing)}")
-    arch, dot, tag = str(name).partition(".")
-    if not dot or not tag or arch != data["architecture"]:
-        raise CatalogError(f"{what}: a name is 'architecture.tag' with architecture {data['architecture']!r}")
-    loc = data["location"]
-    if not isinstance(loc, dict) or set(loc) - {"hf_hub", "file", "url"} or \
-            not ((loc.get("hf_hub") and loc.get("file") and not loc.get("url")) or (loc.get("url") and len(loc) == 1)):
-        raise CatalogError(f"{what}: location must be {{'hf_hub': repo, 'file': name}} or {{'url': URL}}, got {loc!r}")
-    if loc.get("url") and not str(loc["url"]).startswith("https://"):
-        raise CatalogError(f"{what}: location url must be https, got {loc['url']!r}")
-    if data.get("format") is not None and data["format"] not in FORMATS:
-        raise CatalogError(f"{what}: format {data['format']!r} is not one of {', '.join(FORMATS)}")
+    try:
+        record = from_mapping(CatalogRecord, data, source=what)
+    except ConfigError as e:
+        raise CatalogError(str(e)) from None
+    arch, dot, tag = record.name.partition(".")
+    if not dot or not tag or arch != record.architecture:
+        raise CatalogError(f"{what}: a name is 'architecture.tag' with architecture {record.architecture!r}")
+    loc = record.location
+    if not ((loc.hf_hub and loc.file and not loc.url) or (loc.url and not loc.hf_hub and not loc.file)):
+        raise CatalogError(f"{what}: location must be {{'hf_hub': repo, 'file': name}} or {{'url': URL}}, got "
+                           f"{data['location']!r}")
+    if loc.url and not loc.url.startswith("https://"):
+        raise CatalogError(f"{what}: location url must be https, got {loc.url!r}")
     checksum = None
-    if data.get("checksum"):
-        ((algorithm, digest),) = data["checksum"].items()
+    if record.checksum:
+        ((algorithm, digest),) = record.checksum.items()
         if algorithm not in CHECKSUM_ALGORITHMS or not _is_hex(digest) or len(digest) < 6:
             raise CatalogError(f"{what}: checksum must be {{'sha256'|'md5': hex digest or published prefix}}")
         checksum = Checksum(algorithm, digest.lower())
-    if data.get("classes") not in (None, "imagenet-1k", "imagenet-21k"):
-        raise CatalogError(f"{what}: classes {data['classes']!r} is not imagenet-1k, imagenet-21k or null")
     try:
-        preprocessing = Preprocessing(size=int(data["input_size"]), mean=data["mean"], std=data["std"],
-                                      crop_pct=data["crop_pct"], interpolation=data["interpolation"])
+        preprocessing = Preprocessing(size=record.input_size, mean=record.mean, std=record.std,
+                                      crop_pct=record.crop_pct, interpolation=record.interpolation)
     except (TypeError, ValueError) as e:
         raise CatalogError(f"{what}: {e}") from None
-    return CatalogEntry(
-        name=name, architecture=data["architecture"], location=Location(**loc), format=data.get("format"),
-        license=data.get("license"), preprocessing=preprocessing, num_classes=int(data["num_classes"]),
-        classes=data.get("classes"), checksum=checksum, default=bool(data.get("default", False)),
-        aliases=tuple(data.get("aliases", ())), config=dict(data.get("config") or {}), top1=data.get("top1"),
-        top1_source=data.get("top1_source"), publisher=data.get("publisher", ""), paper=data.get("paper"),
-        origin=data.get("origin"), notes=data.get("notes", ""))
+    facts = {f.name: getattr(record, f.name) for f in dataclasses.fields(CatalogEntry)
+             if f.name not in ("preprocessing", "checksum") and hasattr(record, f.name)}
+    return CatalogEntry(**facts, preprocessing=preprocessing, checksum=checksum)
 
 
 def _is_hex(text: Any) -> bool:

@@ -9,7 +9,6 @@ CIFAR-10.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,6 +20,7 @@ import yaml
 from vitkit.config_engine import (
     ConfigError,
     check_fields,
+    checked_fields,
     coerce,
     describe_yaml_error,
     field_types,
@@ -251,27 +251,26 @@ def check_model_section(model: Mapping[str, Any], *, fine_tuning: bool = False,
         if fine_tuning:  # the name is ignored when fine-tuning
             return dict(model)
         raise ConfigError(f"model.name: {e}") from None
-    fields = field_types(type(entry.config))
-    if task == "mae" or isinstance(entry.config, MAEConfig):  # an MAE takes its encoder's fields and its own
-        fields = {**field_types(type(entry.config.encoder if isinstance(entry.config, MAEConfig) else entry.config)),
-                  **{k: v for k, v in field_types(MAEConfig).items() if k != "encoder"}}
-    checked = {"name": name}
-    for key, value in model.items():
-        if key == "name":
-            continue
-        if key == GRAD_CHECKPOINTING:  # a training switch, valid for any model with transformer blocks
-            checked[key] = coerce(value, bool, f"model.{key}")
-            continue
-        if key not in fields:
-            if fine_tuning:
-                checked[key] = value
-                continue
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean model.{close[0]}?)" if close else ""
-            raise ConfigError(f"unknown config key model.{key}{hint} for {name}; {type(entry.config).__name__} "
-                              f"has: {', '.join(fields)}")
-        checked[key] = to_plain(coerce(value, fields[key], f"model.{key}"))
-    return checked
+    # the overrides are the model's own config fields, typed by the engine (the model is built later, with the
+    # data set's classes, channels and size, so only the fields given are checked here)
+    overrides = {k: v for k, v in model.items() if k not in ("name", GRAD_CHECKPOINTING)}
+    config_class = type(entry.config)
+    sections: list[tuple[type, dict[str, Any]]] = [(config_class, overrides)]
+    if task == "mae" or isinstance(entry.config, MAEConfig):  # an MAE takes its own fields and its encoder's
+        encoder = type(entry.config.encoder) if isinstance(entry.config, MAEConfig) else config_class
+        own = {k for k in field_types(MAEConfig) if k != "encoder"}
+        sections = [(MAEConfig, {k: v for k, v in overrides.items() if k in own}),
+                    (encoder, {k: v for k, v in overrides.items() if k not in own})]
+    checked: dict[str, Any] = {"name": name}
+    for cls, given in sections:
+        if fine_tuning:  # the architecture comes from finetune.init: keys it may not have are checked there
+            checked.update({k: v for k, v in given.items() if k not in field_types(cls)})
+            given = {k: v for k, v in given.items() if k in field_types(cls)}
+        checked.update(to_plain(checked_fields(cls, given, source="", prefix="model.",
+                                               known=f"{name} ({cls.__name__})")))
+    if GRAD_CHECKPOINTING in model:  # a training switch, valid for any model with transformer blocks
+        checked[GRAD_CHECKPOINTING] = coerce(model[GRAD_CHECKPOINTING], bool, f"model.{GRAD_CHECKPOINTING}")
+    return {k: checked[k] for k in model if k in checked}
 
 
 # ---------------------------------------------------------------------------------- loading

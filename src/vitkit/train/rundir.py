@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import time
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from vitkit.models.transfer import freeze_backbone, prepare_for_finetuning
 from vitkit.resolver import ResolvedModel, load_source
 from vitkit.runfiles import CHECKPOINT_DIR, MODEL_DIR
 from vitkit.runfiles import RUN_CONFIG_NAME as CONFIG_NAME
-from vitkit.train.config import GRAD_CHECKPOINTING, FinetuneConfig, TrainConfig
+from vitkit.train.config import GRAD_CHECKPOINTING, FinetuneConfig, TrainConfig, check_model_section
 from vitkit.train.invocation import vitkit_command
 
 
@@ -105,14 +104,10 @@ def build_run_model(cfg: TrainConfig, data: Any) -> nn.Module:
     travels in the config so that ``vitkit predict``/``eval``/``fewshot``/``analyze`` reapply it."""
     if cfg.finetune.init:
         return _build_finetune_model(cfg, data)
-    spec = {k: v for k, v in cfg.model.items() if k != GRAD_CHECKPOINTING}
+    # the section as the engine checks it (a config changed after it was built is checked again, the same way)
+    spec = {k: v for k, v in check_model_section(cfg.model, task=cfg.task).items() if k != GRAD_CHECKPOINTING}
     name = spec.pop("name")
     entry = get_model_entry(name)
-    fields = {f.name for f in dataclasses.fields(entry.config)}
-    unknown = sorted(set(spec) - fields)
-    if unknown:
-        raise ValueError(f"unknown config key model.{unknown[0]} for {name} "
-                         f"({type(entry.config).__name__} has: {', '.join(sorted(fields))})")
     spec.setdefault("num_classes", data.num_classes)
     spec.setdefault("in_chans", data.in_chans)
     spec.setdefault("img_size", data.img_size)
