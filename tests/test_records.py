@@ -83,3 +83,17 @@ def test_the_model_section_is_typed_by_the_one_config_engine():
         TrainConfig.from_dict({"model": {"name": "mae_vit_mini_patch4_32", "mask_ratio": "x"}})
     cfg = TrainConfig.from_dict({"model": {"name": "vit_hybrid_cifar_32", "stem": {"layers": [2]}, "depth": 3}})
     assert cfg.model == {"name": "vit_hybrid_cifar_32", "stem": {"layers": [2]}, "depth": 3}
+
+
+def test_the_data_configs_evaluation_fields_become_a_preprocessing_record_in_one_place(data_root):
+    """Before: three hand conversions of DataConfig's evaluation fields into a Preprocessing record."""
+    from vitkit.data import DataConfig, build_data
+    from vitkit.preprocessing import Preprocessing
+
+    src = (SRC / "data" / "pipeline.py").read_text()
+    assert "Preprocessing(" not in src and src.count("cfg.eval_preprocessing(") >= 3
+    cfg = DataConfig("cifar10", img_size=40, eval_crop_pct=0.5, eval_interpolation="bicubic", batch_size=8)
+    assert cfg.eval_preprocessing(40, [0.1], [0.2]) == Preprocessing(size=40, mean=(0.1,), std=(0.2,), crop_pct=0.5,
+                                                                     interpolation="bicubic", dataset="cifar10")
+    data = build_data(cfg, device="cpu")  # an in-memory set: resized, not cropped, with the set's statistics
+    assert data.preprocessing == cfg.eval_preprocessing(40, data.mean, data.std, crop_pct=1.0)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 from vitkit.config_engine import check_fields, from_mapping, to_plain
-from vitkit.preprocessing import Interpolation
+from vitkit.preprocessing import Interpolation, Preprocessing
 
 CropMode = Literal["random_crop", "random_resized_crop", "none"]
 AutoAugment = Literal["randaugment", "trivialaugment"]
@@ -80,6 +80,15 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def eval_preprocessing(self, size: int | tuple[int, int], mean: tuple[float, ...] | list[float],
+                           std: tuple[float, ...] | list[float], *, crop_pct: float | None = None) -> Preprocessing:
+        """The preprocessing record the evaluation fields describe (``eval_crop_pct``, ``eval_interpolation``),
+        at ``size`` with the data set's normalisation: the one conversion from this config to the record the
+        eval transform and the exported model carry. ``crop_pct`` overrides ``eval_crop_pct``."""
+        return Preprocessing(size=size, mean=tuple(mean), std=tuple(std),
+                             crop_pct=self.eval_crop_pct if crop_pct is None else crop_pct,
+                             interpolation=self.eval_interpolation, dataset=self.dataset)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field at fault (types and allowed values by the config engine)."""

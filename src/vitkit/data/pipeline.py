@@ -358,8 +358,7 @@ def _build_npz(cfg: DataConfig, location: sources.DatasetLocation, device: torch
 
     train = TensorTrainStream(*to_device(train_x, train_y), augmenter, batch_size=cfg.batch_size, seed=seed,
                               rank=rank, world_size=world_size)
-    preprocessing = Preprocessing(size=img_size, mean=mean, std=std, crop_pct=1.0,
-                                  interpolation=cfg.eval_interpolation, dataset=cfg.dataset)
+    preprocessing = cfg.eval_preprocessing(img_size, mean, std, crop_pct=1.0)  # in-memory sets are not cropped
     val = TensorValStream(*to_device(val_x, val_y), EvalTransform(preprocessing, in_chans),
                           batch_size=cfg.eval_batch_size, rank=rank, world_size=world_size)
     return Data(train, val, num_classes, class_names, in_chans, img_size,
@@ -397,8 +396,7 @@ def _build_folder(cfg: DataConfig, location: sources.DatasetLocation, device: to
     train_mode = "random_resized_crop" if cfg.crop == "random_resized_crop" else "resize_center"
     train_images = FolderImages(train_split, img_size, train_mode, seed=seed, scale=cfg.rrc_scale,
                                 ratio=cfg.rrc_ratio)
-    preprocessing = Preprocessing(size=img_size, mean=mean, std=std, crop_pct=cfg.eval_crop_pct,
-                                  interpolation=cfg.eval_interpolation, dataset=cfg.dataset)
+    preprocessing = cfg.eval_preprocessing(img_size, mean, std)
     transform = EvalTransform(preprocessing, 3)
     val_images = FolderImages(val_split, img_size, "eval", eval_resize=transform.load)
     train = FolderTrainStream(train_images, augmenter, batch_size=cfg.batch_size, seed=seed, rank=rank,
@@ -431,8 +429,7 @@ def _build_shards(cfg: DataConfig, device: torch.device, seed: int, rank: int, w
                              ratio=cfg.rrc_ratio, batch_size=cfg.batch_size, seed=seed, rank=rank,
                              world_size=world_size, num_workers=cfg.num_workers, buffer=cfg.shuffle_buffer,
                              device=device, skip_corrupt=cfg.skip_corrupt)
-    preprocessing = Preprocessing(size=img_size, mean=mean, std=std, crop_pct=cfg.eval_crop_pct,
-                                  interpolation=cfg.eval_interpolation, dataset=cfg.dataset)
+    preprocessing = cfg.eval_preprocessing(img_size, mean, std)
     val = ShardValStream(shards, EvalTransform(preprocessing, 3), batch_size=cfg.eval_batch_size, rank=rank,
                          world_size=world_size, device=device, skip_corrupt=cfg.skip_corrupt)
     return Data(train, val, len(classes), classes, 3, img_size, tuple(mean), tuple(std), cfg.soft_targets,
