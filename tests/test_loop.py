@@ -335,6 +335,13 @@ def test_a_fixed_length_wins_over_the_budget_and_durations_are_checked():
     assert load_config(None, ["--epochs", "3"]).time_budget is None
     assert load_config(None, ["--max_steps", "30"]).time_budget is None
     assert load_config(None, ["--epochs", "3", "--time_budget", "10m"]).time_budget == "10m"
+    from vitkit.train.config import merge_configs
+
+    planned = {"epochs": 36, "max_steps": 14030, "time_budget": "60m", "budget_replans": [[5000, 13000]]}
+    assert merge_configs(planned, {"epochs": 50}) == {  # `--resume RUN --epochs 50` of a budget run: 50 epochs
+        "epochs": 50, "max_steps": None, "time_budget": None, "budget_replans": []}
+    assert merge_configs(planned, {"max_steps": 20000})["max_steps"] == 20000
+    assert merge_configs({"epochs": 3, "max_steps": 10}, {"epochs": 5})["max_steps"] == 10  # no budget: as before
     assert [parse_duration(t) for t in ("60m", "1h30m", "1.5h", "90s", "3600", " 2m 30s")] == [
         3600, 5400, 5400, 90, 3600, 150]
     for bad in ("60x", "-5m", "m", "0", "nan"):

@@ -407,6 +407,8 @@ def merge_configs(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[st
         update["model"] = {"name": update["model"]}
     if ("epochs" in update or "max_steps" in update) and "time_budget" not in update:
         update |= {"time_budget": None, "budget_replans": []}  # a length given over a budget wins over it
+        if base.get("time_budget") and "max_steps" not in update:
+            update["max_steps"] = None  # the budget wrote it: `--resume RUN --epochs 50` is 50 epochs
     merged = _merge(base, update)
     if isinstance(update.get("model"), Mapping) and "name" in update["model"]:
         merged["model"] = dict(update["model"])
