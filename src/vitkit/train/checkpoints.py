@@ -70,6 +70,14 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------ writing
+def write_run_id(directory: Path, run_id: str | None) -> None:
+    """Record the run's identity in its checkpoint directory (once: a resumed run keeps the file it has)."""
+    path = directory / RUN_ID_NAME
+    if run_id is not None and not path.is_file():
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_id + "\n", path)
+
+
 class CheckpointWriter:
     """Writes ``last``, ``best`` and the kept step checkpoints of one run directory."""
 
@@ -117,11 +125,7 @@ class CheckpointWriter:
         return sorted(self.directory.glob("step-*.pt"))
 
     def write_run_id(self) -> None:
-        """Record the run's identity in its directory (once: a resumed run keeps the file it has)."""
-        path = self.directory / RUN_ID_NAME
-        if self.run_id is not None and not path.is_file():
-            self.directory.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_id + "\n", path)
+        write_run_id(self.directory, self.run_id)
 
     def retire_newer_than(self, step: int) -> list[Path]:
         """Move the step checkpoints newer than ``step`` (a branch that resuming from an older state abandons)

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from vitkit.fileio import atomic_torch_save, atomic_write_text, fsync_dir
+from vitkit.fileio import atomic_torch_save, fsync_dir
 from vitkit.runfiles import (
     CHECKPOINT_DIR,
     FORMAT,
@@ -42,7 +42,7 @@ from vitkit.runfiles import (
     sharded_step_checkpoints,
     single_process_dcp,
 )
-from vitkit.train.checkpoints import RUN_ID_NAME
+from vitkit.train.checkpoints import write_run_id
 from vitkit.train.distributed import World, barrier, broadcast_object
 from vitkit.train.rundir import RunDirectoryError
 
@@ -98,11 +98,7 @@ class ShardedCheckpointWriter:
         return self.last
 
     def write_run_id(self) -> None:
-        """Record the run's identity in its directory (once), as :class:`CheckpointWriter` does."""
-        path = self.directory / RUN_ID_NAME
-        if self.run_id is not None and not path.is_file():
-            self.directory.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_id + "\n", path)
+        write_run_id(self.directory, self.run_id)
 
     def retire_newer_than(self, step: int) -> list[Path]:
         """Move the step checkpoints newer than ``step`` (the branch a resumption from an older state abandons)
