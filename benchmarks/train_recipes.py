@@ -2,8 +2,10 @@
 
 - ``mnist``: configs/mnist_convstem.yaml, target >= 99.0% test accuracy within 5 minutes of training
   ``--config mnist_vit`` measures the pure-ViT variant against the same target.
-- ``cifar10``: configs/cifar10_convstem.yaml (also what a bare ``vitkit train`` runs), target >= 80%
-  within 60 minutes (aim: 85%).
+- ``cifar10``: configs/cifar10_convstem.yaml (also what a bare ``vitkit train`` runs), target >= 85%
+  within 0.35 PFLOP of training compute (``--epochs 10``: 10 x 50,000 x 698 MFLOP; aim: 90%). With its
+  60-minute ``time_budget`` the run's length depends on the host; pass ``--epochs 10`` to hold it to the
+  compute target.
 
 Each recipe runs as ``vitkit train --config NAME`` in a subprocess (so the numbers are what a user gets),
 then its ``metrics.jsonl`` is read: accuracy per epoch against cumulative training time (evaluation
@@ -33,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 RECIPES = {
     "mnist": {"config": "mnist_convstem", "target": 0.99, "budget_s": 5 * 60},
-    "cifar10": {"config": "cifar10_convstem", "target": 0.80, "budget_s": 60 * 60, "stretch": 0.85},
+    "cifar10": {"config": "cifar10_convstem", "target": 0.85, "budget_s": 60 * 60, "stretch": 0.90},
 }
 
 

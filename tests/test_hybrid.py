@@ -219,12 +219,61 @@ def test_conv_stem_config_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"unknown config key stem\.chanels \(did you mean stem\.channels\?\)"):
         vitkit.create_model("vit_convstem_cifar_32", stem={"type": "conv", "chanels": [8]})
     with pytest.raises(ValueError,
-                       match=r"stem\.layers does not apply to a 'conv' stem, which takes: channels, strides"):
+                       match=r"stem\.layers does not apply to a 'conv' stem, "
+                             r"which takes: act, channels, downsample, strides"):
         vitkit.create_model("vit_convstem_cifar_32", stem={"type": "conv", "channels": [8], "layers": [1]})
     from vitkit.convert import to_timm
 
     with pytest.raises(ValueError, match="a timm state dict cannot record this hybrid stem"):  # no conv-stem layout
         to_timm(vitkit.create_model("vit_convstem_cifar_32", depth=1))
+
+
+def test_airbench_stem_pools_between_conv_and_norm():
+    """downsample="maxpool": conv (stride 1) -> max-pool -> BN -> GELU, airbench's block order; the
+    strided road stays the default."""
+    model = vitkit.create_model("vit_airstem_cifar_32").eval()
+    _randomize_norms(model)
+    assert model.patch_embed.stride == 4 and model.grid_size == (8, 8)
+    stem = model.patch_embed.stem
+    assert [layer.conv.stride for layer in stem] == [(1, 1)] * 5
+    assert [hasattr(layer, "pool") for layer in stem] == [False, True, False, True, False]
+    assert all(isinstance(layer.act, nn.GELU) for layer in stem)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens, grid = model.patch_embed(images)
+        x = images
+        for layer in stem:
+            x = layer.conv(x)
+            if hasattr(layer, "pool"):
+                x = F.max_pool2d(x, 2)
+            x = F.gelu(layer.bn(x))
+        expected = model.patch_embed.proj(x).flatten(2).transpose(1, 2)
+    assert grid == (8, 8) and tokens.shape == (2, 64, 192)
+    torch.testing.assert_close(tokens, expected)
+    # The pool has no parameters: the keys are the strided stem's, layer for layer.
+    assert {"patch_embed.stem.1.conv.weight", "patch_embed.stem.1.bn.running_mean"} <= set(model.state_dict())
+    assert "downsample" not in vitkit.create_model("vit_convstem_cifar_32").config.stem.to_dict()
+
+
+def test_airbench_stem_matches_timm_around_the_same_cnn():
+    """The bench's reference (timm's HybridEmbed around the stem's layers) gives the same logits."""
+    from vitkit.bench.reference import reference_twin
+
+    model = vitkit.create_model("vit_airstem_cifar_32").eval()
+    _randomize_norms(model)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), reference_twin(model).eval()(images), atol=1e-5, rtol=1e-5)
+
+
+def test_airbench_stem_options_are_checked_by_name():
+    with pytest.raises(ValueError, match=r"stem\.downsample"):
+        vitkit.create_model("vit_convstem_cifar_32",
+                            stem={"type": "conv", "channels": [8], "strides": [2], "downsample": "avgpool"})
+    with pytest.raises(ValueError, match=r"stem\.act"):
+        vitkit.create_model("vit_convstem_cifar_32", stem={"type": "conv", "channels": [8], "act": "tanh"})
+    with pytest.raises(ValueError, match=r"stem\.downsample does not apply to a 'bit' stem"):
+        vitkit.create_model("vit_hybrid_cifar_32", stem={"layers": [1], "downsample": "maxpool"})
 
 
 def test_conv_stem_mnist_model_takes_grayscale_28px():

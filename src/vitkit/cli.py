@@ -694,7 +694,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="measure speed, FLOP/s, memory against timm's ViT of the same config")
-    p.add_argument("model", nargs="?", default="vit_convstem_cifar_d4_32",
+    p.add_argument("model", nargs="?", default="vit_airstem_cifar_32",
                    help="registered model name (random weights; default: the CIFAR-10 recipe's), any model "
                         "SOURCE (a run directory, a training checkpoint, a model directory, a checkpoint file), or a "
                         "pretrained name arch.tag (its architecture at its input size, random weights: no download)")

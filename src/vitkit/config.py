@@ -21,7 +21,7 @@ StemType = Literal["bit", "conv"]
 
 _BIT_FIELDS = ("layers", "widths", "stem_width", "stem_kernel", "stem_stride", "stem_pool", "same_padding",
                "gn_groups", "gn_eps", "ws_eps")
-_CONV_FIELDS = ("channels", "strides")
+_CONV_FIELDS = ("channels", "strides", "downsample", "act")
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,11 @@ class StemConfig:
     """conv: output channels of each 3x3 layer."""
     strides: Optional[tuple[int, ...]] = field(default=None, metadata=OMIT_DEFAULT)
     """conv: stride of each layer (default 2 each)."""
+    downsample: Optional[Literal["stride", "maxpool"]] = field(default=None, metadata=OMIT_DEFAULT)
+    """conv: how a layer of stride s shrinks the map: a strided convolution (the default, ViT_C's), or a
+    stride-1 convolution followed by an s x s max-pool (airbench's conv -> pool -> BN -> activation)."""
+    act: Optional[Literal["relu", "gelu"]] = field(default=None, metadata=OMIT_DEFAULT)
+    """conv: the activation after each batch norm (default ReLU)."""
 
     def __post_init__(self) -> None:
         check_fields(self, prefix="stem.")

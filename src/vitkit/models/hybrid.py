@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -44,24 +45,34 @@ class HybridEmbed(nn.Module):
 
 
 class ConvStemEmbed(nn.Module):
-    """Images -> a few 3x3 conv-BN-ReLU layers -> 1x1 projection to D -> tokens (B, N, D) and their grid.
+    """Images -> a few 3x3 conv-BN-activation layers -> 1x1 projection to D -> tokens (B, N, D) and their grid.
 
     The "convolutional stem" of Xiao et al. 2021 ("Early Convolutions Help Transformers See Better"):
     a handful of small convolutions in place of the PxP patchify, which makes a ViT train faster and
     more robustly, above all on small data. Its stride is the product of the layers' strides (times
-    ``patch_size`` of the final projection, usually 1).
+    ``patch_size`` of the final projection, usually 1). A layer downsamples either by its stride (ViT_C)
+    or, with ``downsample="maxpool"``, by a max-pool between its convolution and its norm, the order of
+    airbench's conv blocks (Jordan 2024), which keeps the 3x3 filters at the finer resolution.
     """
 
     def __init__(self, in_chans: int, embed_dim: int, channels: Sequence[int], strides: Sequence[int],
-                 patch_size: int = 1) -> None:
+                 patch_size: int = 1, downsample: str = "stride", act: str = "relu") -> None:
         super().__init__()
+        if downsample not in ("stride", "maxpool"):
+            raise ValueError(f"stem.downsample must be 'stride' or 'maxpool', got {downsample!r}")
+        activations = {"relu": partial(nn.ReLU, inplace=True), "gelu": nn.GELU}
+        if act not in activations:
+            raise ValueError(f"stem.act must be one of {sorted(activations)}, got {act!r}")
         layers = []
         for out_chans, stride in zip(channels, strides):
-            layers.append(nn.Sequential(OrderedDict(
-                conv=nn.Conv2d(in_chans, out_chans, 3, stride=stride, padding=1, bias=False),
-                bn=nn.BatchNorm2d(out_chans),
-                act=nn.ReLU(inplace=True),
-            )))
+            pooled = downsample == "maxpool" and stride > 1
+            layer = OrderedDict(conv=nn.Conv2d(in_chans, out_chans, 3, stride=1 if pooled else stride,
+                                               padding=1, bias=False))
+            if pooled:
+                layer["pool"] = nn.MaxPool2d(stride)
+            layer["bn"] = nn.BatchNorm2d(out_chans)
+            layer["act"] = activations[act]()
+            layers.append(nn.Sequential(layer))
             in_chans = out_chans
         self.stem = nn.Sequential(*layers)
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
@@ -94,7 +105,8 @@ def build_stem(config: ViTConfig) -> nn.Module:
         stride = math.prod(strides) * config.patch_size
         if h % stride or w % stride:
             raise ValueError(f"img_size {config.img_size} is not divisible by the conv stem's stride {stride}")
-        return ConvStemEmbed(config.in_chans, config.embed_dim, channels, strides, config.patch_size)
+        return ConvStemEmbed(config.in_chans, config.embed_dim, channels, strides, config.patch_size,
+                             downsample=stem.downsample or "stride", act=stem.act or "relu")
     spec = BiTSpec.from_dict(stem.bit_fields())
     stride = spec.stride * config.patch_size
     if h % stride or w % stride:

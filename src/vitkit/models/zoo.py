@@ -123,3 +123,31 @@ register_model(
               mlp_dim=128, stem={"type": "conv", "channels": [16, 32, 64], "strides": [1, 2, 2]}),
     description="ViT with a 3-layer conv stem for 28x28 grayscale images (MNIST): 7x7 tokens, D 64, depth 4",
 )
+
+
+# A stronger stem at fixed compute (issue 22): airbench's conv blocks (Jordan 2024) in front of the
+# encoder. Each block is conv -> max-pool -> BN -> GELU then conv -> BN -> GELU, so the 3x3 filters work
+# at 32x32 and 16x16 before the map is halved; 64 tokens of width 192 then go through 3 pre-norm blocks.
+_AIRBENCH_STEM = {"type": "conv", "channels": [24, 64, 64, 128, 128], "strides": [1, 2, 1, 2, 1],
+                  "downsample": "maxpool", "act": "gelu"}
+register_model(
+    "vit_airstem_cifar_32",
+    ViTConfig(img_size=32, patch_size=1, num_classes=10, embed_dim=192, depth=3, num_heads=3, mlp_dim=384,
+              stem=dict(_AIRBENCH_STEM)),
+    description="ViT with airbench's conv blocks as stem for 32x32 images: 8x8 tokens, D 192, depth 3 (the "
+                "CIFAR-10 recipe's model)",
+)
+register_model(
+    "vit_airstem_cifar_d128_32",
+    ViTConfig(img_size=32, patch_size=1, num_classes=10, embed_dim=128, depth=4, num_heads=2, mlp_dim=256,
+              stem=dict(_AIRBENCH_STEM)),
+    description="vit_airstem_cifar_32's stem with vit_convstem_cifar_d4_32's encoder (D 128, depth 4)",
+)
+register_model(
+    "vit_airhybrid_cifar_32",
+    ViTConfig(img_size=32, patch_size=1, num_classes=10, embed_dim=256, depth=2, num_heads=4, mlp_dim=512,
+              stem={"type": "conv", "channels": [64, 64, 128, 128, 256, 256], "strides": [2, 1, 2, 1, 2, 1],
+                    "downsample": "maxpool", "act": "gelu"}),
+    description="hybrid ViT for 32x32 images: three airbench conv blocks (64/128/256 channels, stride 8, as the "
+                "paper's R50 hybrid's stride 16 on 224 px) -> 4x4 tokens, D 256, depth 2",
+)
