@@ -3,7 +3,7 @@
 - ``mnist``: configs/mnist_convstem.yaml, target >= 99.0% test accuracy within 5 minutes of training
   ``--config mnist_vit`` measures the pure-ViT variant against the same target.
 - ``cifar10``: configs/cifar10_convstem.yaml (also what a bare ``vitkit train`` runs), target >= 85%
-  within 0.35 PFLOP of training compute (``--epochs 10``: 10 x 50,000 x 698 MFLOP; aim: 90%). With its
+  within 0.35 PFLOP of training compute (``--epochs 10``: 10 x 50,000 x 697.8 MFLOP = 0.349 PFLOP; aim: 90%). With its
   60-minute ``time_budget`` the run's length depends on the host; pass ``--epochs 10`` to hold it to the
   compute target.
 

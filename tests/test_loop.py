@@ -71,7 +71,7 @@ def losses(run_dir: Path) -> list[float]:
 def recipe_runs(tmp_path: Path) -> dict[str, dict]:
     """The default recipe (``vitkit train`` with no config) on 160 CIFAR-10 images, batch 32: 10 optimizer
     steps over 2 epochs, with the model it had when the values were recorded (``vit_convstem_cifar_d4_32``;
-    the recipe trains ``vit_airhybrid_cifar_32`` since issue 22); then the same run resumed from its step-3
+    the recipe trains ``vit_airstem_cifar_32`` since issue 22); then the same run resumed from its step-3
     checkpoint. And a tiny MNIST ViT with every source of randomness in a step (dropout, drop path, mixup,
     EMA, accumulation), resumed mid-epoch."""
     root = tiny_cifar(tmp_path / "data")

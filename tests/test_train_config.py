@@ -97,7 +97,7 @@ def test_default_run_is_the_cifar10_recipe():
     """`vitkit train` with no config trains what configs/cifar10_convstem.yaml describes."""
     cfg = load_config(None)
     assert cfg == load_config("cifar10_convstem")
-    assert cfg.data.dataset == "cifar10" and cfg.model["name"] == "vit_airhybrid_cifar_32"
+    assert cfg.data.dataset == "cifar10" and cfg.model["name"] == "vit_airstem_cifar_32"
 
 
 def test_overrides_merge_into_sections_and_a_new_model_name_replaces_the_model_section():
