@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -15,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 from vitkit.train.config import TrainConfig
+
+_DRAIN_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,21 @@ def init_world(device_kind: str) -> World:
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=size, timeout=timedelta(minutes=30))
     return World(rank=rank, local_rank=local_rank, size=size)
+
+
+def finish_collectives(world: World) -> None:
+    """Wait until every rank has finished every collective, before a clean exit.
+
+    gloo's worker threads outlive ``destroy_process_group`` (the group stays referenced after it in our FSDP
+    runs) and drop each finished collective's tensors just after the caller has seen it finish. A drop that
+    falls into the interpreter's finalization needs the GIL there and aborts the process ("terminate called
+    without an active exception", pytorch/pytorch#190489): a barrier and a moment without the GIL let every
+    rank's threads drop their last collective first. Only after a run that ended normally: a rank that failed
+    must not wait for the others.
+    """
+    if world.distributed and dist.is_initialized():
+        dist.barrier()
+        time.sleep(_DRAIN_SECONDS)
 
 
 def shutdown(world: World) -> None:

@@ -58,6 +58,7 @@ from vitkit.train.distributed import (
     all_reduce_sum,
     any_process,
     broadcast_object,
+    finish_collectives,
     gather_objects,
     init_world,
     keep_global_batch,
@@ -246,7 +247,9 @@ def _run(cfg: TrainConfig, run_dir: Optional[Path] = None, saved: Optional[dict[
     world = init_world(resolve_device(cfg.device).type)
     try:
         with StopSignals() as signals:
-            return _train(cfg, world, run_dir, saved, signals)
+            result = _train(cfg, world, run_dir, saved, signals)
+        finish_collectives(world)
+        return result
     finally:
         unlock_run_dirs()
         shutdown(world)
