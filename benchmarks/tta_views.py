@@ -13,19 +13,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from vitkit.data import DataConfig, build_data
 from vitkit.resolver import load_source
-
-
-def shift(images: Tensor, dx: int, dy: int) -> Tensor:
-    """Images moved by (dx, dy) pixels, |dx|, |dy| <= 1, the uncovered border filled by reflection."""
-    height, width = images.shape[-2:]
-    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
-    return padded[..., 1 + dy:1 + dy + height, 1 + dx:1 + dx + width].contiguous()
-
+from vitkit.train.evaluate import shift
 
 VIEWS = {
     "id": lambda x: x,

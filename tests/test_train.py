@@ -37,7 +37,8 @@ TINY_MODEL = ["--model", "vit_mnist_patch4_28", "--model.patch_size", "7", "--mo
               "--model.depth", "2", "--model.num_heads", "2", "--model.mlp_dim", "64"]
 TINY = TINY_MODEL + ["--dataset", "mnist", "--data_dir", str(DATA), "--progress", "plain", "--log_every", "1",
                      "--data.hflip", "false", "--data.crop_padding", "2", "--warmup_epochs", "0.5",
-                     "--eval_every", "1", "--eval_hflip_tta", "false"]  # digits are not mirror-symmetric
+                     "--eval_every", "1", "--eval_hflip_tta", "false",
+                     "--eval_translate_tta", "false"]  # digits are not mirror-symmetric
 
 
 def _env() -> dict[str, str]:
@@ -136,6 +137,11 @@ def test_eval_reports_top1_top5_per_class_and_confusion(trained_run: Path, tmp_p
     tta = json.loads((tmp_path / "tta" / "eval.json").read_text())
     assert report["hflip_tta"] is False and tta["hflip_tta"] is True
     assert tta["loss"] != pytest.approx(report["loss"], rel=1e-4)
+    assert cli_main(["eval", str(trained_run), "--out", str(tmp_path / "tta6"), "--device", "cpu", "--hflip-tta",
+                     "--translate-tta"]) == 0
+    tta6 = json.loads((tmp_path / "tta6" / "eval.json").read_text())
+    assert tta6["hflip_tta"] is True and tta6["translate_tta"] is True
+    assert tta6["loss"] != pytest.approx(tta["loss"], rel=1e-4)
 
 
 def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror():
@@ -153,6 +159,34 @@ def test_flip_tta_averages_the_logits_of_each_image_and_its_mirror():
     assert tta.loss == pytest.approx(torch.nn.functional.cross_entropy(expected, labels).item(), rel=1e-5)
     assert tta.top1 == pytest.approx((expected.argmax(1) == labels).float().mean().item())
     assert tta.loss != pytest.approx(plain.loss, rel=1e-3)  # the mirror pass really ran
+
+
+def test_translate_tta_averages_six_views_shifted_by_one_pixel():
+    from vitkit.train.evaluate import evaluate, num_tta_views, shift, tta_views
+
+    image = torch.arange(16.0).reshape(1, 1, 4, 4)
+    down_right = shift(image, 1, 1)  # the view from one pixel right and down: out[y, x] = in[y + 1, x + 1]
+    assert torch.equal(down_right[..., :3, :3], image[..., 1:, 1:])
+    assert torch.equal(down_right[..., 3, :3], image[..., 2, 1:])  # the row past the edge is reflected
+    assert torch.equal(shift(image, -1, -1)[..., 1:, 1:], image[..., :3, :3])
+    assert [num_tta_views(hflip=f, translate=t) for f in (False, True) for t in (False, True)] == [1, 3, 2, 6]
+    assert len(tta_views(image, hflip=True, translate=True)) == 6
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    images, labels = torch.randn(64, 3, 8, 8), torch.randint(0, 4, (64,))
+    batches = [(images[:32], labels[:32]), (images[32:], labels[32:])]
+    with torch.no_grad():
+        views = [images, images.flip(-1)]
+        views += [torch.roll(v, (-d, -d), dims=(-2, -1)) for v in views[:2] for d in (-1, 1)]
+        # roll wraps where shift reflects: compare on a model that sees only the interior 6x6 pixels
+        mask = torch.zeros(1, 1, 8, 8)
+        mask[..., 1:7, 1:7] = 1
+        model[1].weight.mul_(mask.expand(1, 3, 8, 8).reshape(1, -1))
+        expected = sum(model(v) for v in views) / 6
+    tta = evaluate(model, batches, 4, device=torch.device("cpu"), hflip_tta=True, translate_tta=True)
+    assert tta.loss == pytest.approx(torch.nn.functional.cross_entropy(expected, labels).item(), rel=1e-5)
+    assert tta.top1 == pytest.approx((expected.argmax(1) == labels).float().mean().item())
 
 
 def test_predict_matches_the_model_on_real_images(trained_run: Path, tmp_path: Path, capsys):

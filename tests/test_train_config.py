@@ -13,7 +13,7 @@ from vitkit.data import DataConfig
 from vitkit.train import TrainConfig, bundled_configs, load_config
 from vitkit.train.config import parse_overrides
 from vitkit.train.ema import ModelEMA
-from vitkit.train.optim import build_optimizer, lr_at, no_decay_names, param_groups
+from vitkit.train.optim import build_optimizer, lr_at, no_decay_names, orthogonalize, param_groups
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -145,6 +145,59 @@ def test_adamw_decays_only_the_decay_group():
     for name, param in model.named_parameters():
         factor = 1.0 if name in no_decay else 1 - 0.1 * 0.5
         torch.testing.assert_close(param.detach(), before[name] * factor, msg=name)
+
+
+def test_orthogonalize_approximates_the_polar_factor():
+    torch.manual_seed(0)
+    for shape in [(64, 192), (192, 64)]:
+        matrix = torch.randn(shape) @ torch.diag(torch.logspace(-1.5, 0, shape[1]))  # condition number 9-49
+        u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
+        result = orthogonalize(matrix)
+        assert result.shape == matrix.shape
+        singular = torch.linalg.svdvals(result)
+        assert 0.6 < singular.min() and singular.max() < 1.25  # Newton-Schulz's band, not exactly 1
+        polar = u @ vh
+        assert (result * polar).sum() / (result.norm() * polar.norm()) > 0.95
+
+
+def test_muon_trains_the_encoder_matrices_and_adamw_the_rest():
+    """Muon groups get the blocks' 2-D weights only; one step from zero momentum is the orthogonalised
+    gradient at 0.2 * sqrt(max(shape)) * lr (after decoupled decay); AdamW's first step is
+    -lr * grad / (|grad| + eps)."""
+    torch.manual_seed(0)
+    model = vitkit.create_model("vit_tiny_patch4_32", depth=1)
+    cfg = load_config(None, ["--optim.name", "muon", "--optim.lr", "0.01", "--optim.weight_decay", "0.1",
+                             "--optim.momentum", "0.95"]).optim
+    optimizer = build_optimizer(model, cfg)
+    muon = {n for g in optimizer.param_groups if g["muon"] for n in g["param_names"]}
+    assert muon == {"blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight", "blocks.0.mlp.fc1.weight",
+                    "blocks.0.mlp.fc2.weight"}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    params = dict(model.named_parameters())
+    for name in muon:
+        grad = params[name].grad
+        nesterov = grad.lerp(0.05 * grad, 0.95)  # buffer = (1 - momentum) * grad after one step
+        expected = before[name] * (1 - 0.01 * 0.1) - 0.01 * 0.2 * max(grad.shape) ** 0.5 * orthogonalize(nesterov)
+        torch.testing.assert_close(params[name].detach(), expected, msg=name)
+    no_decay = set(no_decay_names(model))
+    for name in ["head.weight", "patch_embed.proj.weight", "blocks.0.norm1.weight", "cls_token"]:
+        decay = 1.0 if name in no_decay else 1 - 0.01 * 0.1
+        grad = params[name].grad
+        expected = before[name] * decay - 0.01 * grad / (grad.abs() + 1e-8)
+        torch.testing.assert_close(params[name].detach(), expected, msg=name)
+    state = optimizer.state_dict()
+    again = build_optimizer(model, cfg)
+    again.load_state_dict(state)
+    assert torch.equal(again.state[params["blocks.0.attn.qkv.weight"]]["momentum_buffer"],
+                       optimizer.state[params["blocks.0.attn.qkv.weight"]]["momentum_buffer"])
+
+
+def test_muon_refuses_fsdp():
+    with pytest.raises(ValueError, match=r"optim\.name muon is not supported with distributed\.strategy fsdp"):
+        load_config(None, ["--optim.name", "muon", "--distributed.strategy", "fsdp"])
 
 
 def test_warmup_then_cosine_values():

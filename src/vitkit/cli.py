@@ -506,7 +506,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     report = evaluate_trained(args.source, dataset=args.dataset, data_dir=args.data_dir,
                               batch_size=args.batch_size, device=args.device, precision=args.precision,
-                              out_dir=args.out, hflip_tta=args.hflip_tta, checkpoint=args.checkpoint,
+                              out_dir=args.out, hflip_tta=args.hflip_tta,
+                              translate_tta=args.translate_tta, checkpoint=args.checkpoint,
                               allow_class_mismatch=args.allow_class_mismatch)
     print(report.format())
     return 0
@@ -527,6 +528,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     p.add_argument("--hflip-tta", action="store_true",
                    help="test-time augmentation: average the logits of each image and its mirror image")
+    p.add_argument("--translate-tta", action="store_true",
+                   help="test-time augmentation: also each view shifted one pixel up-left and down-right")
     p.add_argument("--out", metavar="DIR", help="where to write eval.json and confusion.png "
                                                 "(default: RUN/eval-DATASET, or ./eval-DATASET)")
     p.add_argument("--allow-class-mismatch", action="store_true",

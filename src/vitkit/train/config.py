@@ -35,7 +35,7 @@ from vitkit.resolver import source_config
 from vitkit.runtime import DEFAULT_DEVICE, Precision
 from vitkit.train.budget import parse_duration
 
-OptimizerName = Literal["adamw", "sgd"]
+OptimizerName = Literal["adamw", "sgd", "muon"]
 Progress = Literal["auto", "bar", "plain", "none"]
 TaskName = Literal["classification", "mae"]
 Strategy = Literal["ddp", "fsdp"]
@@ -53,10 +53,12 @@ FINETUNE_RECIPE = "finetune"
 
 @dataclass
 class OptimConfig:
-    """AdamW (or SGD with momentum) with linear warmup then cosine decay, per optimizer step."""
+    """AdamW (or SGD with momentum, or Muon) with linear warmup then cosine decay, per optimizer step."""
 
     name: OptimizerName = "adamw"
-    """``adamw``, or ``sgd`` with ``momentum`` (the paper's fine-tuning optimizer)."""
+    """``adamw``; ``sgd`` with ``momentum`` (the paper's fine-tuning optimizer); or ``muon``: Muon with
+    Nesterov ``momentum`` (0.95 is its usual value) for the encoder blocks' weight matrices and AdamW for
+    every other parameter, at one learning rate (:class:`vitkit.train.optim.MuonAdamW`)."""
     lr: float = 1e-3
     """Peak learning rate, reached at the end of warmup (not scaled by the batch size)."""
     blr: Optional[float] = None
@@ -74,7 +76,7 @@ class OptimConfig:
     accum_steps: int = 1
     """Gradient accumulation: one optimizer step every ``accum_steps`` batches."""
     momentum: float = 0.9
-    """SGD only."""
+    """SGD's momentum, and Muon's (Nesterov)."""
     layer_decay: Optional[float] = None
     """Layer-wise learning-rate decay: block i of L trains at ``lr * layer_decay ** (L - i)``; null: off."""
 
@@ -188,6 +190,9 @@ class TrainConfig:
     """Evaluate on the validation set every this many epochs (and always after the last)."""
     eval_hflip_tta: bool = False
     """Evaluate with test-time augmentation: the mean logits of each image and its mirror image."""
+    eval_translate_tta: bool = False
+    """Evaluate each view also shifted one pixel up-left and down-right (airbench's test-time translations):
+    3 forward passes per view, 6 with ``eval_hflip_tta``."""
     ckpt_every_steps: int = 500
     """Write the ``last`` checkpoint every this many optimizer steps (and at every epoch end); 0: epoch ends only."""
     keep_last_k: int = 2
@@ -223,6 +228,9 @@ class TrainConfig:
         if self.ema_decay is not None and self.distributed.strategy == "fsdp":
             raise ValueError("ema_decay is not supported with distributed.strategy fsdp (the average would be a "
                              "whole replica per process); use ddp, or no EMA")
+        if self.optim.name == "muon" and self.distributed.strategy == "fsdp":
+            raise ValueError("optim.name muon is not supported with distributed.strategy fsdp (Muon orthogonalises "
+                             "whole weight matrices, FSDP holds shards of them); use ddp, or adamw")
 
     # ------------------------------------------------------------------------------- conversions
     def to_dict(self) -> dict[str, Any]:

@@ -44,14 +44,39 @@ class EvalResult:
         return {"loss": self.loss, "acc": self.top1, "top5": self.top5}
 
 
+def shift(images: Tensor, dx: int, dy: int) -> Tensor:
+    """``images`` (..., H, W) seen from ``dx`` pixels further right and ``dy`` further down, ``|dx|, |dy| <= 1``:
+    ``out[..., y, x] = images[..., y + dy, x + dx]``, the border beyond the image filled by reflection."""
+    height, width = images.shape[-2:]
+    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+    return padded[..., 1 + dy:1 + dy + height, 1 + dx:1 + dx + width]
+
+
+def tta_views(images: Tensor, *, hflip: bool = False, translate: bool = False) -> list[Tensor]:
+    """The test-time views of a batch: the images, their mirror images with ``hflip``, and with
+    ``translate`` each of those shifted one pixel up-left and one down-right (airbench's translations,
+    Jordan 2024): 1, 2, 3 or 6 views."""
+    views = [images, images.flip(-1)] if hflip else [images]
+    if translate:
+        views += [shift(view, d, d) for view in list(views) for d in (-1, 1)]
+    return views
+
+
+def num_tta_views(*, hflip: bool = False, translate: bool = False) -> int:
+    """How many forward passes :func:`tta_views` costs per image."""
+    return (2 if hflip else 1) * (3 if translate else 1)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], num_classes: int, *,
              device: torch.device, precision: str = "fp32", world: Optional[World] = None,
-             hflip_tta: bool = False) -> EvalResult:
+             hflip_tta: bool = False, translate_tta: bool = False) -> EvalResult:
     """Run ``model`` over labelled ``batches`` and count what it gets right.
 
     ``hflip_tta``: test-time augmentation, the mean of the logits of each image and of its mirror image
-    (a second forward pass; usually a fraction of a point of accuracy on natural images)."""
+    (a second forward pass; usually a fraction of a point of accuracy on natural images).
+    ``translate_tta``: also each view shifted one pixel up-left and down-right (:func:`tta_views`), all
+    views weighted equally."""
     was_training = model.training
     model.eval()
     k = min(5, num_classes)
@@ -60,9 +85,8 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], num_cla
     for images, labels in batches:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(precision, device):
-            logits = model(images)
-            if hflip_tta:
-                logits = (logits + model(images.flip(-1))) / 2
+            views = tta_views(images, hflip=hflip_tta, translate=translate_tta)
+            logits = sum(model(view) for view in views) / len(views)
         logits = logits.float()
         top = logits.topk(k, dim=1).indices
         totals[0] += F.cross_entropy(logits, labels, reduction="sum").double()
@@ -93,6 +117,7 @@ class EvalReport:
     result: EvalResult
     out_dir: Path
     hflip_tta: bool = False
+    translate_tta: bool = False
     loaded: str = ""
     """What the source resolved to (e.g. a run's best checkpoint, with its epoch and step)."""
 
@@ -101,7 +126,8 @@ class EvalReport:
         return {
             "source": self.source, "loaded": self.loaded, "dataset": self.dataset,
             "num_samples": self.result.num_samples,
-            "hflip_tta": self.hflip_tta, "top1": self.result.top1, "top5": self.result.top5, "loss": self.result.loss,
+            "hflip_tta": self.hflip_tta, "translate_tta": self.translate_tta,
+            "top1": self.result.top1, "top5": self.result.top5, "loss": self.result.loss,
             "per_class_accuracy": {name: (None if math.isnan(acc) else acc)
                                    for name, acc in zip(self.class_names, per_class)},
             "confusion": self.result.confusion.tolist(),
@@ -110,7 +136,8 @@ class EvalReport:
     def format(self) -> str:
         r = self.result
         width = max(len(n) for n in self.class_names)
-        tta = ", flip TTA" if self.hflip_tta else ""
+        kinds = [kind for kind, on in (("flip", self.hflip_tta), ("translate", self.translate_tta)) if on]
+        tta = f", {' + '.join(kinds)} TTA" if kinds else ""
         lines = [f"{self.source} on {self.dataset} ({r.num_samples} images{tta})",
                  *([f"loaded: {self.loaded}"] if self.loaded else []),
                  f"top-1 {100 * r.top1:.2f}%   top-5 {100 * r.top5:.2f}%   loss {r.loss:.4f}", "per-class accuracy:"]
@@ -154,7 +181,7 @@ def _names(names: list[str], limit: int = 5) -> str:
 
 def evaluate_trained(source: str | Path, *, dataset: Optional[str] = None, data_dir: Optional[str] = None,
                      batch_size: int = 256, device: str | None = None, precision: str = "fp32",
-                     out_dir: Optional[str | Path] = None, hflip_tta: bool = False,
+                     out_dir: Optional[str | Path] = None, hflip_tta: bool = False, translate_tta: bool = False,
                      checkpoint: Optional[str] = None, allow_class_mismatch: bool = False) -> EvalReport:
     """Evaluate any model SOURCE (a run: its best state, or ``checkpoint``; a training checkpoint; a model
     directory; a foreign checkpoint) on a data set's evaluation split (by default the one it was trained on,
@@ -181,7 +208,7 @@ def evaluate_trained(source: str | Path, *, dataset: Optional[str] = None, data_
     batches = ((images, labels[start:start + len(images)])
                for start, images in zip(range(0, len(split), batch_size), split.batches(transform, batch_size)))
     result = evaluate(model.to(device_), batches, config.num_classes, device=device_, precision=precision,
-                      hflip_tta=hflip_tta)
+                      hflip_tta=hflip_tta, translate_tta=translate_tta)
     if not math.isfinite(result.loss):
         raise ValueError(f"{resolved.description}: the model's logits are NaN or infinite on {dataset} (loss "
                          f"{result.loss}); its weights or --precision {precision} cannot give an answer")
@@ -190,7 +217,8 @@ def evaluate_trained(source: str | Path, *, dataset: Optional[str] = None, data_
     tag = dataset.removeprefix("folder:").rstrip("/").rsplit("/", 1)[-1]
     out = Path(out_dir) if out_dir is not None else (run_dir or Path(".")) / f"eval-{tag}"
     out.mkdir(parents=True, exist_ok=True)
-    report = EvalReport(str(source), dataset, class_names, result, out, hflip_tta, resolved.description)
+    report = EvalReport(str(source), dataset, class_names, result, out, hflip_tta, translate_tta,
+                        resolved.description)
     atomic_write_text(json.dumps(report.to_dict(), indent=1) + "\n", out / "eval.json")
     plot_confusion(result.confusion, class_names, out / "confusion.png",
                    title=f"{Path(source).name} on {tag}: top-1 {100 * result.top1:.2f}%")

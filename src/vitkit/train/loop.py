@@ -65,6 +65,7 @@ from vitkit.train.distributed import (
     shutdown,
 )
 from vitkit.train.ema import ModelEMA
+from vitkit.train.evaluate import num_tta_views
 from vitkit.train.fsdp import (
     check_cpu_offload,
     full_value,
@@ -630,10 +631,11 @@ class _Run:
             write_config(self.cfg, self.run_dir)
 
     def _eval_estimate(self, per_step: Optional[float] = None) -> float:
-        """Seconds of one evaluation before one was timed: its images (views: flip TTA, the EMA model) at
+        """Seconds of one evaluation before one was timed: its images (views: TTA, the EMA model) at
         ``EVAL_COST`` of a trained image's time."""
         per_step = per_step or self.pace.seconds_per_step() or 0.0
-        views = (2 if self.cfg.eval_hflip_tta else 1) * (2 if self.parts.ema is not None else 1)
+        views = num_tta_views(hflip=self.cfg.eval_hflip_tta, translate=self.cfg.eval_translate_tta)
+        views *= 2 if self.parts.ema is not None else 1
         images_per_step = self.cfg.data.batch_size * self.schedule.accum
         return views * self.data.val.num_samples / images_per_step * per_step * EVAL_COST
 

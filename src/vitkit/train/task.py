@@ -94,7 +94,8 @@ class ClassificationTask:
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         result = evaluate(model, self.data.val.batches(), self.data.num_classes, device=self.device,
-                          precision=self.cfg.precision, world=self.world, hflip_tta=self.cfg.eval_hflip_tta)
+                          precision=self.cfg.precision, world=self.world, hflip_tta=self.cfg.eval_hflip_tta,
+                          translate_tta=self.cfg.eval_translate_tta)
         return {"val_loss": result.loss, "val_acc": result.top1, "val_top5": result.top5}
 
     def figures(self, model: nn.Module) -> dict[str, Any]:
