@@ -31,6 +31,7 @@ IMAGENETTE = DATA / "imagenette_subset"
 TINY_MNIST = ["--model", "vit_mnist_patch4_28", "--model.patch_size", "7", "--model.embed_dim", "32",
               "--model.depth", "2", "--model.num_heads", "2", "--model.mlp_dim", "64", "--dataset", "mnist",
               "--data_dir", str(DATA), "--log_every", "1", "--data.hflip", "false", "--eval_hflip_tta", "false",
+              "--eval_translate_tta", "false",
               "--warmup_epochs", "0.5", "--data.samples_per_class", "10", "--batch_size", "20", "--epochs", "1"]
 
 
@@ -399,7 +400,7 @@ def test_a_second_study_with_the_same_out_says_so_and_leaves_the_first_alone(tmp
     base = tmp_path / "base.yaml"
     base.write_text(f"data: {{dataset: mnist, data_dir: {DATA}, samples_per_class: 50, batch_size: 10, "
                     "hflip: false}\noptim: {warmup_epochs: 0}\nlog_every: 1\nckpt_every_steps: 0\n"
-                    "eval_hflip_tta: false\nprogress: plain\n")
+                    "eval_hflip_tta: false\neval_translate_tta: false\nprogress: plain\n")
     out = tmp_path / "study"
     argv = ["study", "data", "--models", "vit_mnist_patch4_28", "--fractions", "1", "--epochs", "30",
             "--out", str(out), "--config", str(base)]
@@ -512,7 +513,8 @@ def test_a_decompression_bomb_in_a_class_folder_is_one_line_and_skipped_under_sk
     args = ["train", "--model", "vit_mnist_patch4_28", "--model.patch_size", "8", "--model.embed_dim", "32",
             "--model.depth", "1", "--model.num_heads", "2", "--model.mlp_dim", "64", "--model.in_chans", "3",
             "--dataset", f"folder:{root}", "--data.img_size", "32", "--batch_size", "4", "--epochs", "1",
-            "--eval_hflip_tta", "false", "--progress", "none", "--out_dir", str(tmp_path)]
+            "--eval_hflip_tta", "false",
+            "--eval_translate_tta", "false", "--progress", "none", "--out_dir", str(tmp_path)]
     assert cli_main(args) == 2
     err = _one_line(capsys.readouterr().err)
     assert str(bomb) in err and "decompression-bomb" in err and "PIL.Image.MAX_IMAGE_PIXELS is 89478485" in err

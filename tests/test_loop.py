@@ -71,12 +71,14 @@ def losses(run_dir: Path) -> list[float]:
 def recipe_runs(tmp_path: Path) -> dict[str, dict]:
     """The default recipe (``vitkit train`` with no config) on 160 CIFAR-10 images, batch 32: 10 optimizer
     steps over 2 epochs, with the model it had when the values were recorded (``vit_convstem_cifar_d4_32``;
-    the recipe trains ``vit_airstem_cifar_32`` since issue 22); then the same run resumed from its step-3
+    the recipe trains ``vit_airstem_cifar_32`` since issue 22, with crops padded by 2 and translation TTA);
+    then the same run resumed from its step-3
     checkpoint. And a tiny MNIST ViT with every source of randomness in a step (dropout, drop path, mixup,
     EMA, accumulation), resumed mid-epoch."""
     root = tiny_cifar(tmp_path / "data")
     out = {}
     cfg = load_config(None, ["--model", "vit_convstem_cifar_d4_32", "--model.head_init", "zeros",
+                             "--data.crop_padding", "4", "--eval_translate_tta", "false",
                              "--data_dir", str(root), "--batch_size", "32", "--epochs", "2", "--log_every", "1",
                              "--ckpt_every_steps", "3", "--keep_last_k", "10", "--progress", "none",
                              "--out_dir", str(tmp_path), "--run_name", "recipe", "--device", "cpu"])
@@ -87,10 +89,10 @@ def recipe_runs(tmp_path: Path) -> dict[str, dict]:
         "--model", "vit_mnist_patch4_28", "--model.patch_size", "7", "--model.embed_dim", "32", "--model.depth", "2",
         "--model.num_heads", "2", "--model.mlp_dim", "64", "--model.drop_rate", "0.1", "--model.drop_path_rate",
         "0.1", "--dataset", "mnist", "--data_dir", str(DATA), "--data.samples_per_class", "12", "--batch_size", "10",
-        "--accum_steps", "2", "--data.hflip", "false", "--data.mixup_alpha", "0.4", "--ema_decay", "0.9",
-        "--warmup_epochs", "0.5", "--epochs", "2", "--log_every", "1", "--eval_every", "1",
-        "--eval_hflip_tta", "false", "--ckpt_every_steps", "2", "--keep_last_k", "10", "--progress", "none",
-        "--device", "cpu", "--out_dir", str(tmp_path), "--run_name", "mnist"])
+        "--accum_steps", "2", "--data.hflip", "false", "--data.crop_padding", "4", "--data.mixup_alpha", "0.4",
+        "--ema_decay", "0.9", "--warmup_epochs", "0.5", "--epochs", "2", "--log_every", "1", "--eval_every", "1",
+        "--eval_hflip_tta", "false", "--eval_translate_tta", "false", "--ckpt_every_steps", "2", "--keep_last_k", "10",
+        "--progress", "none", "--device", "cpu", "--out_dir", str(tmp_path), "--run_name", "mnist"])
     out["mnist"] = _record(train(mnist).run_dir)  # 120 images / 10 / 2 = 6 optimizer steps per epoch
     out["mnist_resumed"] = _record(_resumed(tmp_path / "mnist", tmp_path / "mnist_resumed", 4))
     return out
@@ -222,7 +224,8 @@ def test_the_bar_shows_the_numbers_from_the_first_step_and_the_runs_time_left(tm
 # ------------------------------------------------------------------------------ the time budget
 TINY_MNIST = ["--model", "vit_mnist_patch4_28", "--model.patch_size", "7", "--model.embed_dim", "32",
               "--model.depth", "2", "--model.num_heads", "2", "--model.mlp_dim", "64", "--dataset", "mnist",
-              "--data.hflip", "false", "--eval_hflip_tta", "false", "--eval_every", "1", "--batch_size", "5",
+              "--data.hflip", "false", "--eval_hflip_tta", "false",
+              "--eval_translate_tta", "false", "--eval_every", "1", "--batch_size", "5",
               "--warmup_epochs", "1", "--progress", "plain", "--device", "cpu", "--log_every", "1000"]
 
 
@@ -393,7 +396,7 @@ def tiny_folders(root: Path, classes: int = 2, train: int = 12, val: int = 4) ->
 
 FOLDER = ["--data.img_size", "32", "--batch_size", "4", "--data.num_workers", "2", "--epochs", "2",
           "--log_every", "1", "--ckpt_every_steps", "2", "--keep_last_k", "20", "--progress", "none",
-          "--device", "cpu", "--eval_hflip_tta", "false", "--data.hflip", "true"]
+          "--device", "cpu", "--eval_hflip_tta", "false", "--eval_translate_tta", "false", "--data.hflip", "true"]
 
 
 @pytest.mark.parametrize(("task", "layout"), [("drop_path", "folder"), ("mae", "folder"), ("drop_path", "shards")])

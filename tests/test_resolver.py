@@ -41,7 +41,8 @@ EPOCHS = 23
 TINY = ["--model", "vit_mnist_patch4_28", "--model.patch_size", "7", "--model.embed_dim", "32", "--model.depth", "2",
         "--model.num_heads", "2", "--model.mlp_dim", "64", "--dataset", "mnist", "--data_dir", str(DATA),
         "--data.samples_per_class", "10", "--batch_size", "20", "--data.hflip", "false", "--lr", "3e-3",
-        "--warmup_epochs", "0.5", "--eval_every", "1", "--eval_hflip_tta", "false", "--progress", "plain",
+        "--warmup_epochs", "0.5", "--eval_every", "1", "--eval_hflip_tta", "false",
+        "--eval_translate_tta", "false", "--progress", "plain",
         "--log_every", "1", "--ckpt_every_steps", "3", "--keep_last_k", "2", "--ema_decay", "0.9"]
 
 

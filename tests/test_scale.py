@@ -31,7 +31,8 @@ TINY = ["--config", "mnist_vit", "--model.embed_dim", "32", "--model.depth", "2"
         "--model.mlp_dim", "64", "--model.drop_path_rate", "0", "--data.samples_per_class", "16", "--data_dir",
         str(DATA), "--eval_batch_size", "500", "--device", "cpu", "--epochs", "2", "--progress", "none",
         "--log_every", "1", "--ckpt_every_steps", "5", "--keep_last_k", "10", "--optim.warmup_epochs", "0",
-        "--data.hflip", "false", "--eval_hflip_tta", "false", "--distributed.strategy", "fsdp"]
+        "--data.hflip", "false", "--eval_hflip_tta", "false",
+        "--eval_translate_tta", "false", "--distributed.strategy", "fsdp"]
 GLOBAL_BATCH = 16  # 160 images: 10 steps per epoch, 20 in all
 
 

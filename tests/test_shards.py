@@ -28,7 +28,8 @@ IMAGENETTE = DATA / "imagenette_subset"
 SHARD_SIZE = 600_000
 TINY = ["--model", "vit_mnist_patch4_28", "--model.patch_size", "8", "--model.embed_dim", "32", "--model.depth", "2",
         "--model.num_heads", "2", "--model.mlp_dim", "64", "--model.in_chans", "3", "--data.img_size", "32",
-        "--eval_hflip_tta", "false", "--device", "cpu", "--data.crop", "random_resized_crop",
+        "--eval_hflip_tta", "false",
+        "--eval_translate_tta", "false", "--device", "cpu", "--data.crop", "random_resized_crop",
         "--data.shuffle_buffer", "50", "--log_every", "1", "--optim.warmup_epochs", "0"]
 
 
