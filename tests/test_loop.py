@@ -71,14 +71,16 @@ def losses(run_dir: Path) -> list[float]:
 def recipe_runs(tmp_path: Path) -> dict[str, dict]:
     """The default recipe (``vitkit train`` with no config) on 160 CIFAR-10 images, batch 32: 10 optimizer
     steps over 2 epochs, with the model it had when the values were recorded (``vit_convstem_cifar_d4_32``;
-    the recipe trains ``vit_airstem_cifar_32`` since issue 22, with crops padded by 2 and translation TTA);
+    the recipe trains ``vit_airstem_cifar_32`` with Muon and a whitened stem since issue 22, with crops padded
+    by 2 and translation TTA);
     then the same run resumed from its step-3
     checkpoint. And a tiny MNIST ViT with every source of randomness in a step (dropout, drop path, mixup,
     EMA, accumulation), resumed mid-epoch."""
     root = tiny_cifar(tmp_path / "data")
     out = {}
     cfg = load_config(None, ["--model", "vit_convstem_cifar_d4_32", "--model.head_init", "zeros",
-                             "--data.crop_padding", "4", "--eval_translate_tta", "false",
+                             "--optim.name", "adamw", "--whiten_stem", "false", "--data.crop_padding", "4",
+                             "--eval_translate_tta", "false",
                              "--data_dir", str(root), "--batch_size", "32", "--epochs", "2", "--log_every", "1",
                              "--ckpt_every_steps", "3", "--keep_last_k", "10", "--progress", "none",
                              "--out_dir", str(tmp_path), "--run_name", "recipe", "--device", "cpu"])
@@ -90,6 +92,7 @@ def recipe_runs(tmp_path: Path) -> dict[str, dict]:
         "--model.num_heads", "2", "--model.mlp_dim", "64", "--model.drop_rate", "0.1", "--model.drop_path_rate",
         "0.1", "--dataset", "mnist", "--data_dir", str(DATA), "--data.samples_per_class", "12", "--batch_size", "10",
         "--accum_steps", "2", "--data.hflip", "false", "--data.crop_padding", "4", "--data.mixup_alpha", "0.4",
+        "--optim.name", "adamw", "--whiten_stem", "false",
         "--ema_decay", "0.9", "--warmup_epochs", "0.5", "--epochs", "2", "--log_every", "1", "--eval_every", "1",
         "--eval_hflip_tta", "false", "--eval_translate_tta", "false", "--ckpt_every_steps", "2", "--keep_last_k", "10",
         "--progress", "none", "--device", "cpu", "--out_dir", str(tmp_path), "--run_name", "mnist"])
@@ -149,6 +152,23 @@ def test_the_loop_trains_the_default_recipe_and_resumes_as_it_did_before_its_rew
     for name in ("recipe", "mnist"):  # host-independent: a resumed run is its straight run, bit for bit
         assert got[f"{name}_resumed"]["digest"] == got[name]["digest"], name
         assert got[f"{name}_resumed"]["losses"] == got[name]["losses"], name
+
+
+def test_the_default_recipe_repeats_itself_and_resumes_bit_for_bit(tmp_path: Path):
+    """Today's recipe as it is (its model, whitened stem, Muon, its augmentation) on 160 CIFAR-10 images,
+    batch 32: two runs of the same length give the same weights, and a run resumed from a mid-run checkpoint
+    (Muon's momentum buffers and AdamW's moments restored) ends on them too."""
+    root = tiny_cifar(tmp_path / "data")
+    args = ["--data_dir", str(root), "--batch_size", "32", "--epochs", "2", "--ckpt_every_steps", "3",
+            "--keep_last_k", "10", "--progress", "none", "--out_dir", str(tmp_path), "--device", "cpu"]
+    recipe = load_config(None)
+    assert recipe.optim.name == "muon" and recipe.whiten_stem
+    runs = [train(load_config(None, [*args, "--run_name", name])).run_dir for name in ("a", "b")]
+    resumed = _resumed(runs[0], tmp_path / "resumed", 3)
+    weights = [digest(load_checkpoint(run / "checkpoints" / "last.pt")["model"]) for run in [*runs, resumed]]
+    assert weights[0] == weights[1] == weights[2]
+    assert losses(runs[0]) == losses(runs[1]) == losses(resumed)
+    assert losses(runs[0])[-1] < losses(runs[0])[0]
 
 
 if __name__ == "__main__":  # record: python tests/test_loop.py DIR (only with the loop the values pin)

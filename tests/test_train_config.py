@@ -258,3 +258,42 @@ def test_progress_bar_on_a_terminal_and_plain_lines_elsewhere(capsys):
     quiet.show(1, dict(loss=1.0, acc=0.1, lr=1e-3, img_per_s=1.0))
     quiet.print("nothing")
     assert capsys.readouterr() == ("", "")
+
+
+def test_whiten_stem_sets_the_first_conv_from_the_training_images():
+    from vitkit.data import build_data
+    from vitkit.models.hybrid import whiten_conv_
+    from vitkit.train.task import ClassificationTask, whiten_stem_
+
+    cfg = TrainConfig(model={"name": "vit_airstem_cifar_32", "depth": 1}, whiten_stem=True,
+                      data=DataConfig(dataset="cifar10", batch_size=100, train_fraction=0.01))
+    data = build_data(cfg.data)
+    task = ClassificationTask(cfg, data, device=torch.device("cpu"), world=None)
+    model = task.build_model()
+    # the first 5,000 training images, as epoch 0's batches deliver them (here all 500 of the subset)
+    reference = vitkit.create_model("vit_airstem_cifar_32", depth=1, num_classes=10)
+    conv = reference.patch_embed.stem[0].conv
+    whiten_conv_(conv, [images for images, _ in data.train.batches(0)])
+    torch.testing.assert_close(model.patch_embed.stem[0].conv.weight, conv.weight)
+    # the filters whiten real images: 24 = both signs of the 12 leading directions of 27
+    with torch.no_grad():
+        out = model.patch_embed.stem[0].conv(next(iter(data.train.batches(0)))[0])[:, :12, 1:-1, 1:-1]
+    variance = out.permute(1, 0, 2, 3).reshape(12, -1).var(dim=1)
+    assert 0.5 < float(variance.min()) and float(variance.max()) < 1.5
+
+    # a plain ViT: the 4x4 patch projection, 96 of its 192 filters (both signs of all 48 directions)
+    plain = vitkit.create_model("vit_tiny_patch4_32", depth=1, num_classes=10)
+    before = plain.patch_embed.proj.weight.detach().clone()
+    whiten_stem_(plain, data)
+    reference = torch.nn.Conv2d(3, 192, 4, stride=4)
+    whiten_conv_(reference, [images for images, _ in data.train.batches(0)])
+    torch.testing.assert_close(plain.patch_embed.proj.weight[:96], reference.weight[:96])
+    assert torch.equal(plain.patch_embed.proj.weight[96:], before[96:])
+    with pytest.raises(ValueError, match="no patch embedding with a convolution"):
+        whiten_stem_(torch.nn.Linear(2, 2), data)
+    with pytest.raises(ValueError, match="patch_embed.backbone.stem.conv, is a StdConv2d"):
+        whiten_stem_(vitkit.create_model("vit_tiny_r_s16_p8_224", num_classes=10), data)
+    with pytest.raises(ValueError, match="task mae has its own"):
+        TrainConfig(whiten_stem=True, task="mae", model={"name": "mae_vit_base_patch16"})
+    with pytest.raises(ValueError, match="whiten_stem .*finetune.init"):
+        TrainConfig(whiten_stem=True, finetune={"init": "vit_tiny_patch16_224"})

@@ -173,6 +173,10 @@ class TrainConfig:
     budget_replans: list[tuple[int, int]] = field(default_factory=list)
     """Written by a run with a budget: ``[step, total_steps]`` for each re-plan, where the remaining cosine
     decay was compressed or stretched to end at the new total. A run of this config replays them."""
+    whiten_stem: bool = False
+    """Initialise the first convolution of a fresh model's patch embedding (a conv stem's first layer, or the
+    patch projection) to whiten the patches of 5,000 training images (airbench's patch-whitening initialisation,
+    Jordan 2024)."""
     ema_decay: Optional[float] = None
     """Keep an exponential moving average of the weights (e.g. 0.9998); it is evaluated and exported."""
     precision: Precision = "fp32"
@@ -223,6 +227,11 @@ class TrainConfig:
         for key in ("ckpt_every_steps", "keep_last_k"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.whiten_stem and self.task != "classification":
+            raise ValueError(f"whiten_stem initialises a classifier's patch embedding; task {self.task} has its own")
+        if self.whiten_stem and self.finetune.init:
+            raise ValueError("whiten_stem re-initialises a fresh model's stem; a fine-tuning run (finetune.init) "
+                             "keeps its pre-trained one")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in (0, 1) or null, got {self.ema_decay}")
         if self.ema_decay is not None and self.distributed.strategy == "fsdp":

@@ -204,7 +204,7 @@ def evaluate_trained(source: str | Path, *, dataset: Optional[str] = None, data_
     transform = EvalTransform(preprocessing, config.in_chans)
     to_model = model_labels(list(config.class_names or []), list(split.class_names), config.num_classes,
                             source=str(source), dataset=dataset, allow_mismatch=allow_class_mismatch)
-    labels = to_model[torch.from_numpy(split.labels)]
+    labels = to_model[torch.tensor(split.labels, dtype=torch.long)]  # a copy: the split's array is read-only
     batches = ((images, labels[start:start + len(images)])
                for start, images in zip(range(0, len(split), batch_size), split.batches(transform, batch_size)))
     result = evaluate(model.to(device_), batches, config.num_classes, device=device_, precision=precision,

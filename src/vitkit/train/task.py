@@ -17,6 +17,8 @@ A task is built once per run by :func:`build_task` from ``cfg.task``. The loop c
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.data import Data
+from vitkit.models.hybrid import whiten_conv_
 from vitkit.runtime import autocast
 from vitkit.train.config import TrainConfig
 from vitkit.train.distributed import World
@@ -79,7 +82,10 @@ class ClassificationTask:
         self.cfg, self.data, self.device, self.world = cfg, data, device, world
 
     def build_model(self) -> nn.Module:
-        return build_run_model(self.cfg, self.data)
+        model = build_run_model(self.cfg, self.data)
+        if self.cfg.whiten_stem:
+            whiten_stem_(model, self.data)
+        return model
 
     def train_step(self, model: nn.Module, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         with autocast(self.cfg.precision, self.device):
@@ -104,6 +110,28 @@ class ClassificationTask:
     def export(self, model: nn.Module, run_dir: Path, *, best: float | None, train_seconds: float) -> Path:
         return export_model(model, run_dir, best_acc=float("-inf") if best is None else best,
                             total_time=train_seconds, skipped_files=self.data.skipped_files())
+
+
+WHITENING_IMAGES = 5000
+"""Training images whose patches set the whitening filters (``whiten_stem``), airbench's number."""
+
+
+def whiten_stem_(model: nn.Module, data: Data, num_images: int = WHITENING_IMAGES) -> None:
+    """Initialise the first convolution of ``model``'s patch embedding (a conv stem's first layer, or the PxP
+    patch projection) to whiten the patches of the first ``num_images`` training images, as the first epoch's
+    batches deliver them (config key ``whiten_stem``)."""
+    embed = getattr(model, "patch_embed", None)
+    modules = embed.named_modules() if isinstance(embed, nn.Module) else []
+    convs = [(n, m) for n, m in modules if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError(f"whiten_stem: {type(model).__name__} has no patch embedding with a convolution to "
+                         "whiten")
+    name, conv = convs[0]
+    if type(conv) is not nn.Conv2d:
+        raise ValueError(f"whiten_stem: the first convolution, patch_embed.{name}, is a {type(conv).__name__}, "
+                         "whose weights are transformed before use; whitening needs a plain Conv2d")
+    batches = itertools.islice(data.train.batches(0), math.ceil(num_images / data.train.batch_size))
+    whiten_conv_(conv, (images for images, _ in batches))
 
 
 TaskFactory = Callable[..., Task]
