@@ -159,8 +159,9 @@ def test_the_default_recipe_repeats_itself_and_resumes_bit_for_bit(tmp_path: Pat
     batch 32: two runs of the same length give the same weights, and a run resumed from a mid-run checkpoint
     (Muon's momentum buffers and AdamW's moments restored) ends on them too."""
     root = tiny_cifar(tmp_path / "data")
-    args = ["--data_dir", str(root), "--batch_size", "32", "--epochs", "2", "--ckpt_every_steps", "3",
-            "--keep_last_k", "10", "--progress", "none", "--out_dir", str(tmp_path), "--device", "cpu"]
+    args = ["--data_dir", str(root), "--batch_size", "32", "--epochs", "2", "--log_every", "1",
+            "--ckpt_every_steps", "3", "--keep_last_k", "10", "--progress", "none", "--out_dir", str(tmp_path),
+            "--device", "cpu"]
     recipe = load_config(None)
     assert recipe.optim.name == "muon" and recipe.whiten_stem
     runs = [train(load_config(None, [*args, "--run_name", name])).run_dir for name in ("a", "b")]

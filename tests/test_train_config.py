@@ -291,7 +291,7 @@ def test_whiten_stem_sets_the_first_conv_from_the_training_images():
     assert torch.equal(plain.patch_embed.proj.weight[96:], before[96:])
     with pytest.raises(ValueError, match="no patch embedding with a convolution"):
         whiten_stem_(torch.nn.Linear(2, 2), data)
-    with pytest.raises(ValueError, match="patch_embed.backbone.stem.conv, is a StdConv2d"):
+    with pytest.raises(ValueError, match="patch_embed.backbone.conv, is a StdConv2d"):
         whiten_stem_(vitkit.create_model("vit_tiny_r_s16_p8_224", num_classes=10), data)
     with pytest.raises(ValueError, match="task mae has its own"):
         TrainConfig(whiten_stem=True, task="mae", model={"name": "mae_vit_base_patch16"})
