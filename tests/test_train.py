@@ -424,8 +424,9 @@ def test_truncated_or_corrupt_checkpoint_is_a_clear_error(trained_run: Path, tmp
 @pytest.mark.slow
 def test_ddp_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path: Path):
     """2 processes x batch 16 == 1 process x batch 32 (no augmentation or dropout, so the math is the
-    same): after 20 AdamW steps the weights agree to 1e-6 (float sums in another order; measured ~6e-8)
-    and the logged losses to 1e-5.
+    same): from the recipe's whitened patch projection (statistics summed over the processes) and after 20
+    steps of its optimizer (Muon and AdamW) the weights agree to 1e-6 (float sums in another order) and the
+    logged losses to 1e-5.
 
     The key bias is left out: softmax is invariant to it, so its true gradient is zero and what the
     processes compute is rounding noise, which Adam's normalisation blows up to full-size steps."""

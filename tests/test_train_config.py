@@ -263,12 +263,13 @@ def test_progress_bar_on_a_terminal_and_plain_lines_elsewhere(capsys):
 def test_whiten_stem_sets_the_first_conv_from_the_training_images():
     from vitkit.data import build_data
     from vitkit.models.hybrid import whiten_conv_
+    from vitkit.train.distributed import World
     from vitkit.train.task import ClassificationTask, whiten_stem_
 
     cfg = TrainConfig(model={"name": "vit_airstem_cifar_32", "depth": 1}, whiten_stem=True,
                       data=DataConfig(dataset="cifar10", batch_size=100, train_fraction=0.01))
     data = build_data(cfg.data)
-    task = ClassificationTask(cfg, data, device=torch.device("cpu"), world=None)
+    task = ClassificationTask(cfg, data, device=torch.device("cpu"), world=World())
     model = task.build_model()
     # the first 5,000 training images, as epoch 0's batches deliver them (here all 500 of the subset)
     reference = vitkit.create_model("vit_airstem_cifar_32", depth=1, num_classes=10)
@@ -284,15 +285,15 @@ def test_whiten_stem_sets_the_first_conv_from_the_training_images():
     # a plain ViT: the 4x4 patch projection, 96 of its 192 filters (both signs of all 48 directions)
     plain = vitkit.create_model("vit_tiny_patch4_32", depth=1, num_classes=10)
     before = plain.patch_embed.proj.weight.detach().clone()
-    whiten_stem_(plain, data)
+    whiten_stem_(plain, data, World())
     reference = torch.nn.Conv2d(3, 192, 4, stride=4)
     whiten_conv_(reference, [images for images, _ in data.train.batches(0)])
     torch.testing.assert_close(plain.patch_embed.proj.weight[:96], reference.weight[:96])
     assert torch.equal(plain.patch_embed.proj.weight[96:], before[96:])
     with pytest.raises(ValueError, match="no patch embedding with a convolution"):
-        whiten_stem_(torch.nn.Linear(2, 2), data)
+        whiten_stem_(torch.nn.Linear(2, 2), data, World())
     with pytest.raises(ValueError, match="patch_embed.backbone.conv, is a StdConv2d"):
-        whiten_stem_(vitkit.create_model("vit_tiny_r_s16_p8_224", num_classes=10), data)
+        whiten_stem_(vitkit.create_model("vit_tiny_r_s16_p8_224", num_classes=10), data, World())
     with pytest.raises(ValueError, match="task mae has its own"):
         TrainConfig(whiten_stem=True, task="mae", model={"name": "mae_vit_base_patch16"})
     with pytest.raises(ValueError, match="whiten_stem .*finetune.init"):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 
 import torch
@@ -93,7 +93,8 @@ class ConvStemEmbed(nn.Module):
 
 
 @torch.no_grad()
-def whiten_conv_(conv: nn.Conv2d, image_batches: Iterable[Tensor], eps: float = 5e-4) -> Tensor:
+def whiten_conv_(conv: nn.Conv2d, image_batches: Iterable[Tensor], eps: float = 5e-4,
+                 sum_over_processes: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Make ``conv``'s filters whiten the patches of the images it will see (airbench's patch-whitening
     initialisation, Jordan 2024), and return the patch covariance's eigenvalues (largest first).
 
@@ -102,6 +103,8 @@ def whiten_conv_(conv: nn.Conv2d, image_batches: Iterable[Tensor], eps: float = 
     survive the activation: the first layer starts out decorrelating its input instead of mixing it at
     random. With ``2k`` output channels the top ``k`` directions are used; channels beyond twice the patch
     dimension keep their initialisation. ``eps`` keeps the near-constant directions from being amplified.
+    Under data parallelism each process passes its share of the batches and ``sum_over_processes`` (an
+    all-reduce) adds up the patch statistics, so that every process sets the same filters.
     """
     if conv.groups != 1:
         raise ValueError(f"whitening needs an ungrouped convolution, got groups={conv.groups}")
@@ -117,6 +120,9 @@ def whiten_conv_(conv: nn.Conv2d, image_batches: Iterable[Tensor], eps: float = 
         moments += patches.T @ patches
         total += patches.sum(dim=0)
         count += patches.shape[0]
+    if sum_over_processes is not None:
+        sums = sum_over_processes(torch.cat([moments.flatten(), total, total.new_tensor([count])]))
+        moments, total, count = sums[:dim * dim].view(dim, dim), sums[dim * dim:-1], int(sums[-1])
     if count < 2:
         raise ValueError("whitening needs at least two image patches, the image batches gave "
                          f"{count}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,7 +32,7 @@ from vitkit.data import Data
 from vitkit.models.hybrid import whiten_conv_
 from vitkit.runtime import autocast
 from vitkit.train.config import TrainConfig
-from vitkit.train.distributed import World
+from vitkit.train.distributed import World, all_reduce_sum
 from vitkit.train.evaluate import evaluate
 from vitkit.train.mae import MAEPretraining
 from vitkit.train.rundir import build_run_model, export_model
@@ -84,7 +85,7 @@ class ClassificationTask:
     def build_model(self) -> nn.Module:
         model = build_run_model(self.cfg, self.data)
         if self.cfg.whiten_stem:
-            whiten_stem_(model, self.data)
+            whiten_stem_(model, self.data, self.world)
         return model
 
     def train_step(self, model: nn.Module, images: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
@@ -116,10 +117,10 @@ WHITENING_IMAGES = 5000
 """Training images whose patches set the whitening filters (``whiten_stem``), airbench's number."""
 
 
-def whiten_stem_(model: nn.Module, data: Data, num_images: int = WHITENING_IMAGES) -> None:
+def whiten_stem_(model: nn.Module, data: Data, world: World, num_images: int = WHITENING_IMAGES) -> None:
     """Initialise the first convolution of ``model``'s patch embedding (a conv stem's first layer, or the PxP
     patch projection) to whiten the patches of the first ``num_images`` training images, as the first epoch's
-    batches deliver them (config key ``whiten_stem``)."""
+    global batches deliver them (config key ``whiten_stem``): the same filters on any number of processes."""
     embed = getattr(model, "patch_embed", None)
     modules = embed.named_modules() if isinstance(embed, nn.Module) else []
     convs = [(n, m) for n, m in modules if isinstance(m, nn.Conv2d)]
@@ -130,8 +131,9 @@ def whiten_stem_(model: nn.Module, data: Data, num_images: int = WHITENING_IMAGE
     if type(conv) is not nn.Conv2d:
         raise ValueError(f"whiten_stem: the first convolution, patch_embed.{name}, is a {type(conv).__name__}, "
                          "whose weights are transformed before use; whitening needs a plain Conv2d")
-    batches = itertools.islice(data.train.batches(0), math.ceil(num_images / data.train.batch_size))
-    whiten_conv_(conv, (images for images, _ in batches))
+    steps = math.ceil(num_images / (data.train.batch_size * world.size))
+    batches = itertools.islice(data.train.batches(0), steps)
+    whiten_conv_(conv, (images for images, _ in batches), sum_over_processes=partial(all_reduce_sum, world=world))
 
 
 TaskFactory = Callable[..., Task]
