@@ -431,31 +431,3 @@ def test_hybrid_supports_the_vit_inspection_api():
     torch.testing.assert_close(maps[0].sum(-1), torch.ones(1, 12, 65))
     assert feats[0].shape == (1, 192, 8, 8)
 
-
-def test_whitening_init_decorrelates_the_first_layers_patches():
-    from vitkit.models.hybrid import whiten_conv_
-
-    # Images with strongly correlated neighbouring pixels and channels (a blurred, channel-mixed field).
-    generator = torch.Generator().manual_seed(0)
-    noise = torch.randn(64, 3, 20, 20, generator=generator)
-    images = F.avg_pool2d(noise, 3, stride=1, padding=1) @ torch.ones(20, 20) / 20 + 0.5 * noise
-    images = torch.einsum("dc,bchw->bdhw", torch.tensor([[1.0, 0.5, 0.2], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]]), images)
-    conv = nn.Conv2d(3, 24, 3, padding=1, bias=False)
-    eigenvalues = whiten_conv_(conv, images.split(16), eps=1e-6)
-    assert eigenvalues.shape == (27,) and bool((eigenvalues[:-1] >= eigenvalues[1:]).all())
-
-    # Where the filters see no padding, the first 12 channels are uncorrelated with unit variance (up to eps)
-    # and the second 12 are their negations.
-    out = conv(images)[:, :, 1:-1, 1:-1].permute(0, 2, 3, 1).reshape(-1, 24).double()
-    torch.testing.assert_close(out[:, 12:], -out[:, :12])
-    covariance = torch.cov(out[:, :12].T)
-    expected = torch.diag(eigenvalues[:12] / (eigenvalues[:12] + 1e-6))
-    torch.testing.assert_close(covariance, expected, atol=1e-4, rtol=0)
-
-    # More output channels than twice the patch dimension: the extra ones keep their initialisation.
-    wide = nn.Conv2d(1, 6, 1, bias=False)
-    before = wide.weight.detach().clone()
-    whiten_conv_(wide, [images[:, :1]])
-    assert not torch.equal(wide.weight[:2], before[:2]) and torch.equal(wide.weight[2:], before[2:])
-    with pytest.raises(ValueError, match="groups=3"):
-        whiten_conv_(nn.Conv2d(3, 6, 3, groups=3), [images])

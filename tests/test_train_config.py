@@ -262,7 +262,7 @@ def test_progress_bar_on_a_terminal_and_plain_lines_elsewhere(capsys):
 
 def test_whiten_stem_sets_the_first_conv_from_the_training_images():
     from vitkit.data import build_data
-    from vitkit.models.hybrid import whiten_conv_
+    from vitkit.models.init import whiten_conv_
     from vitkit.train.distributed import World
     from vitkit.train.task import ClassificationTask, whiten_stem_
 

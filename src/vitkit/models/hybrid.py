@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.config import ViTConfig
@@ -90,51 +89,6 @@ class ConvStemEmbed(nn.Module):
         x = self.proj(self.stem(images.contiguous(memory_format=torch.channels_last)))
         grid = (x.shape[-2], x.shape[-1])
         return x.flatten(2).transpose(1, 2), grid
-
-
-@torch.no_grad()
-def whiten_conv_(conv: nn.Conv2d, image_batches: Iterable[Tensor], eps: float = 5e-4,
-                 sum_over_processes: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """Make ``conv``'s filters whiten the patches of the images it will see (airbench's patch-whitening
-    initialisation, Jordan 2024), and return the patch covariance's eigenvalues (largest first).
-
-    The filters are the eigenvectors of the covariance of the images' ``kh x kw`` patches, largest variance
-    first, each scaled by ``1 / sqrt(eigenvalue + eps)`` and followed by its negation, so that both signs
-    survive the activation: the first layer starts out decorrelating its input instead of mixing it at
-    random. With ``2k`` output channels the top ``k`` directions are used; channels beyond twice the patch
-    dimension keep their initialisation. ``eps`` keeps the near-constant directions from being amplified.
-    Under data parallelism each process passes its share of the batches and ``sum_over_processes`` (an
-    all-reduce) adds up the patch statistics, so that every process sets the same filters.
-    """
-    if conv.groups != 1:
-        raise ValueError(f"whitening needs an ungrouped convolution, got groups={conv.groups}")
-    kh, kw = conv.kernel_size
-    dim = conv.in_channels * kh * kw
-    moments = torch.zeros(dim, dim, dtype=torch.float64, device=conv.weight.device)
-    total = torch.zeros(dim, dtype=torch.float64, device=conv.weight.device)
-    count = 0
-    for images in image_batches:
-        # every patch the convolution reads, padding left out (it would add zeros the data does not have)
-        patches = F.unfold(images.to(conv.weight.device, torch.float64), (kh, kw), dilation=conv.dilation,
-                           stride=conv.stride).transpose(1, 2).reshape(-1, dim)
-        moments += patches.T @ patches
-        total += patches.sum(dim=0)
-        count += patches.shape[0]
-    if sum_over_processes is not None:
-        sums = sum_over_processes(torch.cat([moments.flatten(), total, total.new_tensor([count])]))
-        moments, total, count = sums[:dim * dim].view(dim, dim), sums[dim * dim:-1], int(sums[-1])
-    if count < 2:
-        raise ValueError("whitening needs at least two image patches, the image batches gave "
-                         f"{count}")
-    mean = total / count
-    covariance = moments / count - torch.outer(mean, mean)
-    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
-    eigenvalues, eigenvectors = eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1)
-    k = min(conv.out_channels // 2, dim)
-    filters = eigenvectors[:, :k].T / (eigenvalues[:k, None] + eps).sqrt()
-    weight = torch.cat([filters, -filters]).reshape(2 * k, conv.in_channels, kh, kw)
-    conv.weight[:2 * k] = weight.to(conv.weight.dtype)
-    return eigenvalues
 
 
 def build_stem(config: ViTConfig) -> nn.Module:

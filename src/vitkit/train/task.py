@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vitkit.data import Data
-from vitkit.models.hybrid import whiten_conv_
+from vitkit.models.init import whiten_conv_
 from vitkit.runtime import autocast
 from vitkit.train.config import TrainConfig
 from vitkit.train.distributed import World, all_reduce_sum
